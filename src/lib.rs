@@ -1,0 +1,4 @@
+//! sidecall: a sidecar that turns an Asterisk or FreeSWITCH dialplan context into a real-time
+//! voice agent. The library holds everything; `main.rs` is only the command line.
+
+pub mod audio;
