@@ -2,3 +2,5 @@
 //! voice agent. The library holds everything; `main.rs` is only the command line.
 
 pub mod audio;
+pub mod config;
+pub mod engines;

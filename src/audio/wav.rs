@@ -202,3 +202,76 @@ mod tests {
         assert!(e.contains("empty.wav"), "{e}");
     }
 }
+
+/// Where the samples of a streamed WAV start, and their format, read from the header alone.
+/// Streamed WAVs (espeak-ng --stdout, HTTP bodies) carry placeholder lengths, so the chunk
+/// sizes of RIFF and data are not trusted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamHeader {
+    pub rate: u32,
+    pub channels: u16,
+    pub bits: u16,
+    pub data_offset: usize,
+}
+
+/// Parses a WAV header from the first bytes of a stream; `Ok(None)` means "need more bytes".
+pub fn stream_header(bytes: &[u8]) -> Result<Option<StreamHeader>, AudioError> {
+    if bytes.len() < 12 {
+        return Ok(None);
+    }
+    if &bytes[0..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
+        return Err(AudioError::WavData("not a RIFF/WAVE stream".into()));
+    }
+    let mut pos = 12;
+    let mut fmt: Option<(u16, u32, u16, u16)> = None;
+    loop {
+        if bytes.len() < pos + 8 {
+            return Ok(None);
+        }
+        let id = &bytes[pos..pos + 4];
+        let size = u32::from_le_bytes([bytes[pos + 4], bytes[pos + 5], bytes[pos + 6], bytes[pos + 7]]) as usize;
+        if id == b"data" {
+            let Some((format, rate, channels, bits)) = fmt else {
+                return Err(AudioError::WavData("data chunk before fmt chunk".into()));
+            };
+            if format != 1 || bits != 16 || channels == 0 || rate == 0 {
+                return Err(AudioError::WavData(format!(
+                    "only 16-bit PCM streams are supported (format {format}, {bits} bits, {channels} channels)"
+                )));
+            }
+            return Ok(Some(StreamHeader { rate, channels, bits, data_offset: pos + 8 }));
+        }
+        if size > 1 << 20 {
+            return Err(AudioError::WavData(format!("implausible chunk size {size}")));
+        }
+        if bytes.len() < pos + 8 + size {
+            return Ok(None);
+        }
+        if id == b"fmt " && size >= 16 {
+            let b = &bytes[pos + 8..];
+            fmt = Some((
+                u16::from_le_bytes([b[0], b[1]]),
+                u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+                u16::from_le_bytes([b[2], b[3]]),
+                u16::from_le_bytes([b[14], b[15]]),
+            ));
+        }
+        pos += 8 + size + (size & 1);
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    #[test]
+    fn streamed_header_with_placeholder_sizes() {
+        let mut b = to_bytes(22_050, &[5, 6]);
+        b[4..8].copy_from_slice(&0x7fff_f024u32.to_le_bytes());
+        b[40..44].copy_from_slice(&0x7fff_f000u32.to_le_bytes());
+        let h = stream_header(&b).unwrap().unwrap();
+        assert_eq!(h, StreamHeader { rate: 22_050, channels: 1, bits: 16, data_offset: 44 });
+        assert_eq!(stream_header(&b[..20]).unwrap(), None);
+        assert!(stream_header(b"RIFX....WAVE").is_err());
+    }
+}

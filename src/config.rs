@@ -1,0 +1,527 @@
+//! Configuration: one TOML file, overridden by command-line flags and environment variables,
+//! with secrets (API keys) read from the environment only. Validation names the bad key, its
+//! line and why.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration problem, with the file and line it was found at when known.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid { path: String, line: usize, key: String, message: String },
+    #[error("{path}: {message}")]
+    Other { path: String, message: String },
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub call: CallConfig,
+    pub vad: VadConfig,
+    pub dtmf: DtmfConfig,
+    pub asr: AsrConfig,
+    pub tts: TtsConfig,
+    pub llm: LlmConfig,
+    pub dialog: DialogConfig,
+    /// Allow-listed transfer targets by name; the agent can reach nothing else.
+    pub transfers: BTreeMap<String, TransferTarget>,
+    pub admin: AdminConfig,
+    /// Where this config was read from, for resolving relative paths.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// What happens on every call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallConfig {
+    /// Internal sample rate: 8000 or 16000.
+    pub sample_rate: u32,
+    /// Hard limit on a call's length.
+    pub max_duration_s: u64,
+    /// Silence after a prompt before the dialog is told "no input".
+    pub no_input_timeout_ms: u64,
+    /// The key that always reaches a human.
+    pub human_key: String,
+    /// The transfer target that key (and escalations) go to.
+    pub human_target: String,
+    /// Played first on every call.
+    pub disclosure: String,
+    /// Played when an engine fails for good; then `on_error` happens.
+    pub error_prompt: String,
+    /// "transfer" (to `human_target`) or "hangup" after an engine failure.
+    pub on_error: String,
+    /// How many frames of agent audio may be queued at the PBX ahead of real time.
+    pub playout_lead_frames: usize,
+}
+
+impl Default for CallConfig {
+    fn default() -> Self {
+        Self {
+            sample_rate: 16_000,
+            max_duration_s: 900,
+            no_input_timeout_ms: 6_000,
+            human_key: "0".into(),
+            human_target: "agent".into(),
+            disclosure: "You are speaking with an automated assistant.".into(),
+            error_prompt: "Sorry, I am having technical trouble. Let me get someone to help you.".into(),
+            on_error: "transfer".into(),
+            playout_lead_frames: 2,
+        }
+    }
+}
+
+/// Voice activity detection and endpointing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VadConfig {
+    /// "webrtc" or "earshot".
+    pub engine: String,
+    /// webrtc-vad aggressiveness 0..3.
+    pub webrtc_mode: u8,
+    /// earshot score threshold 0..1.
+    pub earshot_threshold: f32,
+    /// Voiced audio needed before speech counts as started.
+    pub min_speech_ms: u64,
+    /// Silence that ends a turn.
+    pub end_silence_ms: u64,
+    /// Longest utterance before it is cut and sent to ASR.
+    pub max_utterance_ms: u64,
+    /// Frames below this level never count as speech (dBFS).
+    pub min_level_dbfs: f32,
+    /// Whether callers may interrupt the agent at all.
+    #[serde(default = "default_true")]
+    pub barge_in: bool,
+    /// Caller speech needed during playout before the agent stops.
+    pub barge_in_min_ms: u64,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        Self {
+            engine: "webrtc".into(),
+            webrtc_mode: 3,
+            earshot_threshold: 0.5,
+            min_speech_ms: 100,
+            end_silence_ms: 600,
+            max_utterance_ms: 15_000,
+            min_level_dbfs: -50.0,
+            barge_in: true,
+            barge_in_min_ms: 200,
+        }
+    }
+}
+
+/// Keypad entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DtmfConfig {
+    pub inter_digit_timeout_ms: u64,
+    pub terminator: String,
+    pub max_digits: usize,
+}
+
+impl Default for DtmfConfig {
+    fn default() -> Self {
+        Self { inter_digit_timeout_ms: 3_000, terminator: "#".into(), max_digits: 20 }
+    }
+}
+
+/// Speech recognition over an OpenAI-compatible transcription API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsrConfig {
+    /// Base URL up to and including `/v1`.
+    pub url: String,
+    pub model: String,
+    pub language: String,
+    pub timeout_ms: u64,
+    /// Retries after a failed request (timeouts, 5xx) before giving up on the utterance.
+    pub retries: u32,
+    /// Environment variable holding the API key (never put keys in this file).
+    pub api_key_env: String,
+    #[serde(skip)]
+    pub api_key: Option<String>,
+}
+
+impl Default for AsrConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8765/v1".into(),
+            model: "tiny.en".into(),
+            language: "en".into(),
+            timeout_ms: 8_000,
+            retries: 1,
+            api_key_env: "SIDECALL_ASR_API_KEY".into(),
+            api_key: None,
+        }
+    }
+}
+
+/// Speech synthesis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtsConfig {
+    /// "espeak" (offline, default) or "openai".
+    pub engine: String,
+    /// espeak-ng voice, or the API's voice name.
+    pub voice: String,
+    /// espeak-ng words per minute.
+    pub rate: u32,
+    /// espeak-ng pitch 0..99.
+    pub pitch: u32,
+    /// espeak-ng binary.
+    pub espeak_bin: String,
+    pub url: String,
+    pub model: String,
+    /// "pcm" (24 kHz s16le, streamed) or "wav".
+    pub response_format: String,
+    pub timeout_ms: u64,
+    /// Synthesized prompts kept in memory.
+    pub cache_entries: usize,
+    pub api_key_env: String,
+    #[serde(skip)]
+    pub api_key: Option<String>,
+}
+
+impl Default for TtsConfig {
+    fn default() -> Self {
+        Self {
+            engine: "espeak".into(),
+            voice: "en-us".into(),
+            rate: 165,
+            pitch: 50,
+            espeak_bin: "espeak-ng".into(),
+            url: "https://api.openai.com/v1".into(),
+            model: "gpt-4o-mini-tts".into(),
+            response_format: "pcm".into(),
+            timeout_ms: 10_000,
+            cache_entries: 128,
+            api_key_env: "SIDECALL_TTS_API_KEY".into(),
+            api_key: None,
+        }
+    }
+}
+
+/// The LLM agent (OpenAI-compatible chat completions); used by agent profiles.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    pub url: String,
+    pub model: String,
+    pub timeout_ms: u64,
+    pub api_key_env: String,
+    #[serde(skip)]
+    pub api_key: Option<String>,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            url: "https://api.openai.com/v1".into(),
+            model: "gpt-4o-mini".into(),
+            timeout_ms: 15_000,
+            api_key_env: "SIDECALL_LLM_API_KEY".into(),
+            api_key: None,
+        }
+    }
+}
+
+/// Which conversation runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DialogConfig {
+    /// The flow a call runs when nothing chooses another (a name in `flows_dir` or a path).
+    pub flow: Spanned<String>,
+    /// Folder of flow files; a flow's name is its file name without `.toml`.
+    pub flows_dir: Spanned<String>,
+    /// Timeout for webhook lookups made by flows.
+    pub webhook_timeout_ms: u64,
+}
+
+impl Default for DialogConfig {
+    fn default() -> Self {
+        Self {
+            flow: Spanned::new(0..0, "order_status".into()),
+            flows_dir: Spanned::new(0..0, "examples/flows".into()),
+            webhook_timeout_ms: 3_000,
+        }
+    }
+}
+
+/// One allow-listed place a call may be transferred to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransferTarget {
+    /// Dialplan context (Asterisk `continue`, FreeSWITCH `uuid_transfer`).
+    pub context: Option<String>,
+    pub extension: Option<String>,
+    pub priority: Option<u32>,
+    /// An endpoint such as `PJSIP/2000` (Asterisk `redirect`).
+    pub endpoint: Option<String>,
+    /// What the agent says before transferring.
+    pub announce: Option<String>,
+}
+
+/// The admin HTTP listener of `serve`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: String,
+    /// Folder for per-call JSONL records (empty: none).
+    pub records_dir: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9090".into(), records_dir: String::new() }
+    }
+}
+
+/// Flag and environment values that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub asr_url: Option<String>,
+    pub tts_url: Option<String>,
+    pub llm_url: Option<String>,
+    pub tts_engine: Option<String>,
+    pub flow: Option<String>,
+    pub admin_listen: Option<String>,
+}
+
+/// 1-based line of a byte offset in `text`.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Best guess at the dotted key an error span points into: the `key =` on that line and the
+/// nearest `[table]` header above it.
+pub fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_end = text[offset..].find('\n').map(|i| offset + i).unwrap_or(text.len());
+    let line = text[line_start..line_end].trim();
+    let key = line.split('=').next().unwrap_or("").trim().trim_matches('"').to_string();
+    let mut table = String::new();
+    for l in text[..line_start].lines().rev() {
+        let l = l.trim();
+        if l.starts_with('[') {
+            table = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            break;
+        }
+    }
+    if line.starts_with('[') {
+        return line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+    }
+    match (table.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+/// Turns a toml deserialisation error into one that names key and line.
+pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let path = path.display().to_string();
+    let message = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let mut key = key_at(text, span.start);
+            // serde names the unknown field itself; prefer that over the line's text.
+            if let Some(rest) = message.strip_prefix("unknown field `") {
+                if let Some(name) = rest.split('`').next() {
+                    let table = key.rsplit_once('.').map(|(t, _)| t.to_string());
+                    key = match table {
+                        Some(t) if !key.ends_with(name) => format!("{t}.{name}"),
+                        _ => key.clone(),
+                    };
+                    if key.is_empty() {
+                        key = name.to_string();
+                    }
+                }
+            }
+            ConfigError::Invalid { path, line: line_of(text, span.start), key, message }
+        }
+        None => ConfigError::Other { path, message },
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`, then applies `overrides` and environment secrets.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut cfg = Self::parse(path, &text)?;
+        cfg.apply(overrides);
+        cfg.validate(path, &text)?;
+        Ok(cfg)
+    }
+
+    /// Defaults only (no file), with overrides; relative paths resolve from the working directory.
+    pub fn defaults(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut cfg = Config { base_dir: PathBuf::from("."), ..Config::default() };
+        cfg.apply(overrides);
+        cfg.validate(Path::new("<defaults>"), "")?;
+        Ok(cfg)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if cfg.base_dir.as_os_str().is_empty() {
+            cfg.base_dir = PathBuf::from(".");
+        }
+        Ok(cfg)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.asr_url {
+            self.asr.url = v.clone();
+        }
+        if let Some(v) = &o.tts_url {
+            self.tts.url = v.clone();
+        }
+        if let Some(v) = &o.llm_url {
+            self.llm.url = v.clone();
+        }
+        if let Some(v) = &o.tts_engine {
+            self.tts.engine = v.clone();
+        }
+        if let Some(v) = &o.flow {
+            self.dialog.flow = Spanned::new(0..0, v.clone());
+        }
+        if let Some(v) = &o.admin_listen {
+            self.admin.listen = v.clone();
+        }
+        let secret = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        self.asr.api_key = secret(&self.asr.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
+        self.tts.api_key = secret(&self.tts.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
+        self.llm.api_key = secret(&self.llm.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
+    }
+
+    /// Resolves a path from the config file's folder.
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+    }
+
+    /// The file of a flow given by name (`flows_dir/NAME.toml`) or by path.
+    pub fn flow_path(&self, name: &str) -> PathBuf {
+        if name.ends_with(".toml") || name.contains('/') {
+            return self.resolve(name);
+        }
+        self.resolve(self.dialog.flows_dir.get_ref()).join(format!("{name}.toml"))
+    }
+
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let p = path.display().to_string();
+        let find_line = |needle: &str| {
+            text.lines()
+                .position(|l| l.trim_start().starts_with(needle))
+                .map(|i| i + 1)
+                .unwrap_or(0)
+        };
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            path: p.clone(),
+            line: find_line(key.rsplit('.').next().unwrap_or(key)),
+            key: key.to_string(),
+            message,
+        };
+        if ![8_000, 16_000].contains(&self.call.sample_rate) {
+            return Err(bad("call.sample_rate", format!("{} is not 8000 or 16000", self.call.sample_rate)));
+        }
+        if !["transfer", "hangup"].contains(&self.call.on_error.as_str()) {
+            return Err(bad("call.on_error", format!("`{}` is not \"transfer\" or \"hangup\"", self.call.on_error)));
+        }
+        if self.call.human_key.chars().count() != 1
+            || !self.call.human_key.chars().all(|c| "0123456789*#ABCD".contains(c))
+        {
+            return Err(bad("call.human_key", format!("`{}` is not one DTMF key", self.call.human_key)));
+        }
+        if !self.call.human_target.is_empty() && !self.transfers.contains_key(&self.call.human_target) {
+            return Err(bad(
+                "call.human_target",
+                format!("`{}` is not a [transfers] entry", self.call.human_target),
+            ));
+        }
+        if !["webrtc", "earshot"].contains(&self.vad.engine.as_str()) {
+            return Err(bad("vad.engine", format!("`{}` is not \"webrtc\" or \"earshot\"", self.vad.engine)));
+        }
+        if self.vad.webrtc_mode > 3 {
+            return Err(bad("vad.webrtc_mode", "must be 0..3".into()));
+        }
+        if !(0.0..=1.0).contains(&self.vad.earshot_threshold) {
+            return Err(bad("vad.earshot_threshold", "must be between 0 and 1".into()));
+        }
+        if self.vad.end_silence_ms < 100 || self.vad.end_silence_ms > 5_000 {
+            return Err(bad("vad.end_silence_ms", "must be 100..5000 ms".into()));
+        }
+        if self.dtmf.terminator.chars().count() > 1 {
+            return Err(bad("dtmf.terminator", "must be one key or empty".into()));
+        }
+        if !["espeak", "openai"].contains(&self.tts.engine.as_str()) {
+            return Err(bad("tts.engine", format!("`{}` is not \"espeak\" or \"openai\"", self.tts.engine)));
+        }
+        if !["pcm", "wav"].contains(&self.tts.response_format.as_str()) {
+            return Err(bad("tts.response_format", "must be \"pcm\" or \"wav\"".into()));
+        }
+        for (key, url) in [("asr.url", &self.asr.url), ("tts.url", &self.tts.url), ("llm.url", &self.llm.url)] {
+            if reqwest::Url::parse(url).is_err() || !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad(key, format!("`{url}` is not an http(s) URL")));
+            }
+        }
+        for (key, ms) in [
+            ("asr.timeout_ms", self.asr.timeout_ms),
+            ("tts.timeout_ms", self.tts.timeout_ms),
+            ("llm.timeout_ms", self.llm.timeout_ms),
+            ("dialog.webhook_timeout_ms", self.dialog.webhook_timeout_ms),
+        ] {
+            if ms == 0 || ms > 120_000 {
+                return Err(bad(key, "must be 1..120000 ms".into()));
+            }
+        }
+        for (name, t) in &self.transfers {
+            let dialplan = t.context.is_some() || t.extension.is_some();
+            if dialplan == t.endpoint.is_some() {
+                return Err(bad(
+                    &format!("transfers.{name}"),
+                    "give either context/extension or endpoint, not both or neither".into(),
+                ));
+            }
+        }
+        if self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(bad("admin.listen", format!("`{}` is not HOST:PORT", self.admin.listen)));
+        }
+        // The default flow must exist and parse.
+        let flows_dir = self.resolve(self.dialog.flows_dir.get_ref());
+        if !flows_dir.is_dir() {
+            return Err(ConfigError::Invalid {
+                path: p.clone(),
+                line: line_of(text, self.dialog.flows_dir.span().start),
+                key: "dialog.flows_dir".into(),
+                message: format!("{} is not a folder", flows_dir.display()),
+            });
+        }
+        let flow_path = self.flow_path(self.dialog.flow.get_ref());
+        if let Err(e) = crate::engines::dialog::flow::Flow::load(&flow_path) {
+            return Err(ConfigError::Invalid {
+                path: p,
+                line: line_of(text, self.dialog.flow.span().start),
+                key: "dialog.flow".into(),
+                message: e.to_string(),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,673 @@
+//! Scripted flows: deterministic, offline IVR conversations read from TOML. States speak,
+//! ask, collect slots (with entity extraction and confirmation of critical values), match
+//! intents by phrases and regexes with a confidence, look records up in a JSON file or over a
+//! webhook, retry with progressively clearer reprompts, and escalate to a human.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use regex::Regex;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::entities::{self, YesNo};
+use super::prompt::{self, Segment};
+use super::{DigitSpec, Dialog, DialogError, Expectation, Heard, Input, Next, Turn, lookup};
+
+fn default_retries() -> u32 {
+    2
+}
+fn default_confidence() -> f32 {
+    0.5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_escalate() -> String {
+    "Let me connect you with someone who can help.".into()
+}
+fn default_keypad_offer() -> String {
+    "You can also type it on your keypad, then press pound.".into()
+}
+fn default_not_understood() -> String {
+    "Sorry, I didn't catch that.".into()
+}
+
+/// A flow file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowFile {
+    pub name: Option<String>,
+    /// The state the call enters after the greeting.
+    pub start: String,
+    /// Overrides the configured AI disclosure; empty to omit it.
+    pub disclosure: Option<String>,
+    /// Spoken after the disclosure.
+    pub greeting: Option<String>,
+    /// Failed tries per state before escalation.
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    /// Intent matches below this are ignored.
+    #[serde(default = "default_confidence")]
+    pub min_confidence: f32,
+    /// Said before transferring when retries run out.
+    #[serde(default = "default_escalate")]
+    pub escalate_prompt: String,
+    /// Transfer target for escalation (default: the configured human target).
+    pub escalate_target: Option<String>,
+    /// Added to a reprompt when the slot can be typed.
+    #[serde(default = "default_keypad_offer")]
+    pub keypad_offer: String,
+    /// Said before a reprompt.
+    #[serde(default = "default_not_understood")]
+    pub not_understood: String,
+    /// Named JSON files for lookups, relative to the flow file.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+    #[serde(default)]
+    pub intents: BTreeMap<String, IntentDef>,
+    pub states: BTreeMap<String, StateDef>,
+}
+
+/// An intent: phrases (whole-word match) and regexes; `transfer` or `hangup` make it global.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IntentDef {
+    #[serde(default)]
+    pub phrases: Vec<String>,
+    #[serde(default)]
+    pub regexes: Vec<String>,
+    /// Global intent: transfer to this allow-listed target from any state.
+    pub transfer: Option<String>,
+    /// Global intent: go to this state from any state.
+    pub goto: Option<String>,
+    /// Said before a global intent acts.
+    pub say: Option<String>,
+}
+
+/// One state.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StateDef {
+    /// Spoken on entry.
+    pub say: Option<String>,
+    /// A question: spoken after `say`, then the flow listens.
+    pub prompt: Option<String>,
+    /// Clearer versions of `prompt` for the 1st, 2nd ... retry.
+    #[serde(default)]
+    pub reprompts: Vec<String>,
+    pub collect: Option<Collect>,
+    /// Intent name to next state.
+    #[serde(default)]
+    pub intents: BTreeMap<String, String>,
+    pub next: Option<String>,
+    pub lookup: Option<LookupDef>,
+    /// After a lookup: where to go when the record exists / does not.
+    pub found: Option<String>,
+    pub missing: Option<String>,
+    /// Transfer to this allow-listed target after speaking.
+    pub transfer: Option<String>,
+    /// Hang up after speaking.
+    #[serde(default)]
+    pub hangup: bool,
+    /// Whether the caller may interrupt this state's speech (off for legal disclosures).
+    #[serde(default = "default_true")]
+    pub barge_in: bool,
+}
+
+/// A slot to fill in a state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Collect {
+    pub slot: String,
+    /// digits | amount | date | time | yes_no | text
+    pub entity: String,
+    pub min_len: Option<usize>,
+    pub max_len: Option<usize>,
+    /// Ask "Did you say ...?" before accepting.
+    #[serde(default)]
+    pub confirm: bool,
+    pub confirm_prompt: Option<String>,
+    /// Passed to the ASR as its prompt.
+    pub hint: Option<String>,
+}
+
+/// A lookup: `file` names a `[data]` entry or a path; `url` is a webhook template.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupDef {
+    pub file: Option<String>,
+    pub url: Option<String>,
+    pub key: String,
+    /// Name under which the record is available to templates (`{order_info.status}`).
+    #[serde(default = "default_store")]
+    pub store: String,
+}
+
+fn default_store() -> String {
+    "lookup".into()
+}
+
+const ENTITIES: [&str; 6] = ["digits", "amount", "date", "time", "yes_no", "text"];
+
+/// A loaded, checked flow.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    pub file: FlowFile,
+    pub path: PathBuf,
+    regexes: BTreeMap<String, Vec<Regex>>,
+}
+
+fn line_of_name(text: &str, name: &str) -> usize {
+    let quoted = format!("\"{name}\"");
+    let header = format!("[states.{name}]");
+    text.lines()
+        .position(|l| l.contains(&quoted) || l.trim() == header)
+        .map(|i| i + 1)
+        .unwrap_or(0)
+}
+
+impl Flow {
+    /// Reads and checks a flow file: every state it names must exist, every intent must be
+    /// defined, regexes must compile and entity types must be known.
+    pub fn load(path: &Path) -> Result<Flow, DialogError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DialogError::Flow { path: p.clone(), message: format!("cannot read: {e}") })?;
+        Self::parse(path, &text)
+    }
+
+    /// Checks a flow from text (the path is used for messages and relative data files).
+    pub fn parse(path: &Path, text: &str) -> Result<Flow, DialogError> {
+        let p = path.display().to_string();
+        let file: FlowFile = toml::from_str(text).map_err(|e| {
+            let cfg = crate::config::toml_error(path, text, &e);
+            DialogError::Flow { path: p.clone(), message: cfg.to_string().replacen(&format!("{p}:"), "line ", 1) }
+        })?;
+        let err = |name: &str, message: String| DialogError::Flow {
+            path: p.clone(),
+            message: format!("line {}: {message}", line_of_name(text, name)),
+        };
+        let has = |s: &str| file.states.contains_key(s);
+        if !has(&file.start) {
+            return Err(err(&file.start, format!("start state `{}` is not defined", file.start)));
+        }
+        let mut regexes = BTreeMap::new();
+        for (name, intent) in &file.intents {
+            let mut compiled = Vec::new();
+            for r in &intent.regexes {
+                let re = Regex::new(&format!("(?i){r}"))
+                    .map_err(|e| err(r, format!("intent `{name}`: bad regex: {e}")))?;
+                compiled.push(re);
+            }
+            if intent.phrases.is_empty() && intent.regexes.is_empty() {
+                return Err(err(name, format!("intent `{name}` has no phrases or regexes")));
+            }
+            if let Some(g) = &intent.goto {
+                if !has(g) {
+                    return Err(err(g, format!("intent `{name}` goes to unknown state `{g}`")));
+                }
+            }
+            regexes.insert(name.clone(), compiled);
+        }
+        for (name, st) in &file.states {
+            for (label, target) in [("next", &st.next), ("found", &st.found), ("missing", &st.missing)] {
+                if let Some(t) = target {
+                    if !has(t) {
+                        return Err(err(t, format!("state `{name}`: {label} = unknown state `{t}`")));
+                    }
+                }
+            }
+            for (intent, target) in &st.intents {
+                if !has(target) {
+                    return Err(err(target, format!("state `{name}`: intent `{intent}` goes to unknown state `{target}`")));
+                }
+                if !file.intents.contains_key(intent) && intent != "yes" && intent != "no" {
+                    return Err(err(intent, format!("state `{name}`: intent `{intent}` is not defined in [intents]")));
+                }
+            }
+            if let Some(c) = &st.collect {
+                if !ENTITIES.contains(&c.entity.as_str()) {
+                    return Err(err(&c.entity, format!("state `{name}`: unknown entity `{}` (one of {})", c.entity, ENTITIES.join(", "))));
+                }
+                if st.next.is_none() {
+                    return Err(err(name, format!("state `{name}` collects `{}` but has no `next`", c.slot)));
+                }
+            }
+            if let Some(l) = &st.lookup {
+                if l.file.is_some() == l.url.is_some() {
+                    return Err(err(name, format!("state `{name}`: lookup needs exactly one of file or url")));
+                }
+                if let Some(f) = &l.file {
+                    let path = Self::data_path_in(&file, path, f);
+                    if !path.is_file() {
+                        return Err(err(f, format!("state `{name}`: lookup file {} does not exist", path.display())));
+                    }
+                }
+                if st.found.is_none() || st.missing.is_none() {
+                    return Err(err(name, format!("state `{name}`: a lookup needs both `found` and `missing`")));
+                }
+            }
+            let listens = st.prompt.is_some();
+            let ends = st.transfer.is_some() || st.hangup;
+            let moves = st.next.is_some() || st.lookup.is_some();
+            if !listens && !ends && !moves {
+                return Err(err(name, format!("state `{name}` neither asks, moves on, transfers nor hangs up")));
+            }
+            if listens && st.collect.is_none() && st.intents.is_empty() {
+                return Err(err(name, format!("state `{name}` asks a question but has no `collect` or `intents`")));
+            }
+        }
+        Ok(Flow { file, path: path.to_path_buf(), regexes })
+    }
+
+    fn data_path_in(file: &FlowFile, flow_path: &Path, name: &str) -> PathBuf {
+        let rel = file.data.get(name).map(String::as_str).unwrap_or(name);
+        let base = flow_path.parent().unwrap_or(Path::new("."));
+        base.join(rel)
+    }
+
+    /// Every transfer target the flow can use (to check against the allow-list).
+    pub fn transfer_targets(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.file.states.values().filter_map(|s| s.transfer.clone()).collect();
+        v.extend(self.file.intents.values().filter_map(|i| i.transfer.clone()));
+        v.extend(self.file.escalate_target.clone());
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Scores `text` against intent `name` (0 when it does not match).
+    pub fn intent_score(&self, name: &str, text: &str) -> f32 {
+        if name == "yes" || name == "no" {
+            if let Some(def) = self.file.intents.get(name) {
+                return score_def(def, self.regexes.get(name), text);
+            }
+            return match entities::yes_no(text) {
+                Some((YesNo::Yes, c)) if name == "yes" => c,
+                Some((YesNo::No, c)) if name == "no" => c,
+                _ => 0.0,
+            };
+        }
+        match self.file.intents.get(name) {
+            Some(def) => score_def(def, self.regexes.get(name), text),
+            None => 0.0,
+        }
+    }
+}
+
+fn score_def(def: &IntentDef, regexes: Option<&Vec<Regex>>, text: &str) -> f32 {
+    let toks = entities::tokens(text);
+    let mut best: f32 = 0.0;
+    for phrase in &def.phrases {
+        let p = entities::tokens(phrase);
+        if p.is_empty() || p.len() > toks.len() {
+            continue;
+        }
+        if toks.windows(p.len()).any(|w| w == p.as_slice()) {
+            // A phrase that is most of the utterance is surer than one word in a long sentence.
+            let cover = p.len() as f32 / toks.len() as f32;
+            best = best.max(0.75 + 0.25 * cover);
+        }
+    }
+    if regexes.is_some_and(|rs| rs.iter().any(|r| r.is_match(text))) {
+        best = best.max(0.9);
+    }
+    best
+}
+
+/// Runs a flow for one call.
+pub struct ScriptedDialog {
+    flow: Flow,
+    disclosure: String,
+    human_target: String,
+    state: String,
+    retries: u32,
+    slots: BTreeMap<String, String>,
+    records: BTreeMap<String, Value>,
+    pending_confirm: Option<(String, String)>,
+    client: reqwest::Client,
+    webhook_timeout: Duration,
+    last_heard: Option<Heard>,
+}
+
+impl ScriptedDialog {
+    pub fn new(flow: Flow, disclosure: &str, human_target: &str, webhook_timeout: Duration) -> Self {
+        let disclosure = flow.file.disclosure.clone().unwrap_or_else(|| disclosure.to_string());
+        let state = flow.file.start.clone();
+        Self {
+            flow,
+            disclosure,
+            human_target: human_target.to_string(),
+            state,
+            retries: 0,
+            slots: BTreeMap::new(),
+            records: BTreeMap::new(),
+            pending_confirm: None,
+            client: reqwest::Client::new(),
+            webhook_timeout,
+            last_heard: None,
+        }
+    }
+
+    /// Slots filled so far (for records and tests).
+    pub fn slots(&self) -> &BTreeMap<String, String> {
+        &self.slots
+    }
+
+    /// What the caller heard of the last reply, as the session reported it.
+    pub fn last_heard(&self) -> Option<&Heard> {
+        self.last_heard.as_ref()
+    }
+
+    fn st(&self) -> &StateDef {
+        // States are checked at load; the current one always exists.
+        self.flow.file.states.get(&self.state).unwrap_or_else(|| {
+            self.flow.file.states.get(&self.flow.file.start).unwrap_or_else(|| unreachable!("start state checked at load"))
+        })
+    }
+
+    /// Fills `{slot}`, `{slot|digits}`, `{slot|amount}` and `{record.field}`.
+    fn render(&self, template: &str) -> String {
+        let mut out = String::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let Some(close) = rest[open..].find('}') else {
+                out.push_str(&rest[open..]);
+                return out;
+            };
+            let expr = &rest[open + 1..open + close];
+            let (name, filter) = expr.split_once('|').unwrap_or((expr, ""));
+            let value = if let Some((rec, field)) = name.split_once('.') {
+                self.records
+                    .get(rec)
+                    .and_then(|r| r.get(field))
+                    .map(|v| match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .unwrap_or_default()
+            } else {
+                self.slots.get(name).cloned().unwrap_or_default()
+            };
+            let value = match filter {
+                "digits" => entities::spell_digits(&value),
+                "amount" => value.parse().map(entities::say_amount).unwrap_or(value),
+                _ => value,
+            };
+            out.push_str(&value);
+            rest = &rest[open + close + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    fn expectation(&self) -> Expectation {
+        if self.pending_confirm.is_some() {
+            return Expectation {
+                asr_hint: Some("The caller answers yes or no.".into()),
+                digits: Some(DigitSpec { max: 1, terminator: None }),
+            };
+        }
+        let st = self.st();
+        match &st.collect {
+            Some(c) => Expectation {
+                asr_hint: c.hint.clone(),
+                digits: match c.entity.as_str() {
+                    "digits" | "amount" => Some(DigitSpec { max: c.max_len.unwrap_or(20), terminator: Some('#') }),
+                    "yes_no" => Some(DigitSpec { max: 1, terminator: None }),
+                    _ => None,
+                },
+            },
+            None => Expectation { asr_hint: None, digits: None },
+        }
+    }
+
+    fn listen(&self, say: Vec<Segment>, barge_in: bool) -> Turn {
+        Turn { say, barge_in, next: Next::Listen(self.expectation()) }
+    }
+
+    /// Enters `state` and runs through states that do not listen, gathering what is said.
+    async fn enter(&mut self, state: &str, mut say: Vec<Segment>) -> Result<Turn, DialogError> {
+        let mut name = state.to_string();
+        let mut barge_in = true;
+        for _ in 0..64 {
+            self.state = name.clone();
+            self.retries = 0;
+            self.pending_confirm = None;
+            let st = self.st().clone();
+            barge_in &= st.barge_in;
+            if let Some(s) = &st.say {
+                say.extend(prompt::segments(&self.render(s)));
+            }
+            if let Some(target) = &st.transfer {
+                return Ok(Turn { say, barge_in, next: Next::Transfer { target: target.clone() } });
+            }
+            if st.hangup {
+                return Ok(Turn { say, barge_in, next: Next::Hangup { reason: "normal".into() } });
+            }
+            if let Some(l) = &st.lookup {
+                let found = self.lookup(l).await?;
+                name = if found { st.found.clone() } else { st.missing.clone() }.unwrap_or_default();
+                continue;
+            }
+            if let Some(p) = &st.prompt {
+                say.extend(prompt::segments(&self.render(p)));
+                return Ok(self.listen(say, barge_in));
+            }
+            match &st.next {
+                Some(n) => name = n.clone(),
+                None => break,
+            }
+        }
+        Err(DialogError::Engine(format!("flow loops without listening near state `{name}`")))
+    }
+
+    async fn lookup(&mut self, l: &LookupDef) -> Result<bool, DialogError> {
+        let key = self.render(&l.key);
+        let record = if let Some(f) = &l.file {
+            let path = Flow::data_path_in(&self.flow.file, &self.flow.path, f);
+            lookup::from_file(&path, &key)?
+        } else {
+            let url = self.render(l.url.as_deref().unwrap_or_default());
+            lookup::from_webhook(&self.client, &url, self.webhook_timeout).await?
+        };
+        match record {
+            Some(r) => {
+                self.records.insert(l.store.clone(), r);
+                Ok(true)
+            }
+            None => {
+                self.records.remove(&l.store);
+                Ok(false)
+            }
+        }
+    }
+
+    /// A failed try: reprompt more clearly, or escalate when tries run out.
+    fn retry(&mut self, no_input: bool) -> Turn {
+        self.retries += 1;
+        let st = self.st().clone();
+        if self.retries > self.flow.file.max_retries {
+            let target = self.flow.file.escalate_target.clone().unwrap_or_else(|| self.human_target.clone());
+            return Turn {
+                say: prompt::segments(&self.flow.file.escalate_prompt),
+                barge_in: false,
+                next: Next::Transfer { target },
+            };
+        }
+        let mut text = String::new();
+        if !no_input {
+            text.push_str(&self.flow.file.not_understood);
+            text.push(' ');
+        }
+        let idx = (self.retries as usize).saturating_sub(1);
+        let base = st.reprompts.get(idx).or(st.reprompts.last()).or(st.prompt.as_ref()).cloned().unwrap_or_default();
+        if let Some((_, value)) = &self.pending_confirm {
+            let c = st.collect.as_ref();
+            let confirm = c.and_then(|c| c.confirm_prompt.clone()).unwrap_or_else(|| "Did you say {value}?".into());
+            text.push_str(&self.render(&confirm.replace("{value}", value)));
+            text.push_str(" Please say yes or no.");
+        } else {
+            text.push_str(&self.render(&base));
+            let typed = st.collect.as_ref().is_some_and(|c| matches!(c.entity.as_str(), "digits" | "amount"));
+            if typed && !base.to_lowercase().contains("keypad") {
+                text.push(' ');
+                text.push_str(&self.flow.file.keypad_offer);
+            }
+        }
+        self.listen(prompt::segments(&text), st.barge_in)
+    }
+
+    fn extract(c: &Collect, input: &Input) -> Option<String> {
+        let value = match (input, c.entity.as_str()) {
+            (Input::Digits(d), "digits") => Some(d.clone()),
+            (Input::Digits(d), "amount") => d.parse::<u64>().ok().map(|v| (v * 100).to_string()),
+            (Input::Digits(d), "yes_no") => match d.as_str() {
+                "1" => Some("yes".into()),
+                "2" => Some("no".into()),
+                _ => None,
+            },
+            (Input::Speech(t), "digits") => entities::digits(t),
+            (Input::Speech(t), "amount") => entities::amount_cents(t).map(|v| v.to_string()),
+            (Input::Speech(t), "date") => entities::date(t),
+            (Input::Speech(t), "time") => entities::time_of_day(t),
+            (Input::Speech(t), "yes_no") => entities::yes_no(t).map(|(v, _)| if v == YesNo::Yes { "yes" } else { "no" }.into()),
+            (Input::Speech(t), "text") => Some(t.trim().to_string()).filter(|t| !t.is_empty()),
+            _ => None,
+        }?;
+        let len = value.chars().count();
+        if c.entity == "digits" && (c.min_len.is_some_and(|m| len < m) || c.max_len.is_some_and(|m| len > m)) {
+            return None;
+        }
+        Some(value)
+    }
+
+    fn global_intent(&self, text: &str) -> Option<(String, IntentDef)> {
+        let mut best: Option<(f32, String)> = None;
+        for (name, def) in &self.flow.file.intents {
+            if def.transfer.is_none() && def.goto.is_none() {
+                continue;
+            }
+            let s = self.flow.intent_score(name, text);
+            if s >= self.flow.file.min_confidence && best.as_ref().is_none_or(|b| s > b.0) {
+                best = Some((s, name.clone()));
+            }
+        }
+        best.and_then(|(_, n)| self.flow.file.intents.get(&n).map(|d| (n, d.clone())))
+    }
+}
+
+#[async_trait]
+impl Dialog for ScriptedDialog {
+    async fn start(&mut self) -> Result<Turn, DialogError> {
+        let mut say = Vec::new();
+        if !self.disclosure.trim().is_empty() {
+            say.extend(prompt::segments(&self.disclosure));
+        }
+        if let Some(g) = self.flow.file.greeting.clone() {
+            say.extend(prompt::segments(&self.render(&g)));
+        }
+        let start = self.flow.file.start.clone();
+        self.enter(&start, say).await
+    }
+
+    async fn input(&mut self, input: Input) -> Result<Turn, DialogError> {
+        if let Input::Speech(t) = &input {
+            if let Some((_, def)) = self.global_intent(t) {
+                let say = def.say.as_deref().map(prompt::segments).unwrap_or_default();
+                if let Some(target) = def.transfer {
+                    return Ok(Turn { say, barge_in: false, next: Next::Transfer { target } });
+                }
+                if let Some(g) = def.goto {
+                    return self.enter(&g, say).await;
+                }
+            }
+        }
+        if input == Input::NoInput {
+            return Ok(self.retry(true));
+        }
+        let st = self.st().clone();
+        if let Some((slot, value)) = self.pending_confirm.clone() {
+            let answer = match &input {
+                Input::Speech(t) => entities::yes_no(t).map(|(v, _)| v),
+                Input::Digits(d) if d == "1" => Some(YesNo::Yes),
+                Input::Digits(d) if d == "2" => Some(YesNo::No),
+                _ => None,
+            };
+            return match answer {
+                Some(YesNo::Yes) => {
+                    self.slots.insert(slot, value);
+                    let next = st.next.clone().unwrap_or_default();
+                    self.enter(&next, Vec::new()).await
+                }
+                Some(YesNo::No) => {
+                    self.pending_confirm = None;
+                    self.retries += 1;
+                    if self.retries > self.flow.file.max_retries {
+                        self.retries = self.flow.file.max_retries;
+                        return Ok(self.retry(false));
+                    }
+                    let mut text = String::from("Okay, let's try again. ");
+                    let idx = (self.retries as usize).saturating_sub(1);
+                    let p = st.reprompts.get(idx).or(st.prompt.as_ref()).cloned().unwrap_or_default();
+                    text.push_str(&self.render(&p));
+                    Ok(self.listen(prompt::segments(&text), st.barge_in))
+                }
+                None => Ok(self.retry(false)),
+            };
+        }
+        if let Some(c) = &st.collect {
+            if let Some(value) = Self::extract(c, &input) {
+                if c.confirm {
+                    let shown = if c.entity == "digits" {
+                        entities::spell_digits(&value)
+                    } else if c.entity == "amount" {
+                        value.parse().map(entities::say_amount).unwrap_or(value.clone())
+                    } else {
+                        value.clone()
+                    };
+                    let template = c.confirm_prompt.clone().unwrap_or_else(|| "Did you say {value}?".into());
+                    let text = self.render(&template.replace("{value}", &shown));
+                    self.pending_confirm = Some((c.slot.clone(), value));
+                    self.retries = 0;
+                    return Ok(self.listen(prompt::segments(&text), st.barge_in));
+                }
+                self.slots.insert(c.slot.clone(), value);
+                let next = st.next.clone().unwrap_or_default();
+                return self.enter(&next, Vec::new()).await;
+            }
+        }
+        if let Input::Speech(t) = &input {
+            let mut best: Option<(f32, String)> = None;
+            for (intent, target) in &st.intents {
+                let s = self.flow.intent_score(intent, t);
+                if s >= self.flow.file.min_confidence && best.as_ref().is_none_or(|b| s > b.0) {
+                    best = Some((s, target.clone()));
+                }
+            }
+            if let Some((_, target)) = best {
+                return self.enter(&target, Vec::new()).await;
+            }
+        }
+        if let Input::Digits(d) = &input {
+            // "1" and "2" answer yes/no questions on the keypad.
+            let intent = match d.as_str() {
+                "1" => "yes",
+                "2" => "no",
+                _ => "",
+            };
+            if let Some(target) = st.intents.get(intent).cloned() {
+                return self.enter(&target, Vec::new()).await;
+            }
+        }
+        Ok(self.retry(false))
+    }
+
+    fn heard(&mut self, heard: &Heard) {
+        self.last_heard = Some(heard.clone());
+    }
+}

@@ -1,0 +1,28 @@
+//! The speech and language engines behind small traits: ASR (speech to text), TTS (text to
+//! speech) and dialog (what to say and do next). Each has a timeout and a typed error.
+
+pub mod asr;
+pub mod dialog;
+pub mod instant;
+pub mod tts;
+
+use std::time::Duration;
+
+/// One shared HTTP client (connection pools are per client). Timeouts are set per request.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap_or_default()
+}
+
+/// Joins an OpenAI-style base URL (`http://host/v1`) and an endpoint path.
+pub fn endpoint(base: &str, path: &str) -> String {
+    let base = base.trim_end_matches('/');
+    if base.ends_with(path.trim_start_matches('/')) {
+        return base.to_string();
+    }
+    format!("{base}/{}", path.trim_start_matches('/'))
+}
