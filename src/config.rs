@@ -12,9 +12,17 @@ use toml::Spanned;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: {key}: {message}")]
-    Invalid { path: String, line: usize, key: String, message: String },
+    Invalid {
+        path: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
     #[error("{path}: {message}")]
     Other { path: String, message: String },
 }
@@ -75,7 +83,8 @@ impl Default for CallConfig {
             human_key: "0".into(),
             human_target: "agent".into(),
             disclosure: "You are speaking with an automated assistant.".into(),
-            error_prompt: "Sorry, I am having technical trouble. Let me get someone to help you.".into(),
+            error_prompt: "Sorry, I am having technical trouble. Let me get someone to help you."
+                .into(),
             on_error: "transfer".into(),
             playout_lead_frames: 2,
         }
@@ -134,7 +143,11 @@ pub struct DtmfConfig {
 
 impl Default for DtmfConfig {
     fn default() -> Self {
-        Self { inter_digit_timeout_ms: 3_000, terminator: "#".into(), max_digits: 20 }
+        Self {
+            inter_digit_timeout_ms: 3_000,
+            terminator: "#".into(),
+            max_digits: 20,
+        }
     }
 }
 
@@ -285,7 +298,10 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9090".into(), records_dir: String::new() }
+        Self {
+            listen: "127.0.0.1:9090".into(),
+            records_dir: String::new(),
+        }
     }
 }
 
@@ -302,7 +318,11 @@ pub struct Overrides {
 
 /// 1-based line of a byte offset in `text`.
 pub fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Best guess at the dotted key an error span points into: the `key =` on that line and the
@@ -310,9 +330,18 @@ pub fn line_of(text: &str, offset: usize) -> usize {
 pub fn key_at(text: &str, offset: usize) -> String {
     let offset = offset.min(text.len());
     let line_start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let line_end = text[offset..].find('\n').map(|i| offset + i).unwrap_or(text.len());
+    let line_end = text[offset..]
+        .find('\n')
+        .map(|i| offset + i)
+        .unwrap_or(text.len());
     let line = text[line_start..line_end].trim();
-    let key = line.split('=').next().unwrap_or("").trim().trim_matches('"').to_string();
+    let key = line
+        .split('=')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches('"')
+        .to_string();
     let mut table = String::new();
     for l in text[..line_start].lines().rev() {
         let l = l.trim();
@@ -322,7 +351,10 @@ pub fn key_at(text: &str, offset: usize) -> String {
         }
     }
     if line.starts_with('[') {
-        return line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        return line
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string();
     }
     match (table.is_empty(), key.is_empty()) {
         (true, _) => key,
@@ -351,7 +383,12 @@ pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
                     }
                 }
             }
-            ConfigError::Invalid { path, line: line_of(text, span.start), key, message }
+            ConfigError::Invalid {
+                path,
+                line: line_of(text, span.start),
+                key,
+                message,
+            }
         }
         None => ConfigError::Other { path, message },
     }
@@ -360,8 +397,10 @@ pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 impl Config {
     /// Reads and validates `path`, then applies `overrides` and environment secrets.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         let mut cfg = Self::parse(path, &text)?;
         cfg.apply(overrides);
         cfg.validate(path, &text)?;
@@ -370,7 +409,10 @@ impl Config {
 
     /// Defaults only (no file), with overrides; relative paths resolve from the working directory.
     pub fn defaults(overrides: &Overrides) -> Result<Config, ConfigError> {
-        let mut cfg = Config { base_dir: PathBuf::from("."), ..Config::default() };
+        let mut cfg = Config {
+            base_dir: PathBuf::from("."),
+            ..Config::default()
+        };
         cfg.apply(overrides);
         cfg.validate(Path::new("<defaults>"), "")?;
         Ok(cfg)
@@ -413,7 +455,11 @@ impl Config {
     /// Resolves a path from the config file's folder.
     pub fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
-        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
     }
 
     /// The file of a flow given by name (`flows_dir/NAME.toml`) or by path.
@@ -421,7 +467,8 @@ impl Config {
         if name.ends_with(".toml") || name.contains('/') {
             return self.resolve(name);
         }
-        self.resolve(self.dialog.flows_dir.get_ref()).join(format!("{name}.toml"))
+        self.resolve(self.dialog.flows_dir.get_ref())
+            .join(format!("{name}.toml"))
     }
 
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
@@ -439,30 +486,51 @@ impl Config {
             message,
         };
         if ![8_000, 16_000].contains(&self.call.sample_rate) {
-            return Err(bad("call.sample_rate", format!("{} is not 8000 or 16000", self.call.sample_rate)));
+            return Err(bad(
+                "call.sample_rate",
+                format!("{} is not 8000 or 16000", self.call.sample_rate),
+            ));
         }
         if !["transfer", "hangup"].contains(&self.call.on_error.as_str()) {
-            return Err(bad("call.on_error", format!("`{}` is not \"transfer\" or \"hangup\"", self.call.on_error)));
+            return Err(bad(
+                "call.on_error",
+                format!("`{}` is not \"transfer\" or \"hangup\"", self.call.on_error),
+            ));
         }
         if self.call.human_key.chars().count() != 1
-            || !self.call.human_key.chars().all(|c| "0123456789*#ABCD".contains(c))
+            || !self
+                .call
+                .human_key
+                .chars()
+                .all(|c| "0123456789*#ABCD".contains(c))
         {
-            return Err(bad("call.human_key", format!("`{}` is not one DTMF key", self.call.human_key)));
+            return Err(bad(
+                "call.human_key",
+                format!("`{}` is not one DTMF key", self.call.human_key),
+            ));
         }
-        if !self.call.human_target.is_empty() && !self.transfers.contains_key(&self.call.human_target) {
+        if !self.call.human_target.is_empty()
+            && !self.transfers.contains_key(&self.call.human_target)
+        {
             return Err(bad(
                 "call.human_target",
                 format!("`{}` is not a [transfers] entry", self.call.human_target),
             ));
         }
         if !["webrtc", "earshot"].contains(&self.vad.engine.as_str()) {
-            return Err(bad("vad.engine", format!("`{}` is not \"webrtc\" or \"earshot\"", self.vad.engine)));
+            return Err(bad(
+                "vad.engine",
+                format!("`{}` is not \"webrtc\" or \"earshot\"", self.vad.engine),
+            ));
         }
         if self.vad.webrtc_mode > 3 {
             return Err(bad("vad.webrtc_mode", "must be 0..3".into()));
         }
         if !(0.0..=1.0).contains(&self.vad.earshot_threshold) {
-            return Err(bad("vad.earshot_threshold", "must be between 0 and 1".into()));
+            return Err(bad(
+                "vad.earshot_threshold",
+                "must be between 0 and 1".into(),
+            ));
         }
         if self.vad.end_silence_ms < 100 || self.vad.end_silence_ms > 5_000 {
             return Err(bad("vad.end_silence_ms", "must be 100..5000 ms".into()));
@@ -471,13 +539,25 @@ impl Config {
             return Err(bad("dtmf.terminator", "must be one key or empty".into()));
         }
         if !["espeak", "openai"].contains(&self.tts.engine.as_str()) {
-            return Err(bad("tts.engine", format!("`{}` is not \"espeak\" or \"openai\"", self.tts.engine)));
+            return Err(bad(
+                "tts.engine",
+                format!("`{}` is not \"espeak\" or \"openai\"", self.tts.engine),
+            ));
         }
         if !["pcm", "wav"].contains(&self.tts.response_format.as_str()) {
-            return Err(bad("tts.response_format", "must be \"pcm\" or \"wav\"".into()));
+            return Err(bad(
+                "tts.response_format",
+                "must be \"pcm\" or \"wav\"".into(),
+            ));
         }
-        for (key, url) in [("asr.url", &self.asr.url), ("tts.url", &self.tts.url), ("llm.url", &self.llm.url)] {
-            if reqwest::Url::parse(url).is_err() || !(url.starts_with("http://") || url.starts_with("https://")) {
+        for (key, url) in [
+            ("asr.url", &self.asr.url),
+            ("tts.url", &self.tts.url),
+            ("llm.url", &self.llm.url),
+        ] {
+            if reqwest::Url::parse(url).is_err()
+                || !(url.starts_with("http://") || url.starts_with("https://"))
+            {
                 return Err(bad(key, format!("`{url}` is not an http(s) URL")));
             }
         }
@@ -501,7 +581,10 @@ impl Config {
             }
         }
         if self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(bad("admin.listen", format!("`{}` is not HOST:PORT", self.admin.listen)));
+            return Err(bad(
+                "admin.listen",
+                format!("`{}` is not HOST:PORT", self.admin.listen),
+            ));
         }
         // The default flow must exist and parse.
         let flows_dir = self.resolve(self.dialog.flows_dir.get_ref());

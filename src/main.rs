@@ -1,1 +1,256 @@
-fn main() {}
+//! The `sidecall` command line: serve, simulate, check, bench.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use sidecall::app::{self, Engines, SimulateArgs};
+use sidecall::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "sidecall",
+    version,
+    about = "Turns a PBX dialplan context into a real-time voice agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Log more (-v info, -vv debug); logs go to stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// The TOML configuration file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// ASR base URL (OpenAI-compatible, up to /v1).
+    #[arg(long, env = "SIDECALL_ASR_URL")]
+    asr_url: Option<String>,
+    /// TTS base URL (OpenAI-compatible, up to /v1).
+    #[arg(long, env = "SIDECALL_TTS_URL")]
+    tts_url: Option<String>,
+    /// LLM base URL (OpenAI-compatible, up to /v1).
+    #[arg(long, env = "SIDECALL_LLM_URL")]
+    llm_url: Option<String>,
+    /// TTS engine: espeak or openai.
+    #[arg(long, env = "SIDECALL_TTS_ENGINE")]
+    tts_engine: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run beside the PBX: admin listener with /metrics and /health.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Admin listener HOST:PORT.
+        #[arg(long)]
+        admin_listen: Option<String>,
+    },
+    /// One call through a simulated PBX, from WAV files.
+    Simulate {
+        #[command(flatten)]
+        common: Common,
+        /// Flow to run (name in flows_dir or path); default from config.
+        #[arg(long)]
+        flow: Option<String>,
+        /// Caller speech, one file per turn, each 700 ms after the agent stops.
+        #[arg(long)]
+        caller: Vec<PathBuf>,
+        /// MS:FILE: caller speech starting at an absolute time.
+        #[arg(long = "caller-at", value_parser = app::parse_at)]
+        caller_at: Vec<(u64, String)>,
+        /// MS:DIGITS: keys pressed from an absolute time.
+        #[arg(long, value_parser = app::parse_at)]
+        dtmf: Vec<(u64, String)>,
+        /// Write the agent's audio on the call's timeline here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Write the call record (JSON lines) here.
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Send no frames while the caller is silent, like a real Asterisk bridge.
+        #[arg(long)]
+        no_frames_in_silence: bool,
+        /// The simulated caller hangs up after this many seconds.
+        #[arg(long, default_value_t = 180)]
+        max_seconds: u64,
+        /// Do not print the conversation.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Validate a configuration file and the flows it names.
+    Check {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// N concurrent simulated calls with instant engines; prints CPU, timing and memory figures.
+    Bench(sidecall::bench::BenchArgs),
+}
+
+fn overrides(c: &Common) -> Overrides {
+    Overrides {
+        asr_url: c.asr_url.clone(),
+        tts_url: c.tts_url.clone(),
+        llm_url: c.llm_url.clone(),
+        tts_engine: c.tts_engine.clone(),
+        ..Overrides::default()
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info,sidecall=info",
+        _ => "debug,hyper=info,reqwest=info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIDECALL_LOG")
+        .unwrap_or_else(|_| level.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sidecall: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sidecall: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Check { common } => {
+            let cfg = Config::load(&common.config, &overrides(&common))?;
+            let mut flows = Vec::new();
+            let dir = cfg.resolve(cfg.dialog.flows_dir.get_ref());
+            let mut entries: Vec<_> = std::fs::read_dir(&dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            entries.sort();
+            for p in entries {
+                app::load_flow(&cfg, &p.display().to_string())?;
+                flows.push(
+                    p.file_stem()
+                        .map(|s| s.to_string_lossy().to_string())
+                        .unwrap_or_default(),
+                );
+            }
+            println!(
+                "{}: OK ({} flows: {})",
+                common.config.display(),
+                flows.len(),
+                flows.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Simulate {
+            common,
+            flow,
+            caller,
+            caller_at,
+            dtmf,
+            out,
+            record,
+            no_frames_in_silence,
+            max_seconds,
+            quiet,
+        } => {
+            let cfg = Arc::new(Config::load(&common.config, &overrides(&common))?);
+            let engines = Engines::from_config(&cfg);
+            let args = SimulateArgs {
+                flow,
+                callers: caller,
+                caller_at: caller_at
+                    .into_iter()
+                    .map(|(t, p)| (t, PathBuf::from(p)))
+                    .collect(),
+                dtmf,
+                out,
+                record,
+                print: !quiet,
+                no_frames_in_silence,
+                max_seconds,
+            };
+            let rate = cfg.call.sample_rate as f64;
+            let (outcome, report) = app::simulate(cfg, engines, args).await?;
+            if !quiet {
+                println!(
+                    "call ended: {} ({} marks played, {} flushes, {:.1} s of audio)",
+                    outcome.label(),
+                    report.marks,
+                    report.flushes,
+                    report.agent.len() as f64 / rate
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Serve {
+            common,
+            admin_listen,
+        } => {
+            let mut o = overrides(&common);
+            o.admin_listen = admin_listen;
+            let cfg = Arc::new(Config::load(&common.config, &o)?);
+            let handle = sidecall::admin::install_recorder().map_err(anyhow::Error::msg)?;
+            let addr = cfg.admin.listen.parse().context("admin.listen")?;
+            let engines = Engines::from_config(&cfg);
+            let flow = app::load_flow(&cfg, cfg.dialog.flow.get_ref())?;
+            app::warm_cache(&cfg, &engines, &flow).await;
+            let admin = tokio::spawn(sidecall::admin::serve(addr, handle));
+            eprintln!(
+                "sidecall: serving; admin on http://{addr} (PBX adapters arrive with the Asterisk and FreeSWITCH issues)"
+            );
+            tokio::select! {
+                r = admin => { r.context("admin task")?.context("admin listener")?; }
+                _ = shutdown_signal() => { eprintln!("sidecall: shutting down"); }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(args) => {
+            sidecall::bench::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

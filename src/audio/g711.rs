@@ -50,7 +50,11 @@ pub fn linear_to_alaw(sample: i16) -> u8 {
     let Some(seg) = SEG_END.iter().position(|&end| pcm <= end) else {
         return 0x7f ^ mask;
     };
-    let quant = if seg < 2 { (pcm >> 1) & 0x0f } else { (pcm >> seg) & 0x0f };
+    let quant = if seg < 2 {
+        (pcm >> 1) & 0x0f
+    } else {
+        (pcm >> seg) & 0x0f
+    };
     (((seg as i32) << 4) | quant) as u8 ^ mask
 }
 
@@ -131,7 +135,10 @@ mod tests {
         for s in (-32000i32..32000).step_by(37) {
             let s = s as i16;
             for (enc, dec) in [
-                (linear_to_ulaw as fn(i16) -> u8, ulaw_to_linear as fn(u8) -> i16),
+                (
+                    linear_to_ulaw as fn(i16) -> u8,
+                    ulaw_to_linear as fn(u8) -> i16,
+                ),
                 (linear_to_alaw, alaw_to_linear),
             ] {
                 let back = dec(enc(s)) as i32;

@@ -3,12 +3,18 @@
 
 /// Decodes little-endian 16-bit samples; a trailing odd byte is ignored.
 pub fn decode_le(bytes: &[u8]) -> Vec<i16> {
-    bytes.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect()
+    bytes
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect()
 }
 
 /// Decodes big-endian 16-bit samples; a trailing odd byte is ignored.
 pub fn decode_be(bytes: &[u8]) -> Vec<i16> {
-    bytes.chunks_exact(2).map(|c| i16::from_be_bytes([c[0], c[1]])).collect()
+    bytes
+        .chunks_exact(2)
+        .map(|c| i16::from_be_bytes([c[0], c[1]]))
+        .collect()
 }
 
 /// Encodes samples as little-endian bytes.

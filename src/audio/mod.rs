@@ -59,7 +59,9 @@ mod tests {
     #[test]
     fn levels() {
         assert_eq!(rms_dbfs(&[0; 160]), -100.0);
-        let full: Vec<i16> = (0..160).map(|i| if i % 2 == 0 { 32767 } else { -32767 }).collect();
+        let full: Vec<i16> = (0..160)
+            .map(|i| if i % 2 == 0 { 32767 } else { -32767 })
+            .collect();
         assert!(rms_dbfs(&full) > -0.1);
     }
 }

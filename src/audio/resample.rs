@@ -84,7 +84,8 @@ impl StreamResampler {
             return Ok(());
         }
         self.total_in += input.len() as u64;
-        self.pending.extend(input.iter().map(|&s| s as f32 / 32768.0));
+        self.pending
+            .extend(input.iter().map(|&s| s as f32 / 32768.0));
         while self.pending.len() >= self.chunk_in {
             self.run_chunk(None, out)?;
         }
@@ -171,7 +172,9 @@ mod tests {
     fn sine(rate: u32, freq: f64, secs: f64, amp: f64) -> Vec<i16> {
         let n = (rate as f64 * secs) as usize;
         (0..n)
-            .map(|i| (amp * (2.0 * std::f64::consts::PI * freq * i as f64 / rate as f64).sin()) as i16)
+            .map(|i| {
+                (amp * (2.0 * std::f64::consts::PI * freq * i as f64 / rate as f64).sin()) as i16
+            })
             .collect()
     }
 
@@ -218,8 +221,16 @@ mod tests {
         let fresh: Vec<i16> = mid[start..].to_vec();
         down.process(&fresh, &mut out).unwrap();
         down.flush(&mut out).unwrap();
-        assert!((mid.len() as i64 - 32_000).abs() <= 2, "16 kHz length {}", mid.len());
-        assert!((out.len() as i64 - 16_000).abs() <= 2, "8 kHz length {}", out.len());
+        assert!(
+            (mid.len() as i64 - 32_000).abs() <= 2,
+            "16 kHz length {}",
+            mid.len()
+        );
+        assert!(
+            (out.len() as i64 - 16_000).abs() <= 2,
+            "8 kHz length {}",
+            out.len()
+        );
         // Ignore the edges, where the filters ramp.
         let snr = snr_db(&out[800..15_200], 8_000, 1_000.0);
         println!("1 kHz sine 8k->16k->8k: SNR {snr:.1} dB");

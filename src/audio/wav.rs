@@ -58,12 +58,18 @@ fn read_any<R: Read + Seek>(reader: hound::WavReader<R>) -> Result<Clip, String>
             (mean * 32768.0).round().clamp(-32768.0, 32767.0) as i16
         })
         .collect();
-    Ok(Clip { rate: spec.sample_rate, samples })
+    Ok(Clip {
+        rate: spec.sample_rate,
+        samples,
+    })
 }
 
 /// Reads a WAV file as mono at its own rate.
 pub fn read_file(path: &Path) -> Result<Clip, AudioError> {
-    let err = |message: String| AudioError::Wav { path: path.display().to_string(), message };
+    let err = |message: String| AudioError::Wav {
+        path: path.display().to_string(),
+        message,
+    };
     let reader = hound::WavReader::open(path).map_err(|e| err(e.to_string()))?;
     read_any(reader).map_err(err)
 }
@@ -79,8 +85,8 @@ pub fn read_file_at(path: &Path, rate: u32) -> Result<Vec<i16>, AudioError> {
 
 /// Reads WAV bytes (for example an HTTP response) as mono at their own rate.
 pub fn read_bytes(bytes: &[u8]) -> Result<Clip, AudioError> {
-    let reader =
-        hound::WavReader::new(std::io::Cursor::new(bytes)).map_err(|e| AudioError::WavData(e.to_string()))?;
+    let reader = hound::WavReader::new(std::io::Cursor::new(bytes))
+        .map_err(|e| AudioError::WavData(e.to_string()))?;
     read_any(reader).map_err(AudioError::WavData)
 }
 
@@ -107,8 +113,8 @@ fn resample_any(samples: &[i16], from: u32, to: u32) -> Result<Vec<i16>, AudioEr
     let mut out = vec![0.0f32; need];
     let buf_in = InterleavedSlice::new(&input[..], 1, input.len())
         .map_err(|e| AudioError::Resampler(e.to_string()))?;
-    let mut buf_out =
-        InterleavedSlice::new_mut(&mut out[..], 1, need).map_err(|e| AudioError::Resampler(e.to_string()))?;
+    let mut buf_out = InterleavedSlice::new_mut(&mut out[..], 1, need)
+        .map_err(|e| AudioError::Resampler(e.to_string()))?;
     let (_, written) = r
         .process_all_into_buffer(&buf_in, &mut buf_out, input.len(), None)
         .map_err(|e| AudioError::Resampler(e.to_string()))?;
@@ -120,7 +126,10 @@ fn resample_any(samples: &[i16], from: u32, to: u32) -> Result<Vec<i16>, AudioEr
 
 /// Writes mono 16-bit samples to a WAV file.
 pub fn write_file(path: &Path, rate: u32, samples: &[i16]) -> Result<(), AudioError> {
-    let err = |e: hound::Error| AudioError::Wav { path: path.display().to_string(), message: e.to_string() };
+    let err = |e: hound::Error| AudioError::Wav {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
     let spec = hound::WavSpec {
         channels: 1,
         sample_rate: rate,
@@ -183,8 +192,17 @@ mod tests {
 
     #[test]
     fn espeak_rate_22050_converts() {
-        let samples: Vec<i16> = (0..22_050).map(|i| ((i as f32 * 0.05).sin() * 8000.0) as i16).collect();
-        let out = convert_rate(Clip { rate: 22_050, samples }, 16_000).unwrap();
+        let samples: Vec<i16> = (0..22_050)
+            .map(|i| ((i as f32 * 0.05).sin() * 8000.0) as i16)
+            .collect();
+        let out = convert_rate(
+            Clip {
+                rate: 22_050,
+                samples,
+            },
+            16_000,
+        )
+        .unwrap();
         assert!((out.len() as i64 - 16_000).abs() < 40, "{}", out.len());
     }
 
@@ -192,7 +210,13 @@ mod tests {
     fn bytes_round_trip_and_bad_input() {
         let bytes = to_bytes(8_000, &[1, -2, 3]);
         let clip = read_bytes(&bytes).unwrap();
-        assert_eq!(clip, Clip { rate: 8_000, samples: vec![1, -2, 3] });
+        assert_eq!(
+            clip,
+            Clip {
+                rate: 8_000,
+                samples: vec![1, -2, 3]
+            }
+        );
         assert!(read_bytes(b"").is_err());
         assert!(read_bytes(b"RIFF\x00\x00garbage").is_err());
         let dir = tempfile::tempdir().unwrap();
@@ -229,7 +253,12 @@ pub fn stream_header(bytes: &[u8]) -> Result<Option<StreamHeader>, AudioError> {
             return Ok(None);
         }
         let id = &bytes[pos..pos + 4];
-        let size = u32::from_le_bytes([bytes[pos + 4], bytes[pos + 5], bytes[pos + 6], bytes[pos + 7]]) as usize;
+        let size = u32::from_le_bytes([
+            bytes[pos + 4],
+            bytes[pos + 5],
+            bytes[pos + 6],
+            bytes[pos + 7],
+        ]) as usize;
         if id == b"data" {
             let Some((format, rate, channels, bits)) = fmt else {
                 return Err(AudioError::WavData("data chunk before fmt chunk".into()));
@@ -239,10 +268,17 @@ pub fn stream_header(bytes: &[u8]) -> Result<Option<StreamHeader>, AudioError> {
                     "only 16-bit PCM streams are supported (format {format}, {bits} bits, {channels} channels)"
                 )));
             }
-            return Ok(Some(StreamHeader { rate, channels, bits, data_offset: pos + 8 }));
+            return Ok(Some(StreamHeader {
+                rate,
+                channels,
+                bits,
+                data_offset: pos + 8,
+            }));
         }
         if size > 1 << 20 {
-            return Err(AudioError::WavData(format!("implausible chunk size {size}")));
+            return Err(AudioError::WavData(format!(
+                "implausible chunk size {size}"
+            )));
         }
         if bytes.len() < pos + 8 + size {
             return Ok(None);
@@ -270,7 +306,15 @@ mod stream_tests {
         b[4..8].copy_from_slice(&0x7fff_f024u32.to_le_bytes());
         b[40..44].copy_from_slice(&0x7fff_f000u32.to_le_bytes());
         let h = stream_header(&b).unwrap().unwrap();
-        assert_eq!(h, StreamHeader { rate: 22_050, channels: 1, bits: 16, data_offset: 44 });
+        assert_eq!(
+            h,
+            StreamHeader {
+                rate: 22_050,
+                channels: 1,
+                bits: 16,
+                data_offset: 44
+            }
+        );
         assert_eq!(stream_header(&b[..20]).unwrap(), None);
         assert!(stream_header(b"RIFX....WAVE").is_err());
     }

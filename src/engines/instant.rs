@@ -11,7 +11,12 @@ pub struct InstantAsr(pub String);
 
 #[async_trait]
 impl Asr for InstantAsr {
-    async fn transcribe(&self, _audio: &[i16], _rate: u32, _hint: Option<&str>) -> Result<String, AsrError> {
+    async fn transcribe(
+        &self,
+        _audio: &[i16],
+        _rate: u32,
+        _hint: Option<&str>,
+    ) -> Result<String, AsrError> {
         Ok(self.0.clone())
     }
 }
@@ -25,6 +30,10 @@ impl Tts for InstantTts {
         let words = text.split_whitespace().count().max(1);
         let n = rate as usize * 60 * words / 1000;
         let w = 2.0 * std::f32::consts::PI * 440.0 / rate as f32;
-        Ok(ready_stream((0..n).map(|i| ((w * i as f32).sin() * 6000.0) as i16).collect()))
+        Ok(ready_stream(
+            (0..n)
+                .map(|i| ((w * i as f32).sin() * 6000.0) as i16)
+                .collect(),
+        ))
     }
 }

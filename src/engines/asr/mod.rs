@@ -26,7 +26,12 @@ pub enum AsrError {
 #[async_trait]
 pub trait Asr: Send + Sync {
     /// Transcribes mono 16-bit audio at `rate`; `hint` is what the caller is expected to say.
-    async fn transcribe(&self, audio: &[i16], rate: u32, hint: Option<&str>) -> Result<String, AsrError>;
+    async fn transcribe(
+        &self,
+        audio: &[i16],
+        rate: u32,
+        hint: Option<&str>,
+    ) -> Result<String, AsrError>;
 }
 
 /// OpenAI-compatible transcription client.
@@ -53,7 +58,12 @@ impl OpenAiAsr {
         }
     }
 
-    async fn once(&self, wav_bytes: Vec<u8>, hint: Option<&str>, budget: Duration) -> Result<String, AsrError> {
+    async fn once(
+        &self,
+        wav_bytes: Vec<u8>,
+        hint: Option<&str>,
+        budget: Duration,
+    ) -> Result<String, AsrError> {
         let part = reqwest::multipart::Part::bytes(wav_bytes)
             .file_name("utterance.wav")
             .mime_str("audio/wav")
@@ -75,19 +85,29 @@ impl OpenAiAsr {
             if e.is_timeout() {
                 AsrError::Timeout(ms)
             } else {
-                AsrError::Connect { url: self.url.clone(), message: root_cause(&e) }
+                AsrError::Connect {
+                    url: self.url.clone(),
+                    message: root_cause(&e),
+                }
             }
         })?;
         let status = resp.status();
         let body = resp.text().await.map_err(|e| {
-            if e.is_timeout() { AsrError::Timeout(ms) } else { AsrError::BadResponse(e.to_string()) }
+            if e.is_timeout() {
+                AsrError::Timeout(ms)
+            } else {
+                AsrError::BadResponse(e.to_string())
+            }
         })?;
         if !status.is_success() {
             let body: String = body.chars().take(200).collect();
-            return Err(AsrError::Http { status: status.as_u16(), body });
+            return Err(AsrError::Http {
+                status: status.as_u16(),
+                body,
+            });
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&body).map_err(|e| AsrError::BadResponse(format!("{e}: {body:.100}")))?;
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| AsrError::BadResponse(format!("{e}: {body:.100}")))?;
         v.get("text")
             .and_then(|t| t.as_str())
             .map(|t| t.trim().to_string())
@@ -106,7 +126,12 @@ pub fn root_cause(e: &dyn std::error::Error) -> String {
 
 #[async_trait]
 impl Asr for OpenAiAsr {
-    async fn transcribe(&self, audio: &[i16], rate: u32, hint: Option<&str>) -> Result<String, AsrError> {
+    async fn transcribe(
+        &self,
+        audio: &[i16],
+        rate: u32,
+        hint: Option<&str>,
+    ) -> Result<String, AsrError> {
         let bytes = wav::to_bytes(rate, audio);
         let deadline = Instant::now() + self.timeout;
         let mut last = None;
@@ -118,7 +143,11 @@ impl Asr for OpenAiAsr {
             match self.once(bytes.clone(), hint, left).await {
                 Ok(t) => return Ok(t),
                 // Client errors will not get better by retrying.
-                Err(e @ AsrError::Http { status: 400..=499, .. }) => return Err(e),
+                Err(
+                    e @ AsrError::Http {
+                        status: 400..=499, ..
+                    },
+                ) => return Err(e),
                 Err(e) => {
                     tracing::warn!(attempt, error = %e, "ASR request failed");
                     last = Some(e);

@@ -8,7 +8,14 @@ pub fn tokens(text: &str) -> Vec<String> {
     for raw in text.split(|c: char| c.is_whitespace() || c == ',' || c == '-' || c == ';') {
         let w: String = raw
             .chars()
-            .filter(|c| c.is_alphanumeric() || *c == '\'' || *c == '.' || *c == '$' || *c == ':' || *c == '/')
+            .filter(|c| {
+                c.is_alphanumeric()
+                    || *c == '\''
+                    || *c == '.'
+                    || *c == '$'
+                    || *c == ':'
+                    || *c == '/'
+            })
             .collect::<String>()
             .to_lowercase();
         let w = w.trim_matches(|c| c == '.' || c == '\'').to_string();
@@ -100,7 +107,11 @@ pub fn digits(text: &str) -> Option<String> {
     for (i, t) in toks.iter().enumerate() {
         let next_is_digitish = toks
             .get(i + 1)
-            .map(|n| unit_word(n).is_some() || n.chars().all(|c| c.is_ascii_digit()) || misheard_digit(n).is_some())
+            .map(|n| {
+                unit_word(n).is_some()
+                    || n.chars().all(|c| c.is_ascii_digit())
+                    || misheard_digit(n).is_some()
+            })
             .unwrap_or(false);
         let prev_in_run = !run.is_empty();
         if let Some(tens) = pending_tens.take() {
@@ -133,7 +144,11 @@ pub fn digits(text: &str) -> Option<String> {
         } else if t == "hundred" && !run.is_empty() {
             Some(("00".to_string(), true))
         } else if let Some(d) = misheard_digit(t) {
-            if prev_in_run || next_is_digitish { Some((d.to_string(), false)) } else { None }
+            if prev_in_run || next_is_digitish {
+                Some((d.to_string(), false))
+            } else {
+                None
+            }
         } else {
             None
         };
@@ -171,8 +186,20 @@ pub fn yes_no(text: &str) -> Option<(YesNo, f32)> {
     let toks = tokens(text);
     let first: Vec<&str> = toks.iter().take(4).map(String::as_str).collect();
     const YES: [&str; 14] = [
-        "yes", "yeah", "yep", "yup", "yea", "ya", "correct", "right", "sure", "affirmative", "absolutely", "ok",
-        "okay", "exactly",
+        "yes",
+        "yeah",
+        "yep",
+        "yup",
+        "yea",
+        "ya",
+        "correct",
+        "right",
+        "sure",
+        "affirmative",
+        "absolutely",
+        "ok",
+        "okay",
+        "exactly",
     ];
     const NO: [&str; 7] = ["no", "nope", "nah", "negative", "incorrect", "wrong", "not"];
     for (i, w) in first.iter().enumerate() {
@@ -195,7 +222,11 @@ pub fn yes_no(text: &str) -> Option<(YesNo, f32)> {
 /// Parses a spelled-out or numeric whole number ("one hundred twenty", "1,250", "twelve").
 fn number_from(toks: &[String]) -> Option<(u64, usize)> {
     if let Some(t) = toks.first() {
-        let clean: String = t.trim_start_matches('$').chars().filter(|c| *c != ',').collect();
+        let clean: String = t
+            .trim_start_matches('$')
+            .chars()
+            .filter(|c| *c != ',')
+            .collect();
         if let Ok(v) = clean.parse::<f64>() {
             return Some(((v * 100.0).round() as u64, 1));
         }
@@ -233,7 +264,10 @@ pub fn amount_cents(text: &str) -> Option<u64> {
             let mut value = cents;
             let rest = &toks[i + used..];
             let mut j = 0;
-            if rest.first().is_some_and(|w| w.starts_with("dollar") || w.starts_with("buck")) {
+            if rest
+                .first()
+                .is_some_and(|w| w.starts_with("dollar") || w.starts_with("buck"))
+            {
                 j = 1;
             }
             if rest.get(j).is_some_and(|w| w == "and") {
@@ -259,9 +293,27 @@ pub fn say_amount(cents: u64) -> String {
     }
 }
 
-const WEEKDAYS: [&str; 7] = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"];
+const WEEKDAYS: [&str; 7] = [
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+];
 const MONTHS: [&str; 12] = [
-    "january", "february", "march", "april", "may", "june", "july", "august", "september", "october", "november",
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
     "december",
 ];
 
@@ -304,13 +356,23 @@ pub fn time_of_day(text: &str) -> Option<String> {
     let toks = tokens(text);
     for (i, t) in toks.iter().enumerate() {
         let (hour, minute): (u32, Option<u32>) = if let Some((h, m)) = t.split_once(':') {
-            match (h.parse().ok(), m.trim_end_matches(|c: char| c.is_alphabetic()).parse().ok()) {
+            match (
+                h.parse().ok(),
+                m.trim_end_matches(|c: char| c.is_alphabetic()).parse().ok(),
+            ) {
                 (Some(h), Some(m)) => (h, Some(m)),
                 _ => continue,
             }
-        } else if let Ok(h) = t.trim_end_matches("am").trim_end_matches("pm").parse::<u32>() {
+        } else if let Ok(h) = t
+            .trim_end_matches("am")
+            .trim_end_matches("pm")
+            .parse::<u32>()
+        {
             (h, None)
-        } else if let Some(h) = unit_word(t).filter(|_| t != "o" && t != "oh").or_else(|| teen_word(t)) {
+        } else if let Some(h) = unit_word(t)
+            .filter(|_| t != "o" && t != "oh")
+            .or_else(|| teen_word(t))
+        {
             (h, None)
         } else {
             continue;
@@ -318,7 +380,12 @@ pub fn time_of_day(text: &str) -> Option<String> {
         if !(1..=12).contains(&hour) {
             continue;
         }
-        let rest: String = toks[i + 1..].iter().take(2).cloned().collect::<Vec<_>>().join("");
+        let rest: String = toks[i + 1..]
+            .iter()
+            .take(2)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("");
         let merged = format!("{t}{rest}");
         let suffix = if merged.contains("pm") || rest.starts_with("p.m") || rest.starts_with('p') {
             "PM"
@@ -326,7 +393,10 @@ pub fn time_of_day(text: &str) -> Option<String> {
             "AM"
         } else if toks[i + 1..].iter().any(|w| w == "morning") {
             "AM"
-        } else if toks[i + 1..].iter().any(|w| w == "afternoon" || w == "evening") {
+        } else if toks[i + 1..]
+            .iter()
+            .any(|w| w == "afternoon" || w == "evening")
+        {
             "PM"
         } else if toks.get(i.wrapping_sub(1)).is_some_and(|w| w == "at") || minute.is_some() {
             if hour >= 8 && hour != 12 { "AM" } else { "PM" }
@@ -343,7 +413,10 @@ pub fn time_of_day(text: &str) -> Option<String> {
 
 /// Spells a digit string the way a confirmation should sound: "5-5-4-2-1".
 pub fn spell_digits(d: &str) -> String {
-    d.chars().map(|c| c.to_string()).collect::<Vec<_>>().join("-")
+    d.chars()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 #[cfg(test)]
@@ -353,17 +426,26 @@ mod tests {
     #[test]
     fn spoken_digits() {
         assert_eq!(digits("five five four two one").as_deref(), Some("55421"));
-        assert_eq!(digits("My order number is 5, 5, 4, 2, 1.").as_deref(), Some("55421"));
+        assert_eq!(
+            digits("My order number is 5, 5, 4, 2, 1.").as_deref(),
+            Some("55421")
+        );
         assert_eq!(digits("It's 55421").as_deref(), Some("55421"));
         assert_eq!(digits("5-5-4-2-1").as_deref(), Some("55421"));
         assert_eq!(digits("double five four two one").as_deref(), Some("55421"));
-        assert_eq!(digits("fifty five four twenty one").as_deref(), Some("55421"));
+        assert_eq!(
+            digits("fifty five four twenty one").as_deref(),
+            Some("55421")
+        );
         assert_eq!(digits("one two oh four").as_deref(), Some("1204"));
     }
 
     #[test]
     fn misheard_digits_inside_a_run() {
-        assert_eq!(digits("My order number in time time for two ones.").as_deref(), Some("55421"));
+        assert_eq!(
+            digits("My order number in time time for two ones.").as_deref(),
+            Some("55421")
+        );
         assert_eq!(digits("won two three").as_deref(), Some("123"));
         assert_eq!(digits("eight ate one").as_deref(), Some("881"));
         // Alone, they stay words.
@@ -384,7 +466,10 @@ mod tests {
     #[test]
     fn amounts() {
         assert_eq!(amount_cents("$120.50"), Some(12_050));
-        assert_eq!(amount_cents("I want to pay 120 dollars and 50 cents"), Some(12_050));
+        assert_eq!(
+            amount_cents("I want to pay 120 dollars and 50 cents"),
+            Some(12_050)
+        );
         assert_eq!(amount_cents("one hundred twenty dollars"), Some(12_000));
         assert_eq!(amount_cents("two thousand five hundred"), Some(250_000));
         assert_eq!(amount_cents("nothing here"), None);

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::entities::{self, YesNo};
 use super::prompt::{self, Segment};
-use super::{DigitSpec, Dialog, DialogError, Expectation, Heard, Input, Next, Turn, lookup};
+use super::{Dialog, DialogError, DigitSpec, Expectation, Heard, Input, Next, Turn, lookup};
 
 fn default_retries() -> u32 {
     2
@@ -174,8 +174,10 @@ impl Flow {
     /// defined, regexes must compile and entity types must be known.
     pub fn load(path: &Path) -> Result<Flow, DialogError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| DialogError::Flow { path: p.clone(), message: format!("cannot read: {e}") })?;
+        let text = std::fs::read_to_string(path).map_err(|e| DialogError::Flow {
+            path: p.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
         Self::parse(path, &text)
     }
 
@@ -184,7 +186,10 @@ impl Flow {
         let p = path.display().to_string();
         let file: FlowFile = toml::from_str(text).map_err(|e| {
             let cfg = crate::config::toml_error(path, text, &e);
-            DialogError::Flow { path: p.clone(), message: cfg.to_string().replacen(&format!("{p}:"), "line ", 1) }
+            DialogError::Flow {
+                path: p.clone(),
+                message: cfg.to_string().replacen(&format!("{p}:"), "line ", 1),
+            }
         })?;
         let err = |name: &str, message: String| DialogError::Flow {
             path: p.clone(),
@@ -192,7 +197,10 @@ impl Flow {
         };
         let has = |s: &str| file.states.contains_key(s);
         if !has(&file.start) {
-            return Err(err(&file.start, format!("start state `{}` is not defined", file.start)));
+            return Err(err(
+                &file.start,
+                format!("start state `{}` is not defined", file.start),
+            ));
         }
         let mut regexes = BTreeMap::new();
         for (name, intent) in &file.intents {
@@ -203,64 +211,117 @@ impl Flow {
                 compiled.push(re);
             }
             if intent.phrases.is_empty() && intent.regexes.is_empty() {
-                return Err(err(name, format!("intent `{name}` has no phrases or regexes")));
+                return Err(err(
+                    name,
+                    format!("intent `{name}` has no phrases or regexes"),
+                ));
             }
             if let Some(g) = &intent.goto {
                 if !has(g) {
-                    return Err(err(g, format!("intent `{name}` goes to unknown state `{g}`")));
+                    return Err(err(
+                        g,
+                        format!("intent `{name}` goes to unknown state `{g}`"),
+                    ));
                 }
             }
             regexes.insert(name.clone(), compiled);
         }
         for (name, st) in &file.states {
-            for (label, target) in [("next", &st.next), ("found", &st.found), ("missing", &st.missing)] {
+            for (label, target) in [
+                ("next", &st.next),
+                ("found", &st.found),
+                ("missing", &st.missing),
+            ] {
                 if let Some(t) = target {
                     if !has(t) {
-                        return Err(err(t, format!("state `{name}`: {label} = unknown state `{t}`")));
+                        return Err(err(
+                            t,
+                            format!("state `{name}`: {label} = unknown state `{t}`"),
+                        ));
                     }
                 }
             }
             for (intent, target) in &st.intents {
                 if !has(target) {
-                    return Err(err(target, format!("state `{name}`: intent `{intent}` goes to unknown state `{target}`")));
+                    return Err(err(
+                        target,
+                        format!(
+                            "state `{name}`: intent `{intent}` goes to unknown state `{target}`"
+                        ),
+                    ));
                 }
                 if !file.intents.contains_key(intent) && intent != "yes" && intent != "no" {
-                    return Err(err(intent, format!("state `{name}`: intent `{intent}` is not defined in [intents]")));
+                    return Err(err(
+                        intent,
+                        format!("state `{name}`: intent `{intent}` is not defined in [intents]"),
+                    ));
                 }
             }
             if let Some(c) = &st.collect {
                 if !ENTITIES.contains(&c.entity.as_str()) {
-                    return Err(err(&c.entity, format!("state `{name}`: unknown entity `{}` (one of {})", c.entity, ENTITIES.join(", "))));
+                    return Err(err(
+                        &c.entity,
+                        format!(
+                            "state `{name}`: unknown entity `{}` (one of {})",
+                            c.entity,
+                            ENTITIES.join(", ")
+                        ),
+                    ));
                 }
                 if st.next.is_none() {
-                    return Err(err(name, format!("state `{name}` collects `{}` but has no `next`", c.slot)));
+                    return Err(err(
+                        name,
+                        format!("state `{name}` collects `{}` but has no `next`", c.slot),
+                    ));
                 }
             }
             if let Some(l) = &st.lookup {
                 if l.file.is_some() == l.url.is_some() {
-                    return Err(err(name, format!("state `{name}`: lookup needs exactly one of file or url")));
+                    return Err(err(
+                        name,
+                        format!("state `{name}`: lookup needs exactly one of file or url"),
+                    ));
                 }
                 if let Some(f) = &l.file {
                     let path = Self::data_path_in(&file, path, f);
                     if !path.is_file() {
-                        return Err(err(f, format!("state `{name}`: lookup file {} does not exist", path.display())));
+                        return Err(err(
+                            f,
+                            format!(
+                                "state `{name}`: lookup file {} does not exist",
+                                path.display()
+                            ),
+                        ));
                     }
                 }
                 if st.found.is_none() || st.missing.is_none() {
-                    return Err(err(name, format!("state `{name}`: a lookup needs both `found` and `missing`")));
+                    return Err(err(
+                        name,
+                        format!("state `{name}`: a lookup needs both `found` and `missing`"),
+                    ));
                 }
             }
             let listens = st.prompt.is_some();
             let ends = st.transfer.is_some() || st.hangup;
             let moves = st.next.is_some() || st.lookup.is_some();
             if !listens && !ends && !moves {
-                return Err(err(name, format!("state `{name}` neither asks, moves on, transfers nor hangs up")));
+                return Err(err(
+                    name,
+                    format!("state `{name}` neither asks, moves on, transfers nor hangs up"),
+                ));
             }
             if listens && st.collect.is_none() && st.intents.is_empty() {
-                return Err(err(name, format!("state `{name}` asks a question but has no `collect` or `intents`")));
+                return Err(err(
+                    name,
+                    format!("state `{name}` asks a question but has no `collect` or `intents`"),
+                ));
             }
         }
-        Ok(Flow { file, path: path.to_path_buf(), regexes })
+        Ok(Flow {
+            file,
+            path: path.to_path_buf(),
+            regexes,
+        })
     }
 
     fn data_path_in(file: &FlowFile, flow_path: &Path, name: &str) -> PathBuf {
@@ -271,8 +332,18 @@ impl Flow {
 
     /// Every transfer target the flow can use (to check against the allow-list).
     pub fn transfer_targets(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.file.states.values().filter_map(|s| s.transfer.clone()).collect();
-        v.extend(self.file.intents.values().filter_map(|i| i.transfer.clone()));
+        let mut v: Vec<String> = self
+            .file
+            .states
+            .values()
+            .filter_map(|s| s.transfer.clone())
+            .collect();
+        v.extend(
+            self.file
+                .intents
+                .values()
+                .filter_map(|i| i.transfer.clone()),
+        );
         v.extend(self.file.escalate_target.clone());
         v.sort();
         v.dedup();
@@ -334,8 +405,17 @@ pub struct ScriptedDialog {
 }
 
 impl ScriptedDialog {
-    pub fn new(flow: Flow, disclosure: &str, human_target: &str, webhook_timeout: Duration) -> Self {
-        let disclosure = flow.file.disclosure.clone().unwrap_or_else(|| disclosure.to_string());
+    pub fn new(
+        flow: Flow,
+        disclosure: &str,
+        human_target: &str,
+        webhook_timeout: Duration,
+    ) -> Self {
+        let disclosure = flow
+            .file
+            .disclosure
+            .clone()
+            .unwrap_or_else(|| disclosure.to_string());
         let state = flow.file.start.clone();
         Self {
             flow,
@@ -365,7 +445,11 @@ impl ScriptedDialog {
     fn st(&self) -> &StateDef {
         // States are checked at load; the current one always exists.
         self.flow.file.states.get(&self.state).unwrap_or_else(|| {
-            self.flow.file.states.get(&self.flow.file.start).unwrap_or_else(|| unreachable!("start state checked at load"))
+            self.flow
+                .file
+                .states
+                .get(&self.flow.file.start)
+                .unwrap_or_else(|| unreachable!("start state checked at load"))
         })
     }
 
@@ -409,7 +493,10 @@ impl ScriptedDialog {
         if self.pending_confirm.is_some() {
             return Expectation {
                 asr_hint: Some("The caller answers yes or no.".into()),
-                digits: Some(DigitSpec { max: 1, terminator: None }),
+                digits: Some(DigitSpec {
+                    max: 1,
+                    terminator: None,
+                }),
             };
         }
         let st = self.st();
@@ -417,17 +504,30 @@ impl ScriptedDialog {
             Some(c) => Expectation {
                 asr_hint: c.hint.clone(),
                 digits: match c.entity.as_str() {
-                    "digits" | "amount" => Some(DigitSpec { max: c.max_len.unwrap_or(20), terminator: Some('#') }),
-                    "yes_no" => Some(DigitSpec { max: 1, terminator: None }),
+                    "digits" | "amount" => Some(DigitSpec {
+                        max: c.max_len.unwrap_or(20),
+                        terminator: Some('#'),
+                    }),
+                    "yes_no" => Some(DigitSpec {
+                        max: 1,
+                        terminator: None,
+                    }),
                     _ => None,
                 },
             },
-            None => Expectation { asr_hint: None, digits: None },
+            None => Expectation {
+                asr_hint: None,
+                digits: None,
+            },
         }
     }
 
     fn listen(&self, say: Vec<Segment>, barge_in: bool) -> Turn {
-        Turn { say, barge_in, next: Next::Listen(self.expectation()) }
+        Turn {
+            say,
+            barge_in,
+            next: Next::Listen(self.expectation()),
+        }
     }
 
     /// Enters `state` and runs through states that do not listen, gathering what is said.
@@ -444,14 +544,31 @@ impl ScriptedDialog {
                 say.extend(prompt::segments(&self.render(s)));
             }
             if let Some(target) = &st.transfer {
-                return Ok(Turn { say, barge_in, next: Next::Transfer { target: target.clone() } });
+                return Ok(Turn {
+                    say,
+                    barge_in,
+                    next: Next::Transfer {
+                        target: target.clone(),
+                    },
+                });
             }
             if st.hangup {
-                return Ok(Turn { say, barge_in, next: Next::Hangup { reason: "normal".into() } });
+                return Ok(Turn {
+                    say,
+                    barge_in,
+                    next: Next::Hangup {
+                        reason: "normal".into(),
+                    },
+                });
             }
             if let Some(l) = &st.lookup {
                 let found = self.lookup(l).await?;
-                name = if found { st.found.clone() } else { st.missing.clone() }.unwrap_or_default();
+                name = if found {
+                    st.found.clone()
+                } else {
+                    st.missing.clone()
+                }
+                .unwrap_or_default();
                 continue;
             }
             if let Some(p) = &st.prompt {
@@ -463,7 +580,9 @@ impl ScriptedDialog {
                 None => break,
             }
         }
-        Err(DialogError::Engine(format!("flow loops without listening near state `{name}`")))
+        Err(DialogError::Engine(format!(
+            "flow loops without listening near state `{name}`"
+        )))
     }
 
     async fn lookup(&mut self, l: &LookupDef) -> Result<bool, DialogError> {
@@ -492,7 +611,12 @@ impl ScriptedDialog {
         self.retries += 1;
         let st = self.st().clone();
         if self.retries > self.flow.file.max_retries {
-            let target = self.flow.file.escalate_target.clone().unwrap_or_else(|| self.human_target.clone());
+            let target = self
+                .flow
+                .file
+                .escalate_target
+                .clone()
+                .unwrap_or_else(|| self.human_target.clone());
             return Turn {
                 say: prompt::segments(&self.flow.file.escalate_prompt),
                 barge_in: false,
@@ -505,15 +629,26 @@ impl ScriptedDialog {
             text.push(' ');
         }
         let idx = (self.retries as usize).saturating_sub(1);
-        let base = st.reprompts.get(idx).or(st.reprompts.last()).or(st.prompt.as_ref()).cloned().unwrap_or_default();
+        let base = st
+            .reprompts
+            .get(idx)
+            .or(st.reprompts.last())
+            .or(st.prompt.as_ref())
+            .cloned()
+            .unwrap_or_default();
         if let Some((_, value)) = &self.pending_confirm {
             let c = st.collect.as_ref();
-            let confirm = c.and_then(|c| c.confirm_prompt.clone()).unwrap_or_else(|| "Did you say {value}?".into());
+            let confirm = c
+                .and_then(|c| c.confirm_prompt.clone())
+                .unwrap_or_else(|| "Did you say {value}?".into());
             text.push_str(&self.render(&confirm.replace("{value}", value)));
             text.push_str(" Please say yes or no.");
         } else {
             text.push_str(&self.render(&base));
-            let typed = st.collect.as_ref().is_some_and(|c| matches!(c.entity.as_str(), "digits" | "amount"));
+            let typed = st
+                .collect
+                .as_ref()
+                .is_some_and(|c| matches!(c.entity.as_str(), "digits" | "amount"));
             if typed && !base.to_lowercase().contains("keypad") {
                 text.push(' ');
                 text.push_str(&self.flow.file.keypad_offer);
@@ -535,12 +670,16 @@ impl ScriptedDialog {
             (Input::Speech(t), "amount") => entities::amount_cents(t).map(|v| v.to_string()),
             (Input::Speech(t), "date") => entities::date(t),
             (Input::Speech(t), "time") => entities::time_of_day(t),
-            (Input::Speech(t), "yes_no") => entities::yes_no(t).map(|(v, _)| if v == YesNo::Yes { "yes" } else { "no" }.into()),
+            (Input::Speech(t), "yes_no") => {
+                entities::yes_no(t).map(|(v, _)| if v == YesNo::Yes { "yes" } else { "no" }.into())
+            }
             (Input::Speech(t), "text") => Some(t.trim().to_string()).filter(|t| !t.is_empty()),
             _ => None,
         }?;
         let len = value.chars().count();
-        if c.entity == "digits" && (c.min_len.is_some_and(|m| len < m) || c.max_len.is_some_and(|m| len > m)) {
+        if c.entity == "digits"
+            && (c.min_len.is_some_and(|m| len < m) || c.max_len.is_some_and(|m| len > m))
+        {
             return None;
         }
         Some(value)
@@ -580,7 +719,11 @@ impl Dialog for ScriptedDialog {
             if let Some((_, def)) = self.global_intent(t) {
                 let say = def.say.as_deref().map(prompt::segments).unwrap_or_default();
                 if let Some(target) = def.transfer {
-                    return Ok(Turn { say, barge_in: false, next: Next::Transfer { target } });
+                    return Ok(Turn {
+                        say,
+                        barge_in: false,
+                        next: Next::Transfer { target },
+                    });
                 }
                 if let Some(g) = def.goto {
                     return self.enter(&g, say).await;
@@ -613,7 +756,12 @@ impl Dialog for ScriptedDialog {
                     }
                     let mut text = String::from("Okay, let's try again. ");
                     let idx = (self.retries as usize).saturating_sub(1);
-                    let p = st.reprompts.get(idx).or(st.prompt.as_ref()).cloned().unwrap_or_default();
+                    let p = st
+                        .reprompts
+                        .get(idx)
+                        .or(st.prompt.as_ref())
+                        .cloned()
+                        .unwrap_or_default();
                     text.push_str(&self.render(&p));
                     Ok(self.listen(prompt::segments(&text), st.barge_in))
                 }
@@ -626,11 +774,17 @@ impl Dialog for ScriptedDialog {
                     let shown = if c.entity == "digits" {
                         entities::spell_digits(&value)
                     } else if c.entity == "amount" {
-                        value.parse().map(entities::say_amount).unwrap_or(value.clone())
+                        value
+                            .parse()
+                            .map(entities::say_amount)
+                            .unwrap_or(value.clone())
                     } else {
                         value.clone()
                     };
-                    let template = c.confirm_prompt.clone().unwrap_or_else(|| "Did you say {value}?".into());
+                    let template = c
+                        .confirm_prompt
+                        .clone()
+                        .unwrap_or_else(|| "Did you say {value}?".into());
                     let text = self.render(&template.replace("{value}", &shown));
                     self.pending_confirm = Some((c.slot.clone(), value));
                     self.retries = 0;

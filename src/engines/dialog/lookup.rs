@@ -12,13 +12,17 @@ use super::DialogError;
 pub fn from_file(path: &Path, key: &str) -> Result<Option<Value>, DialogError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| DialogError::Lookup(format!("{}: {e}", path.display())))?;
-    let doc: Value =
-        serde_json::from_str(&text).map_err(|e| DialogError::Lookup(format!("{}: {e}", path.display())))?;
+    let doc: Value = serde_json::from_str(&text)
+        .map_err(|e| DialogError::Lookup(format!("{}: {e}", path.display())))?;
     Ok(doc.get(key).cloned())
 }
 
 /// GETs `url` (the key already filled in); 404 means not found; anything else non-2xx is an error.
-pub async fn from_webhook(client: &reqwest::Client, url: &str, timeout: Duration) -> Result<Option<Value>, DialogError> {
+pub async fn from_webhook(
+    client: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> Result<Option<Value>, DialogError> {
     let resp = client
         .get(url)
         .timeout(timeout)
@@ -29,8 +33,14 @@ pub async fn from_webhook(client: &reqwest::Client, url: &str, timeout: Duration
         return Ok(None);
     }
     if !resp.status().is_success() {
-        return Err(DialogError::Lookup(format!("{url}: HTTP {}", resp.status())));
+        return Err(DialogError::Lookup(format!(
+            "{url}: HTTP {}",
+            resp.status()
+        )));
     }
-    let v: Value = resp.json().await.map_err(|e| DialogError::Lookup(format!("{url}: {e}")))?;
+    let v: Value = resp
+        .json()
+        .await
+        .map_err(|e| DialogError::Lookup(format!("{url}: {e}")))?;
     Ok(Some(v))
 }

@@ -21,7 +21,10 @@ pub fn segments(text: &str) -> Vec<Segment> {
     let mut out: Vec<Segment> = Vec::new();
     let push_text = |t: &str, out: &mut Vec<Segment>| {
         for sentence in split_sentences(t) {
-            out.push(Segment { text: sentence, pause_after_ms: 0 });
+            out.push(Segment {
+                text: sentence,
+                pause_after_ms: 0,
+            });
         }
     };
     let mut last = 0;
@@ -29,12 +32,22 @@ pub fn segments(text: &str) -> Vec<Segment> {
         for cap in re.captures_iter(text) {
             let Some(m) = cap.get(0) else { continue };
             push_text(&text[last..m.start()], &mut out);
-            let value: f64 = cap.get(1).and_then(|v| v.as_str().parse().ok()).unwrap_or(0.0);
-            let ms = if cap.get(2).is_some_and(|u| u.as_str() == "s") { value * 1000.0 } else { value };
+            let value: f64 = cap
+                .get(1)
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(0.0);
+            let ms = if cap.get(2).is_some_and(|u| u.as_str() == "s") {
+                value * 1000.0
+            } else {
+                value
+            };
             let ms = ms.clamp(0.0, 10_000.0) as u64;
             match out.last_mut() {
                 Some(seg) => seg.pause_after_ms += ms,
-                None => out.push(Segment { text: String::new(), pause_after_ms: ms }),
+                None => out.push(Segment {
+                    text: String::new(),
+                    pause_after_ms: ms,
+                }),
             }
             last = m.end();
         }
@@ -49,7 +62,8 @@ fn split_sentences(text: &str) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
     for (i, &c) in chars.iter().enumerate() {
         cur.push(c);
-        let boundary = matches!(c, '.' | '?' | '!') && chars.get(i + 1).is_none_or(|n| n.is_whitespace());
+        let boundary =
+            matches!(c, '.' | '?' | '!') && chars.get(i + 1).is_none_or(|n| n.is_whitespace());
         if boundary {
             let s = cur.trim().to_string();
             if !s.is_empty() {
@@ -67,7 +81,11 @@ fn split_sentences(text: &str) -> Vec<String> {
 
 /// The whole text of a reply, for records.
 pub fn joined(segs: &[Segment]) -> String {
-    segs.iter().map(|s| s.text.as_str()).filter(|t| !t.is_empty()).collect::<Vec<_>>().join(" ")
+    segs.iter()
+        .map(|s| s.text.as_str())
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -76,13 +94,24 @@ mod tests {
 
     #[test]
     fn breaks_and_sentences() {
-        let s = segments(r#"Hello. <break time="500ms"/> Your order is 5-5-4-2-1. Bye! <break time='1s'/>"#);
+        let s = segments(
+            r#"Hello. <break time="500ms"/> Your order is 5-5-4-2-1. Bye! <break time='1s'/>"#,
+        );
         assert_eq!(
             s,
             vec![
-                Segment { text: "Hello.".into(), pause_after_ms: 500 },
-                Segment { text: "Your order is 5-5-4-2-1.".into(), pause_after_ms: 0 },
-                Segment { text: "Bye!".into(), pause_after_ms: 1000 },
+                Segment {
+                    text: "Hello.".into(),
+                    pause_after_ms: 500
+                },
+                Segment {
+                    text: "Your order is 5-5-4-2-1.".into(),
+                    pause_after_ms: 0
+                },
+                Segment {
+                    text: "Bye!".into(),
+                    pause_after_ms: 1000
+                },
             ]
         );
         assert_eq!(joined(&s), "Hello. Your order is 5-5-4-2-1. Bye!");

@@ -53,12 +53,19 @@ impl Lru {
 
 impl CachedTts {
     pub fn new(inner: Arc<dyn Tts>, capacity: usize) -> Self {
-        Self { inner, capacity, state: Arc::new(Mutex::new(Lru::default())) }
+        Self {
+            inner,
+            capacity,
+            state: Arc::new(Mutex::new(Lru::default())),
+        }
     }
 
     /// (hits, misses) so far.
     pub fn stats(&self) -> (u64, u64) {
-        self.state.lock().map(|s| (s.hits, s.misses)).unwrap_or((0, 0))
+        self.state
+            .lock()
+            .map(|s| (s.hits, s.misses))
+            .unwrap_or((0, 0))
     }
 
     /// Synthesizes `text` now so it is cached before a call needs it.
@@ -137,15 +144,25 @@ mod tests {
     async fn second_request_is_served_from_cache_and_lru_evicts() {
         let inner = Arc::new(Counting(AtomicUsize::new(0)));
         let cache = CachedTts::new(inner.clone(), 2);
-        assert_eq!(drain(cache.synthesize("hello", 8000).await.unwrap()).await, vec![5; 10]);
+        assert_eq!(
+            drain(cache.synthesize("hello", 8000).await.unwrap()).await,
+            vec![5; 10]
+        );
         tokio::task::yield_now().await;
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        assert_eq!(drain(cache.synthesize("hello", 8000).await.unwrap()).await, vec![5; 10]);
+        assert_eq!(
+            drain(cache.synthesize("hello", 8000).await.unwrap()).await,
+            vec![5; 10]
+        );
         assert_eq!(inner.0.load(Ordering::SeqCst), 1);
         cache.warm("a", 8000).await.unwrap();
         cache.warm("b", 8000).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         drain(cache.synthesize("hello", 8000).await.unwrap()).await;
-        assert_eq!(inner.0.load(Ordering::SeqCst), 4, "hello was evicted by a and b");
+        assert_eq!(
+            inner.0.load(Ordering::SeqCst),
+            4,
+            "hello was evicted by a and b"
+        );
     }
 }

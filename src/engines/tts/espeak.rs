@@ -34,7 +34,14 @@ impl Espeak {
     pub async fn render(&self, text: &str, rate: u32) -> Result<Vec<i16>, TtsError> {
         let mut child = tokio::process::Command::new(&self.bin)
             .arg("--stdout")
-            .args(["-v", &self.voice, "-s", &self.rate.to_string(), "-p", &self.pitch.to_string()])
+            .args([
+                "-v",
+                &self.voice,
+                "-s",
+                &self.rate.to_string(),
+                "-p",
+                &self.pitch.to_string(),
+            ])
             .arg("--")
             .arg(text)
             .stdin(Stdio::null())
@@ -43,17 +50,29 @@ impl Espeak {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| TtsError::Engine(format!("cannot run {}: {e}", self.bin)))?;
-        let mut stdout = child.stdout.take().ok_or_else(|| TtsError::Engine("no stdout".into()))?;
+        let mut stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| TtsError::Engine("no stdout".into()))?;
         let mut bytes = Vec::new();
         let run = async {
-            stdout.read_to_end(&mut bytes).await.map_err(|e| TtsError::Engine(e.to_string()))?;
-            child.wait().await.map_err(|e| TtsError::Engine(e.to_string()))
+            stdout
+                .read_to_end(&mut bytes)
+                .await
+                .map_err(|e| TtsError::Engine(e.to_string()))?;
+            child
+                .wait()
+                .await
+                .map_err(|e| TtsError::Engine(e.to_string()))
         };
         let status = tokio::time::timeout(self.timeout, run)
             .await
             .map_err(|_| TtsError::Timeout(self.timeout.as_millis() as u64))??;
         if !status.success() {
-            return Err(TtsError::Engine(format!("{} exited with {status}", self.bin)));
+            return Err(TtsError::Engine(format!(
+                "{} exited with {status}",
+                self.bin
+            )));
         }
         let header = wav::stream_header(&bytes)
             .map_err(|e| TtsError::BadAudio(e.to_string()))?
@@ -68,7 +87,10 @@ impl Espeak {
         } else {
             samples
         };
-        let clip = wav::Clip { rate: header.rate, samples: mono };
+        let clip = wav::Clip {
+            rate: header.rate,
+            samples: mono,
+        };
         // Resampling a prompt is a few ms of CPU: keep it off the async workers.
         tokio::task::spawn_blocking(move || wav::convert_rate(clip, rate))
             .await

@@ -28,7 +28,11 @@ impl OpenAiTts {
             client,
             url: crate::engines::endpoint(&cfg.url, "audio/speech"),
             model: cfg.model.clone(),
-            voice: if cfg.voice == "en-us" { "alloy".into() } else { cfg.voice.clone() },
+            voice: if cfg.voice == "en-us" {
+                "alloy".into()
+            } else {
+                cfg.voice.clone()
+            },
             format: cfg.response_format.clone(),
             timeout: Duration::from_millis(cfg.timeout_ms),
             api_key: cfg.api_key.clone(),
@@ -46,7 +50,12 @@ struct Decoder {
 
 impl Decoder {
     fn new(wav: bool, rate: u32) -> Self {
-        Self { header_done: !wav, buf: Vec::new(), resampler: None, rate }
+        Self {
+            header_done: !wav,
+            buf: Vec::new(),
+            resampler: None,
+            rate,
+        }
     }
 
     fn push(&mut self, bytes: &[u8]) -> Result<Vec<i16>, TtsError> {
@@ -56,26 +65,34 @@ impl Decoder {
                 None => return Ok(Vec::new()),
                 Some(h) => {
                     if h.channels != 1 {
-                        return Err(TtsError::BadAudio(format!("{} channels; mono expected", h.channels)));
+                        return Err(TtsError::BadAudio(format!(
+                            "{} channels; mono expected",
+                            h.channels
+                        )));
                     }
                     self.buf.drain(..h.data_offset);
                     self.header_done = true;
-                    self.resampler =
-                        Some(StreamResampler::new(h.rate, self.rate).map_err(|e| TtsError::BadAudio(e.to_string()))?);
+                    self.resampler = Some(
+                        StreamResampler::new(h.rate, self.rate)
+                            .map_err(|e| TtsError::BadAudio(e.to_string()))?,
+                    );
                 }
             }
         }
         if self.resampler.is_none() {
             // Raw pcm from this API is 24 kHz mono s16le.
-            self.resampler =
-                Some(StreamResampler::new(24_000, self.rate).map_err(|e| TtsError::BadAudio(e.to_string()))?);
+            self.resampler = Some(
+                StreamResampler::new(24_000, self.rate)
+                    .map_err(|e| TtsError::BadAudio(e.to_string()))?,
+            );
         }
         let whole = self.buf.len() & !1;
         let samples = l16::decode_le(&self.buf[..whole]);
         self.buf.drain(..whole);
         let mut out = Vec::new();
         if let Some(r) = self.resampler.as_mut() {
-            r.process(&samples, &mut out).map_err(|e| TtsError::BadAudio(e.to_string()))?;
+            r.process(&samples, &mut out)
+                .map_err(|e| TtsError::BadAudio(e.to_string()))?;
         }
         Ok(out)
     }
@@ -83,7 +100,8 @@ impl Decoder {
     fn finish(&mut self) -> Result<Vec<i16>, TtsError> {
         let mut out = Vec::new();
         if let Some(r) = self.resampler.as_mut() {
-            r.flush(&mut out).map_err(|e| TtsError::BadAudio(e.to_string()))?;
+            r.flush(&mut out)
+                .map_err(|e| TtsError::BadAudio(e.to_string()))?;
         }
         Ok(out)
     }
@@ -109,8 +127,17 @@ impl Tts for OpenAiTts {
             .map_err(|e| TtsError::Engine(crate::engines::asr::root_cause(&e)))?;
         let status = resp.status();
         if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default().chars().take(200).collect();
-            return Err(TtsError::Http { status: status.as_u16(), body });
+            let body = resp
+                .text()
+                .await
+                .unwrap_or_default()
+                .chars()
+                .take(200)
+                .collect();
+            return Err(TtsError::Http {
+                status: status.as_u16(),
+                body,
+            });
         }
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
         let mut decoder = Decoder::new(self.format == "wav", rate);

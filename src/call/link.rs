@@ -1,0 +1,64 @@
+//! The two seams between the call engine and a PBX: a media link (frames in as events,
+//! frames out, marks, flush) and a call-control handle (answer, DTMF, transfer, hangup).
+//! PBX adapters and the simulated PBX implement them; the engine depends on nothing else.
+
+use async_trait::async_trait;
+
+use crate::config::TransferTarget;
+
+/// What the PBX side tells a call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MediaEvent {
+    /// One frame of caller audio at the call's internal rate (any length; 20 ms normally).
+    Audio(Vec<i16>),
+    /// A DTMF key, reported once per press (adapters remove duplicates).
+    Dtmf(char),
+    /// All agent audio sent before `mark(id)` has been played to the caller.
+    MarkPlayed(u64),
+    /// The caller hung up or the media connection ended.
+    Hangup { cause: String },
+}
+
+/// Why sending to a link failed.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum LinkError {
+    #[error("media link is closed")]
+    Closed,
+    #[error("media link is congested; frame dropped")]
+    Congested,
+}
+
+/// Agent audio out. Calls never block: a link queues (bounded) and paces on its own side.
+pub trait MediaLink: Send {
+    /// Sends one 20 ms frame of agent audio at the call's internal rate.
+    fn send_audio(&mut self, frame: &[i16]) -> Result<(), LinkError>;
+    /// Asks to be told (`MediaEvent::MarkPlayed`) when everything sent so far has played.
+    fn mark(&mut self, id: u64) -> Result<(), LinkError>;
+    /// Drops everything queued and not yet played (barge-in). Pending marks are dropped.
+    fn flush(&mut self) -> Result<(), LinkError>;
+}
+
+/// Why a control action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("call not found (already gone)")]
+    NotFound,
+    #[error("call is in the wrong state: {0}")]
+    InvalidState(String),
+    #[error("PBX refused: {0}")]
+    Refused(String),
+    #[error("PBX unreachable: {0}")]
+    Unreachable(String),
+    #[error("PBX did not answer within {0} ms")]
+    Timeout(u64),
+}
+
+/// Acting on the call through the PBX's control plane.
+#[async_trait]
+pub trait CallControl: Send + Sync {
+    async fn answer(&self) -> Result<(), ControlError>;
+    async fn send_dtmf(&self, digits: &str) -> Result<(), ControlError>;
+    /// Transfers to an allow-listed target (already checked by the engine).
+    async fn transfer(&self, name: &str, target: &TransferTarget) -> Result<(), ControlError>;
+    async fn hangup(&self, reason: &str) -> Result<(), ControlError>;
+}

@@ -1,0 +1,327 @@
+//! Playout of one agent reply: synthesized audio is sent one 20 ms frame per tick (plus a
+//! small lead so the PBX never starves), each segment ends with a mark, and the marks the PBX
+//! reports back tell exactly what the caller has heard. Stopping (barge-in) says how much of
+//! the reply was heard, cut at a word.
+
+use std::collections::VecDeque;
+
+use super::link::{LinkError, MediaLink};
+use crate::engines::dialog::{Heard, Segment};
+
+#[derive(Debug)]
+struct SegPlay {
+    mark: u64,
+    text: String,
+    audio: VecDeque<i16>,
+    synth_done: bool,
+    received: usize,
+    sent: usize,
+    pause_frames: u64,
+    marked: bool,
+    played: bool,
+}
+
+/// What one tick did.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Tick {
+    /// Frames sent this tick.
+    pub frames: usize,
+    /// This tick sent the reply's first frame.
+    pub first_audio: bool,
+}
+
+/// Plays one reply.
+#[derive(Debug)]
+pub struct Playout {
+    frame_len: usize,
+    lead: usize,
+    segs: Vec<SegPlay>,
+    cur: usize,
+    started: bool,
+    frames_sent: u64,
+    ticks_since_start: u64,
+    stopped: bool,
+}
+
+impl Playout {
+    /// A reply of `segments`; marks are numbered from `first_mark`.
+    pub fn new(segments: &[Segment], first_mark: u64, frame_len: usize, lead: usize) -> Self {
+        let segs = segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SegPlay {
+                mark: first_mark + i as u64,
+                text: s.text.clone(),
+                audio: VecDeque::new(),
+                synth_done: s.text.trim().is_empty(),
+                received: 0,
+                sent: 0,
+                pause_frames: s.pause_after_ms / 20,
+                marked: false,
+                played: false,
+            })
+            .collect();
+        Self {
+            frame_len,
+            lead,
+            segs,
+            cur: 0,
+            started: false,
+            frames_sent: 0,
+            ticks_since_start: 0,
+            stopped: false,
+        }
+    }
+
+    /// Mark ids this reply uses.
+    pub fn mark_range(&self) -> std::ops::Range<u64> {
+        match (self.segs.first(), self.segs.last()) {
+            (Some(a), Some(b)) => a.mark..b.mark + 1,
+            _ => 0..0,
+        }
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segs.len()
+    }
+
+    /// Audio for segment `idx` arrived from TTS.
+    pub fn add_audio(&mut self, idx: usize, samples: &[i16]) {
+        if let Some(s) = self.segs.get_mut(idx) {
+            s.received += samples.len();
+            s.audio.extend(samples.iter().copied());
+        }
+    }
+
+    /// Synthesis of segment `idx` finished (successfully or not).
+    pub fn synth_done(&mut self, idx: usize) {
+        if let Some(s) = self.segs.get_mut(idx) {
+            s.synth_done = true;
+        }
+    }
+
+    /// Whether the first frame has gone out.
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Sends what is due this tick.
+    pub fn tick(&mut self, link: &mut dyn MediaLink) -> Result<Tick, LinkError> {
+        let mut t = Tick::default();
+        if self.stopped {
+            return Ok(t);
+        }
+        if self.started {
+            self.ticks_since_start += 1;
+        }
+        // Keep `lead` frames queued at the PBX ahead of what is playing.
+        let outstanding = self.frames_sent.saturating_sub(self.ticks_since_start) as usize;
+        let budget = (self.lead + 1)
+            .saturating_sub(outstanding)
+            .max(if self.started { 0 } else { 1 });
+        let mut frame = vec![0i16; self.frame_len];
+        while t.frames < budget {
+            let Some(seg) = self.segs.get_mut(self.cur) else {
+                break;
+            };
+            if seg.audio.len() >= self.frame_len || (seg.synth_done && !seg.audio.is_empty()) {
+                let n = seg.audio.len().min(self.frame_len);
+                for (slot, s) in frame.iter_mut().zip(seg.audio.drain(..n)) {
+                    *slot = s;
+                }
+                frame[n..].fill(0);
+                seg.sent += n;
+            } else if seg.synth_done && seg.pause_frames > 0 {
+                seg.pause_frames -= 1;
+                frame.fill(0);
+            } else if seg.synth_done {
+                if !seg.marked {
+                    link.mark(seg.mark)?;
+                    seg.marked = true;
+                }
+                self.cur += 1;
+                continue;
+            } else {
+                break; // TTS has not caught up: the PBX plays silence meanwhile.
+            }
+            link.send_audio(&frame)?;
+            if !self.started {
+                self.started = true;
+                t.first_audio = true;
+            }
+            self.frames_sent += 1;
+            t.frames += 1;
+        }
+        // Marks of trailing empty segments go out as soon as they are reached.
+        while let Some(seg) = self.segs.get_mut(self.cur) {
+            if seg.synth_done && seg.audio.is_empty() && seg.pause_frames == 0 {
+                if !seg.marked {
+                    link.mark(seg.mark)?;
+                    seg.marked = true;
+                }
+                self.cur += 1;
+            } else {
+                break;
+            }
+        }
+        Ok(t)
+    }
+
+    /// The PBX played up to mark `id`. Returns true when the whole reply has been played.
+    pub fn on_mark(&mut self, id: u64) -> bool {
+        for s in self.segs.iter_mut() {
+            if s.mark <= id && s.marked {
+                s.played = true;
+            }
+        }
+        self.finished()
+    }
+
+    /// Every segment has been heard.
+    pub fn finished(&self) -> bool {
+        self.segs.iter().all(|s| s.played)
+    }
+
+    /// Stops sending (barge-in) and says what the caller heard: whole segments whose marks came
+    /// back, then the played share of the segment in progress, cut at a word.
+    pub fn stop(&mut self) -> Heard {
+        self.stopped = true;
+        let outstanding =
+            self.frames_sent.saturating_sub(self.ticks_since_start) as usize * self.frame_len;
+        let mut parts: Vec<String> = Vec::new();
+        let mut complete = true;
+        for s in &self.segs {
+            if s.played {
+                parts.push(s.text.clone());
+                continue;
+            }
+            complete = false;
+            let total = if s.synth_done {
+                s.received
+            } else {
+                s.received.max(s.sent)
+            };
+            let played = s.sent.saturating_sub(outstanding);
+            if total > 0 && played > 0 {
+                let words: Vec<&str> = s.text.split_whitespace().collect();
+                let n = ((played as f64 / total as f64) * words.len() as f64).floor() as usize;
+                if n > 0 {
+                    parts.push(words[..n.min(words.len())].join(" "));
+                }
+            }
+            break;
+        }
+        Heard {
+            text: parts.join(" "),
+            complete,
+        }
+    }
+
+    /// The whole text of the reply.
+    pub fn text(&self) -> String {
+        self.segs
+            .iter()
+            .map(|s| s.text.as_str())
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Rec {
+        frames: usize,
+        marks: Vec<u64>,
+    }
+    impl MediaLink for Rec {
+        fn send_audio(&mut self, _f: &[i16]) -> Result<(), LinkError> {
+            self.frames += 1;
+            Ok(())
+        }
+        fn mark(&mut self, id: u64) -> Result<(), LinkError> {
+            self.marks.push(id);
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), LinkError> {
+            Ok(())
+        }
+    }
+
+    fn segs() -> Vec<Segment> {
+        vec![
+            Segment {
+                text: "Hello there.".into(),
+                pause_after_ms: 40,
+            },
+            Segment {
+                text: "Your order shipped yesterday and arrives tomorrow.".into(),
+                pause_after_ms: 0,
+            },
+        ]
+    }
+
+    #[test]
+    fn paces_one_frame_per_tick_after_lead_and_marks_each_segment() {
+        let mut p = Playout::new(&segs(), 10, 160, 2);
+        let mut link = Rec::default();
+        p.add_audio(0, &[1; 160 * 5]);
+        p.synth_done(0);
+        let t = p.tick(&mut link).unwrap();
+        assert_eq!(
+            t,
+            Tick {
+                frames: 3,
+                first_audio: true
+            },
+            "first tick fills the lead"
+        );
+        assert_eq!(p.tick(&mut link).unwrap().frames, 1);
+        assert_eq!(p.tick(&mut link).unwrap().frames, 1);
+        // 5 audio frames sent; then 2 pause frames, then the mark.
+        p.tick(&mut link).unwrap();
+        p.tick(&mut link).unwrap();
+        assert_eq!(link.frames, 7);
+        assert_eq!(link.marks, vec![10]);
+        // Segment 1 not synthesized yet: underrun, nothing sent.
+        assert_eq!(p.tick(&mut link).unwrap().frames, 0);
+        assert!(!p.on_mark(10));
+        p.add_audio(1, &[1; 800]);
+        p.synth_done(1);
+        for _ in 0..10 {
+            p.tick(&mut link).unwrap();
+        }
+        assert_eq!(link.marks, vec![10, 11]);
+        assert!(p.on_mark(11));
+    }
+
+    #[test]
+    fn stop_reports_heard_part_cut_at_a_word() {
+        let mut p = Playout::new(&segs(), 0, 160, 0);
+        let mut link = Rec::default();
+        p.add_audio(0, &[1; 160]);
+        p.synth_done(0);
+        p.add_audio(1, &[1; 1600]);
+        p.synth_done(1);
+        for _ in 0..4 {
+            p.tick(&mut link).unwrap();
+        }
+        p.on_mark(0);
+        // Segment 1: 10 frames; play half of it.
+        for _ in 0..5 {
+            p.tick(&mut link).unwrap();
+        }
+        let heard = p.stop();
+        assert!(!heard.complete);
+        assert!(
+            heard.text.starts_with("Hello there. Your order"),
+            "{}",
+            heard.text
+        );
+        assert!(!heard.text.contains("tomorrow"), "{}", heard.text);
+        assert_eq!(p.tick(&mut link).unwrap().frames, 0, "nothing after stop");
+    }
+}

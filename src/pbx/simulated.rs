@@ -1,0 +1,283 @@
+//! A simulated PBX driven by WAV files, for `sidecall simulate`, tests and benchmarks. It plays
+//! the agent's frames on its own 20 ms clock (queue of at most 1000 frames, marks answered when
+//! reached, flush drops queued audio and marks, as chan_websocket does), speaks caller files one
+//! per turn 700 ms after the agent stops, or at absolute times, presses DTMF keys at given
+//! times, and can send no frames at all while the caller is silent (as a real Asterisk does).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+
+use crate::call::{CallControl, ControlError, LinkError, MediaEvent, MediaLink};
+use crate::config::TransferTarget;
+
+/// Agent frames the simulated PBX queues at most (chan_websocket's limit).
+pub const QUEUE_MAX: usize = 1000;
+/// Pause between the end of the agent's speech and the next caller turn.
+pub const TURN_GAP_MS: u64 = 700;
+/// Gap between DTMF keys of one `--dtmf` entry.
+pub const DTMF_GAP_MS: u64 = 150;
+
+/// What the simulated caller does.
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    /// Spoken one per turn, each 700 ms after the agent finishes speaking.
+    pub turns: Vec<Vec<i16>>,
+    /// Spoken at an absolute time (ms since call start).
+    pub at: Vec<(u64, Vec<i16>)>,
+    /// Keys pressed from an absolute time.
+    pub dtmf: Vec<(u64, String)>,
+    /// Send no frames while the caller is silent (a real Asterisk in a bridge does this).
+    pub no_frames_in_silence: bool,
+    /// The caller hangs up after this long.
+    pub max_ms: u64,
+}
+
+/// How the simulated call ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SimEnd {
+    AgentHangup(String),
+    Transfer(String),
+    CallerHangup,
+}
+
+/// What the simulated PBX observed.
+#[derive(Debug, Clone)]
+pub struct SimReport {
+    /// The agent's audio on the call's timeline (one frame per 20 ms tick of the PBX).
+    pub agent: Vec<i16>,
+    /// The caller's audio on the same timeline.
+    pub caller: Vec<i16>,
+    pub end: SimEnd,
+    pub flushes: u32,
+    pub marks: u32,
+    pub dropped_frames: u64,
+    pub dtmf_sent_by_agent: Vec<String>,
+}
+
+enum Out {
+    Frame(Vec<i16>),
+    Mark(u64),
+    Flush,
+}
+
+enum Ctl {
+    Transfer(String),
+    Hangup(String),
+    Dtmf(String),
+}
+
+/// The agent side's media link into the simulated PBX.
+pub struct SimLink {
+    tx: mpsc::Sender<Out>,
+}
+
+impl MediaLink for SimLink {
+    fn send_audio(&mut self, frame: &[i16]) -> Result<(), LinkError> {
+        self.tx
+            .try_send(Out::Frame(frame.to_vec()))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => LinkError::Congested,
+                mpsc::error::TrySendError::Closed(_) => LinkError::Closed,
+            })
+    }
+    fn mark(&mut self, id: u64) -> Result<(), LinkError> {
+        self.tx
+            .try_send(Out::Mark(id))
+            .map_err(|_| LinkError::Closed)
+    }
+    fn flush(&mut self) -> Result<(), LinkError> {
+        self.tx.try_send(Out::Flush).map_err(|_| LinkError::Closed)
+    }
+}
+
+/// The agent side's call control into the simulated PBX.
+pub struct SimControl {
+    tx: mpsc::Sender<Ctl>,
+}
+
+#[async_trait]
+impl CallControl for SimControl {
+    async fn answer(&self) -> Result<(), ControlError> {
+        Ok(())
+    }
+    async fn send_dtmf(&self, digits: &str) -> Result<(), ControlError> {
+        self.tx
+            .send(Ctl::Dtmf(digits.into()))
+            .await
+            .map_err(|_| ControlError::NotFound)
+    }
+    async fn transfer(&self, name: &str, _t: &TransferTarget) -> Result<(), ControlError> {
+        self.tx
+            .send(Ctl::Transfer(name.into()))
+            .await
+            .map_err(|_| ControlError::NotFound)
+    }
+    async fn hangup(&self, reason: &str) -> Result<(), ControlError> {
+        self.tx
+            .send(Ctl::Hangup(reason.into()))
+            .await
+            .map_err(|_| ControlError::NotFound)
+    }
+}
+
+/// A started simulated PBX: hand `link`, `control` and `events` to the call.
+pub struct SimPbx {
+    pub link: SimLink,
+    pub control: Arc<SimControl>,
+    pub events: mpsc::Receiver<MediaEvent>,
+    pub done: tokio::task::JoinHandle<SimReport>,
+}
+
+/// Starts the simulated PBX for one call at `rate`.
+pub fn start(script: Script, rate: u32) -> SimPbx {
+    let (out_tx, out_rx) = mpsc::channel(QUEUE_MAX + 64);
+    let (ctl_tx, ctl_rx) = mpsc::channel(16);
+    let (ev_tx, ev_rx) = mpsc::channel(256);
+    let done = tokio::spawn(run(script, rate, out_rx, ctl_rx, ev_tx));
+    SimPbx {
+        link: SimLink { tx: out_tx },
+        control: Arc::new(SimControl { tx: ctl_tx }),
+        events: ev_rx,
+        done,
+    }
+}
+
+enum Queued {
+    Frame(Vec<i16>),
+    Mark(u64),
+}
+
+async fn run(
+    mut script: Script,
+    rate: u32,
+    mut out_rx: mpsc::Receiver<Out>,
+    mut ctl_rx: mpsc::Receiver<Ctl>,
+    ev_tx: mpsc::Sender<MediaEvent>,
+) -> SimReport {
+    let frame_len = (rate / 50) as usize;
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut queue: VecDeque<Queued> = VecDeque::new();
+    let mut queued_frames = 0usize;
+    let mut report = SimReport {
+        agent: Vec::new(),
+        caller: Vec::new(),
+        end: SimEnd::CallerHangup,
+        flushes: 0,
+        marks: 0,
+        dropped_frames: 0,
+        dtmf_sent_by_agent: Vec::new(),
+    };
+    let mut turns: VecDeque<Vec<i16>> = script.turns.drain(..).collect();
+    script.at.sort_by_key(|(t, _)| *t);
+    let mut at: VecDeque<(u64, Vec<i16>)> = script.at.drain(..).collect();
+    let mut keys: VecDeque<(u64, char)> = VecDeque::new();
+    for (t, digits) in &script.dtmf {
+        for (i, c) in digits.chars().enumerate() {
+            keys.push_back((t + i as u64 * DTMF_GAP_MS, c));
+        }
+    }
+    keys.make_contiguous().sort_by_key(|(t, _)| *t);
+    // Caller clips playing now: (samples, position).
+    let mut speaking: Vec<(Vec<i16>, usize)> = Vec::new();
+    let mut agent_spoke_since_turn = false;
+    let mut agent_quiet_ticks: u64 = 0;
+    let mut tick: u64 = 0;
+    let max_ticks = script.max_ms / 20;
+    loop {
+        tokio::select! {
+            biased;
+            ctl = ctl_rx.recv() => match ctl {
+                Some(Ctl::Hangup(r)) => { report.end = SimEnd::AgentHangup(r); break; }
+                Some(Ctl::Transfer(t)) => { report.end = SimEnd::Transfer(t); break; }
+                Some(Ctl::Dtmf(d)) => report.dtmf_sent_by_agent.push(d),
+                None => break,
+            },
+            out = out_rx.recv() => match out {
+                Some(Out::Frame(f)) => {
+                    if queued_frames >= QUEUE_MAX {
+                        report.dropped_frames += 1;
+                    } else {
+                        queued_frames += 1;
+                        queue.push_back(Queued::Frame(f));
+                    }
+                }
+                Some(Out::Mark(id)) => queue.push_back(Queued::Mark(id)),
+                Some(Out::Flush) => {
+                    report.flushes += 1;
+                    queue.clear();
+                    queued_frames = 0;
+                }
+                None => break,
+            },
+            _ = ticker.tick() => {
+                let now_ms = tick * 20;
+                tick += 1;
+                // Marks at the head of the queue are answered at once (all before them played).
+                while let Some(Queued::Mark(id)) = queue.front() {
+                    report.marks += 1;
+                    let _ = ev_tx.try_send(MediaEvent::MarkPlayed(*id));
+                    queue.pop_front();
+                }
+                let mut frame = match queue.pop_front() {
+                    Some(Queued::Frame(f)) => { queued_frames -= 1; f }
+                    _ => Vec::new(),
+                };
+                let agent_active = frame.iter().any(|&s| s != 0);
+                frame.resize(frame_len, 0);
+                report.agent.extend_from_slice(&frame);
+                if agent_active {
+                    agent_spoke_since_turn = true;
+                    agent_quiet_ticks = 0;
+                } else {
+                    agent_quiet_ticks += 1;
+                }
+                // Caller turns.
+                if speaking.is_empty() && agent_spoke_since_turn && agent_quiet_ticks * 20 >= TURN_GAP_MS {
+                    if let Some(clip) = turns.pop_front() {
+                        speaking.push((clip, 0));
+                        agent_spoke_since_turn = false;
+                    }
+                }
+                while at.front().is_some_and(|(t, _)| *t <= now_ms) {
+                    if let Some((_, clip)) = at.pop_front() {
+                        speaking.push((clip, 0));
+                    }
+                }
+                while keys.front().is_some_and(|(t, _)| *t <= now_ms) {
+                    if let Some((_, k)) = keys.pop_front() {
+                        let _ = ev_tx.try_send(MediaEvent::Dtmf(k));
+                    }
+                }
+                let mut caller = vec![0i32; frame_len];
+                for (clip, pos) in speaking.iter_mut() {
+                    let end = (*pos + frame_len).min(clip.len());
+                    for (i, s) in clip[*pos..end].iter().enumerate() {
+                        caller[i] += *s as i32;
+                    }
+                    *pos = end;
+                }
+                let had_caller = !speaking.is_empty();
+                speaking.retain(|(clip, pos)| *pos < clip.len());
+                let caller: Vec<i16> = caller.iter().map(|&s| s.clamp(-32768, 32767) as i16).collect();
+                report.caller.extend_from_slice(&caller);
+                if had_caller || !script.no_frames_in_silence {
+                    if ev_tx.try_send(MediaEvent::Audio(caller)).is_err() && ev_tx.is_closed() {
+                        break;
+                    }
+                }
+                if tick >= max_ticks {
+                    let _ = ev_tx.try_send(MediaEvent::Hangup { cause: "caller hung up (simulation time limit)".into() });
+                    report.end = SimEnd::CallerHangup;
+                    break;
+                }
+            }
+        }
+    }
+    report
+}
