@@ -32,7 +32,7 @@ impl StreamResampler {
     /// A resampler from `from` Hz to `to` Hz; the identity when they are equal.
     pub fn new(from: u32, to: u32) -> Result<Self, AudioError> {
         for rate in [from, to] {
-            if rate < 8_000 || rate > 192_000 || rate % 50 != 0 {
+            if !(8_000..=192_000).contains(&rate) || rate % 50 != 0 {
                 return Err(AudioError::UnsupportedRate(rate));
             }
         }

@@ -49,6 +49,11 @@ impl DigitCollector {
         &self.buf
     }
 
+    /// The key that ends an entry now, if any.
+    pub fn terminator(&self) -> Option<char> {
+        self.limits().1
+    }
+
     fn limits(&self) -> (usize, Option<char>) {
         match &self.spec {
             Some(s) => (

@@ -528,13 +528,21 @@ impl Session {
             });
             return;
         }
+        // A terminator with nothing before it (after an entry that filled up) means nothing.
+        if Some(d) == self.digits.terminator() && self.digits.is_empty() {
+            return;
+        }
         // Typing over a prompt interrupts it, like speaking does.
         if self.reply.as_ref().is_some_and(|r| r.turn.barge_in) {
             self.barge_in("dtmf");
         }
-        self.no_input_at = None;
-        if let Some(entry) = self.digits.push(d, now) {
-            self.digits_done(entry.digits);
+        match self.digits.push(d, now) {
+            Some(entry) => self.digits_done(entry.digits),
+            // The entry is still open: the inter-digit timeout ends it; no-input waits meanwhile.
+            None if self.listening => {
+                self.no_input_at = Some(now + self.cfg.call.no_input_timeout_ms)
+            }
+            None => {}
         }
     }
 

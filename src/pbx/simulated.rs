@@ -54,6 +54,10 @@ pub struct SimReport {
     pub caller: Vec<i16>,
     pub end: SimEnd,
     pub flushes: u32,
+    /// When each flush arrived, in ms since the PBX's clock started.
+    pub flush_at_ms: Vec<u64>,
+    /// The instant the PBX's clock started (tick 0).
+    pub origin: Option<tokio::time::Instant>,
     pub marks: u32,
     pub dropped_frames: u64,
     pub dtmf_sent_by_agent: Vec<String>,
@@ -169,6 +173,8 @@ async fn run(
         caller: Vec::new(),
         end: SimEnd::CallerHangup,
         flushes: 0,
+        flush_at_ms: Vec::new(),
+        origin: None,
         marks: 0,
         dropped_frames: 0,
         dtmf_sent_by_agent: Vec::new(),
@@ -210,12 +216,16 @@ async fn run(
                 Some(Out::Mark(id)) => queue.push_back(Queued::Mark(id)),
                 Some(Out::Flush) => {
                     report.flushes += 1;
+                    report.flush_at_ms.push(report.origin.map_or(0, |o| o.elapsed().as_millis() as u64));
                     queue.clear();
                     queued_frames = 0;
                 }
                 None => break,
             },
-            _ = ticker.tick() => {
+            at_tick = ticker.tick() => {
+                if tick == 0 {
+                    report.origin = Some(at_tick);
+                }
                 let now_ms = tick * 20;
                 tick += 1;
                 // Marks at the head of the queue are answered at once (all before them played).
@@ -244,14 +254,17 @@ async fn run(
                         agent_spoke_since_turn = false;
                     }
                 }
+                // Speaking or typing at a fixed time is the caller's turn too.
                 while at.front().is_some_and(|(t, _)| *t <= now_ms) {
                     if let Some((_, clip)) = at.pop_front() {
                         speaking.push((clip, 0));
+                        agent_spoke_since_turn = false;
                     }
                 }
                 while keys.front().is_some_and(|(t, _)| *t <= now_ms) {
                     if let Some((_, k)) = keys.pop_front() {
                         let _ = ev_tx.try_send(MediaEvent::Dtmf(k));
+                        agent_spoke_since_turn = false;
                     }
                 }
                 let mut caller = vec![0i32; frame_len];
@@ -266,10 +279,11 @@ async fn run(
                 speaking.retain(|(clip, pos)| *pos < clip.len());
                 let caller: Vec<i16> = caller.iter().map(|&s| s.clamp(-32768, 32767) as i16).collect();
                 report.caller.extend_from_slice(&caller);
-                if had_caller || !script.no_frames_in_silence {
-                    if ev_tx.try_send(MediaEvent::Audio(caller)).is_err() && ev_tx.is_closed() {
-                        break;
-                    }
+                if (had_caller || !script.no_frames_in_silence)
+                    && ev_tx.try_send(MediaEvent::Audio(caller)).is_err()
+                    && ev_tx.is_closed()
+                {
+                    break;
                 }
                 if tick >= max_ticks {
                     let _ = ev_tx.try_send(MediaEvent::Hangup { cause: "caller hung up (simulation time limit)".into() });

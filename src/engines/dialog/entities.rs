@@ -380,24 +380,18 @@ pub fn time_of_day(text: &str) -> Option<String> {
         if !(1..=12).contains(&hour) {
             continue;
         }
-        let rest: String = toks[i + 1..]
-            .iter()
-            .take(2)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("");
-        let merged = format!("{t}{rest}");
-        let suffix = if merged.contains("pm") || rest.starts_with("p.m") || rest.starts_with('p') {
-            "PM"
-        } else if merged.contains("am") || rest.starts_with("a.m") || rest.starts_with('a') {
-            "AM"
-        } else if toks[i + 1..].iter().any(|w| w == "morning") {
-            "AM"
-        } else if toks[i + 1..]
-            .iter()
-            .any(|w| w == "afternoon" || w == "evening")
+        let nxt = toks.get(i + 1).map(String::as_str).unwrap_or("");
+        let later = &toks[i + 1..];
+        let suffix = if t.ends_with("pm")
+            || matches!(nxt, "pm" | "p.m" | "p")
+            || later.iter().any(|w| w == "afternoon" || w == "evening")
         {
             "PM"
+        } else if t.ends_with("am")
+            || matches!(nxt, "am" | "a.m" | "a")
+            || later.iter().any(|w| w == "morning")
+        {
+            "AM"
         } else if toks.get(i.wrapping_sub(1)).is_some_and(|w| w == "at") || minute.is_some() {
             if hour >= 8 && hour != 12 { "AM" } else { "PM" }
         } else {

