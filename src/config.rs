@@ -11,11 +11,8 @@ use toml::Spanned;
 /// A configuration problem, with the file and line it was found at when known.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: cannot read: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path}:{line}: {key}: {message}")]
     Invalid {
         path: String,
@@ -316,6 +313,29 @@ pub struct Overrides {
     pub admin_listen: Option<String>,
 }
 
+/// An error at a value with a span (or at the key's default when it has none).
+fn spanned_error(
+    path: &str,
+    text: &str,
+    v: &Spanned<String>,
+    key: &str,
+    message: String,
+) -> ConfigError {
+    let span = v.span();
+    if span.end == 0 {
+        return ConfigError::Other {
+            path: path.to_string(),
+            message: format!("{key} (default value): {message}"),
+        };
+    }
+    ConfigError::Invalid {
+        path: path.to_string(),
+        line: line_of(text, span.start),
+        key: key.to_string(),
+        message,
+    }
+}
+
 /// 1-based line of a byte offset in `text`.
 pub fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
@@ -397,9 +417,9 @@ pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 impl Config {
     /// Reads and validates `path`, then applies `overrides` and environment secrets.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         let mut cfg = Self::parse(path, &text)?;
         cfg.apply(overrides);
@@ -479,12 +499,19 @@ impl Config {
                 .map(|i| i + 1)
                 .unwrap_or(0)
         };
-        let bad = |key: &str, message: String| ConfigError::Invalid {
-            path: p.clone(),
-            line: find_line(key.rsplit('.').next().unwrap_or(key)),
-            key: key.to_string(),
-            message,
-        };
+        let bad =
+            |key: &str, message: String| match find_line(key.rsplit('.').next().unwrap_or(key)) {
+                0 => ConfigError::Other {
+                    path: p.clone(),
+                    message: format!("{key} (default value): {message}"),
+                },
+                line => ConfigError::Invalid {
+                    path: p.clone(),
+                    line,
+                    key: key.to_string(),
+                    message,
+                },
+            };
         if ![8_000, 16_000].contains(&self.call.sample_rate) {
             return Err(bad(
                 "call.sample_rate",
@@ -514,7 +541,10 @@ impl Config {
         {
             return Err(bad(
                 "call.human_target",
-                format!("`{}` is not a [transfers] entry", self.call.human_target),
+                format!(
+                    "`{0}` is not a [transfers] entry; add [transfers.{0}] (where the human key and escalations go)",
+                    self.call.human_target
+                ),
             ));
         }
         if !["webrtc", "earshot"].contains(&self.vad.engine.as_str()) {
@@ -589,21 +619,23 @@ impl Config {
         // The default flow must exist and parse.
         let flows_dir = self.resolve(self.dialog.flows_dir.get_ref());
         if !flows_dir.is_dir() {
-            return Err(ConfigError::Invalid {
-                path: p.clone(),
-                line: line_of(text, self.dialog.flows_dir.span().start),
-                key: "dialog.flows_dir".into(),
-                message: format!("{} is not a folder", flows_dir.display()),
-            });
+            return Err(spanned_error(
+                &p,
+                text,
+                &self.dialog.flows_dir,
+                "dialog.flows_dir",
+                format!("{} is not a folder", flows_dir.display()),
+            ));
         }
         let flow_path = self.flow_path(self.dialog.flow.get_ref());
         if let Err(e) = crate::engines::dialog::flow::Flow::load(&flow_path) {
-            return Err(ConfigError::Invalid {
-                path: p,
-                line: line_of(text, self.dialog.flow.span().start),
-                key: "dialog.flow".into(),
-                message: e.to_string(),
-            });
+            return Err(spanned_error(
+                &p,
+                text,
+                &self.dialog.flow,
+                "dialog.flow",
+                e.to_string(),
+            ));
         }
         Ok(())
     }
