@@ -72,7 +72,10 @@ fn check_names_key_line_and_reason() {
             "festival",
         ),
         (
-            "[dialog]\nflow = \"nope\"\n[transfers.agent]\nendpoint = \"PJSIP/1\"\n".into(),
+            format!(
+                "[dialog]\nflow = \"nope\"\nflows_dir = \"{}\"\n[transfers.agent]\nendpoint = \"PJSIP/1\"\n",
+                flows()
+            ),
             "dialog.flow",
             "cannot read",
         ),
