@@ -140,7 +140,8 @@ pub struct Collect {
 pub struct LookupDef {
     pub file: Option<String>,
     pub url: Option<String>,
-    pub key: String,
+    /// The record's key in the file (a template such as `{order}`); for `url`, put it in the URL.
+    pub key: Option<String>,
     /// Name under which the record is available to templates (`{order_info.status}`).
     #[serde(default = "default_store")]
     pub store: String,
@@ -280,6 +281,12 @@ impl Flow {
                     return Err(err(
                         name,
                         format!("state `{name}`: lookup needs exactly one of file or url"),
+                    ));
+                }
+                if l.file.is_some() && l.key.is_none() {
+                    return Err(err(
+                        name,
+                        format!("state `{name}`: a file lookup needs a `key`"),
                     ));
                 }
                 if let Some(f) = &l.file {
@@ -426,7 +433,7 @@ impl ScriptedDialog {
             slots: BTreeMap::new(),
             records: BTreeMap::new(),
             pending_confirm: None,
-            client: reqwest::Client::new(),
+            client: crate::engines::http_client(),
             webhook_timeout,
             last_heard: None,
         }
@@ -586,7 +593,7 @@ impl ScriptedDialog {
     }
 
     async fn lookup(&mut self, l: &LookupDef) -> Result<bool, DialogError> {
-        let key = self.render(&l.key);
+        let key = self.render(l.key.as_deref().unwrap_or_default());
         let record = if let Some(f) = &l.file {
             let path = Flow::data_path_in(&self.flow.file, &self.flow.path, f);
             lookup::from_file(&path, &key)?
@@ -823,5 +830,281 @@ impl Dialog for ScriptedDialog {
 
     fn heard(&mut self, heard: &Heard) {
         self.last_heard = Some(heard.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flows_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/flows")
+    }
+
+    fn dialog(name: &str) -> ScriptedDialog {
+        let flow = Flow::load(&flows_dir().join(format!("{name}.toml"))).unwrap();
+        ScriptedDialog::new(
+            flow,
+            "You are speaking with an automated assistant.",
+            "agent",
+            Duration::from_secs(1),
+        )
+    }
+
+    fn text(t: &Turn) -> String {
+        prompt::joined(&t.say)
+    }
+
+    async fn say(d: &mut ScriptedDialog, s: &str) -> Turn {
+        d.input(Input::Speech(s.into())).await.unwrap()
+    }
+
+    #[test]
+    fn every_example_flow_loads() {
+        for name in [
+            "order_status",
+            "appointment",
+            "payment",
+            "support",
+            "balance",
+        ] {
+            let f = Flow::load(&flows_dir().join(format!("{name}.toml"))).unwrap();
+            assert_eq!(f.transfer_targets(), vec!["agent".to_string()], "{name}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_problem_and_line() {
+        let p = Path::new("f.toml");
+        let e = Flow::parse(p, "start = \"a\"\n[states.a]\nsay = \"x\"\nnext = \"b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 4") && e.contains("unknown state `b`"),
+            "{e}"
+        );
+        let e = Flow::parse(p, "start = \"zz\"\n[states.a]\nhangup = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("start state `zz`"), "{e}");
+        let e = Flow::parse(
+            p,
+            "start = \"a\"\n[states.a]\nprompt = \"?\"\n[states.a.intents]\nfoo = \"a\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("intent `foo` is not defined"), "{e}");
+        let e = Flow::parse(p, "start = \"a\"\n[states.a]\nprompt = \"?\"\ncollect = { slot = \"x\", entity = \"colour\" }\nnext = \"a\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown entity `colour`"), "{e}");
+        let e = Flow::parse(p, "start = \"a\"\n[states.a]\nsay = \"hi\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("neither asks, moves on"), "{e}");
+        let e = Flow::parse(p, "start = \"a\"\nbogus = 1\n[states.a]\nhangup = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("unknown field `bogus`"),
+            "{e}"
+        );
+        let e = Flow::parse(
+            p,
+            "start = \"a\"\n[intents.x]\nregexes = [\"(\"]\n[states.a]\nhangup = true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bad regex"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn order_status_by_voice_with_misheard_digits() {
+        let mut d = dialog("order_status");
+        let t = d.start().await.unwrap();
+        assert!(text(&t).starts_with(
+            "You are speaking with an automated assistant. Thank you for calling ShopEasy."
+        ));
+        assert!(
+            matches!(&t.next, Next::Listen(e) if e.asr_hint.as_deref().is_some_and(|h| h.contains("five digit")))
+        );
+        let t = say(&mut d, "My order number in time time for two ones.").await;
+        assert_eq!(text(&t), "Did you say order 5-5-4-2-1?");
+        let t = say(&mut d, "Yeah.").await;
+        assert_eq!(
+            text(&t),
+            "Order 5-5-4-2-1 shipped yesterday and will arrive tomorrow. Is there anything else I can help you with?"
+        );
+        let t = say(&mut d, "No, that's all.").await;
+        assert_eq!(text(&t), "Thank you for calling ShopEasy. Goodbye!");
+        assert_eq!(
+            t.next,
+            Next::Hangup {
+                reason: "normal".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_confirmation_retries_and_unknown_order_is_said() {
+        let mut d = dialog("order_status");
+        d.start().await.unwrap();
+        say(&mut d, "one two three four six").await;
+        let t = say(&mut d, "no").await;
+        assert!(
+            text(&t).starts_with("Okay, let's try again."),
+            "{}",
+            text(&t)
+        );
+        let t = d.input(Input::Digits("99999".into())).await.unwrap();
+        assert_eq!(text(&t), "Did you say order 9-9-9-9-9?");
+        let t = d.input(Input::Digits("1".into())).await.unwrap();
+        assert!(
+            text(&t).starts_with("I could not find order 9-9-9-9-9."),
+            "{}",
+            text(&t)
+        );
+    }
+
+    #[tokio::test]
+    async fn retries_get_clearer_then_escalate() {
+        let mut d = dialog("order_status");
+        d.start().await.unwrap();
+        let t = say(&mut d, "banana").await;
+        assert!(
+            text(&t)
+                .starts_with("Sorry, I didn't catch that. Please say your five digit order number")
+        );
+        assert!(
+            text(&t).contains("keypad"),
+            "a failed try offers the keypad: {}",
+            text(&t)
+        );
+        let t = d.input(Input::NoInput).await.unwrap();
+        assert!(
+            text(&t).starts_with("Please type your five digit order number"),
+            "{}",
+            text(&t)
+        );
+        let t = say(&mut d, "banana").await;
+        assert_eq!(text(&t), "Let me connect you with someone who can help.");
+        assert_eq!(
+            t.next,
+            Next::Transfer {
+                target: "agent".into()
+            }
+        );
+        assert!(!t.barge_in);
+    }
+
+    #[tokio::test]
+    async fn global_agent_intent_from_any_state() {
+        let mut d = dialog("balance");
+        d.start().await.unwrap();
+        let t = say(&mut d, "can I speak to a real person please").await;
+        assert_eq!(
+            t.next,
+            Next::Transfer {
+                target: "agent".into()
+            }
+        );
+        assert_eq!(text(&t), "Connecting you to a banker.");
+    }
+
+    #[tokio::test]
+    async fn payment_confirms_the_amount_and_disclosure_cannot_be_interrupted() {
+        let mut d = dialog("payment");
+        d.start().await.unwrap();
+        say(&mut d, "one two three four five six").await;
+        let t = say(&mut d, "yes").await;
+        assert!(
+            text(&t).contains("Your balance due is 120 dollars and 50 cents."),
+            "{}",
+            text(&t)
+        );
+        let t = say(
+            &mut d,
+            "I'd like to pay one hundred twenty dollars and fifty cents",
+        )
+        .await;
+        assert_eq!(
+            text(&t),
+            "You want to pay 120 dollars and 50 cents. Is that correct?"
+        );
+        let t = say(&mut d, "yes").await;
+        assert!(text(&t).starts_with("Your payment of 120 dollars and 50 cents is scheduled."));
+        assert!(!t.barge_in, "legal wording is not interruptible");
+        assert_eq!(
+            t.next,
+            Next::Hangup {
+                reason: "normal".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn appointment_and_support_flows() {
+        let mut d = dialog("appointment");
+        d.start().await.unwrap();
+        let t = say(&mut d, "Doctor Smith please").await;
+        assert!(text(&t).contains("Thursday at 10 AM"), "{}", text(&t));
+        let t = say(&mut d, "Thursday works").await;
+        assert_eq!(
+            text(&t),
+            "To confirm, Doctor Smith on Thursday. Shall I book it?"
+        );
+        let t = say(&mut d, "yes please").await;
+        assert!(text(&t).starts_with("You are booked with Doctor Smith on Thursday."));
+        assert_eq!(
+            t.say.first().map(|s| s.pause_after_ms),
+            Some(300),
+            "SSML-like pause"
+        );
+
+        let mut d = dialog("support");
+        d.start().await.unwrap();
+        let t = say(&mut d, "my internet is not working").await;
+        assert!(text(&t).contains("unplug your router"));
+        let t = say(&mut d, "no it's still down").await;
+        assert_eq!(
+            t.next,
+            Next::Transfer {
+                target: "agent".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn webhook_lookup_with_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 2048];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let reply: &[u8] = if req.starts_with("GET /orders/55421 ") {
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 22\r\n\r\n{\"status\":\"is on way\"}"
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+                };
+                let _ = s.write_all(reply).await;
+            }
+        });
+        let src = format!(
+            "start = \"ask\"\n[states.ask]\nprompt = \"Order?\"\ncollect = {{ slot = \"o\", entity = \"digits\" }}\nnext = \"look\"\n\
+             [states.look]\nlookup = {{ url = \"http://127.0.0.1:{port}/orders/{{o}}\" }}\nfound = \"ok\"\nmissing = \"nope\"\n\
+             [states.ok]\nsay = \"It {{lookup.status}}.\"\nhangup = true\n[states.nope]\nsay = \"Unknown.\"\nhangup = true\n"
+        );
+        let flow = Flow::parse(Path::new("w.toml"), &src).unwrap();
+        let mut d = ScriptedDialog::new(flow.clone(), "", "agent", Duration::from_secs(2));
+        d.start().await.unwrap();
+        let t = d.input(Input::Digits("55421".into())).await.unwrap();
+        assert_eq!(text(&t), "It is on way.");
+        let mut d = ScriptedDialog::new(flow, "", "agent", Duration::from_secs(2));
+        d.start().await.unwrap();
+        let t = d.input(Input::Digits("1".into())).await.unwrap();
+        assert_eq!(text(&t), "Unknown.");
     }
 }
