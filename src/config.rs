@@ -116,7 +116,7 @@ pub struct VadConfig {
 impl Default for VadConfig {
     fn default() -> Self {
         Self {
-            engine: "webrtc".into(),
+            engine: "earshot".into(),
             webrtc_mode: 3,
             earshot_threshold: 0.5,
             min_speech_ms: 100,

@@ -5,8 +5,13 @@ use std::path::Path;
 use std::process::Command;
 
 fn sidecall(args: &[&str]) -> (bool, String) {
+    // The file is what is under test: no overrides from the environment.
     let out = Command::new(env!("CARGO_BIN_EXE_sidecall"))
         .args(args)
+        .env_remove("SIDECALL_ASR_URL")
+        .env_remove("SIDECALL_TTS_URL")
+        .env_remove("SIDECALL_LLM_URL")
+        .env_remove("SIDECALL_TTS_ENGINE")
         .output()
         .unwrap();
     let text =

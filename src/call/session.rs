@@ -616,7 +616,13 @@ impl Session {
                     }
                 }
                 match chunk {
-                    Some(Ok(samples)) => r.playout.add_audio(seg, &samples),
+                    Some(Ok(samples)) => {
+                        r.playout.add_audio(seg, &samples);
+                        // The first audio of a reply goes out now, not at the next tick.
+                        if !r.playout.started() {
+                            self.playout_step();
+                        }
+                    }
                     Some(Err(e)) => {
                         let msg = e.to_string();
                         r.playout.synth_done(seg);
@@ -670,7 +676,12 @@ impl Session {
                 self.ask_dialog(DialogCmd::Input(Input::NoInput));
             }
         }
-        // Playout.
+        self.playout_step();
+    }
+
+    /// Sends the agent audio due now; stamps the turn when a reply's first audio goes out.
+    fn playout_step(&mut self) {
+        let now = self.now();
         if let Some(r) = self.reply.as_mut() {
             match r.playout.tick(self.link.as_mut()) {
                 Ok(t) if t.first_audio => {

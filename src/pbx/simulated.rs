@@ -35,6 +35,8 @@ pub struct Script {
     pub no_frames_in_silence: bool,
     /// The caller hangs up after this long.
     pub max_ms: u64,
+    /// Do not keep the audio timelines in the report (benchmarks).
+    pub discard_audio: bool,
 }
 
 /// How the simulated call ended.
@@ -240,7 +242,9 @@ async fn run(
                 };
                 let agent_active = frame.iter().any(|&s| s != 0);
                 frame.resize(frame_len, 0);
-                report.agent.extend_from_slice(&frame);
+                if !script.discard_audio {
+                    report.agent.extend_from_slice(&frame);
+                }
                 if agent_active {
                     agent_spoke_since_turn = true;
                     agent_quiet_ticks = 0;
@@ -278,7 +282,9 @@ async fn run(
                 let had_caller = !speaking.is_empty();
                 speaking.retain(|(clip, pos)| *pos < clip.len());
                 let caller: Vec<i16> = caller.iter().map(|&s| s.clamp(-32768, 32767) as i16).collect();
-                report.caller.extend_from_slice(&caller);
+                if !script.discard_audio {
+                    report.caller.extend_from_slice(&caller);
+                }
                 if (had_caller || !script.no_frames_in_silence)
                     && ev_tx.try_send(MediaEvent::Audio(caller)).is_err()
                     && ev_tx.is_closed()

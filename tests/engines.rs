@@ -1,0 +1,211 @@
+//! The HTTP engines against local fake servers: the ASR request carries what the API expects
+//! (multipart WAV, model, language, prompt hint, bearer key); OpenAI-compatible TTS is read as a
+//! stream (audio reaches the caller before the server has finished); `serve` answers /health and
+//! /metrics.
+
+use std::time::{Duration, Instant};
+
+use sidecall::config::{AsrConfig, TtsConfig};
+use sidecall::engines::asr::{Asr, OpenAiAsr};
+use sidecall::engines::tts::Tts;
+use sidecall::engines::tts::openai::OpenAiTts;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+async fn read_request(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = sock.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return buf;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return buf;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn asr_request_has_the_openai_shape() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let req = read_request(&mut s).await;
+        let body = b"{\"text\": \" five five four two one \"}";
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
+        let _ = tx.send(req);
+    });
+    let cfg = AsrConfig {
+        url: format!("http://127.0.0.1:{port}/v1"),
+        api_key: Some("sk-test".into()),
+        ..AsrConfig::default()
+    };
+    let asr = OpenAiAsr::new(&cfg, sidecall::engines::http_client());
+    let text = asr
+        .transcribe(&vec![100i16; 1600], 16_000, Some("The caller says digits."))
+        .await
+        .unwrap();
+    assert_eq!(text, "five five four two one");
+    let req = String::from_utf8_lossy(&rx.await.unwrap()).to_string();
+    assert!(
+        req.starts_with("POST /v1/audio/transcriptions HTTP/1.1"),
+        "{req:.200}"
+    );
+    assert!(req.to_lowercase().contains("authorization: bearer sk-test"));
+    for field in [
+        "name=\"model\"\r\n\r\ntiny.en",
+        "name=\"language\"\r\n\r\nen",
+        "name=\"prompt\"\r\n\r\nThe caller says digits.",
+    ] {
+        assert!(req.contains(field), "missing {field:?}");
+    }
+    assert!(
+        req.contains("filename=\"utterance.wav\"") && req.contains("RIFF"),
+        "WAV file part"
+    );
+}
+
+#[tokio::test]
+async fn tts_stream_starts_before_the_server_finishes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let req = read_request(&mut s).await;
+        assert!(String::from_utf8_lossy(&req).contains("\"response_format\":\"pcm\""));
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: audio/pcm\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // 1 s of 24 kHz audio in 10 chunks, 100 ms apart.
+        for _ in 0..10 {
+            let pcm: Vec<u8> = (0..2_400)
+                .flat_map(|i| ((i % 50) as i16 * 100).to_le_bytes())
+                .collect();
+            s.write_all(format!("{:x}\r\n", pcm.len()).as_bytes())
+                .await
+                .unwrap();
+            s.write_all(&pcm).await.unwrap();
+            s.write_all(b"\r\n").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+    });
+    let cfg = TtsConfig {
+        engine: "openai".into(),
+        url: format!("http://127.0.0.1:{port}/v1"),
+        ..TtsConfig::default()
+    };
+    let tts = OpenAiTts::new(&cfg, sidecall::engines::http_client());
+    let t0 = Instant::now();
+    let mut stream = tts.synthesize("Hello there.", 16_000).await.unwrap();
+    let first = stream.recv().await.unwrap().unwrap();
+    let first_at = t0.elapsed();
+    let mut total = first.len();
+    while let Some(c) = stream.recv().await {
+        total += c.unwrap().len();
+    }
+    let all_at = t0.elapsed();
+    println!("first audio after {first_at:?}, all after {all_at:?}");
+    assert!(!first.is_empty());
+    assert!(
+        first_at + Duration::from_millis(500) < all_at,
+        "not streamed: first {first_at:?}, all {all_at:?}"
+    );
+    assert!(
+        (total as i64 - 16_000).abs() <= 2,
+        "1 s at 16 kHz, got {total}"
+    );
+}
+
+#[tokio::test]
+async fn tts_http_error_is_reported() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        read_request(&mut s).await;
+        s.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 11\r\n\r\nbad api key")
+            .await
+            .unwrap();
+    });
+    let cfg = TtsConfig {
+        url: format!("http://127.0.0.1:{port}/v1"),
+        ..TtsConfig::default()
+    };
+    let tts = OpenAiTts::new(&cfg, sidecall::engines::http_client());
+    let e = tts.synthesize("Hi.", 8_000).await.unwrap_err().to_string();
+    assert!(e.contains("401") && e.contains("bad api key"), "{e}");
+}
+
+#[test]
+fn serve_answers_health_and_metrics() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sidecall.example.toml");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sidecall"))
+        .args([
+            "serve",
+            "--config",
+            example.to_str().unwrap(),
+            "--admin-listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let mut health = None;
+    for _ in 0..100 {
+        health = get("/health");
+        if health.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = get("/metrics");
+    let _ = child.kill();
+    let _ = child.wait();
+    let health = health.expect("serve never answered /health");
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.contains("\"status\":\"ok\""),
+        "{health}"
+    );
+    let metrics = metrics.unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+}
