@@ -53,9 +53,9 @@ async fn fake_asr(kind: Fake) -> String {
             tokio::spawn(async move {
                 let mut held = Vec::new();
                 while let Ok((mut sock, _)) = listener.accept().await {
-                    let mut buf = vec![0u8; 65_536];
+                    // Read the whole request first, or the client sees a reset, not the answer.
                     let _ =
-                        tokio::time::timeout(Duration::from_millis(300), sock.read(&mut buf)).await;
+                        tokio::time::timeout(Duration::from_secs(2), read_request(&mut sock)).await;
                     let reply: &[u8] = match kind {
                         Fake::Error500 => b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\nConnection: close\r\n\r\noops!",
                         Fake::Garbage => b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{\"tex\":1}",
