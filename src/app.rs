@@ -202,6 +202,7 @@ pub async fn simulate(
         events: pbx.events,
         recorder,
         tick_stats: None,
+        origin: Some(pbx.origin),
     };
     let outcome = run_call(setup).await;
     let report = match tokio::time::timeout(Duration::from_secs(5), pbx.done).await {

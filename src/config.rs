@@ -124,7 +124,7 @@ impl Default for VadConfig {
             max_utterance_ms: 15_000,
             min_level_dbfs: -50.0,
             barge_in: true,
-            barge_in_min_ms: 200,
+            barge_in_min_ms: 120,
         }
     }
 }

@@ -214,17 +214,17 @@ async fn caller_interrupting_the_greeting_stops_it() {
     );
     assert!(call.t(barge) >= call.t(start));
     assert!(call.report.flushes >= 1, "FLUSH was sent");
-    // On the PBX's clock (what the caller hears): the caller's voice begins at `onset`; speech
-    // has started once min_speech_ms of it has been heard; the agent must be silent within
-    // 100 ms of that, until its next reply.
+    // The call and the simulated PBX share one clock, so the record's speech_start (the moment
+    // the turn detector has heard min_speech_ms of voice) and the agent audio the PBX played
+    // line up. The agent must be silent within 100 ms of it, until its next reply.
     let per_ms = (call.rate / 1000) as usize;
-    let onset = call.report.caller[3_000 * per_ms..]
+    let onset = (call.report.caller[3_000 * per_ms..]
         .iter()
         .position(|&s| s.unsigned_abs() > 300)
         .unwrap()
-        / per_ms
+        / per_ms) as u64
         + 3_000;
-    let speech_start = onset as u64 + 100;
+    let speech_start = call.t(start);
     let next_reply = call
         .records
         .iter()
@@ -232,17 +232,20 @@ async fn caller_interrupting_the_greeting_stops_it() {
         .map(|r| call.t(r))
         .unwrap_or(u64::MAX);
     let last = call
-        .last_agent_sound_between(onset as u64, next_reply)
-        .unwrap_or(onset as u64);
+        .last_agent_sound_between(onset, next_reply)
+        .unwrap_or(onset);
     println!(
-        "caller voice onset {onset} ms, agent silent from {last} ms ({} ms after speech start)",
-        last as i64 - speech_start as i64
+        "caller voice onset {onset} ms, speech_start {speech_start} ms, barge_in {} ms, agent silent from {last} ms \
+         ({} ms after speech start, {} ms after onset); FLUSH at {:?} ms",
+        call.t(barge),
+        last as i64 - speech_start as i64,
+        last as i64 - onset as i64,
+        call.report.flush_at_ms
     );
     assert!(
         last <= speech_start + 100,
         "agent still audible at {last} ms; caller speech started at {speech_start} ms"
     );
-    println!("FLUSH reached the PBX at {:?} ms", call.report.flush_at_ms);
     // The dialog was told only what was heard: a part of the greeting.
     let cut = call
         .of_type("playout_end")

@@ -47,6 +47,8 @@ pub struct CallSetup {
     pub recorder: Recorder,
     /// Tick timing for benchmarks (None in production).
     pub tick_stats: Option<Arc<TickStats>>,
+    /// The call's time zero (default: now). The simulated PBX shares its clock this way.
+    pub origin: Option<Instant>,
 }
 
 /// How a call ended.
@@ -781,11 +783,12 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         mut events,
         recorder,
         tick_stats,
+        origin,
     } = setup;
     let rate = config.call.sample_rate;
     let (work_tx, mut work_rx) = mpsc::channel::<Work>(256);
     let (dialog_tx, dialog_rx) = mpsc::channel::<(u64, DialogCmd)>(16);
-    let start = Instant::now();
+    let start = origin.unwrap_or_else(Instant::now);
     let dialog_task = spawn_dialog(dialog, dialog_rx, work_tx.clone(), start);
     let vad = vad::from_config(&config.vad, rate);
     let detector = TurnDetector::new(&config.vad, rate, vad);

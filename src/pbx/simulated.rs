@@ -136,6 +136,8 @@ pub struct SimPbx {
     pub link: SimLink,
     pub control: Arc<SimControl>,
     pub events: mpsc::Receiver<MediaEvent>,
+    /// Tick 0 of the PBX's clock: give it to the call so records and audio share one timeline.
+    pub origin: tokio::time::Instant,
     pub done: tokio::task::JoinHandle<SimReport>,
 }
 
@@ -144,11 +146,13 @@ pub fn start(script: Script, rate: u32) -> SimPbx {
     let (out_tx, out_rx) = mpsc::channel(QUEUE_MAX + 64);
     let (ctl_tx, ctl_rx) = mpsc::channel(16);
     let (ev_tx, ev_rx) = mpsc::channel(256);
-    let done = tokio::spawn(run(script, rate, out_rx, ctl_rx, ev_tx));
+    let origin = tokio::time::Instant::now();
+    let done = tokio::spawn(run(script, rate, origin, out_rx, ctl_rx, ev_tx));
     SimPbx {
         link: SimLink { tx: out_tx },
         control: Arc::new(SimControl { tx: ctl_tx }),
         events: ev_rx,
+        origin,
         done,
     }
 }
@@ -161,12 +165,13 @@ enum Queued {
 async fn run(
     mut script: Script,
     rate: u32,
+    origin: tokio::time::Instant,
     mut out_rx: mpsc::Receiver<Out>,
     mut ctl_rx: mpsc::Receiver<Ctl>,
     ev_tx: mpsc::Sender<MediaEvent>,
 ) -> SimReport {
     let frame_len = (rate / 50) as usize;
-    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    let mut ticker = tokio::time::interval_at(origin, Duration::from_millis(20));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut queue: VecDeque<Queued> = VecDeque::new();
     let mut queued_frames = 0usize;
@@ -224,9 +229,9 @@ async fn run(
                 }
                 None => break,
             },
-            at_tick = ticker.tick() => {
+            _ = ticker.tick() => {
                 if tick == 0 {
-                    report.origin = Some(at_tick);
+                    report.origin = Some(origin);
                 }
                 let now_ms = tick * 20;
                 tick += 1;
