@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use sidecall::app::SimulateArgs;
 use sidecall::call::CallOutcome;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 enum Fake {
@@ -17,30 +17,6 @@ enum Fake {
     Error500,
     Hang,
     Garbage,
-}
-
-/// Reads one whole HTTP request (headers, then Content-Length bytes of body).
-async fn read_request(sock: &mut tokio::net::TcpStream) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return Ok(());
-            }
-        }
-    }
 }
 
 /// Starts a fake ASR endpoint and returns its base URL.
@@ -55,7 +31,8 @@ async fn fake_asr(kind: Fake) -> String {
                 while let Ok((mut sock, _)) = listener.accept().await {
                     // Read the whole request first, or the client sees a reset, not the answer.
                     let _ =
-                        tokio::time::timeout(Duration::from_secs(2), read_request(&mut sock)).await;
+                        tokio::time::timeout(Duration::from_secs(2), read_http_request(&mut sock))
+                            .await;
                     let reply: &[u8] = match kind {
                         Fake::Error500 => b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\nConnection: close\r\n\r\noops!",
                         Fake::Garbage => b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{\"tex\":1}",

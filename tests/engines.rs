@@ -3,38 +3,19 @@
 //! stream (audio reaches the caller before the server has finished); `serve` answers /health and
 //! /metrics.
 
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::read_http_request;
 
 use sidecall::config::{AsrConfig, TtsConfig};
 use sidecall::engines::asr::{Asr, OpenAiAsr};
 use sidecall::engines::tts::Tts;
 use sidecall::engines::tts::openai::OpenAiTts;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-
-async fn read_request(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = sock.read(&mut chunk).await.unwrap_or(0);
-        if n == 0 {
-            return buf;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return buf;
-            }
-        }
-    }
-}
 
 #[tokio::test]
 async fn asr_request_has_the_openai_shape() {
@@ -43,7 +24,7 @@ async fn asr_request_has_the_openai_shape() {
     let (tx, rx) = oneshot::channel();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let req = read_request(&mut s).await;
+        let req = read_http_request(&mut s).await;
         let body = b"{\"text\": \" five five four two one \"}";
         let head = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -89,7 +70,7 @@ async fn tts_stream_starts_before_the_server_finishes() {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let req = read_request(&mut s).await;
+        let req = read_http_request(&mut s).await;
         assert!(String::from_utf8_lossy(&req).contains("\"response_format\":\"pcm\""));
         s.write_all(
             b"HTTP/1.1 200 OK\r\nContent-Type: audio/pcm\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -143,7 +124,7 @@ async fn tts_http_error_is_reported() {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        read_request(&mut s).await;
+        read_http_request(&mut s).await;
         s.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 11\r\n\r\nbad api key")
             .await
             .unwrap();

@@ -41,6 +41,7 @@ pub struct Playout {
     frames_sent: u64,
     ticks_since_start: u64,
     stopped: bool,
+    full_text: String,
 }
 
 impl Playout {
@@ -70,6 +71,7 @@ impl Playout {
             frames_sent: 0,
             ticks_since_start: 0,
             stopped: false,
+            full_text: crate::engines::dialog::prompt::joined(segments),
         }
     }
 
@@ -219,12 +221,7 @@ impl Playout {
 
     /// The whole text of the reply.
     pub fn text(&self) -> String {
-        self.segs
-            .iter()
-            .map(|s| s.text.as_str())
-            .filter(|t| !t.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ")
+        self.full_text.clone()
     }
 }
 

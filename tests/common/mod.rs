@@ -152,3 +152,29 @@ pub async fn simulate(cfg: Config, dir: &Path, args: SimulateArgs) -> Call {
         rate,
     }
 }
+
+/// Reads one whole HTTP/1.1 request (headers, then Content-Length bytes of body), for fake
+/// servers: answering before the body is read makes the client see a reset.
+pub async fn read_http_request(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = sock.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return buf;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return buf;
+            }
+        }
+    }
+}
