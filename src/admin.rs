@@ -1,11 +1,16 @@
-//! The admin HTTP listener of `serve`: Prometheus `/metrics` and `/health`.
+//! The admin HTTP listener of `serve`: Prometheus `/metrics` and `/health` (503 while the PBX
+//! control connection is down, so a load balancer or supervisor can see it).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::pbx::asterisk::app::AsteriskHealth;
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -21,15 +26,48 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-/// Serves the admin endpoints on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, handle: PrometheusHandle) -> std::io::Result<()> {
+fn health_body(asterisk: Option<&AsteriskHealth>) -> (StatusCode, String) {
+    match asterisk {
+        None => (StatusCode::OK, "{\"status\":\"ok\"}".to_string()),
+        Some(h) => {
+            let up = h.ari_connected.load(Ordering::Relaxed);
+            let body = serde_json::json!({
+                "status": if up { "ok" } else { "degraded" },
+                "ari_connected": up,
+                "active_calls": h.active_calls.load(Ordering::Relaxed),
+                "draining": h.draining.load(Ordering::Relaxed),
+            });
+            (
+                if up {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                },
+                body.to_string(),
+            )
+        }
+    }
+}
+
+/// Serves the admin endpoints on `listener` until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    asterisk: Option<Arc<AsteriskHealth>>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(move || std::future::ready(handle.render())))
         .route(
             "/health",
-            get(|| async { (StatusCode::OK, "{\"status\":\"ok\"}") }),
+            get(move || std::future::ready(health_body(asterisk.as_deref()))),
         );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "admin listener up (/metrics, /health)");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin listener up (/metrics, /health)");
+    }
     axum::serve(listener, app).await
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
 }

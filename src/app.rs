@@ -87,6 +87,27 @@ pub fn dialog_for(cfg: &Config, flow: Flow) -> Box<dyn Dialog> {
     ))
 }
 
+/// Builds each call's dialog and engines from its PBX arguments (`flow=NAME`).
+pub fn parts_factory(cfg: Arc<Config>, engines: Engines) -> crate::pbx::PartsFactory {
+    Arc::new(move |args: &crate::pbx::CallArgs| {
+        let name = args
+            .flow
+            .clone()
+            .unwrap_or_else(|| cfg.dialog.flow.get_ref().clone());
+        // Only plain names from the dialplan: never a path chosen by whoever controls the dialplan args.
+        if name.contains('/') || name.contains("..") || name.ends_with(".toml") {
+            return Err(format!("flow `{name}` is not a flow name"));
+        }
+        let flow = load_flow(&cfg, &name).map_err(|e| e.to_string())?;
+        Ok(crate::pbx::CallParts {
+            flow_name: name,
+            dialog: dialog_for(&cfg, flow),
+            asr: engines.asr.clone(),
+            tts: engines.tts.clone(),
+        })
+    })
+}
+
 /// Synthesizes a flow's opening so the first call does not wait for it.
 pub async fn warm_cache(cfg: &Config, engines: &Engines, flow: &Flow) {
     let Some(cache) = &engines.cache else { return };

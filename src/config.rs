@@ -42,6 +42,7 @@ pub struct Config {
     /// Allow-listed transfer targets by name; the agent can reach nothing else.
     pub transfers: BTreeMap<String, TransferTarget>,
     pub admin: AdminConfig,
+    pub asterisk: AsteriskConfig,
     /// Where this config was read from, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -284,6 +285,79 @@ pub struct TransferTarget {
     pub announce: Option<String>,
 }
 
+/// The Asterisk adapter: ARI control plane and the media transport.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsteriskConfig {
+    /// Whether `serve` connects to Asterisk.
+    pub enabled: bool,
+    /// ARI base URL (http.conf's bind address and port), without `/ari`.
+    pub url: String,
+    /// ARI user (ari.conf).
+    pub username: String,
+    /// Environment variable holding the ARI password.
+    pub password_env: String,
+    #[serde(skip)]
+    pub password: Option<String>,
+    /// The Stasis application name used in the dialplan: `Stasis(sidecall,...)`.
+    pub app: String,
+    /// Media transport: "websocket" (chan_websocket), "audiosocket" or "rtp".
+    pub media: String,
+    /// chan_websocket: "server" (sidecall connects to Asterisk) or "client" (Asterisk connects
+    /// to sidecall's listener, named by a websocket_client.conf section).
+    pub websocket_mode: String,
+    /// chan_websocket client mode: the websocket_client.conf section Asterisk dials.
+    pub websocket_client_section: String,
+    /// Listener for chan_websocket client mode.
+    pub websocket_listen: String,
+    /// Listener for AudioSocket connections from Asterisk.
+    pub audiosocket_listen: String,
+    /// Address RTP sockets bind to (Asterisk sends media there).
+    pub rtp_bind: String,
+    /// Media format: "slin16", "slin", "ulaw" or "alaw" (RTP: "ulaw" or "slin16";
+    /// AudioSocket: "slin16" or "slin").
+    pub format: String,
+    /// Control messages on the media WebSocket: "auto" (JSON where Asterisk supports it),
+    /// "json" or "plain".
+    pub control_format: String,
+    /// Most calls at once; more go to the overflow target.
+    pub max_calls: usize,
+    /// Where calls go when sidecall is full or shutting down (a [transfers] entry).
+    pub overflow_target: String,
+    /// On SIGTERM, how long active calls may go on before they are sent to the overflow target.
+    pub shutdown_grace_s: u64,
+    /// How long the media connection may take before the call goes to the overflow target.
+    pub media_timeout_ms: u64,
+    /// Timeout of each ARI REST request.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for AsteriskConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            url: "http://127.0.0.1:8088".into(),
+            username: "sidecall".into(),
+            password_env: "SIDECALL_ARI_PASSWORD".into(),
+            password: None,
+            app: "sidecall".into(),
+            media: "websocket".into(),
+            websocket_mode: "server".into(),
+            websocket_client_section: "sidecall".into(),
+            websocket_listen: "127.0.0.1:9093".into(),
+            audiosocket_listen: "127.0.0.1:9092".into(),
+            rtp_bind: "127.0.0.1".into(),
+            format: "slin16".into(),
+            control_format: "auto".into(),
+            max_calls: 100,
+            overflow_target: "agent".into(),
+            shutdown_grace_s: 30,
+            media_timeout_ms: 5_000,
+            request_timeout_ms: 3_000,
+        }
+    }
+}
+
 /// The admin HTTP listener of `serve`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -467,6 +541,7 @@ impl Config {
             self.admin.listen = v.clone();
         }
         let secret = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        self.asterisk.password = secret(&self.asterisk.password_env);
         self.asr.api_key = secret(&self.asr.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
         self.tts.api_key = secret(&self.tts.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
         self.llm.api_key = secret(&self.llm.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
@@ -489,6 +564,83 @@ impl Config {
         }
         self.resolve(self.dialog.flows_dir.get_ref())
             .join(format!("{name}.toml"))
+    }
+
+    fn validate_asterisk(
+        &self,
+        bad: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let a = &self.asterisk;
+        let one_of = |key: &str, v: &str, allowed: &[&str]| {
+            if allowed.contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(
+                    key,
+                    format!("`{v}` is not one of {}", allowed.join(", ")),
+                ))
+            }
+        };
+        one_of(
+            "asterisk.media",
+            &a.media,
+            &["websocket", "audiosocket", "rtp"],
+        )?;
+        one_of(
+            "asterisk.websocket_mode",
+            &a.websocket_mode,
+            &["server", "client"],
+        )?;
+        one_of(
+            "asterisk.control_format",
+            &a.control_format,
+            &["auto", "json", "plain"],
+        )?;
+        let formats: &[&str] = match a.media.as_str() {
+            "rtp" => &["ulaw", "slin16"],
+            "audiosocket" => &["slin16", "slin"],
+            _ => &["slin16", "slin", "ulaw", "alaw"],
+        };
+        one_of("asterisk.format", &a.format, formats)?;
+        if reqwest::Url::parse(&a.url).is_err() || !a.url.starts_with("http") {
+            return Err(bad(
+                "asterisk.url",
+                format!("`{}` is not an http(s) URL", a.url),
+            ));
+        }
+        for (key, v) in [
+            ("asterisk.websocket_listen", &a.websocket_listen),
+            ("asterisk.audiosocket_listen", &a.audiosocket_listen),
+        ] {
+            if v.parse::<std::net::SocketAddr>().is_err() {
+                return Err(bad(key, format!("`{v}` is not HOST:PORT")));
+            }
+        }
+        if a.rtp_bind.parse::<std::net::IpAddr>().is_err() {
+            return Err(bad(
+                "asterisk.rtp_bind",
+                format!("`{}` is not an IP address", a.rtp_bind),
+            ));
+        }
+        if a.app.is_empty()
+            || a.app
+                .contains(|c: char| c.is_whitespace() || c == ',' || c == '&')
+        {
+            return Err(bad(
+                "asterisk.app",
+                format!("`{}` is not a usable Stasis app name", a.app),
+            ));
+        }
+        if a.enabled && !self.transfers.contains_key(&a.overflow_target) {
+            return Err(bad(
+                "asterisk.overflow_target",
+                format!("`{}` is not a [transfers] entry", a.overflow_target),
+            ));
+        }
+        if a.max_calls == 0 {
+            return Err(bad("asterisk.max_calls", "must be at least 1".into()));
+        }
+        Ok(())
     }
 
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
@@ -610,6 +762,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_asterisk(&bad)?;
         if self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(bad(
                 "admin.listen",

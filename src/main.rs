@@ -213,17 +213,69 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             o.admin_listen = admin_listen;
             let cfg = Arc::new(Config::load(&common.config, &o)?);
             let handle = sidecall::admin::install_recorder().map_err(anyhow::Error::msg)?;
-            let addr = cfg.admin.listen.parse().context("admin.listen")?;
+            let addr: std::net::SocketAddr = cfg.admin.listen.parse().context("admin.listen")?;
+            let listener = sidecall::admin::bind(addr)
+                .await
+                .with_context(|| format!("admin listener {addr}"))?;
             let engines = Engines::from_config(&cfg);
             let flow = app::load_flow(&cfg, cfg.dialog.flow.get_ref())?;
             app::warm_cache(&cfg, &engines, &flow).await;
-            let admin = tokio::spawn(sidecall::admin::serve(addr, handle));
-            eprintln!(
-                "sidecall: serving; admin on http://{addr} (PBX adapters arrive with the Asterisk and FreeSWITCH issues)"
-            );
+            let stop = tokio_util::sync::CancellationToken::new();
+            let health = cfg
+                .asterisk
+                .enabled
+                .then(|| Arc::new(sidecall::pbx::asterisk::app::AsteriskHealth::default()));
+            let admin = tokio::spawn(sidecall::admin::serve(listener, handle, health.clone()));
+            let records = if cfg.admin.records_dir.is_empty() {
+                None
+            } else {
+                let dir = cfg.resolve(&cfg.admin.records_dir);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("records_dir {}", dir.display()))?;
+                let (tx, _writer) =
+                    sidecall::telemetry::spawn_writer(Some(&dir.join("calls.jsonl")), false)?;
+                Some(tx)
+            };
+            let pbx = match &health {
+                Some(h) => {
+                    let parts = app::parts_factory(cfg.clone(), engines.clone());
+                    let run = sidecall::pbx::asterisk::app::run(
+                        cfg.clone(),
+                        parts,
+                        h.clone(),
+                        records,
+                        stop.clone(),
+                    );
+                    eprintln!(
+                        "sidecall: serving Asterisk ARI app `{}` at {}; admin on http://{addr}",
+                        cfg.asterisk.app, cfg.asterisk.url
+                    );
+                    Some(tokio::spawn(run))
+                }
+                None => {
+                    eprintln!(
+                        "sidecall: serving; admin on http://{addr} (no PBX enabled: set [asterisk] enabled = true)"
+                    );
+                    None
+                }
+            };
+            let pbx_done = async move {
+                match pbx {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(pbx_done);
             tokio::select! {
                 r = admin => { r.context("admin task")?.context("admin listener")?; }
-                _ = shutdown_signal() => { eprintln!("sidecall: shutting down"); }
+                r = &mut pbx_done => { r.context("PBX task")??; }
+                _ = shutdown_signal() => {
+                    eprintln!("sidecall: shutting down (no new calls; active calls get the grace period)");
+                    stop.cancel();
+                    if health.is_some() {
+                        pbx_done.await.context("PBX task")??;
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -2,4 +2,83 @@
 //! `MediaLink` and `CallControl`. The simulated PBX is the one that needs no PBX; Asterisk and
 //! FreeSWITCH adapters live beside it.
 
+pub mod asterisk;
+pub mod codec;
+pub mod events;
 pub mod simulated;
+use std::sync::Arc;
+
+use crate::engines::asr::Asr;
+use crate::engines::dialog::Dialog;
+use crate::engines::tts::Tts;
+
+/// What a call needs besides its media and control: chosen per call from the PBX's arguments
+/// (e.g. `Stasis(sidecall,flow=order_status)`).
+pub struct CallParts {
+    pub flow_name: String,
+    pub dialog: Box<dyn Dialog>,
+    pub asr: Arc<dyn Asr>,
+    pub tts: Arc<dyn Tts>,
+}
+
+/// Builds a call's parts from its arguments (`flow=NAME`, `lang=xx`); an error names what is wrong.
+pub type PartsFactory = Arc<dyn Fn(&CallArgs) -> Result<CallParts, String> + Send + Sync>;
+
+/// Arguments a dialplan passes to sidecall.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallArgs {
+    pub flow: Option<String>,
+    pub lang: Option<String>,
+}
+
+impl CallArgs {
+    /// Parses `flow=order_status`, `lang=en` (also a bare first argument as the flow, and
+    /// comma-joined pairs in one argument).
+    pub fn parse(args: &[String]) -> Self {
+        let mut out = CallArgs::default();
+        for (i, a) in args
+            .iter()
+            .flat_map(|a| a.split(','))
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .enumerate()
+        {
+            match a.split_once('=') {
+                Some(("flow", v)) => out.flow = Some(v.to_string()),
+                Some(("lang", v)) => out.lang = Some(v.to_string()),
+                Some(_) => {}
+                None if i == 0 => out.flow = Some(a.to_string()),
+                None => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_args() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            CallArgs::parse(&s(&["flow=order_status", "lang=en"])),
+            CallArgs {
+                flow: Some("order_status".into()),
+                lang: Some("en".into())
+            }
+        );
+        assert_eq!(
+            CallArgs::parse(&s(&["flow=payment,lang=en"]))
+                .flow
+                .as_deref(),
+            Some("payment")
+        );
+        assert_eq!(
+            CallArgs::parse(&s(&["balance"])).flow.as_deref(),
+            Some("balance")
+        );
+        assert_eq!(CallArgs::parse(&[]), CallArgs::default());
+    }
+}

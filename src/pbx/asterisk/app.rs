@@ -1,0 +1,563 @@
+//! The ARI application: one event loop reads ARI events and never waits on a call; each caller
+//! that enters Stasis gets its own setup task (answer, mixing bridge, external media channel,
+//! bridge both, run the session) and teardown (bridge and media channel removed, whatever
+//! happened). Over capacity or while shutting down, callers go straight to the overflow target.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_util::sync::CancellationToken;
+
+use super::ari::{AriClient, AriError, Event, ExternalMedia, supports_json_control};
+use super::ari_events::{self, EventMsg};
+use super::chan_ws::{self, ControlFormat, MediaStart};
+use crate::call::{CallControl, CallSetup, ControlError, MediaLink, run_call};
+use crate::config::{Config, TransferTarget};
+use crate::pbx::events::{CallEvents, DtmfSource};
+use crate::pbx::{CallArgs, PartsFactory};
+use crate::telemetry::Recorder;
+
+/// Prefix of the ids sidecall gives its own channels and bridges, so their events are told apart.
+pub const MEDIA_PREFIX: &str = "sidecall-media-";
+pub const BRIDGE_PREFIX: &str = "sidecall-bridge-";
+
+/// Errors that stop the adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum AsteriskError {
+    #[error("asterisk.password: set the password in the environment variable {0}")]
+    NoPassword(String),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: String, error: std::io::Error },
+    #[error("asterisk.media = \"{0}\" is not available in this build yet")]
+    Unsupported(String),
+}
+
+/// State shared with `/health`.
+#[derive(Debug, Default)]
+pub struct AsteriskHealth {
+    pub ari_connected: Arc<AtomicBool>,
+    pub active_calls: AtomicUsize,
+    pub draining: AtomicBool,
+}
+
+type Pending = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<ClientConn>>>>;
+
+struct ClientConn {
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    start: MediaStart,
+    fmt: ControlFormat,
+}
+
+struct Shared {
+    cfg: Arc<Config>,
+    ari: AriClient,
+    parts: PartsFactory,
+    records: Option<mpsc::Sender<serde_json::Value>>,
+    json_control: AtomicBool,
+    pending: Pending,
+}
+
+/// Runs the ARI application until `stop`, then drains calls for the grace period.
+pub async fn run(
+    cfg: Arc<Config>,
+    parts: PartsFactory,
+    health: Arc<AsteriskHealth>,
+    records: Option<mpsc::Sender<serde_json::Value>>,
+    stop: CancellationToken,
+) -> Result<(), AsteriskError> {
+    let a = &cfg.asterisk;
+    if a.media != "websocket" {
+        return Err(AsteriskError::Unsupported(a.media.clone()));
+    }
+    let password = a
+        .password
+        .clone()
+        .ok_or_else(|| AsteriskError::NoPassword(a.password_env.clone()))?;
+    let ari = AriClient::new(
+        crate::engines::http_client(),
+        &a.url,
+        &a.username,
+        &password,
+        Duration::from_millis(a.request_timeout_ms),
+    );
+    let pending: Pending = Arc::default();
+    if a.websocket_mode == "client" {
+        let listener = TcpListener::bind(&a.websocket_listen)
+            .await
+            .map_err(|error| AsteriskError::Listen {
+                addr: a.websocket_listen.clone(),
+                error,
+            })?;
+        tokio::spawn(accept_media_clients(
+            listener,
+            pending.clone(),
+            stop.clone(),
+        ));
+    }
+    let events_stop = stop.child_token();
+    let mut events = ari_events::spawn(
+        ari.events_url(&a.app),
+        health.ari_connected.clone(),
+        events_stop.clone(),
+    );
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        ari: ari.clone(),
+        parts,
+        records,
+        json_control: AtomicBool::new(false),
+        pending,
+    });
+    let mut calls: HashMap<String, CallEvents> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::channel::<String>(1024);
+    let mut draining = false;
+    let grace = tokio::time::sleep(Duration::from_secs(u64::MAX / 4));
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled(), if !draining => {
+                draining = true;
+                health.draining.store(true, Ordering::Relaxed);
+                tracing::info!(active = calls.len(), grace_s = cfg.asterisk.shutdown_grace_s, "shutting down: no new calls");
+                grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(cfg.asterisk.shutdown_grace_s));
+                if calls.is_empty() {
+                    break;
+                }
+            }
+            _ = &mut grace, if draining => {
+                tracing::info!(active = calls.len(), "grace period over: sending remaining calls to the overflow target");
+                for caller in calls.keys() {
+                    let target = cfg.transfers.get(&cfg.asterisk.overflow_target).cloned();
+                    let ari = ari.clone();
+                    let caller = caller.clone();
+                    tokio::spawn(async move {
+                        if let Some(t) = target {
+                            if let Err(e) = send_to(&ari, &caller, &t).await {
+                                tracing::warn!(%caller, error = %e, "overflow transfer at shutdown failed; hanging up");
+                                let _ = ari.hangup(&caller, "normal").await;
+                            }
+                        }
+                    });
+                }
+                // Calls end as their callers leave Stasis; wait for them (bounded).
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while !calls.is_empty() {
+                    match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+                        Ok(Some(id)) => { calls.remove(&id); }
+                        _ => break,
+                    }
+                }
+                break;
+            }
+            Some(id) = done_rx.recv() => {
+                calls.remove(&id);
+                health.active_calls.store(calls.len(), Ordering::Relaxed);
+                if draining && calls.is_empty() {
+                    break;
+                }
+            }
+            msg = events.recv() => {
+                let Some(msg) = msg else { break };
+                match msg {
+                    EventMsg::Connected => {
+                        // Learn the version on every (re)connect: Asterisk may have been upgraded.
+                        let json = match cfg.asterisk.control_format.as_str() {
+                            "json" => true,
+                            "plain" => false,
+                            _ => match ari.version().await {
+                                Ok(v) => {
+                                    tracing::info!(version = %v, "connected to Asterisk");
+                                    supports_json_control(&v)
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "could not read the Asterisk version; using plain control messages");
+                                    false
+                                }
+                            },
+                        };
+                        shared.json_control.store(json, Ordering::Relaxed);
+                    }
+                    EventMsg::Disconnected(why) => tracing::warn!(%why, active = calls.len(), "ARI events lost; calls in progress go on"),
+                    EventMsg::Event(ev) => match *ev {
+                        Event::StasisStart { args, channel } => {
+                            if channel.id.starts_with(MEDIA_PREFIX) {
+                                continue; // our own external media channel
+                            }
+                            if draining || calls.len() >= cfg.asterisk.max_calls {
+                                let why = if draining { "shutting down" } else { "at capacity" };
+                                tracing::warn!(caller = %channel.id, active = calls.len(), why, "sending caller to the overflow target");
+                                metrics::counter!(crate::telemetry::names::CALLS_TOTAL, "outcome" => "overflow").increment(1);
+                                let target = cfg.transfers.get(&cfg.asterisk.overflow_target).cloned();
+                                let ari = ari.clone();
+                                tokio::spawn(async move {
+                                    if let Some(t) = target {
+                                        if let Err(e) = send_to(&ari, &channel.id, &t).await {
+                                            tracing::warn!(caller = %channel.id, error = %e, "overflow transfer failed");
+                                        }
+                                    }
+                                });
+                                continue;
+                            }
+                            let (events_handle, rx) = CallEvents::channel(512);
+                            calls.insert(channel.id.clone(), events_handle.clone());
+                            health.active_calls.store(calls.len(), Ordering::Relaxed);
+                            let shared = shared.clone();
+                            let done = done_tx.clone();
+                            tokio::spawn(async move {
+                                let id = channel.id.clone();
+                                run_one(shared, channel.id.clone(), channel.caller.number.clone(), CallArgs::parse(&args), events_handle, rx).await;
+                                let _ = done.send(id).await;
+                            });
+                        }
+                        Event::ChannelDtmfReceived { digit, channel, .. } => {
+                            if let (Some(c), Some(d)) = (calls.get(&channel.id), digit.chars().next()) {
+                                c.dtmf(d, DtmfSource::Control);
+                            }
+                        }
+                        Event::StasisEnd { channel } | Event::ChannelDestroyed { channel, .. } => {
+                            if let Some(c) = calls.get(&channel.id) {
+                                let c = c.clone();
+                                tokio::spawn(async move { c.hangup("caller left Stasis").await });
+                            }
+                        }
+                        Event::ChannelHangupRequest { .. } | Event::Other => {}
+                    },
+                }
+            }
+        }
+    }
+    events_stop.cancel();
+    health.active_calls.store(0, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Continue into the dialplan, or redirect to an endpoint.
+async fn send_to(ari: &AriClient, channel: &str, t: &TransferTarget) -> Result<(), AriError> {
+    match (&t.endpoint, &t.context) {
+        (Some(ep), _) => ari.redirect(channel, ep).await,
+        (None, Some(ctx)) => {
+            ari.continue_in_dialplan(
+                channel,
+                ctx,
+                t.extension.as_deref().unwrap_or("s"),
+                t.priority,
+            )
+            .await
+        }
+        (None, None) => {
+            ari.continue_in_dialplan(
+                channel,
+                "",
+                t.extension.as_deref().unwrap_or("s"),
+                t.priority,
+            )
+            .await
+        }
+    }
+}
+
+/// Sets up, runs and tears down one call.
+async fn run_one(
+    shared: Arc<Shared>,
+    caller: String,
+    number: String,
+    args: CallArgs,
+    events: CallEvents,
+    rx: mpsc::Receiver<crate::call::MediaEvent>,
+) {
+    let cfg = &shared.cfg;
+    let ari = &shared.ari;
+    let media_id = format!("{MEDIA_PREFIX}{caller}");
+    let bridge_id = format!("{BRIDGE_PREFIX}{caller}");
+    let overflow = cfg.transfers.get(&cfg.asterisk.overflow_target).cloned();
+    tracing::info!(%caller, %number, flow = ?args.flow, "caller entered Stasis");
+    let parts = match (shared.parts)(&args) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(%caller, error = %e, "cannot start a call for these arguments; sending to overflow");
+            if let Some(t) = &overflow {
+                let _ = send_to(ari, &caller, t).await;
+            }
+            return;
+        }
+    };
+    let setup = tokio::time::timeout(
+        Duration::from_millis(cfg.asterisk.media_timeout_ms + cfg.asterisk.request_timeout_ms * 3),
+        setup_media(&shared, &caller, &media_id, &bridge_id, events.clone()),
+    )
+    .await
+    .unwrap_or_else(|_| Err("call setup timed out".into()));
+    let link = match setup {
+        Ok(link) => link,
+        Err(e) => {
+            tracing::warn!(%caller, error = %e, "call setup failed; sending caller to the overflow target");
+            metrics::counter!(crate::telemetry::names::ERRORS, "stage" => "setup").increment(1);
+            if let Some(t) = &overflow {
+                if let Err(e) = send_to(ari, &caller, t).await {
+                    tracing::warn!(%caller, error = %e, "overflow transfer failed; hanging up");
+                    let _ = ari.hangup(&caller, "normal").await;
+                }
+            }
+            teardown(ari, &media_id, &bridge_id).await;
+            return;
+        }
+    };
+    let recorder = match &shared.records {
+        Some(tx) => Recorder::to_channel(&caller, tx.clone()),
+        None => Recorder::none(),
+    };
+    let control = Arc::new(AriControl {
+        ari: ari.clone(),
+        channel: caller.clone(),
+    });
+    let outcome = run_call(CallSetup {
+        call_id: caller.clone(),
+        flow_name: parts.flow_name,
+        config: cfg.clone(),
+        dialog: parts.dialog,
+        asr: parts.asr,
+        tts: parts.tts,
+        link,
+        control,
+        events: rx,
+        recorder,
+        tick_stats: None,
+        origin: None,
+    })
+    .await;
+    tracing::info!(%caller, outcome = outcome.label(), "call finished");
+    teardown(ari, &media_id, &bridge_id).await;
+}
+
+/// Removes the bridge and the media channel; 404 means already gone.
+async fn teardown(ari: &AriClient, media_id: &str, bridge_id: &str) {
+    for r in [
+        ari.destroy_bridge(bridge_id).await,
+        ari.hangup(media_id, "normal").await,
+    ] {
+        match r {
+            Ok(()) | Err(AriError::NotFound(_)) => {}
+            Err(e) => tracing::warn!(error = %e, "teardown"),
+        }
+    }
+}
+
+async fn setup_media(
+    shared: &Shared,
+    caller: &str,
+    media_id: &str,
+    bridge_id: &str,
+    events: CallEvents,
+) -> Result<Box<dyn MediaLink>, String> {
+    let cfg = &shared.cfg;
+    let a = &cfg.asterisk;
+    let ari = &shared.ari;
+    ari.answer(caller)
+        .await
+        .map_err(|e| format!("answer: {e}"))?;
+    ari.create_bridge(bridge_id)
+        .await
+        .map_err(|e| format!("bridge: {e}"))?;
+    let transport_data = shared
+        .json_control
+        .load(Ordering::Relaxed)
+        .then(|| "f(json)".to_string());
+    let media_timeout = Duration::from_millis(a.media_timeout_ms);
+    let (link, _task) = if a.websocket_mode == "client" {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = shared.pending.lock() {
+            p.insert(media_id.to_string(), tx);
+        }
+        let params = ExternalMedia {
+            channel_id: media_id.into(),
+            external_host: a.websocket_client_section.clone(),
+            encapsulation: "none".into(),
+            transport: "websocket".into(),
+            connection_type: Some("client".into()),
+            format: a.format.clone(),
+            data: None,
+            transport_data,
+        };
+        // The POST returns only after Asterisk has connected to our listener: wait for both.
+        let post = ari.external_media(&a.app, &params);
+        let conn = tokio::time::timeout(media_timeout, rx);
+        let (post, conn) = tokio::join!(post, conn);
+        if let Ok(mut p) = shared.pending.lock() {
+            p.remove(media_id);
+        }
+        post.map_err(|e| format!("externalMedia: {e}"))?;
+        let c = conn
+            .map_err(|_| "Asterisk did not connect to the media listener in time".to_string())?
+            .map_err(|_| "media listener gone".to_string())?;
+        chan_ws::start(c.ws, c.start, c.fmt, cfg.call.sample_rate, events)
+            .map_err(|e| e.to_string())?
+    } else {
+        let params = ExternalMedia {
+            channel_id: media_id.into(),
+            external_host: String::new(),
+            encapsulation: "none".into(),
+            transport: "websocket".into(),
+            connection_type: Some("server".into()),
+            format: a.format.clone(),
+            data: None,
+            transport_data,
+        };
+        let ch = ari
+            .external_media(&a.app, &params)
+            .await
+            .map_err(|e| format!("externalMedia: {e}"))?;
+        let id = ch
+            .var("MEDIA_WEBSOCKET_CONNECTION_ID")
+            .ok_or("externalMedia answered without MEDIA_WEBSOCKET_CONNECTION_ID")?;
+        let url = format!(
+            "{}/media/{id}",
+            a.url.trim_end_matches('/').replacen("http", "ws", 1)
+        );
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("media"));
+        let connect =
+            tokio_tungstenite::connect_async_with_config(req, Some(chan_ws::ws_config()), false);
+        let (mut ws, _) = tokio::time::timeout(media_timeout, connect)
+            .await
+            .map_err(|_| "media WebSocket connect timed out".to_string())?
+            .map_err(|e| format!("media WebSocket connect: {e}"))?;
+        let (start, fmt) = chan_ws::read_media_start(&mut ws, media_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        chan_ws::start(ws, start, fmt, cfg.call.sample_rate, events).map_err(|e| e.to_string())?
+    };
+    ari.add_to_bridge(bridge_id, &[caller, media_id])
+        .await
+        .map_err(|e| format!("addChannel: {e}"))?;
+    Ok(Box::new(link))
+}
+
+/// Accepts chan_websocket client-mode connections and hands each to the call waiting for it,
+/// matched by MEDIA_START's channel_id (sidecall names the media channel).
+async fn accept_media_clients(listener: TcpListener, pending: Pending, stop: CancellationToken) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "media listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            // tungstenite fixes the callback's error type (an HTTP response); it is not ours to shrink.
+            #[allow(clippy::result_large_err)]
+            let callback = |req: &Request, mut resp: Response| {
+                // Echo the `media` subprotocol; never answer with extensions (Asterisk aborts).
+                let wants_media = req
+                    .headers()
+                    .get("Sec-WebSocket-Protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.split(',').any(|p| p.trim() == "media"));
+                if wants_media {
+                    resp.headers_mut()
+                        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("media"));
+                }
+                Ok(resp)
+            };
+            let accept = tokio_tungstenite::accept_hdr_async_with_config(
+                sock,
+                callback,
+                Some(chan_ws::ws_config()),
+            );
+            let mut ws = match tokio::time::timeout(Duration::from_secs(5), accept).await {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "media client handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "media client handshake timed out");
+                    return;
+                }
+            };
+            let (start, fmt) = match chan_ws::read_media_start(&mut ws, Duration::from_secs(5))
+                .await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "media client without a valid MEDIA_START");
+                    return;
+                }
+            };
+            let waiter = pending
+                .lock()
+                .ok()
+                .and_then(|mut p| p.remove(&start.channel_id));
+            match waiter {
+                Some(tx) => {
+                    let _ = tx.send(ClientConn { ws, start, fmt });
+                }
+                None => {
+                    tracing::warn!(%peer, channel_id = %start.channel_id, "media connection for no known call; closing")
+                }
+            }
+        });
+    }
+}
+
+/// Call control through ARI on the caller's channel.
+struct AriControl {
+    ari: AriClient,
+    channel: String,
+}
+
+fn control_err(e: AriError) -> ControlError {
+    match e {
+        AriError::NotFound(_) => ControlError::NotFound,
+        AriError::NotInStasis(m) | AriError::InvalidState(m) => ControlError::InvalidState(m),
+        AriError::Timeout(ms) => ControlError::Timeout(ms),
+        AriError::Connect { message, .. } => ControlError::Unreachable(message),
+        other => ControlError::Refused(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl CallControl for AriControl {
+    async fn answer(&self) -> Result<(), ControlError> {
+        // Answered during setup, before media was bridged.
+        Ok(())
+    }
+    async fn send_dtmf(&self, digits: &str) -> Result<(), ControlError> {
+        self.ari
+            .send_dtmf(&self.channel, digits)
+            .await
+            .map_err(control_err)
+    }
+    async fn transfer(&self, _name: &str, target: &TransferTarget) -> Result<(), ControlError> {
+        send_to(&self.ari, &self.channel, target)
+            .await
+            .map_err(control_err)
+    }
+    async fn hangup(&self, reason: &str) -> Result<(), ControlError> {
+        let ari_reason = match reason {
+            "busy" | "congestion" | "no_answer" | "normal" => reason,
+            _ => "normal",
+        };
+        match self.ari.hangup(&self.channel, ari_reason).await {
+            Ok(()) | Err(AriError::NotFound(_)) => Ok(()),
+            Err(e) => Err(control_err(e)),
+        }
+    }
+}
