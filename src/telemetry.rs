@@ -137,6 +137,13 @@ pub fn spawn_writer(
                     println!("{line}");
                 }
             }
+            // Long-running writers (serve) flush whenever they catch up, so records are on disk
+            // while calls go on.
+            if rx.is_empty() {
+                if let Some(f) = file.as_mut() {
+                    f.flush()?;
+                }
+            }
         }
         if let Some(f) = file.as_mut() {
             f.flush()?;
