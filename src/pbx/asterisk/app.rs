@@ -63,6 +63,8 @@ struct Shared {
     records: Option<mpsc::Sender<serde_json::Value>>,
     json_control: AtomicBool,
     pending: Pending,
+    /// Setups waiting for their media channel's StasisStart (addChannel before it gets 422).
+    in_stasis: Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<()>>>>,
 }
 
 /// Runs the ARI application until `stop`, then drains calls for the grace period.
@@ -115,6 +117,7 @@ pub async fn run(
         records,
         json_control: AtomicBool::new(false),
         pending,
+        in_stasis: Arc::default(),
     });
     let mut calls: HashMap<String, CallEvents> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::channel::<String>(1024);
@@ -189,7 +192,11 @@ pub async fn run(
                     EventMsg::Event(ev) => match *ev {
                         Event::StasisStart { args, channel } => {
                             if channel.id.starts_with(MEDIA_PREFIX) {
-                                continue; // our own external media channel
+                                // Our own external media channel: its setup may be waiting for this.
+                                if let Some(tx) = shared.in_stasis.lock().ok().and_then(|mut m| m.remove(&channel.id)) {
+                                    let _ = tx.send(());
+                                }
+                                continue;
                             }
                             if draining || calls.len() >= cfg.asterisk.max_calls {
                                 let why = if draining { "shutting down" } else { "at capacity" };
@@ -370,8 +377,57 @@ async fn setup_media(
         .json_control
         .load(Ordering::Relaxed)
         .then(|| "f(json)".to_string());
+    let (stasis_tx, stasis_rx) = oneshot::channel();
+    if let Ok(mut m) = shared.in_stasis.lock() {
+        m.insert(media_id.to_string(), stasis_tx);
+    }
+    let result = connect_media(shared, media_id, transport_data, events).await;
+    let (link, _task) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            if let Ok(mut m) = shared.in_stasis.lock() {
+                m.remove(media_id);
+            }
+            return Err(e);
+        }
+    };
+    // In client mode the POST returns before the media channel has entered Stasis; adding it to
+    // the bridge before its StasisStart is refused with 422 (seen on Asterisk 23.4.1).
+    let entered = tokio::time::timeout(Duration::from_millis(a.media_timeout_ms), stasis_rx).await;
+    if let Ok(mut m) = shared.in_stasis.lock() {
+        m.remove(media_id);
+    }
+    if entered.is_err() {
+        tracing::debug!(%media_id, "no StasisStart seen for the media channel; trying addChannel anyway");
+    }
+    let mut tries = 0;
+    loop {
+        match ari.add_to_bridge(bridge_id, &[caller, media_id]).await {
+            Ok(()) => break,
+            Err(AriError::Unprocessable(_)) if tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(format!("addChannel: {e}")),
+        }
+    }
+    Ok(Box::new(link))
+}
+
+type Connected = (chan_ws::WsLink, tokio::task::JoinHandle<()>);
+
+/// Creates the external media channel and connects its media socket.
+async fn connect_media(
+    shared: &Shared,
+    media_id: &str,
+    transport_data: Option<String>,
+    events: CallEvents,
+) -> Result<Connected, String> {
+    let cfg = &shared.cfg;
+    let a = &cfg.asterisk;
+    let ari = &shared.ari;
     let media_timeout = Duration::from_millis(a.media_timeout_ms);
-    let (link, _task) = if a.websocket_mode == "client" {
+    let connected = if a.websocket_mode == "client" {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = shared.pending.lock() {
             p.insert(media_id.to_string(), tx);
@@ -438,10 +494,7 @@ async fn setup_media(
             .map_err(|e| e.to_string())?;
         chan_ws::start(ws, start, fmt, cfg.call.sample_rate, events).map_err(|e| e.to_string())?
     };
-    ari.add_to_bridge(bridge_id, &[caller, media_id])
-        .await
-        .map_err(|e| format!("addChannel: {e}"))?;
-    Ok(Box::new(link))
+    Ok(connected)
 }
 
 /// Accepts chan_websocket client-mode connections and hands each to the call waiting for it,
