@@ -334,7 +334,26 @@ impl Session {
             text: reply.playout.text(),
             complete,
         }));
+        if let Some(digits) = reply.turn.send_dtmf.clone() {
+            self.send_dtmf(digits);
+        }
         self.finish_next(reply.turn.next);
+    }
+
+    /// Sends keys to the PBX (a downstream IVR, say) without holding up the call.
+    fn send_dtmf(&self, digits: String) {
+        self.emit("dtmf_sent", json!({"digits": digits}));
+        let (control, rec, start) = (self.control.clone(), self.rec.clone(), self.start);
+        tokio::spawn(async move {
+            let err = match tokio::time::timeout(CONTROL_TIMEOUT, control.send_dtmf(&digits)).await
+            {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "PBX did not answer".to_string(),
+            };
+            let t = start.elapsed().as_millis() as u64;
+            rec.emit(t, "error", json!({"stage": "dtmf", "message": err}));
+        });
     }
 
     fn finish_next(&mut self, next: Next) {
@@ -435,6 +454,7 @@ impl Session {
         self.play(Turn {
             say,
             barge_in: false,
+            send_dtmf: None,
             next,
         });
     }
@@ -526,6 +546,7 @@ impl Session {
             self.play(Turn {
                 say,
                 barge_in: false,
+                send_dtmf: None,
                 next: Next::Transfer { target },
             });
             return;

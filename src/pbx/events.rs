@@ -64,9 +64,21 @@ pub struct CallEvents {
     tx: mpsc::Sender<MediaEvent>,
     dedup: Arc<Mutex<DtmfDedup>>,
     dropped: Arc<AtomicU64>,
+    caller_gone: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CallEvents {
+    /// The control plane says the caller has left (hung up, or left the application).
+    pub fn mark_caller_gone(&self) {
+        self.caller_gone.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the caller is known to have left; if not, a call that ended on its own (media
+    /// failure) still has a caller to take care of.
+    pub fn caller_gone(&self) -> bool {
+        self.caller_gone.load(Ordering::Relaxed)
+    }
+
     /// A handle and the receiver the call session reads.
     pub fn channel(depth: usize) -> (Self, mpsc::Receiver<MediaEvent>) {
         let (tx, rx) = mpsc::channel(depth);
@@ -75,6 +87,7 @@ impl CallEvents {
                 tx,
                 dedup: Arc::new(Mutex::new(DtmfDedup::new(Duration::from_millis(800)))),
                 dropped: Arc::new(AtomicU64::new(0)),
+                caller_gone: Arc::default(),
             },
             rx,
         )

@@ -112,6 +112,8 @@ pub struct StateDef {
     /// Hang up after speaking.
     #[serde(default)]
     pub hangup: bool,
+    /// Keys sent to the PBX after this state's speech (0-9 * # A-D, `w`/`W` pauses).
+    pub send_dtmf: Option<String>,
     /// Whether the caller may interrupt this state's speech (off for legal disclosures).
     #[serde(default = "default_true")]
     pub barge_in: bool,
@@ -308,6 +310,14 @@ impl Flow {
                     ));
                 }
             }
+            if let Some(d) = &st.send_dtmf {
+                if d.is_empty() || !d.chars().all(|c| "0123456789*#ABCDwW".contains(c)) {
+                    return Err(err(
+                        name,
+                        format!("state `{name}`: send_dtmf `{d}` has keys that are not DTMF"),
+                    ));
+                }
+            }
             let listens = st.prompt.is_some();
             let ends = st.transfer.is_some() || st.hangup;
             let moves = st.next.is_some() || st.lookup.is_some();
@@ -409,6 +419,7 @@ pub struct ScriptedDialog {
     client: reqwest::Client,
     webhook_timeout: Duration,
     last_heard: Option<Heard>,
+    pending_dtmf: Option<String>,
 }
 
 impl ScriptedDialog {
@@ -436,6 +447,7 @@ impl ScriptedDialog {
             client: crate::engines::http_client(),
             webhook_timeout,
             last_heard: None,
+            pending_dtmf: None,
         }
     }
 
@@ -533,12 +545,23 @@ impl ScriptedDialog {
         Turn {
             say,
             barge_in,
+            send_dtmf: None,
             next: Next::Listen(self.expectation()),
         }
     }
 
     /// Enters `state` and runs through states that do not listen, gathering what is said.
-    async fn enter(&mut self, state: &str, mut say: Vec<Segment>) -> Result<Turn, DialogError> {
+    async fn enter(&mut self, state: &str, say: Vec<Segment>) -> Result<Turn, DialogError> {
+        let mut turn = self.enter_states(state, say).await?;
+        turn.send_dtmf = self.pending_dtmf.take();
+        Ok(turn)
+    }
+
+    async fn enter_states(
+        &mut self,
+        state: &str,
+        mut say: Vec<Segment>,
+    ) -> Result<Turn, DialogError> {
         let mut name = state.to_string();
         let mut barge_in = true;
         for _ in 0..64 {
@@ -550,10 +573,16 @@ impl ScriptedDialog {
             if let Some(s) = &st.say {
                 say.extend(prompt::segments(&self.render(s)));
             }
+            if let Some(d) = &st.send_dtmf {
+                self.pending_dtmf
+                    .get_or_insert_with(String::new)
+                    .push_str(d);
+            }
             if let Some(target) = &st.transfer {
                 return Ok(Turn {
                     say,
                     barge_in,
+                    send_dtmf: None,
                     next: Next::Transfer {
                         target: target.clone(),
                     },
@@ -563,6 +592,7 @@ impl ScriptedDialog {
                 return Ok(Turn {
                     say,
                     barge_in,
+                    send_dtmf: None,
                     next: Next::Hangup {
                         reason: "normal".into(),
                     },
@@ -627,6 +657,7 @@ impl ScriptedDialog {
             return Turn {
                 say: prompt::segments(&self.flow.file.escalate_prompt),
                 barge_in: false,
+                send_dtmf: None,
                 next: Next::Transfer { target },
             };
         }
@@ -729,6 +760,7 @@ impl Dialog for ScriptedDialog {
                     return Ok(Turn {
                         say,
                         barge_in: false,
+                        send_dtmf: None,
                         next: Next::Transfer { target },
                     });
                 }

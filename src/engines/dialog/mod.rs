@@ -55,6 +55,8 @@ pub struct Turn {
     pub say: Vec<Segment>,
     /// Whether the caller may interrupt this reply.
     pub barge_in: bool,
+    /// Keys to send to the PBX once the reply has played (before `next`).
+    pub send_dtmf: Option<String>,
     pub next: Next,
 }
 

@@ -231,6 +231,7 @@ pub async fn run(
                         }
                         Event::StasisEnd { channel } | Event::ChannelDestroyed { channel, .. } => {
                             if let Some(c) = calls.get(&channel.id) {
+                                c.mark_caller_gone();
                                 let c = c.clone();
                                 tokio::spawn(async move { c.hangup("caller left Stasis").await });
                             }
@@ -341,6 +342,20 @@ async fn run_one(
     })
     .await;
     tracing::info!(%caller, outcome = outcome.label(), "call finished");
+    if outcome == crate::call::CallOutcome::CallerHungUp && !events.caller_gone() {
+        // The media side failed, not the caller: never leave a caller in silence.
+        tracing::warn!(%caller, "media ended under a live caller; sending the caller to the overflow target");
+        let sent = match &overflow {
+            Some(t) => send_to(ari, &caller, t).await,
+            None => Err(AriError::NotFound(String::new())),
+        };
+        if let Err(e) = sent {
+            if !matches!(e, AriError::NotFound(_)) {
+                tracing::warn!(%caller, error = %e, "overflow transfer failed; hanging up");
+            }
+            let _ = ari.hangup(&caller, "normal").await;
+        }
+    }
     teardown(ari, &media_id, &bridge_id).await;
 }
 

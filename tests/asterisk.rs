@@ -1,0 +1,736 @@
+//! The Asterisk adapter against the Asterisk emulator (tests/asterisk_emu), with real espeak-ng
+//! caller speech and the local whisper server: whole calls over chan_websocket in server and
+//! client modes, barge-in, DTMF both ways, transfers, refusals, Asterisk restarting, 50 calls at
+//! once with nothing left behind, and bad input from the PBX.
+
+mod asterisk_emu;
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use asterisk_emu::{CallLog, Emulator, Options, Script};
+use serde_json::Value;
+use sidecall::app::{Engines, parts_factory};
+use sidecall::config::{Config, Overrides};
+use sidecall::pbx::PartsFactory;
+use sidecall::pbx::asterisk::app::{AsteriskHealth, run};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+struct Sidecall {
+    stop: CancellationToken,
+    health: Arc<AsteriskHealth>,
+    records: Arc<Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecall {
+    fn records_of(&self, caller: &str) -> Vec<Value> {
+        self.records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r["call_id"] == caller)
+            .cloned()
+            .collect()
+    }
+
+    fn said(&self, caller: &str) -> Vec<String> {
+        self.records_of(caller)
+            .iter()
+            .filter(|r| r["type"] == "agent_say")
+            .map(|r| r["text"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(dir: &Path, emu: &Emulator, extra: &str) -> Config {
+    let flows = common::repo().join("examples/flows");
+    let asr = std::env::var("SIDECALL_ASR_URL").unwrap_or_else(|_| "http://127.0.0.1:9/v1".into());
+    let text = format!(
+        r#"
+[call]
+no_input_timeout_ms = 4000
+
+[asr]
+url = "{asr}"
+
+[dialog]
+flows_dir = "{flows}"
+
+[transfers.agent]
+context = "agents"
+extension = "support"
+priority = 1
+
+[transfers.overflow]
+context = "overflow"
+extension = "s"
+
+[asterisk]
+enabled = true
+url = "{url}"
+overflow_target = "overflow"
+media_timeout_ms = 1500
+shutdown_grace_s = 2
+{extra}
+"#,
+        flows = flows.display(),
+        url = emu.base_url(),
+    );
+    let path = dir.join("sidecall.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut cfg = Config::load(&path, &Overrides::default()).unwrap();
+    cfg.asterisk.password = Some("secret".into());
+    cfg
+}
+
+async fn start(emu: &Emulator, extra: &str, parts: Option<PartsFactory>) -> Sidecall {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Arc::new(config(dir.path(), emu, extra));
+    let parts = parts.unwrap_or_else(|| parts_factory(cfg.clone(), Engines::from_config(&cfg)));
+    let (tx, mut rx) = mpsc::channel::<Value>(65_536);
+    let records: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let r2 = records.clone();
+    tokio::spawn(async move {
+        while let Some(v) = rx.recv().await {
+            r2.lock().unwrap().push(v);
+        }
+    });
+    let stop = CancellationToken::new();
+    let health = Arc::new(AsteriskHealth::default());
+    let task = {
+        let (cfg, health, stop) = (cfg.clone(), health.clone(), stop.clone());
+        tokio::spawn(async move {
+            run(cfg, parts, health, Some(tx), stop)
+                .await
+                .expect("adapter runs");
+        })
+    };
+    for _ in 0..100 {
+        if emu.app_connected("sidecall") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        emu.app_connected("sidecall"),
+        "sidecall never connected to ARI events"
+    );
+    Sidecall {
+        stop,
+        health,
+        records,
+        task,
+        _dir: dir,
+    }
+}
+
+/// Speech at the wire rate of `format`.
+fn voice(dir: &Path, name: &str, text: &str, rate: u32) -> Vec<i16> {
+    let p = common::speak(dir, name, text);
+    sidecall::audio::wav::read_file_at(&p, rate).unwrap()
+}
+
+async fn wait_ended(log: &Arc<Mutex<CallLog>>, secs: u64) {
+    for _ in 0..secs * 10 {
+        if log.lock().unwrap().ended {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("call did not end within {secs} s");
+}
+
+async fn assert_no_leftovers(emu: &Emulator, sc: &Sidecall) {
+    for _ in 0..50 {
+        let (chans, bridges) = emu.leftovers();
+        if chans.is_empty()
+            && bridges.is_empty()
+            && sc
+                .health
+                .active_calls
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (chans, bridges) = emu.leftovers();
+    panic!(
+        "left behind: channels {chans:?}, bridges {bridges:?}, active {}",
+        sc.health
+            .active_calls
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+async fn order_status_call(mode: &str, plain: bool, format: &str) {
+    let url = common::asr_url();
+    let _ = url;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut opts = Options {
+        plain_only: plain,
+        ..Options::default()
+    };
+    opts.ws_clients
+        .insert("sidecall".into(), format!("ws://{listen}/media"));
+    let emu = Emulator::start(0, opts).await;
+    let extra = format!(
+        "websocket_mode = \"{mode}\"\nwebsocket_listen = \"{listen}\"\nformat = \"{format}\""
+    );
+    let sc = start(&emu, &extra, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rate = if format == "slin16" { 16_000 } else { 8_000 };
+    let script = Script {
+        turns: vec![
+            voice(dir.path(), "order", "five five four two one", rate),
+            voice(dir.path(), "yes", "yes", rate),
+            voice(dir.path(), "no", "no thank you", rate),
+        ],
+        max_ms: 90_000,
+        ..Script::default()
+    };
+    let (caller, log) = emu
+        .place_call("sidecall", &["flow=order_status", "lang=en"], script)
+        .unwrap();
+    wait_ended(&log, 95).await;
+    let said = sc.said(&caller);
+    assert!(
+        said.iter()
+            .any(|s| s.contains("Order 5-5-4-2-1 shipped yesterday and will arrive tomorrow.")),
+        "{said:#?}"
+    );
+    assert!(
+        said.last().is_some_and(|s| s.contains("Goodbye")),
+        "{said:#?}"
+    );
+    let l = log.lock().unwrap().clone();
+    assert_eq!(
+        l.hangup_reason.as_deref(),
+        Some("normal"),
+        "agent hung up the caller"
+    );
+    assert!(
+        l.marks_answered >= 4,
+        "playout marks went through the PBX: {}",
+        l.marks_answered
+    );
+    let marks = l.commands.iter().filter(|(_, c)| c == "MARK_MEDIA").count();
+    assert!(marks >= 4);
+    // The farewell was played before the hangup: its mark came back.
+    let recs = sc.records_of(&caller);
+    let last_end = recs
+        .iter()
+        .rev()
+        .find(|r| r["type"] == "playout_end")
+        .unwrap();
+    assert_eq!(last_end["complete"], true);
+    assert!(last_end["heard"].as_str().unwrap().contains("Goodbye"));
+    // The caller heard speech.
+    let loud = l.heard.iter().filter(|s| s.unsigned_abs() > 1000).count();
+    assert!(loud > rate as usize, "the caller heard the agent");
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_status_over_websocket_server_mode_json() {
+    order_status_call("server", false, "slin16").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_status_over_websocket_client_mode_plain_ulaw() {
+    order_status_call("client", true, "ulaw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barge_in_flushes_and_silences_the_agent() {
+    let _ = common::asr_url();
+    let emu = Emulator::start(0, Options::default()).await;
+    let sc = start(&emu, "", None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clip = voice(dir.path(), "order", "five five four two one", 16_000);
+    let script = Script {
+        at: vec![(3_000, clip.clone())],
+        max_ms: 20_000,
+        ..Script::default()
+    };
+    let (caller, log) = emu
+        .place_call("sidecall", &["flow=order_status"], script)
+        .unwrap();
+    wait_ended(&log, 30).await;
+    let l = log.lock().unwrap().clone();
+    let recs = sc.records_of(&caller);
+    assert!(recs.iter().any(|r| r["type"] == "barge_in"), "no barge_in");
+    assert!(
+        !l.flushes.is_empty(),
+        "FLUSH_MEDIA was sent: {:?}",
+        l.commands
+    );
+    // On the PBX's clock: the caller's voice begins at `onset`; speech has started once
+    // min_speech_ms (100) of it was heard. No agent audio may be played 100 ms after that, until
+    // the agent's next reply.
+    let spoke = l.caller_spoke_at[0] as usize;
+    let onset = spoke + clip.iter().position(|s| s.unsigned_abs() > 300).unwrap() / 16;
+    let speech_start = onset + 100;
+    let next_reply = l.heard[(speech_start + 200) * 16..]
+        .chunks(320)
+        .position(|f| f.iter().any(|s| s.unsigned_abs() > 300))
+        .map(|i| speech_start + 200 + i * 20)
+        .unwrap_or(usize::MAX);
+    let window = &l.heard[(speech_start + 100) * 16..(next_reply.min(l.heard.len() / 16)) * 16];
+    let loud = window.iter().filter(|s| s.unsigned_abs() > 300).count();
+    let last = l.heard[..(next_reply.min(l.heard.len() / 16)) * 16]
+        .iter()
+        .rposition(|s| s.unsigned_abs() > 300)
+        .unwrap_or(0)
+        / 16;
+    println!(
+        "onset {onset} ms, agent last heard at {last} ms, next reply {next_reply} ms, flush at {:?}",
+        l.flushes
+    );
+    assert_eq!(
+        loud, 0,
+        "agent audio played more than 100 ms after the caller's speech started"
+    );
+    assert!(
+        sc.said(&caller)
+            .iter()
+            .any(|s| s.contains("Did you say order 5-5-4-2-1?")),
+        "{:#?}",
+        sc.said(&caller)
+    );
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtmf_both_ways_without_duplicates() {
+    let emu = Emulator::start(0, Options::default()).await;
+    let flows = tempfile::tempdir().unwrap();
+    // A flow that takes a keypad entry, then dials a downstream IVR's menu by DTMF and transfers.
+    std::fs::write(
+        flows.path().join("keys.toml"),
+        "start = \"ask\"\ndisclosure = \"\"\n[states.ask]\nprompt = \"Type your code.\"\n\
+         collect = { slot = \"code\", entity = \"digits\", min_len = 5, max_len = 5 }\nnext = \"pass\"\n\
+         [states.pass]\nsay = \"Code {code|digits}. Passing you on.\"\nsend_dtmf = \"12#\"\ntransfer = \"agent\"\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "[dialog]\nflows_dir = \"{}\"\nflow = \"keys\"",
+        flows.path().display()
+    );
+    // [dialog] is set twice otherwise: build the config by hand.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &emu, "");
+    cfg.dialog.flows_dir = toml::Spanned::new(0..0, flows.path().display().to_string());
+    let _ = extra;
+    let cfg = Arc::new(cfg);
+    let parts = parts_factory(cfg.clone(), Engines::from_config(&cfg));
+    let sc = start(&emu, "", Some(parts)).await;
+    let script = Script {
+        dtmf: vec![(1_500, "55421".into())],
+        max_ms: 20_000,
+        ..Script::default()
+    };
+    let (caller, log) = emu.place_call("sidecall", &["flow=keys"], script).unwrap();
+    wait_ended(&log, 25).await;
+    let recs = sc.records_of(&caller);
+    let entries: Vec<&str> = recs
+        .iter()
+        .filter(|r| r["type"] == "dtmf")
+        .filter_map(|r| r["digits"].as_str())
+        .collect();
+    assert_eq!(
+        entries,
+        vec!["55421"],
+        "each key once although Asterisk reports it twice\n{recs:#?}"
+    );
+    let l = log.lock().unwrap().clone();
+    assert_eq!(
+        l.dtmf_sent_by_app,
+        vec!["12#".to_string()],
+        "keys sent with POST /channels/{{id}}/dtmf"
+    );
+    assert_eq!(
+        l.continued_to,
+        Some(("agents".into(), "support".into(), Some(1)))
+    );
+    assert!(
+        sc.said(&caller)
+            .iter()
+            .any(|s| s == "Code 5-5-4-2-1. Passing you on.")
+    );
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_to_allow_listed_target_after_the_farewell() {
+    let _ = common::asr_url();
+    let emu = Emulator::start(0, Options::default()).await;
+    let sc = start(&emu, "", None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = Script {
+        turns: vec![voice(
+            dir.path(),
+            "agent",
+            "I want to talk to an agent",
+            16_000,
+        )],
+        max_ms: 40_000,
+        ..Script::default()
+    };
+    let (caller, log) = emu
+        .place_call("sidecall", &["flow=order_status"], script)
+        .unwrap();
+    wait_ended(&log, 45).await;
+    let l = log.lock().unwrap().clone();
+    assert_eq!(
+        l.continued_to,
+        Some(("agents".into(), "support".into(), Some(1))),
+        "{:#?}",
+        sc.records_of(&caller)
+    );
+    let recs = sc.records_of(&caller);
+    let farewell = recs
+        .iter()
+        .rev()
+        .find(|r| r["type"] == "playout_end")
+        .unwrap();
+    assert_eq!(farewell["complete"], true, "the farewell played to the end");
+    assert!(
+        farewell["heard"]
+            .as_str()
+            .unwrap()
+            .contains("connecting you to an agent")
+    );
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
+
+/// A dialog that asks for a transfer nobody allowed.
+struct Rogue;
+
+#[async_trait::async_trait]
+impl sidecall::engines::dialog::Dialog for Rogue {
+    async fn start(
+        &mut self,
+    ) -> Result<sidecall::engines::dialog::Turn, sidecall::engines::dialog::DialogError> {
+        Ok(sidecall::engines::dialog::Turn {
+            say: sidecall::engines::dialog::prompt::segments(
+                "Transferring you to the premium line.",
+            ),
+            barge_in: false,
+            send_dtmf: None,
+            next: sidecall::engines::dialog::Next::Transfer {
+                target: "premium_line_900".into(),
+            },
+        })
+    }
+    async fn input(
+        &mut self,
+        _i: sidecall::engines::dialog::Input,
+    ) -> Result<sidecall::engines::dialog::Turn, sidecall::engines::dialog::DialogError> {
+        Ok(sidecall::engines::dialog::Turn {
+            say: sidecall::engines::dialog::prompt::segments("Goodbye."),
+            barge_in: false,
+            send_dtmf: None,
+            next: sidecall::engines::dialog::Next::Hangup {
+                reason: "normal".into(),
+            },
+        })
+    }
+    fn heard(&mut self, _h: &sidecall::engines::dialog::Heard) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_to_a_target_not_allow_listed_is_refused() {
+    let emu = Emulator::start(0, Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Arc::new(config(dir.path(), &emu, ""));
+    let engines = Engines::from_config(&cfg);
+    let parts: PartsFactory = Arc::new(move |_args| {
+        Ok(sidecall::pbx::CallParts {
+            flow_name: "rogue".into(),
+            dialog: Box::new(Rogue),
+            asr: engines.asr.clone(),
+            tts: engines.tts.clone(),
+        })
+    });
+    let sc = start(&emu, "", Some(parts)).await;
+    let (caller, log) = emu
+        .place_call(
+            "sidecall",
+            &[],
+            Script {
+                max_ms: 8_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    wait_ended(&log, 15).await;
+    let l = log.lock().unwrap().clone();
+    assert_eq!(l.continued_to, None);
+    assert_eq!(l.redirected_to, None);
+    let recs = sc.records_of(&caller);
+    assert!(
+        recs.iter()
+            .any(|r| r["type"] == "transfer_refused" && r["target"] == "premium_line_900"),
+        "{recs:#?}"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["type"] == "error" && r["stage"] == "transfer")
+    );
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asterisk_restart_then_new_calls_work() {
+    let port = free_port();
+    let emu = Emulator::start(port, Options::default()).await;
+    let sc = start(&emu, "", None).await;
+    assert!(
+        sc.health
+            .ari_connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    emu.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !sc.health
+            .ari_connected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        "/health reports the loss"
+    );
+    // Asterisk comes back on the same port.
+    let emu2 = Emulator::start(port, Options::default()).await;
+    for _ in 0..100 {
+        if emu2.app_connected("sidecall") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(emu2.app_connected("sidecall"), "sidecall reconnected");
+    let (_caller, log) = emu2
+        .place_call(
+            "sidecall",
+            &[],
+            Script {
+                dtmf: vec![(1_000, "0".into())],
+                max_ms: 15_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    wait_ended(&log, 20).await;
+    assert_eq!(
+        log.lock().unwrap().continued_to,
+        Some(("agents".into(), "support".into(), Some(1)))
+    );
+    assert_no_leftovers(&emu2, &sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_calls_complete_with_nothing_leaked() {
+    let emu = Emulator::start(0, Options::default()).await;
+    let sc = start(&emu, "max_calls = 60", None).await;
+    let mut logs = Vec::new();
+    for i in 0..50 {
+        let script = Script {
+            dtmf: vec![(1_000 + (i % 10) * 100, "0".into())],
+            max_ms: 30_000,
+            ..Script::default()
+        };
+        logs.push(
+            emu.place_call("sidecall", &["flow=order_status"], script)
+                .unwrap(),
+        );
+    }
+    for (_, log) in &logs {
+        wait_ended(log, 40).await;
+    }
+    for (caller, log) in &logs {
+        assert_eq!(
+            log.lock().unwrap().continued_to,
+            Some(("agents".into(), "support".into(), Some(1))),
+            "{caller}"
+        );
+    }
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_capacity_goes_to_overflow_at_once() {
+    let emu = Emulator::start(0, Options::default()).await;
+    let sc = start(&emu, "max_calls = 1", None).await;
+    let (_a, first) = emu
+        .place_call(
+            "sidecall",
+            &[],
+            Script {
+                max_ms: 6_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_b, second) = emu
+        .place_call(
+            "sidecall",
+            &[],
+            Script {
+                max_ms: 6_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        second.lock().unwrap().continued_to,
+        Some(("overflow".into(), "s".into(), None))
+    );
+    wait_ended(&first, 10).await;
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_that_never_connects_sends_the_caller_to_overflow() {
+    for mode in ["server", "client"] {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut opts = Options {
+            media_never_connects: true,
+            ..Options::default()
+        };
+        opts.ws_clients
+            .insert("sidecall".into(), format!("ws://{listen}/media"));
+        let emu = Emulator::start(0, opts).await;
+        let sc = start(
+            &emu,
+            &format!("websocket_mode = \"{mode}\"\nwebsocket_listen = \"{listen}\""),
+            None,
+        )
+        .await;
+        let t0 = std::time::Instant::now();
+        let (_c, log) = emu
+            .place_call(
+                "sidecall",
+                &[],
+                Script {
+                    max_ms: 30_000,
+                    ..Script::default()
+                },
+            )
+            .unwrap();
+        for _ in 0..100 {
+            if log.lock().unwrap().continued_to.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let waited = t0.elapsed();
+        assert_eq!(
+            log.lock().unwrap().continued_to,
+            Some(("overflow".into(), "s".into(), None)),
+            "{mode}"
+        );
+        assert!(
+            waited < Duration::from_secs(8),
+            "{mode}: overflow after {waited:?}"
+        );
+        sc.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_from_asterisk_ends_only_that_call() {
+    let emu = Emulator::start(0, Options::default()).await;
+    let sc = start(&emu, "", None).await;
+    emu.send_garbage_event();
+    // One call gets garbage control text (ignored), another an oversized frame (that call
+    // ends cleanly), a third runs normally beside them.
+    let (_g, garbage) = emu
+        .place_call(
+            "sidecall",
+            &[],
+            Script {
+                garbage_at_ms: Some(500),
+                dtmf: vec![(2_000, "0".into())],
+                max_ms: 20_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    let (big_id, big) = emu
+        .place_call(
+            "sidecall",
+            &[],
+            Script {
+                oversized_at_ms: Some(500),
+                max_ms: 20_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    let (_n, normal) = emu
+        .place_call(
+            "sidecall",
+            &[],
+            Script {
+                dtmf: vec![(2_500, "0".into())],
+                max_ms: 20_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    wait_ended(&garbage, 25).await;
+    wait_ended(&big, 25).await;
+    wait_ended(&normal, 25).await;
+    assert_eq!(
+        garbage.lock().unwrap().continued_to,
+        Some(("agents".into(), "support".into(), Some(1))),
+        "garbage text is ignored"
+    );
+    assert_eq!(
+        normal.lock().unwrap().continued_to,
+        Some(("agents".into(), "support".into(), Some(1)))
+    );
+    let recs = sc.records_of(&big_id);
+    let end = recs
+        .iter()
+        .find(|r| r["type"] == "hangup")
+        .expect("oversized frame ended the call");
+    assert!(
+        end["cause"].as_str().unwrap_or("").contains("oversized"),
+        "{end}"
+    );
+    // The caller was not left in silence: sent to the overflow target.
+    assert_eq!(
+        big.lock().unwrap().continued_to,
+        Some(("overflow".into(), "s".into(), None))
+    );
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
