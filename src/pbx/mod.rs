@@ -5,6 +5,7 @@
 pub mod asterisk;
 pub mod codec;
 pub mod events;
+pub mod paced;
 pub mod simulated;
 use std::sync::Arc;
 

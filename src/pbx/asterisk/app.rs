@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::ari::{AriClient, AriError, Event, ExternalMedia, supports_json_control};
 use super::ari_events::{self, EventMsg};
 use super::chan_ws::{self, ControlFormat, MediaStart};
+use super::{audiosocket, rtp};
 use crate::call::{CallControl, CallSetup, ControlError, MediaLink, run_call};
 use crate::config::{Config, TransferTarget};
 use crate::pbx::events::{CallEvents, DtmfSource};
@@ -36,8 +37,6 @@ pub enum AsteriskError {
     NoPassword(String),
     #[error("cannot listen on {addr}: {error}")]
     Listen { addr: String, error: std::io::Error },
-    #[error("asterisk.media = \"{0}\" is not available in this build yet")]
-    Unsupported(String),
 }
 
 /// State shared with `/health`.
@@ -63,6 +62,7 @@ struct Shared {
     records: Option<mpsc::Sender<serde_json::Value>>,
     json_control: AtomicBool,
     pending: Pending,
+    audiosockets: audiosocket::Waiting,
     /// Setups waiting for their media channel's StasisStart (addChannel before it gets 422).
     in_stasis: Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<()>>>>,
 }
@@ -76,9 +76,6 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<(), AsteriskError> {
     let a = &cfg.asterisk;
-    if a.media != "websocket" {
-        return Err(AsteriskError::Unsupported(a.media.clone()));
-    }
     let password = a
         .password
         .clone()
@@ -91,7 +88,21 @@ pub async fn run(
         Duration::from_millis(a.request_timeout_ms),
     );
     let pending: Pending = Arc::default();
-    if a.websocket_mode == "client" {
+    let audiosockets: audiosocket::Waiting = Arc::default();
+    if a.media == "audiosocket" {
+        let listener = TcpListener::bind(&a.audiosocket_listen)
+            .await
+            .map_err(|error| AsteriskError::Listen {
+                addr: a.audiosocket_listen.clone(),
+                error,
+            })?;
+        tokio::spawn(audiosocket::accept(
+            listener,
+            audiosockets.clone(),
+            stop.clone(),
+        ));
+    }
+    if a.media == "websocket" && a.websocket_mode == "client" {
         let listener = TcpListener::bind(&a.websocket_listen)
             .await
             .map_err(|error| AsteriskError::Listen {
@@ -117,6 +128,7 @@ pub async fn run(
         records,
         json_control: AtomicBool::new(false),
         pending,
+        audiosockets,
         in_stasis: Arc::default(),
     });
     let mut calls: HashMap<String, CallEvents> = HashMap::new();
@@ -397,7 +409,7 @@ async fn setup_media(
         m.insert(media_id.to_string(), stasis_tx);
     }
     let result = connect_media(shared, media_id, transport_data, events).await;
-    let (link, _task) = match result {
+    let link = match result {
         Ok(x) => x,
         Err(e) => {
             if let Ok(mut m) = shared.in_stasis.lock() {
@@ -426,10 +438,8 @@ async fn setup_media(
             Err(e) => return Err(format!("addChannel: {e}")),
         }
     }
-    Ok(Box::new(link))
+    Ok(link)
 }
-
-type Connected = (chan_ws::WsLink, tokio::task::JoinHandle<()>);
 
 /// Creates the external media channel and connects its media socket.
 async fn connect_media(
@@ -437,11 +447,16 @@ async fn connect_media(
     media_id: &str,
     transport_data: Option<String>,
     events: CallEvents,
-) -> Result<Connected, String> {
+) -> Result<Box<dyn MediaLink>, String> {
     let cfg = &shared.cfg;
     let a = &cfg.asterisk;
     let ari = &shared.ari;
     let media_timeout = Duration::from_millis(a.media_timeout_ms);
+    match a.media.as_str() {
+        "audiosocket" => return connect_audiosocket(shared, media_id, events).await,
+        "rtp" => return connect_rtp(shared, media_id, events).await,
+        _ => {}
+    }
     let connected = if a.websocket_mode == "client" {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = shared.pending.lock() {
@@ -509,7 +524,84 @@ async fn connect_media(
             .map_err(|e| e.to_string())?;
         chan_ws::start(ws, start, fmt, cfg.call.sample_rate, events).map_err(|e| e.to_string())?
     };
-    Ok(connected)
+    Ok(Box::new(connected.0))
+}
+
+/// AudioSocket: Asterisk connects to our listener and names the call by the UUID we gave it.
+async fn connect_audiosocket(
+    shared: &Shared,
+    media_id: &str,
+    events: CallEvents,
+) -> Result<Box<dyn MediaLink>, String> {
+    let a = &shared.cfg.asterisk;
+    let uuid = audiosocket::new_uuid();
+    let (tx, rx) = oneshot::channel();
+    if let Ok(mut w) = shared.audiosockets.lock() {
+        w.insert(uuid.clone(), tx);
+    }
+    let params = ExternalMedia {
+        channel_id: media_id.into(),
+        external_host: a.audiosocket_listen.clone(),
+        encapsulation: "audiosocket".into(),
+        transport: "tcp".into(),
+        connection_type: None,
+        format: a.format.clone(),
+        data: Some(uuid.clone()),
+        transport_data: None,
+    };
+    let post = shared.ari.external_media(&a.app, &params);
+    let conn = tokio::time::timeout(Duration::from_millis(a.media_timeout_ms), rx);
+    let (post, conn) = tokio::join!(post, conn);
+    if let Ok(mut w) = shared.audiosockets.lock() {
+        w.remove(&uuid);
+    }
+    post.map_err(|e| format!("externalMedia: {e}"))?;
+    let sock = conn
+        .map_err(|_| "Asterisk did not connect to the AudioSocket listener in time".to_string())?
+        .map_err(|_| "AudioSocket listener gone".to_string())?;
+    let rate = if a.format == "slin" { 8_000 } else { 16_000 };
+    let link = audiosocket::start(sock, rate, shared.cfg.call.sample_rate, events)
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(link))
+}
+
+/// RTP: a UDP socket per call; Asterisk tells where to send in the channel's variables.
+async fn connect_rtp(
+    shared: &Shared,
+    media_id: &str,
+    events: CallEvents,
+) -> Result<Box<dyn MediaLink>, String> {
+    let a = &shared.cfg.asterisk;
+    let sock = tokio::net::UdpSocket::bind((a.rtp_bind.as_str(), 0))
+        .await
+        .map_err(|e| format!("RTP socket: {e}"))?;
+    let local = sock.local_addr().map_err(|e| e.to_string())?;
+    let params = ExternalMedia {
+        channel_id: media_id.into(),
+        external_host: local.to_string(),
+        encapsulation: "rtp".into(),
+        transport: "udp".into(),
+        connection_type: None,
+        format: a.format.clone(),
+        data: None,
+        transport_data: None,
+    };
+    let ch = shared
+        .ari
+        .external_media(&a.app, &params)
+        .await
+        .map_err(|e| format!("externalMedia: {e}"))?;
+    let addr = ch
+        .var("UNICASTRTP_LOCAL_ADDRESS")
+        .ok_or("externalMedia answered without UNICASTRTP_LOCAL_ADDRESS")?;
+    let port = ch
+        .var("UNICASTRTP_LOCAL_PORT")
+        .ok_or("externalMedia answered without UNICASTRTP_LOCAL_PORT")?;
+    let remote: std::net::SocketAddr = format!("{addr}:{port}")
+        .parse()
+        .map_err(|e| format!("RTP address {addr}:{port}: {e}"))?;
+    let link = rtp::start(sock, remote, &a.format, shared.cfg.call.sample_rate, events)?;
+    Ok(Box::new(link))
 }
 
 /// Accepts chan_websocket client-mode connections and hands each to the call waiting for it,

@@ -4,4 +4,6 @@
 pub mod app;
 pub mod ari;
 pub mod ari_events;
+pub mod audiosocket;
 pub mod chan_ws;
+pub mod rtp;

@@ -1,0 +1,128 @@
+//! Real-time pacing for transports whose PBX side plays frames as they arrive (AudioSocket,
+//! RTP): the call's frames are queued here and written one per 20 ms; marks are reported when
+//! the frame before them has been written; flush drops what is queued.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+
+use crate::call::{LinkError, MediaLink};
+use crate::pbx::codec::Transcoder;
+use crate::pbx::events::CallEvents;
+
+/// Frames queued at most (20 s).
+pub const QUEUE_MAX: usize = 1000;
+
+enum Cmd {
+    Audio(Vec<i16>),
+    Mark(u64),
+    Flush,
+}
+
+/// The call engine's side of a paced transport.
+pub struct PacedLink {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl MediaLink for PacedLink {
+    fn send_audio(&mut self, frame: &[i16]) -> Result<(), LinkError> {
+        self.tx
+            .try_send(Cmd::Audio(frame.to_vec()))
+            .map_err(map_err)
+    }
+    fn mark(&mut self, id: u64) -> Result<(), LinkError> {
+        self.tx.try_send(Cmd::Mark(id)).map_err(map_err)
+    }
+    fn flush(&mut self) -> Result<(), LinkError> {
+        self.tx.try_send(Cmd::Flush).map_err(map_err)
+    }
+}
+
+fn map_err<T>(e: mpsc::error::TrySendError<T>) -> LinkError {
+    match e {
+        mpsc::error::TrySendError::Full(_) => LinkError::Congested,
+        mpsc::error::TrySendError::Closed(_) => LinkError::Closed,
+    }
+}
+
+enum Item {
+    Frame(Vec<u8>),
+    Mark(u64),
+}
+
+/// Writes one encoded 20 ms frame to the wire; an error ends the pacing task.
+pub trait FrameWriter: Send + 'static {
+    fn write(
+        &mut self,
+        frame: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+/// Starts the pacing task; it ends when the link is dropped or the writer fails.
+pub fn start<W: FrameWriter>(
+    mut writer: W,
+    mut tc: Transcoder,
+    events: CallEvents,
+) -> (PacedLink, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Cmd>(256);
+    let frame_bytes = tc.wire.frame_bytes();
+    let task = tokio::spawn(async move {
+        let mut queue: VecDeque<Item> = VecDeque::new();
+        let mut pending: Vec<u8> = Vec::with_capacity(frame_bytes * 2);
+        let mut frames = 0usize;
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None => return,
+                    Some(Cmd::Audio(s)) => match tc.outbound(&s) {
+                        Ok(b) => {
+                            pending.extend_from_slice(&b);
+                            while pending.len() >= frame_bytes {
+                                if frames >= QUEUE_MAX {
+                                    pending.clear();
+                                    tracing::warn!("paced queue full; agent audio dropped");
+                                    break;
+                                }
+                                queue.push_back(Item::Frame(pending.drain(..frame_bytes).collect()));
+                                frames += 1;
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "encoding agent audio"),
+                    },
+                    Some(Cmd::Mark(id)) => {
+                        if !pending.is_empty() {
+                            let mut f = std::mem::take(&mut pending);
+                            f.extend(tc.wire.silence(frame_bytes - f.len()));
+                            queue.push_back(Item::Frame(f));
+                            frames += 1;
+                        }
+                        queue.push_back(Item::Mark(id));
+                    }
+                    Some(Cmd::Flush) => {
+                        queue.clear();
+                        pending.clear();
+                        frames = 0;
+                    }
+                },
+                _ = ticker.tick() => {
+                    while let Some(Item::Mark(id)) = queue.front() {
+                        events.mark_played(*id);
+                        queue.pop_front();
+                    }
+                    if let Some(Item::Frame(f)) = queue.pop_front() {
+                        frames -= 1;
+                        if let Err(e) = writer.write(f).await {
+                            tracing::debug!(error = %e, "paced writer failed");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    (PacedLink { tx }, task)
+}
