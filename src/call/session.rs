@@ -150,6 +150,7 @@ struct Session {
     times: TurnTimes,
     outcome: Option<CallOutcome>,
     ending: bool,
+    ending_action: Option<JoinHandle<bool>>,
 }
 
 impl Session {
@@ -429,8 +430,9 @@ impl Session {
     }
 
     fn end_task<F: std::future::Future<Output = bool> + Send + 'static>(&mut self, f: F) {
-        // The control action runs to completion even though the session loop stops now.
-        tokio::spawn(f);
+        // The control action runs on its own task; the call waits for it (bounded) before it
+        // returns, so the PBX has acted on the caller before media is torn down.
+        self.ending_action = Some(tokio::spawn(f));
     }
 
     /// An engine failed for good: play the fallback prompt, then transfer or hang up per config.
@@ -851,6 +853,7 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         times: TurnTimes::default(),
         outcome: None,
         ending: false,
+        ending_action: None,
     };
     metrics::gauge!(names::CALLS_ACTIVE).increment(1.0);
     s.emit(
@@ -901,6 +904,9 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
     }
     s.cancel_reply();
     dialog_task.abort();
+    if let Some(action) = s.ending_action.take() {
+        let _ = tokio::time::timeout(CONTROL_TIMEOUT + Duration::from_secs(1), action).await;
+    }
     let outcome = s.outcome.clone().unwrap_or(CallOutcome::CallerHungUp);
     metrics::gauge!(names::CALLS_ACTIVE).decrement(1.0);
     metrics::counter!(names::CALLS_TOTAL, "outcome" => outcome.label()).increment(1);

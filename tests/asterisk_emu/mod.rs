@@ -916,7 +916,126 @@ struct Session {
     stall: bool,
 }
 
-/// Plays one bridged call: caller audio out, agent audio queued and played at 20 ms.
+/// The caller's side of a bridged call: speaks turns 700 ms after the agent stops, clips at
+/// fixed times, presses keys, hangs up at the end of its script.
+struct CallerSim {
+    turns: VecDeque<Vec<i16>>,
+    at: VecDeque<(u64, Vec<i16>)>,
+    keys: VecDeque<(u64, char)>,
+    speaking: Vec<(Vec<i16>, usize)>,
+    agent_spoke: bool,
+    quiet_ticks: u64,
+    max_ms: u64,
+    per_frame: usize,
+    log: Arc<Mutex<CallLog>>,
+}
+
+/// What the caller does in one 20 ms tick.
+struct CallerTick {
+    frame: Option<Vec<i16>>,
+    keys: Vec<char>,
+    hang_up: bool,
+}
+
+impl CallerSim {
+    fn new(script: &mut Script, per_frame: usize, log: Arc<Mutex<CallLog>>) -> Self {
+        let mut keys: VecDeque<(u64, char)> = script
+            .dtmf
+            .iter()
+            .flat_map(|(t, d)| {
+                d.chars()
+                    .enumerate()
+                    .map(move |(i, c)| (t + i as u64 * 150, c))
+            })
+            .collect();
+        keys.make_contiguous().sort_by_key(|k| k.0);
+        Self {
+            turns: std::mem::take(&mut script.turns).into(),
+            at: std::mem::take(&mut script.at).into(),
+            keys,
+            speaking: Vec::new(),
+            agent_spoke: false,
+            quiet_ticks: 0,
+            max_ms: if script.max_ms == 0 {
+                120_000
+            } else {
+                script.max_ms
+            },
+            per_frame,
+            log,
+        }
+    }
+
+    /// `heard` is the agent audio played to the caller in this tick.
+    fn tick(&mut self, now: u64, heard: &[i16]) -> CallerTick {
+        let mut out = CallerTick {
+            frame: None,
+            keys: Vec::new(),
+            hang_up: now >= self.max_ms,
+        };
+        if out.hang_up {
+            return out;
+        }
+        self.log.lock().unwrap().heard.extend_from_slice(heard);
+        if heard.iter().any(|s| s.unsigned_abs() > 200) {
+            self.agent_spoke = true;
+            self.quiet_ticks = 0;
+        } else {
+            self.quiet_ticks += 1;
+        }
+        if self.speaking.is_empty() && self.agent_spoke && self.quiet_ticks * 20 >= 700 {
+            if let Some(clip) = self.turns.pop_front() {
+                self.log.lock().unwrap().caller_spoke_at.push(now);
+                self.speaking.push((clip, 0));
+                self.agent_spoke = false;
+            }
+        }
+        while self.at.front().is_some_and(|(t, _)| *t <= now) {
+            let (_, clip) = self.at.pop_front().unwrap();
+            self.log.lock().unwrap().caller_spoke_at.push(now);
+            self.speaking.push((clip, 0));
+            self.agent_spoke = false;
+        }
+        while self.keys.front().is_some_and(|(t, _)| *t <= now) {
+            let (_, k) = self.keys.pop_front().unwrap();
+            self.agent_spoke = false;
+            self.log
+                .lock()
+                .unwrap()
+                .commands
+                .push((now, format!("CALLER_DTMF {k}")));
+            out.keys.push(k);
+        }
+        if !self.speaking.is_empty() {
+            let mut mix = vec![0i32; self.per_frame];
+            for (clip, pos) in self.speaking.iter_mut() {
+                let end = (*pos + self.per_frame).min(clip.len());
+                for (i, s) in clip[*pos..end].iter().enumerate() {
+                    mix[i] += *s as i32;
+                }
+                *pos = end;
+            }
+            self.speaking.retain(|(c, p)| *p < c.len());
+            out.frame = Some(mix.iter().map(|&v| v.clamp(-32768, 32767) as i16).collect());
+        }
+        out
+    }
+}
+
+/// Reports a caller's key on ARI (ChannelDtmfReceived), as Asterisk does besides the media side.
+fn ari_dtmf(state: &Arc<Mutex<State>>, caller: &str, k: char) {
+    let mut st = state.lock().unwrap();
+    if let Some(c) = st.channels.get(caller).cloned() {
+        let ev = json!({"type": "ChannelDtmfReceived", "application": "sidecall", "timestamp": "x",
+            "digit": k.to_string(), "duration_ms": 100, "channel": chan_json(&c)});
+        for app in all_apps(&st) {
+            broadcast(&mut st, &app, ev.clone());
+        }
+    }
+}
+
+/// Plays one bridged call over chan_websocket: caller audio out, agent audio queued and played
+/// at 20 ms, marks, flush and flow control.
 async fn media_session(
     ws: WebSocketStream<TcpStream>,
     sess: Session,
@@ -940,28 +1059,20 @@ async fn media_session(
     let mut full = false;
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
     let start = Instant::now();
-    let mut turns: VecDeque<Vec<i16>> = std::mem::take(&mut script.turns).into();
-    let mut at: VecDeque<(u64, Vec<i16>)> = std::mem::take(&mut script.at).into();
-    let mut keys: VecDeque<(u64, char)> = script
-        .dtmf
-        .iter()
-        .flat_map(|(t, d)| {
-            d.chars()
-                .enumerate()
-                .map(move |(i, c)| (t + i as u64 * 150, c))
-        })
-        .collect();
-    keys.make_contiguous().sort_by_key(|k| k.0);
-    let mut speaking: Vec<(Vec<i16>, usize)> = Vec::new();
-    let mut agent_spoke = false;
-    let mut quiet_ticks = 0u64;
-    let max_ms = if script.max_ms == 0 {
-        120_000
-    } else {
-        script.max_ms
-    };
+    let mut sim = CallerSim::new(&mut script, per_frame, log.clone());
     let json = info.json;
     let mut outgoing: Vec<Message> = Vec::new();
+    let event = |name: &str, extra: Value| -> String {
+        if json {
+            let mut v = json!({"event": name, "channel_id": media_id});
+            if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
+                m.extend(e);
+            }
+            v.to_string()
+        } else {
+            name.to_string()
+        }
+    };
     loop {
         tokio::select! {
             c = rx.recv() => match c {
@@ -975,8 +1086,7 @@ async fn media_session(
                 }
             },
             m = stream.next() => match m {
-                None | Some(Err(_)) => break,
-                Some(Ok(Message::Close(_))) => break,
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
                 Some(Ok(Message::Binary(b))) => {
                     if b.len() > 65_535 {
                         let _ = sink.send(Message::Close(Some(CloseFrame { code: CloseCode::Size, reason: "".into() }))).await;
@@ -993,7 +1103,7 @@ async fn media_session(
                         frames += 1;
                         if !full && frames >= XOFF_LEVEL {
                             full = true;
-                            outgoing.push(Message::text(if json { json!({"event": "MEDIA_XOFF", "channel_id": media_id}).to_string() } else { "MEDIA_XOFF".into() }));
+                            outgoing.push(Message::text(event("MEDIA_XOFF", json!({}))));
                         }
                     }
                 }
@@ -1007,7 +1117,7 @@ async fn media_session(
                         match serde_json::from_str::<Value>(&t) {
                             Ok(v) => (v["command"].as_str().unwrap_or("").to_string(), v["correlation_id"].as_str().map(str::to_string)),
                             Err(_) => {
-                                outgoing.push(Message::text(json!({"event": "ERROR", "channel_id": media_id, "error_text": "Unable to parse JSON command"}).to_string()));
+                                outgoing.push(Message::text(event("ERROR", json!({"error_text": "Unable to parse JSON command"}))));
                                 continue;
                             }
                         }
@@ -1025,16 +1135,37 @@ async fn media_session(
                         }
                         "HANGUP" => break,
                         "GET_STATUS" => outgoing.push(Message::text(format!("STATUS channel_id:{media_id} queue_length:{frames} xon_level:800 xoff_level:900 queue_full:{full} bulk_media:false media_paused:false"))),
-                        "ANSWER" | "REPORT_QUEUE_DRAINED" | "PAUSE_MEDIA" | "CONTINUE_MEDIA" | "START_MEDIA_BUFFERING" | "STOP_MEDIA_BUFFERING" => {}
-                        _ => {} // unknown commands are only logged by Asterisk
+                        _ => {} // the rest are accepted; unknown commands are only logged by Asterisk
                     }
                 }
                 Some(Ok(_)) => {}
             },
             _ = ticker.tick() => {
                 let now = start.elapsed().as_millis() as u64;
-                if now >= max_ms {
-                    // The caller hangs up.
+                // XON check first, then control frames, then one media frame.
+                if full && frames < XON_LEVEL {
+                    full = false;
+                    outgoing.push(Message::text(event("MEDIA_XON", json!({}))));
+                }
+                while let Some(Err(_)) = queue.front() {
+                    if let Some(Err(id)) = queue.pop_front() {
+                        log.lock().unwrap().marks_answered += 1;
+                        outgoing.push(Message::text(if json { event("MEDIA_MARK_PROCESSED", json!({"correlation_id": id})) } else { format!("MEDIA_MARK_PROCESSED {id}") }));
+                    }
+                }
+                let mut heard = vec![0i16; per_frame];
+                if !stall {
+                    if let Some(Ok(_)) = queue.front() {
+                        if let Some(Ok(f)) = queue.pop_front() {
+                            frames -= 1;
+                            let s = decode(&fmt, &f);
+                            let n = s.len().min(per_frame);
+                            heard[..n].copy_from_slice(&s[..n]);
+                        }
+                    }
+                }
+                let t = sim.tick(now, &heard);
+                if t.hang_up {
                     {
                         let mut st = state.lock().unwrap();
                         hangup_channel(&mut st, &caller, "normal", 16);
@@ -1042,57 +1173,9 @@ async fn media_session(
                     let _ = sink.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() }))).await;
                     break;
                 }
-                // XON check first, then control frames, then one media frame.
-                if full && frames < XON_LEVEL {
-                    full = false;
-                    outgoing.push(Message::text(if json { json!({"event": "MEDIA_XON", "channel_id": media_id}).to_string() } else { "MEDIA_XON".into() }));
-                }
-                while let Some(Err(_)) = queue.front() {
-                    if let Some(Err(id)) = queue.pop_front() {
-                        log.lock().unwrap().marks_answered += 1;
-                        outgoing.push(Message::text(if json { json!({"event": "MEDIA_MARK_PROCESSED", "channel_id": media_id, "correlation_id": id}).to_string() } else { format!("MEDIA_MARK_PROCESSED {id}") }));
-                    }
-                }
-                let played = if stall { None } else { match queue.front() { Some(Ok(_)) => queue.pop_front(), _ => None } };
-                let mut heard = vec![0i16; per_frame];
-                if let Some(Ok(f)) = played {
-                    frames -= 1;
-                    let s = decode(&fmt, &f);
-                    let n = s.len().min(per_frame);
-                    heard[..n].copy_from_slice(&s[..n]);
-                }
-                let active = heard.iter().any(|s| s.unsigned_abs() > 200);
-                log.lock().unwrap().heard.extend_from_slice(&heard);
-                if active { agent_spoke = true; quiet_ticks = 0; } else { quiet_ticks += 1; }
-                if speaking.is_empty() && agent_spoke && quiet_ticks * 20 >= 700 {
-                    if let Some(clip) = turns.pop_front() {
-                        log.lock().unwrap().caller_spoke_at.push(now);
-                        speaking.push((clip, 0));
-                        agent_spoke = false;
-                    }
-                }
-                while at.front().is_some_and(|(t, _)| *t <= now) {
-                    let (_, clip) = at.pop_front().unwrap();
-                    log.lock().unwrap().caller_spoke_at.push(now);
-                    speaking.push((clip, 0));
-                    agent_spoke = false;
-                }
-                while keys.front().is_some_and(|(t, _)| *t <= now) {
-                    let (_, k) = keys.pop_front().unwrap();
-                    agent_spoke = false;
-                    // Asterisk reports the key on ARI for the caller and on the media socket.
-                    {
-                        let mut st = state.lock().unwrap();
-                        if let Some(c) = st.channels.get(&caller).cloned() {
-                            let ev = json!({"type": "ChannelDtmfReceived", "application": "sidecall", "timestamp": "x", "digit": k.to_string(), "duration_ms": 100, "channel": chan_json(&c)});
-                            for app in all_apps(&st) {
-                                broadcast(&mut st, &app, ev.clone());
-                            }
-                        }
-                    }
-                    let t = if json { json!({"event": "DTMF_END", "channel_id": media_id, "digit": k.to_string()}).to_string() } else { format!("DTMF_END digit:{k} channel_id:{media_id}") };
-                    outgoing.push(Message::text(t));
-                    log.lock().unwrap().commands.push((now, format!("CALLER_DTMF {k}")));
+                for k in t.keys {
+                    ari_dtmf(&state, &caller, k);
+                    outgoing.push(Message::text(if json { json!({"event": "DTMF_END", "channel_id": media_id, "digit": k.to_string()}).to_string() } else { format!("DTMF_END digit:{k} channel_id:{media_id}") }));
                 }
                 if script.garbage_at_ms.is_some_and(|t| t <= now) {
                     script.garbage_at_ms = None;
@@ -1105,22 +1188,9 @@ async fn media_session(
                     script.oversized_at_ms = None;
                     outgoing.push(Message::binary(vec![0u8; 200_000]));
                 }
-                if !speaking.is_empty() {
-                    let mut mix = vec![0i32; per_frame];
-                    for (clip, pos) in speaking.iter_mut() {
-                        let end = (*pos + per_frame).min(clip.len());
-                        for (i, s) in clip[*pos..end].iter().enumerate() { mix[i] += *s as i32; }
-                        *pos = end;
-                    }
-                    speaking.retain(|(c, p)| *p < c.len());
-                    let frame: Vec<i16> = mix.iter().map(|&v| v.clamp(-32768, 32767) as i16).collect();
-                    outgoing.push(Message::binary(encode(&fmt, &frame)));
+                if let Some(f) = t.frame {
+                    outgoing.push(Message::binary(encode(&fmt, &f)));
                 }
-                let mut failed = false;
-                for m in outgoing.drain(..) {
-                    if sink.send(m).await.is_err() { failed = true; break; }
-                }
-                if failed { break; }
             }
         }
         let mut failed = false;
@@ -1134,7 +1204,8 @@ async fn media_session(
             break;
         }
     }
-    // Closing the media socket hangs up the media channel.
+    // Closing the media socket hangs up the media channel (the caller stays until it is
+    // transferred, hung up, or hangs up).
     let mut st = state.lock().unwrap();
     hangup_channel(&mut st, &media_id, "normal", 16);
 }
