@@ -67,6 +67,11 @@ pub struct CallLog {
     /// Tick times (ms) at which each caller voice clip started.
     pub caller_spoke_at: Vec<u64>,
     pub bridged: bool,
+    /// AudioSocket/RTP: most agent frames that arrived within one 20 ms tick (pacing check).
+    pub max_arrivals_per_tick: usize,
+    /// RTP: packets whose header broke the stream (version, payload type, sequence, timestamp, SSRC).
+    pub rtp_header_errors: u32,
+    pub rtp_packets: u32,
 }
 
 #[derive(Clone)]
@@ -126,10 +131,16 @@ struct State {
     /// media channel id -> sender to its media task (DTMF, hangup, start)
     media_ctl: HashMap<String, mpsc::Sender<MediaCtl>>,
     /// media channel id -> socket waiting for its bridge (before the caller is known)
-    parked_ws: HashMap<String, WebSocketStream<TcpStream>>,
+    parked_ws: HashMap<String, Parked>,
     next_id: u64,
     events_sent: u64,
     malformed_on_connect: bool,
+}
+
+enum Parked {
+    Ws(WebSocketStream<TcpStream>),
+    AudioSocket(TcpStream),
+    Rtp(tokio::net::UdpSocket, std::net::SocketAddr),
 }
 
 enum MediaCtl {
@@ -504,10 +515,15 @@ impl Emulator {
         };
         let transport = q("transport").unwrap_or_else(|| "udp".into());
         let encapsulation = q("encapsulation").unwrap_or_else(|| "rtp".into());
+        if encapsulation == "audiosocket" || encapsulation == "rtp" {
+            return self
+                .external_raw(req, &app, &encapsulation, &transport)
+                .await;
+        }
         if transport != "websocket" || encapsulation != "none" {
             return (
                 400,
-                Some(json!({"message": "emulator: only chan_websocket media"})),
+                Some(json!({"message": "unsupported encapsulation/transport"})),
             );
         }
         let format = q("format").unwrap_or_default();
@@ -611,7 +627,7 @@ impl Emulator {
         {
             let mut st = self.state.lock().unwrap();
             st.channels.insert(id.clone(), ch.clone());
-            st.parked_ws.insert(id.clone(), ws);
+            st.parked_ws.insert(id.clone(), Parked::Ws(ws));
         }
         let state = self.state.clone();
         let app2 = app.clone();
@@ -625,6 +641,100 @@ impl Emulator {
                 broadcast(&mut st, &app2, ev);
             }
         });
+        (200, Some(body))
+    }
+
+    /// AudioSocket (TCP, Asterisk connects and sends the UUID first) and RTP (UDP, sidecall
+    /// learns where to send from UNICASTRTP_LOCAL_ADDRESS/PORT).
+    async fn external_raw(
+        &self,
+        req: &Req,
+        app: &str,
+        encapsulation: &str,
+        transport: &str,
+    ) -> (u16, Option<Value>) {
+        let q = |k: &str| req.query.get(k).cloned();
+        let format = q("format").unwrap_or_default();
+        let Some(host) = q("external_host") else {
+            return (400, Some(json!({"message": "external_host is required"})));
+        };
+        let Ok(addr) = host.parse::<std::net::SocketAddr>() else {
+            return (400, Some(json!({"message": "bad external_host"})));
+        };
+        let id = {
+            let mut st = self.state.lock().unwrap();
+            st.next_id += 1;
+            let n = st.next_id;
+            q("channelId").unwrap_or_else(|| format!("1795262{n:03}.{n}"))
+        };
+        let mut ch = Chan {
+            id: id.clone(),
+            name: String::new(),
+            state: "Up".into(),
+            in_stasis: true,
+            media: Some(MediaInfo {
+                connection_id: String::new(),
+                format: format.clone(),
+                json: false,
+            }),
+            bridge: None,
+            script: None,
+            args: q("data").into_iter().collect(),
+        };
+        let mut body;
+        let parked = if encapsulation == "audiosocket" {
+            if transport != "tcp" || !["slin", "slin16"].contains(&format.as_str()) {
+                return (
+                    400,
+                    Some(json!({"message": "audiosocket needs transport=tcp and a slin format"})),
+                );
+            }
+            let Some(uuid) = q("data").and_then(|d| parse_uuid(&d)) else {
+                return (
+                    400,
+                    Some(json!({"message": "data must be a UUID for audiosocket"})),
+                );
+            };
+            if self.opts.media_never_connects {
+                return (500, Some(json!({"message": "Failed to connect"})));
+            }
+            let Ok(Ok(mut sock)) =
+                tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+            else {
+                return (
+                    500,
+                    Some(json!({"message": "Failed to connect to AudioSocket server"})),
+                );
+            };
+            let mut pkt = vec![0x01u8, 0, 16];
+            pkt.extend_from_slice(&uuid);
+            if sock.write_all(&pkt).await.is_err() {
+                return (500, Some(json!({"message": "send failed"})));
+            }
+            ch.name = format!("AudioSocket/{host}-{}", q("data").unwrap_or_default());
+            body = chan_json(&ch);
+            Parked::AudioSocket(sock)
+        } else {
+            if transport != "udp" || !["ulaw", "slin16"].contains(&format.as_str()) {
+                return (
+                    400,
+                    Some(json!({"message": "rtp needs transport=udp and ulaw or slin16"})),
+                );
+            }
+            let Ok(sock) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
+                return (500, None);
+            };
+            let local = sock.local_addr().unwrap();
+            ch.name = format!("UnicastRTP/{host}-0x7f");
+            body = chan_json(&ch);
+            body["channelvars"] = json!({"UNICASTRTP_LOCAL_ADDRESS": local.ip().to_string(), "UNICASTRTP_LOCAL_PORT": local.port().to_string()});
+            Parked::Rtp(sock, addr)
+        };
+        let mut st = self.state.lock().unwrap();
+        let ev = json!({"type": "StasisStart", "application": app, "timestamp": "x", "args": ch.args, "channel": chan_json(&ch)});
+        st.channels.insert(id.clone(), ch);
+        st.parked_ws.insert(id, parked);
+        broadcast(&mut st, app, ev);
         (200, Some(body))
     }
 
@@ -713,7 +823,7 @@ impl Emulator {
                 return;
             }
             let mut st = self.state.lock().unwrap();
-            st.parked_ws.insert(media_id.clone(), ws);
+            st.parked_ws.insert(media_id.clone(), Parked::Ws(ws));
             if let Some(b) = ch.bridge.clone() {
                 start_bridge_if_ready(&self.state, &mut st, &b, self.opts.stall_playout);
             }
@@ -903,7 +1013,14 @@ fn start_bridge_if_ready(state: &Arc<Mutex<State>>, st: &mut State, bridge: &str
         log,
         stall,
     };
-    tokio::spawn(media_session(ws, session, rx));
+    match ws {
+        Parked::Ws(ws) => {
+            tokio::spawn(media_session(ws, session, rx));
+        }
+        other => {
+            tokio::spawn(raw_session(other, session, rx));
+        }
+    }
 }
 
 struct Session {
@@ -1206,6 +1323,208 @@ async fn media_session(
     }
     // Closing the media socket hangs up the media channel (the caller stays until it is
     // transferred, hung up, or hangs up).
+    let mut st = state.lock().unwrap();
+    hangup_channel(&mut st, &media_id, "normal", 16);
+}
+
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || s.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+enum RawOut {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Udp(Arc<tokio::net::UdpSocket>, std::net::SocketAddr, u16, u32),
+}
+
+/// Reads AudioSocket packets from the app into `tx`; app DTMF (0x03) is an error that ends the call.
+fn spawn_audiosocket_reader(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    tx: mpsc::Sender<Result<Vec<i16>, String>>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let mut head = [0u8; 3];
+            if r.read_exact(&mut head).await.is_err() {
+                let _ = tx.send(Err("closed".into())).await;
+                return;
+            }
+            let mut p = vec![0u8; u16::from_be_bytes([head[1], head[2]]) as usize];
+            if r.read_exact(&mut p).await.is_err() {
+                let _ = tx.send(Err("closed".into())).await;
+                return;
+            }
+            let msg = match head[0] {
+                0x10 | 0x12 => Ok(l16::decode_le(&p)),
+                0x00 => Err("hangup from app".into()),
+                0x03 => Err("app sent DTMF (not allowed)".into()),
+                k => Err(format!("unexpected kind {k:#x}")),
+            };
+            let stop = msg.is_err();
+            if tx.send(msg).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+}
+
+/// Reads RTP from the app into `tx`, checking every header against the stream so far.
+fn spawn_rtp_reader(
+    sock: Arc<tokio::net::UdpSocket>,
+    fmt: String,
+    log: Arc<Mutex<CallLog>>,
+    tx: mpsc::Sender<Result<Vec<i16>, String>>,
+) {
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        let want_pt = if fmt == "ulaw" { 0u8 } else { 118 };
+        let step = if fmt == "ulaw" { 160 } else { 320 };
+        let mut last: Option<(u16, u32, u32)> = None;
+        while let Ok((n, _)) = sock.recv_from(&mut buf).await {
+            let p = &buf[..n];
+            let mut bad = n < 12 || p[0] >> 6 != 2 || (p[1] & 0x7f) != want_pt;
+            if n >= 12 {
+                let seq = u16::from_be_bytes([p[2], p[3]]);
+                let ts = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
+                let ssrc = u32::from_be_bytes([p[8], p[9], p[10], p[11]]);
+                if let Some((ls, lt, lss)) = last {
+                    bad |= seq != ls.wrapping_add(1) || ts != lt.wrapping_add(step) || ssrc != lss;
+                }
+                last = Some((seq, ts, ssrc));
+            }
+            {
+                let mut l = log.lock().unwrap();
+                l.rtp_packets += 1;
+                l.rtp_header_errors += bad as u32;
+            }
+            if n > 12 {
+                let payload = &p[12..];
+                let s = if fmt == "ulaw" {
+                    g711::decode_ulaw(payload)
+                } else {
+                    l16::decode_be(payload)
+                };
+                if tx.send(Ok(s)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Plays one bridged call over AudioSocket or RTP: Asterisk writes what arrives straight to the
+/// caller (no queue, no marks, no flush), so the app must pace; bursts are recorded.
+async fn raw_session(transport: Parked, sess: Session, mut rx: mpsc::Receiver<MediaCtl>) {
+    let Session {
+        state,
+        info,
+        media_id,
+        caller,
+        mut script,
+        log,
+        ..
+    } = sess;
+    let fmt = info.format.clone();
+    let rate = wire_rate(&fmt);
+    let per_frame = (rate / 50) as usize;
+    let (in_tx, mut in_rx) = mpsc::channel::<Result<Vec<i16>, String>>(256);
+    let mut sim = CallerSim::new(&mut script, per_frame, log.clone());
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    let start = Instant::now();
+    let mut arrived: VecDeque<Vec<i16>> = VecDeque::new();
+    let mut this_tick = 0usize;
+    let mut out = match transport {
+        Parked::AudioSocket(sock) => {
+            let (r, w) = sock.into_split();
+            spawn_audiosocket_reader(r, in_tx.clone());
+            RawOut::Tcp(w)
+        }
+        Parked::Rtp(sock, to) => {
+            let sock = Arc::new(sock);
+            spawn_rtp_reader(sock.clone(), fmt.clone(), log.clone(), in_tx.clone());
+            RawOut::Udp(sock, to, 1, 0)
+        }
+        Parked::Ws(_) => return,
+    };
+    loop {
+        tokio::select! {
+            c = rx.recv() => match c {
+                Some(MediaCtl::Dtmf(_)) => {}
+                Some(MediaCtl::Hangup) | None => break,
+            },
+            m = in_rx.recv() => match m {
+                Some(Ok(frame)) => {
+                    this_tick += 1;
+                    arrived.push_back(frame);
+                }
+                Some(Err(why)) => {
+                    log.lock().unwrap().commands.push((start.elapsed().as_millis() as u64, why));
+                    break;
+                }
+                None => break,
+            },
+            _ = ticker.tick() => {
+                let now = start.elapsed().as_millis() as u64;
+                {
+                    let mut l = log.lock().unwrap();
+                    l.max_arrivals_per_tick = l.max_arrivals_per_tick.max(this_tick);
+                }
+                this_tick = 0;
+                let mut heard = vec![0i16; per_frame];
+                if let Some(f) = arrived.pop_front() {
+                    let n = f.len().min(per_frame);
+                    heard[..n].copy_from_slice(&f[..n]);
+                }
+                // Nothing is queued at the PBX: what comes too early is played over or lost.
+                arrived.truncate(2);
+                let t = sim.tick(now, &heard);
+                if t.hang_up {
+                    let mut st = state.lock().unwrap();
+                    hangup_channel(&mut st, &caller, "normal", 16);
+                    break;
+                }
+                for k in t.keys {
+                    ari_dtmf(&state, &caller, k);
+                    if let RawOut::Tcp(w) = &mut out {
+                        let _ = w.write_all(&[0x03, 0, 1, k as u8]).await;
+                    }
+                }
+                if let Some(f) = t.frame {
+                    let failed = match &mut out {
+                        RawOut::Tcp(w) => {
+                            let kind = if rate == 16_000 { 0x12u8 } else { 0x10 };
+                            let payload = l16::encode_le(&f);
+                            let mut pkt = vec![kind];
+                            pkt.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+                            pkt.extend_from_slice(&payload);
+                            w.write_all(&pkt).await.is_err()
+                        }
+                        RawOut::Udp(sock, to, seq, ts) => {
+                            let (pt, payload) = if fmt == "ulaw" { (0u8, g711::encode_ulaw(&f)) } else { (118u8, l16::encode_be(&f)) };
+                            let mut pkt = vec![0x80, pt];
+                            pkt.extend_from_slice(&seq.to_be_bytes());
+                            pkt.extend_from_slice(&ts.to_be_bytes());
+                            pkt.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+                            pkt.extend_from_slice(&payload);
+                            *seq = seq.wrapping_add(1);
+                            *ts = ts.wrapping_add(per_frame as u32);
+                            sock.send_to(&pkt, *to).await.is_err()
+                        }
+                    };
+                    if failed {
+                        break;
+                    }
+                }
+            }
+        }
+    }
     let mut st = state.lock().unwrap();
     hangup_channel(&mut st, &media_id, "normal", 16);
 }
