@@ -138,7 +138,7 @@ struct State {
 }
 
 enum Parked {
-    Ws(WebSocketStream<TcpStream>),
+    Ws(Box<WebSocketStream<TcpStream>>),
     AudioSocket(TcpStream),
     Rtp(tokio::net::UdpSocket, std::net::SocketAddr),
 }
@@ -627,7 +627,7 @@ impl Emulator {
         {
             let mut st = self.state.lock().unwrap();
             st.channels.insert(id.clone(), ch.clone());
-            st.parked_ws.insert(id.clone(), Parked::Ws(ws));
+            st.parked_ws.insert(id.clone(), Parked::Ws(Box::new(ws)));
         }
         let state = self.state.clone();
         let app2 = app.clone();
@@ -823,7 +823,7 @@ impl Emulator {
                 return;
             }
             let mut st = self.state.lock().unwrap();
-            st.parked_ws.insert(media_id.clone(), Parked::Ws(ws));
+            st.parked_ws.insert(media_id.clone(), Parked::Ws(Box::new(ws)));
             if let Some(b) = ch.bridge.clone() {
                 start_bridge_if_ready(&self.state, &mut st, &b, self.opts.stall_playout);
             }
@@ -1015,7 +1015,7 @@ fn start_bridge_if_ready(state: &Arc<Mutex<State>>, st: &mut State, bridge: &str
     };
     match ws {
         Parked::Ws(ws) => {
-            tokio::spawn(media_session(ws, session, rx));
+            tokio::spawn(media_session(*ws, session, rx));
         }
         other => {
             tokio::spawn(raw_session(other, session, rx));
