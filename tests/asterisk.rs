@@ -225,11 +225,12 @@ async fn order_status_call(media: &str, mode: &str, plain: bool, format: &str) {
     );
     let l = log.lock().unwrap().clone();
     if media != "websocket" {
-        // Nothing re-times what the app sends: it must arrive one frame per 20 ms.
+        // Nothing re-times what the app sends: it must arrive at real time (10 frames per 200 ms,
+        // a little more after a scheduling hiccup on a loaded machine).
         assert!(
-            l.max_arrivals_per_tick <= 2,
-            "{media}: {} frames arrived in one tick",
-            l.max_arrivals_per_tick
+            l.max_arrivals_per_200ms <= 13,
+            "{media}: {} frames arrived within 200 ms",
+            l.max_arrivals_per_200ms
         );
     }
     if media == "rtp" {
@@ -761,4 +762,100 @@ async fn order_status_over_audiosocket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_status_over_rtp_ulaw() {
     order_status_call("rtp", "server", false, "ulaw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_then_sends_remaining_calls_to_overflow() {
+    let emu = Emulator::start(0, Options::default()).await;
+    let sc = start(&emu, "", None).await;
+    let (_a, active) = emu
+        .place_call(
+            "sidecall",
+            &[],
+            Script {
+                max_ms: 30_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let t0 = std::time::Instant::now();
+    sc.stop.cancel(); // what SIGTERM does in `serve`
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sc.health
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    // A new caller during the grace period goes straight to overflow.
+    let (_b, late) = emu
+        .place_call(
+            "sidecall",
+            &[],
+            Script {
+                max_ms: 10_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        late.lock().unwrap().continued_to,
+        Some(("overflow".into(), "s".into(), None))
+    );
+    // The active call may finish during the grace (2 s here), then goes to overflow too.
+    assert_eq!(
+        active.lock().unwrap().continued_to,
+        None,
+        "not cut before the grace period ends"
+    );
+    wait_ended(&active, 10).await;
+    let waited = t0.elapsed();
+    assert_eq!(
+        active.lock().unwrap().continued_to,
+        Some(("overflow".into(), "s".into(), None))
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    let finished = tokio::time::timeout(Duration::from_secs(10), sc.task).await;
+    assert!(finished.is_ok(), "the adapter stopped after draining");
+    let (chans, bridges) = emu.leftovers();
+    assert!(
+        chans.is_empty() && bridges.is_empty(),
+        "{chans:?} {bridges:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_ari_password_is_reported_not_fatal() {
+    let emu = Emulator::start(
+        0,
+        Options {
+            pass: "other".into(),
+            ..Options::default()
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Arc::new(config(dir.path(), &emu, ""));
+    let parts = parts_factory(cfg.clone(), Engines::from_config(&cfg));
+    let stop = CancellationToken::new();
+    let health = Arc::new(AsteriskHealth::default());
+    let task = tokio::spawn(run(cfg, parts, health.clone(), None, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!emu.app_connected("sidecall"));
+    assert!(
+        !health
+            .ari_connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(!task.is_finished(), "keeps retrying with backoff");
+    stop.cancel();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_ok()
+    );
 }

@@ -151,6 +151,7 @@ struct Session {
     outcome: Option<CallOutcome>,
     ending: bool,
     ending_action: Option<JoinHandle<bool>>,
+    dtmf_task: Option<JoinHandle<()>>,
 }
 
 impl Session {
@@ -342,10 +343,11 @@ impl Session {
     }
 
     /// Sends keys to the PBX (a downstream IVR, say) without holding up the call.
-    fn send_dtmf(&self, digits: String) {
+    fn send_dtmf(&mut self, digits: String) {
         self.emit("dtmf_sent", json!({"digits": digits}));
         let (control, rec, start) = (self.control.clone(), self.rec.clone(), self.start);
-        tokio::spawn(async move {
+        // A transfer or hangup that follows waits for these keys to be sent.
+        self.dtmf_task = Some(tokio::spawn(async move {
             let err = match tokio::time::timeout(CONTROL_TIMEOUT, control.send_dtmf(&digits)).await
             {
                 Ok(Ok(())) => return,
@@ -354,7 +356,7 @@ impl Session {
             };
             let t = start.elapsed().as_millis() as u64;
             rec.emit(t, "error", json!({"stage": "dtmf", "message": err}));
-        });
+        }));
     }
 
     fn finish_next(&mut self, next: Next) {
@@ -432,7 +434,13 @@ impl Session {
     fn end_task<F: std::future::Future<Output = bool> + Send + 'static>(&mut self, f: F) {
         // The control action runs on its own task; the call waits for it (bounded) before it
         // returns, so the PBX has acted on the caller before media is torn down.
-        self.ending_action = Some(tokio::spawn(f));
+        let keys_first = self.dtmf_task.take();
+        self.ending_action = Some(tokio::spawn(async move {
+            if let Some(k) = keys_first {
+                let _ = k.await;
+            }
+            f.await
+        }));
     }
 
     /// An engine failed for good: play the fallback prompt, then transfer or hang up per config.
@@ -854,6 +862,7 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         outcome: None,
         ending: false,
         ending_action: None,
+        dtmf_task: None,
     };
     metrics::gauge!(names::CALLS_ACTIVE).increment(1.0);
     s.emit(

@@ -67,8 +67,9 @@ pub struct CallLog {
     /// Tick times (ms) at which each caller voice clip started.
     pub caller_spoke_at: Vec<u64>,
     pub bridged: bool,
-    /// AudioSocket/RTP: most agent frames that arrived within one 20 ms tick (pacing check).
-    pub max_arrivals_per_tick: usize,
+    /// AudioSocket/RTP: most agent frames that arrived within any 200 ms (10 ticks): 10 when
+    /// paced at real time (pacing check).
+    pub max_arrivals_per_200ms: usize,
     /// RTP: packets whose header broke the stream (version, payload type, sequence, timestamp, SSRC).
     pub rtp_header_errors: u32,
     pub rtp_packets: u32,
@@ -823,7 +824,8 @@ impl Emulator {
                 return;
             }
             let mut st = self.state.lock().unwrap();
-            st.parked_ws.insert(media_id.clone(), Parked::Ws(Box::new(ws)));
+            st.parked_ws
+                .insert(media_id.clone(), Parked::Ws(Box::new(ws)));
             if let Some(b) = ch.bridge.clone() {
                 start_bridge_if_ready(&self.state, &mut st, &b, self.opts.stall_playout);
             }
@@ -1440,6 +1442,7 @@ async fn raw_session(transport: Parked, sess: Session, mut rx: mpsc::Receiver<Me
     let start = Instant::now();
     let mut arrived: VecDeque<Vec<i16>> = VecDeque::new();
     let mut this_tick = 0usize;
+    let mut window: VecDeque<usize> = VecDeque::new();
     let mut out = match transport {
         Parked::AudioSocket(sock) => {
             let (r, w) = sock.into_split();
@@ -1472,9 +1475,13 @@ async fn raw_session(transport: Parked, sess: Session, mut rx: mpsc::Receiver<Me
             },
             _ = ticker.tick() => {
                 let now = start.elapsed().as_millis() as u64;
+                window.push_back(this_tick);
+                if window.len() > 10 {
+                    window.pop_front();
+                }
                 {
                     let mut l = log.lock().unwrap();
-                    l.max_arrivals_per_tick = l.max_arrivals_per_tick.max(this_tick);
+                    l.max_arrivals_per_200ms = l.max_arrivals_per_200ms.max(window.iter().sum());
                 }
                 this_tick = 0;
                 let mut heard = vec![0i16; per_frame];

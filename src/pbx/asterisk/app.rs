@@ -115,7 +115,8 @@ pub async fn run(
             stop.clone(),
         ));
     }
-    let events_stop = stop.child_token();
+    // Not a child of `stop`: while draining, active calls still need their ARI events.
+    let events_stop = CancellationToken::new();
     let mut events = ari_events::spawn(
         ari.events_url(&a.app),
         health.ari_connected.clone(),
@@ -136,6 +137,9 @@ pub async fn run(
     let mut draining = false;
     let grace = tokio::time::sleep(Duration::from_secs(u64::MAX / 4));
     tokio::pin!(grace);
+    let mut grace_over = false;
+    let last_call = tokio::time::sleep(Duration::from_secs(u64::MAX / 4));
+    tokio::pin!(last_call);
     loop {
         tokio::select! {
             _ = stop.cancelled(), if !draining => {
@@ -147,7 +151,7 @@ pub async fn run(
                     break;
                 }
             }
-            _ = &mut grace, if draining => {
+            _ = &mut grace, if draining && !grace_over => {
                 tracing::info!(active = calls.len(), "grace period over: sending remaining calls to the overflow target");
                 for caller in calls.keys() {
                     let target = cfg.transfers.get(&cfg.asterisk.overflow_target).cloned();
@@ -162,14 +166,16 @@ pub async fn run(
                         }
                     });
                 }
-                // Calls end as their callers leave Stasis; wait for them (bounded).
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-                while !calls.is_empty() {
-                    match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-                        Ok(Some(id)) => { calls.remove(&id); }
-                        _ => break,
-                    }
+                // Calls end as their callers leave Stasis (events keep flowing meanwhile);
+                // give them a bounded time to tear down.
+                grace_over = true;
+                if calls.is_empty() {
+                    break;
                 }
+                last_call.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
+            }
+            _ = &mut last_call, if grace_over => {
+                tracing::warn!(active = calls.len(), "calls did not end after the grace period; stopping anyway");
                 break;
             }
             Some(id) = done_rx.recv() => {

@@ -207,23 +207,33 @@ impl AriClient {
         query: &[(&str, String)],
     ) -> Result<Option<Value>, AriError> {
         let url = format!("{}{path}", self.base);
-        let req = self
-            .http
-            .request(method, &url)
-            .basic_auth(&self.user, Some(&self.pass))
-            .query(query)
-            .timeout(self.timeout);
         let ms = self.timeout.as_millis() as u64;
-        let resp = req.send().await.map_err(|e| {
-            if e.is_timeout() {
-                AriError::Timeout(ms)
-            } else {
-                AriError::Connect {
-                    url: url.clone(),
-                    message: crate::engines::asr::root_cause(&e),
+        let mut attempt = 0;
+        let resp = loop {
+            let req = self
+                .http
+                .request(method.clone(), &url)
+                .basic_auth(&self.user, Some(&self.pass))
+                .query(query)
+                .timeout(self.timeout);
+            match req.send().await {
+                Ok(r) => break r,
+                Err(e) if e.is_timeout() => return Err(AriError::Timeout(ms)),
+                // A pooled connection that Asterisk closed (a restart, say) fails before the
+                // request reaches it: one retry on a fresh connection is safe.
+                Err(e) if attempt == 0 && (e.is_connect() || e.is_request()) => {
+                    attempt += 1;
+                    tracing::debug!(error = %crate::engines::asr::root_cause(&e), %url, "ARI request retried");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(AriError::Connect {
+                        url: url.clone(),
+                        message: crate::engines::asr::root_cause(&e),
+                    });
                 }
             }
-        })?;
+        };
         let status = resp.status().as_u16();
         let body = resp.text().await.map_err(|e| {
             if e.is_timeout() {
