@@ -574,6 +574,9 @@ async fn asterisk_restart_then_new_calls_work() {
 async fn fifty_concurrent_calls_complete_with_nothing_leaked() {
     let emu = Emulator::start(0, Options::default()).await;
     let sc = start(&emu, "max_calls = 60", None).await;
+    let tasks_before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
     let mut logs = Vec::new();
     for i in 0..50 {
         let script = Script {
@@ -597,6 +600,17 @@ async fn fifty_concurrent_calls_complete_with_nothing_leaked() {
         );
     }
     assert_no_leftovers(&emu, &sc).await;
+    // Every call's tasks (session, media, dialog, pacing) are gone. What may remain are pooled
+    // HTTP connections (at most 8 idle per host, a task on each side here).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tasks_after = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    println!("tasks alive before the calls {tasks_before}, after {tasks_after}");
+    assert!(
+        tasks_after <= tasks_before + 16,
+        "tasks before {tasks_before}, after {tasks_after}"
+    );
     sc.shutdown().await;
 }
 
@@ -858,4 +872,66 @@ async fn wrong_ari_password_is_reported_not_fatal() {
             .await
             .is_ok()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_to_an_endpoint_and_a_refused_redirect() {
+    let emu = Emulator::start(0, Options::default()).await;
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(
+        flows.path().join("billing.toml"),
+        "start = \"go\"\ndisclosure = \"\"\n[states.go]\nsay = \"One moment, billing will take your call.\"\ntransfer = \"billing\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        flows.path().join("wrongtech.toml"),
+        "start = \"go\"\ndisclosure = \"\"\n[states.go]\nsay = \"One moment.\"\ntransfer = \"iax\"\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "\n[transfers.billing]\nendpoint = \"PJSIP/billing\"\n\n[transfers.iax]\nendpoint = \"IAX2/remote\"";
+    let mut cfg = config(dir.path(), &emu, extra);
+    cfg.dialog.flows_dir = toml::Spanned::new(0..0, flows.path().display().to_string());
+    let cfg = Arc::new(cfg);
+    let parts = parts_factory(cfg.clone(), Engines::from_config(&cfg));
+    let sc = start(&emu, extra, Some(parts)).await;
+    let (_a, ok) = emu
+        .place_call(
+            "sidecall",
+            &["flow=billing"],
+            Script {
+                max_ms: 15_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    let (bad_id, bad) = emu
+        .place_call(
+            "sidecall",
+            &["flow=wrongtech"],
+            Script {
+                max_ms: 15_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    wait_ended(&ok, 20).await;
+    wait_ended(&bad, 20).await;
+    assert_eq!(
+        ok.lock().unwrap().redirected_to.as_deref(),
+        Some("PJSIP/billing")
+    );
+    // Asterisk refuses a redirect to another technology (422): the call is hung up, not left.
+    let b = bad.lock().unwrap().clone();
+    assert_eq!(b.redirected_to, None);
+    assert!(b.hangup_reason.is_some(), "{:?}", sc.records_of(&bad_id));
+    let recs = sc.records_of(&bad_id);
+    assert!(
+        recs.iter().any(|r| r["type"] == "error"
+            && r["stage"] == "transfer"
+            && r["message"].as_str().unwrap_or("").contains("422")),
+        "{recs:#?}"
+    );
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
 }

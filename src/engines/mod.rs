@@ -14,6 +14,7 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(3))
         .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(8)
         .build()
         .unwrap_or_default()
 }
