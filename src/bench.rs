@@ -221,7 +221,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             events: ev_rx,
             recorder: Recorder::to_channel(&format!("bench-{i}"), rec_tx.clone()),
             tick_stats: Some(stats.clone()),
-            origin: Some(pbx.origin),
+            origin: None,
         };
         handles.push(tokio::spawn(run_call(setup)));
         // Stagger call starts over the first second, as real traffic is.
