@@ -14,7 +14,8 @@ use crate::call::{CallSetup, LinkError, MediaEvent, MediaLink, run_call};
 use crate::config::{Config, TransferTarget};
 use crate::engines::dialog::flow::{Flow, ScriptedDialog};
 use crate::engines::instant::{InstantAsr, InstantTts};
-use crate::pbx::simulated::{self, Script, SimLink};
+use crate::pbx::queue_link::QueueLink;
+use crate::pbx::simulated::{self, Script};
 use crate::telemetry::{Recorder, TickStats};
 
 /// Flags of `sidecall bench`.
@@ -65,7 +66,7 @@ fn utterance(rate: u32) -> Vec<i16> {
 
 /// Agent audio at 16 kHz -> 8 kHz -> mu-law -> PBX, as a transport would do it.
 struct PhoneLink {
-    inner: SimLink,
+    inner: QueueLink,
     down: StreamResampler,
     buf: Vec<i16>,
     scratch: Vec<i16>,

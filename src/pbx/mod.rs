@@ -6,6 +6,7 @@ pub mod asterisk;
 pub mod codec;
 pub mod events;
 pub mod paced;
+pub mod queue_link;
 pub mod simulated;
 use std::sync::Arc;
 

@@ -5,47 +5,14 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
-use crate::call::{LinkError, MediaLink};
 use crate::pbx::codec::Transcoder;
 use crate::pbx::events::CallEvents;
+use crate::pbx::queue_link::{LinkCmd, QueueLink, queue_link};
 
 /// Frames queued at most (20 s).
 pub const QUEUE_MAX: usize = 1000;
-
-enum Cmd {
-    Audio(Vec<i16>),
-    Mark(u64),
-    Flush,
-}
-
-/// The call engine's side of a paced transport.
-pub struct PacedLink {
-    tx: mpsc::Sender<Cmd>,
-}
-
-impl MediaLink for PacedLink {
-    fn send_audio(&mut self, frame: &[i16]) -> Result<(), LinkError> {
-        self.tx
-            .try_send(Cmd::Audio(frame.to_vec()))
-            .map_err(map_err)
-    }
-    fn mark(&mut self, id: u64) -> Result<(), LinkError> {
-        self.tx.try_send(Cmd::Mark(id)).map_err(map_err)
-    }
-    fn flush(&mut self) -> Result<(), LinkError> {
-        self.tx.try_send(Cmd::Flush).map_err(map_err)
-    }
-}
-
-fn map_err<T>(e: mpsc::error::TrySendError<T>) -> LinkError {
-    match e {
-        mpsc::error::TrySendError::Full(_) => LinkError::Congested,
-        mpsc::error::TrySendError::Closed(_) => LinkError::Closed,
-    }
-}
 
 enum Item {
     Frame(Vec<u8>),
@@ -65,8 +32,8 @@ pub fn start<W: FrameWriter>(
     mut writer: W,
     mut tc: Transcoder,
     events: CallEvents,
-) -> (PacedLink, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<Cmd>(256);
+) -> (QueueLink, tokio::task::JoinHandle<()>) {
+    let (link, mut rx) = queue_link(256);
     let frame_bytes = tc.wire.frame_bytes();
     let task = tokio::spawn(async move {
         let mut queue: VecDeque<Item> = VecDeque::new();
@@ -78,7 +45,7 @@ pub fn start<W: FrameWriter>(
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => return,
-                    Some(Cmd::Audio(s)) => match tc.outbound(&s) {
+                    Some(LinkCmd::Audio(s)) => match tc.outbound(&s) {
                         Ok(b) => {
                             pending.extend_from_slice(&b);
                             while pending.len() >= frame_bytes {
@@ -93,7 +60,7 @@ pub fn start<W: FrameWriter>(
                         }
                         Err(e) => tracing::warn!(error = %e, "encoding agent audio"),
                     },
-                    Some(Cmd::Mark(id)) => {
+                    Some(LinkCmd::Mark(id)) => {
                         if !pending.is_empty() {
                             let mut f = std::mem::take(&mut pending);
                             f.extend(tc.wire.silence(frame_bytes - f.len()));
@@ -102,7 +69,7 @@ pub fn start<W: FrameWriter>(
                         }
                         queue.push_back(Item::Mark(id));
                     }
-                    Some(Cmd::Flush) => {
+                    Some(LinkCmd::Flush) => {
                         queue.clear();
                         pending.clear();
                         frames = 0;
@@ -124,5 +91,5 @@ pub fn start<W: FrameWriter>(
             }
         }
     });
-    (PacedLink { tx }, task)
+    (link, task)
 }

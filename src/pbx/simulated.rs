@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
-use crate::call::{CallControl, ControlError, LinkError, MediaEvent, MediaLink};
+use crate::call::{CallControl, ControlError, MediaEvent};
 use crate::config::TransferTarget;
+use crate::pbx::queue_link::{LinkCmd, QueueLink, queue_link};
 
 /// Agent frames the simulated PBX queues at most (chan_websocket's limit).
 pub const QUEUE_MAX: usize = 1000;
@@ -65,40 +66,10 @@ pub struct SimReport {
     pub dtmf_sent_by_agent: Vec<String>,
 }
 
-enum Out {
-    Frame(Vec<i16>),
-    Mark(u64),
-    Flush,
-}
-
 enum Ctl {
     Transfer(String),
     Hangup(String),
     Dtmf(String),
-}
-
-/// The agent side's media link into the simulated PBX.
-pub struct SimLink {
-    tx: mpsc::Sender<Out>,
-}
-
-impl MediaLink for SimLink {
-    fn send_audio(&mut self, frame: &[i16]) -> Result<(), LinkError> {
-        self.tx
-            .try_send(Out::Frame(frame.to_vec()))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => LinkError::Congested,
-                mpsc::error::TrySendError::Closed(_) => LinkError::Closed,
-            })
-    }
-    fn mark(&mut self, id: u64) -> Result<(), LinkError> {
-        self.tx
-            .try_send(Out::Mark(id))
-            .map_err(|_| LinkError::Closed)
-    }
-    fn flush(&mut self) -> Result<(), LinkError> {
-        self.tx.try_send(Out::Flush).map_err(|_| LinkError::Closed)
-    }
 }
 
 /// The agent side's call control into the simulated PBX.
@@ -133,7 +104,7 @@ impl CallControl for SimControl {
 
 /// A started simulated PBX: hand `link`, `control` and `events` to the call.
 pub struct SimPbx {
-    pub link: SimLink,
+    pub link: QueueLink,
     pub control: Arc<SimControl>,
     pub events: mpsc::Receiver<MediaEvent>,
     /// Tick 0 of the PBX's clock: give it to the call so records and audio share one timeline.
@@ -143,13 +114,13 @@ pub struct SimPbx {
 
 /// Starts the simulated PBX for one call at `rate`.
 pub fn start(script: Script, rate: u32) -> SimPbx {
-    let (out_tx, out_rx) = mpsc::channel(QUEUE_MAX + 64);
+    let (link, out_rx) = queue_link(QUEUE_MAX + 64);
     let (ctl_tx, ctl_rx) = mpsc::channel(16);
     let (ev_tx, ev_rx) = mpsc::channel(256);
     let origin = tokio::time::Instant::now();
     let done = tokio::spawn(run(script, rate, origin, out_rx, ctl_rx, ev_tx));
     SimPbx {
-        link: SimLink { tx: out_tx },
+        link,
         control: Arc::new(SimControl { tx: ctl_tx }),
         events: ev_rx,
         origin,
@@ -166,7 +137,7 @@ async fn run(
     mut script: Script,
     rate: u32,
     origin: tokio::time::Instant,
-    mut out_rx: mpsc::Receiver<Out>,
+    mut out_rx: mpsc::Receiver<LinkCmd>,
     mut ctl_rx: mpsc::Receiver<Ctl>,
     ev_tx: mpsc::Sender<MediaEvent>,
 ) -> SimReport {
@@ -212,7 +183,7 @@ async fn run(
                 None => break,
             },
             out = out_rx.recv() => match out {
-                Some(Out::Frame(f)) => {
+                Some(LinkCmd::Audio(f)) => {
                     if queued_frames >= QUEUE_MAX {
                         report.dropped_frames += 1;
                     } else {
@@ -220,8 +191,8 @@ async fn run(
                         queue.push_back(Queued::Frame(f));
                     }
                 }
-                Some(Out::Mark(id)) => queue.push_back(Queued::Mark(id)),
-                Some(Out::Flush) => {
+                Some(LinkCmd::Mark(id)) => queue.push_back(Queued::Mark(id)),
+                Some(LinkCmd::Flush) => {
                     report.flushes += 1;
                     report.flush_at_ms.push(report.origin.map_or(0, |o| o.elapsed().as_millis() as u64));
                     queue.clear();

@@ -826,7 +826,10 @@ impl Emulator {
             let mut st = self.state.lock().unwrap();
             st.parked_ws
                 .insert(media_id.clone(), Parked::Ws(Box::new(ws)));
-            if let Some(b) = ch.bridge.clone() {
+            // The app may have bridged the channel while MEDIA_START was on its way: look at
+            // the channel as it is now, not as it was before the send.
+            let bridge = st.channels.get(&media_id).and_then(|c| c.bridge.clone());
+            if let Some(b) = bridge {
                 start_bridge_if_ready(&self.state, &mut st, &b, self.opts.stall_playout);
             }
         }

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pbx::codec::{Transcoder, WireFormat};
 use crate::pbx::events::{CallEvents, DtmfSource};
-use crate::pbx::paced::{self, FrameWriter, PacedLink};
+use crate::pbx::paced::{self, FrameWriter};
+use crate::pbx::queue_link::QueueLink;
 
 pub const KIND_HANGUP: u8 = 0x00;
 pub const KIND_UUID: u8 = 0x01;
@@ -173,7 +174,7 @@ pub fn start(
     rate: u32,
     internal_rate: u32,
     events: CallEvents,
-) -> Result<PacedLink, crate::audio::AudioError> {
+) -> Result<QueueLink, crate::audio::AudioError> {
     let (read, write) = sock.into_split();
     let wire = WireFormat::SlinLe(rate);
     let (link, _task) = paced::start(

@@ -16,9 +16,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::call::{LinkError, MediaLink};
 use crate::pbx::codec::{Transcoder, WireFormat};
 use crate::pbx::events::{CallEvents, DtmfSource};
+use crate::pbx::queue_link::{LinkCmd, QueueLink, queue_link};
 
 /// Asterisk rejects text frames longer than this.
 pub const MAX_TEXT: usize = 128;
@@ -216,41 +216,18 @@ where
     }
 }
 
-enum Cmd {
-    Audio(Vec<i16>),
-    Mark(u64),
-    Flush,
-}
-
-/// The call engine's side of a chan_websocket media connection.
-pub struct WsLink {
-    tx: mpsc::Sender<Cmd>,
-}
-
-impl MediaLink for WsLink {
-    fn send_audio(&mut self, frame: &[i16]) -> Result<(), LinkError> {
-        self.tx
-            .try_send(Cmd::Audio(frame.to_vec()))
-            .map_err(map_err)
-    }
-    fn mark(&mut self, id: u64) -> Result<(), LinkError> {
-        self.tx.try_send(Cmd::Mark(id)).map_err(map_err)
-    }
-    fn flush(&mut self) -> Result<(), LinkError> {
-        self.tx.try_send(Cmd::Flush).map_err(map_err)
-    }
-}
-
-fn map_err<T>(e: mpsc::error::TrySendError<T>) -> LinkError {
-    match e {
-        mpsc::error::TrySendError::Full(_) => LinkError::Congested,
-        mpsc::error::TrySendError::Closed(_) => LinkError::Closed,
-    }
-}
-
 enum Out {
     Frame(Vec<u8>),
     Text(String),
+}
+
+impl Out {
+    fn message(self) -> Message {
+        match self {
+            Out::Frame(b) => Message::binary(b),
+            Out::Text(t) => Message::text(t),
+        }
+    }
 }
 
 /// Starts the media task for a connected socket; returns the link for the call session.
@@ -261,7 +238,7 @@ pub fn start<S>(
     fmt: ControlFormat,
     internal_rate: u32,
     events: CallEvents,
-) -> Result<(WsLink, tokio::task::JoinHandle<()>), WsMediaError>
+) -> Result<(QueueLink, tokio::task::JoinHandle<()>), WsMediaError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -273,7 +250,7 @@ where
     } else {
         wire.frame_bytes()
     };
-    let (tx, rx) = mpsc::channel(256);
+    let (link, rx) = queue_link(256);
     let task = tokio::spawn(run(
         ws,
         fmt,
@@ -283,7 +260,7 @@ where
         events,
         start.channel_id.clone(),
     ));
-    Ok((WsLink { tx }, task))
+    Ok((link, task))
 }
 
 async fn run<S>(
@@ -291,7 +268,7 @@ async fn run<S>(
     fmt: ControlFormat,
     ofs: usize,
     mut tc: Transcoder,
-    mut rx: mpsc::Receiver<Cmd>,
+    mut rx: mpsc::Receiver<LinkCmd>,
     events: CallEvents,
     channel_id: String,
 ) where
@@ -308,7 +285,7 @@ async fn run<S>(
                 let mut out: Vec<Out> = Vec::new();
                 match cmd {
                     None => break "session ended".to_string(),
-                    Some(Cmd::Audio(samples)) => match tc.outbound(&samples) {
+                    Some(LinkCmd::Audio(samples)) => match tc.outbound(&samples) {
                         Ok(bytes) => {
                             pending.extend_from_slice(&bytes);
                             // Whole frames only: Asterisk silently drops a short tail.
@@ -318,7 +295,7 @@ async fn run<S>(
                         }
                         Err(e) => tracing::warn!(%channel_id, error = %e, "encoding agent audio"),
                     },
-                    Some(Cmd::Mark(id)) => {
+                    Some(LinkCmd::Mark(id)) => {
                         if !pending.is_empty() {
                             // Pad the tail to a whole frame so it is played, not dropped.
                             let mut f = std::mem::take(&mut pending);
@@ -328,7 +305,7 @@ async fn run<S>(
                         }
                         out.push(Out::Text(command(fmt, "MARK_MEDIA", Some(&format!("m{id}")))));
                     }
-                    Some(Cmd::Flush) => {
+                    Some(LinkCmd::Flush) => {
                         pending.clear();
                         held.clear();
                         // A flush is never held back, even during MEDIA_XOFF.
@@ -350,11 +327,7 @@ async fn run<S>(
                         held.push_back(o);
                         continue;
                     }
-                    let msg = match o {
-                        Out::Frame(b) => Message::binary(b),
-                        Out::Text(t) => Message::text(t),
-                    };
-                    if sink.send(msg).await.is_err() {
+                    if sink.send(o.message()).await.is_err() {
                         failed = true;
                         break;
                     }
@@ -394,11 +367,7 @@ async fn run<S>(
                         warned_held = false;
                         let mut failed = false;
                         while let Some(o) = held.pop_front() {
-                            let msg = match o {
-                                Out::Frame(b) => Message::binary(b),
-                                Out::Text(t) => Message::text(t),
-                            };
-                            if sink.send(msg).await.is_err() {
+                            if sink.send(o.message()).await.is_err() {
                                 failed = true;
                                 break;
                             }

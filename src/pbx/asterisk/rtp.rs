@@ -10,7 +10,8 @@ use tokio::net::UdpSocket;
 
 use crate::pbx::codec::{Transcoder, WireFormat};
 use crate::pbx::events::CallEvents;
-use crate::pbx::paced::{self, FrameWriter, PacedLink};
+use crate::pbx::paced::{self, FrameWriter};
+use crate::pbx::queue_link::QueueLink;
 
 /// An RTP packet's payload type and payload, from a datagram; None if it is not RTP v2.
 pub fn parse(datagram: &[u8]) -> Option<(u8, &[u8])> {
@@ -100,7 +101,7 @@ pub fn start(
     format_name: &str,
     internal_rate: u32,
     events: CallEvents,
-) -> Result<PacedLink, String> {
+) -> Result<QueueLink, String> {
     let (pt, wire) = format(format_name)
         .ok_or_else(|| format!("RTP format `{format_name}` (use ulaw or slin16)"))?;
     let sock = Arc::new(sock);
