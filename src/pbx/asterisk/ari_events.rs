@@ -89,6 +89,10 @@ pub fn spawn(
                     };
                     connected.store(false, Ordering::Relaxed);
                     metrics::gauge!(ARI_CONNECTED).set(0.0);
+                    if stop.is_cancelled() {
+                        tracing::info!(url = %shown, "ARI events closed (stopping)");
+                        return;
+                    }
                     tracing::warn!(url = %shown, reason = %why, "ARI events disconnected");
                     if tx.send(EventMsg::Disconnected(why)).await.is_err() {
                         return;
