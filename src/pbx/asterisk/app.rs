@@ -154,17 +154,8 @@ pub async fn run(
             _ = &mut grace, if draining && !grace_over => {
                 tracing::info!(active = calls.len(), "grace period over: sending remaining calls to the overflow target");
                 for caller in calls.keys() {
-                    let target = cfg.transfers.get(&cfg.asterisk.overflow_target).cloned();
-                    let ari = ari.clone();
-                    let caller = caller.clone();
-                    tokio::spawn(async move {
-                        if let Some(t) = target {
-                            if let Err(e) = send_to(&ari, &caller, &t).await {
-                                tracing::warn!(%caller, error = %e, "overflow transfer at shutdown failed; hanging up");
-                                let _ = ari.hangup(&caller, "normal").await;
-                            }
-                        }
-                    });
+                    let (cfg, ari, caller) = (cfg.clone(), ari.clone(), caller.clone());
+                    tokio::spawn(async move { to_overflow(&cfg, &ari, &caller, "grace period over").await });
                 }
                 // Calls end as their callers leave Stasis (events keep flowing meanwhile);
                 // give them a bounded time to tear down.
@@ -218,17 +209,9 @@ pub async fn run(
                             }
                             if draining || calls.len() >= cfg.asterisk.max_calls {
                                 let why = if draining { "shutting down" } else { "at capacity" };
-                                tracing::warn!(caller = %channel.id, active = calls.len(), why, "sending caller to the overflow target");
                                 metrics::counter!(crate::telemetry::names::CALLS_TOTAL, "outcome" => "overflow").increment(1);
-                                let target = cfg.transfers.get(&cfg.asterisk.overflow_target).cloned();
-                                let ari = ari.clone();
-                                tokio::spawn(async move {
-                                    if let Some(t) = target {
-                                        if let Err(e) = send_to(&ari, &channel.id, &t).await {
-                                            tracing::warn!(caller = %channel.id, error = %e, "overflow transfer failed");
-                                        }
-                                    }
-                                });
+                                let (cfg, ari) = (cfg.clone(), ari.clone());
+                                tokio::spawn(async move { to_overflow(&cfg, &ari, &channel.id, why).await });
                                 continue;
                             }
                             let (events_handle, rx) = CallEvents::channel(512);
@@ -263,6 +246,26 @@ pub async fn run(
     events_stop.cancel();
     health.active_calls.store(0, Ordering::Relaxed);
     Ok(())
+}
+
+/// Sends a caller sidecall will not (or can no longer) serve to the overflow target; if that
+/// fails, hangs up, so nobody is left in Stasis in silence. A caller already gone (404) is done.
+async fn to_overflow(cfg: &Config, ari: &AriClient, caller: &str, why: &str) {
+    tracing::warn!(%caller, why, target = %cfg.asterisk.overflow_target, "sending caller to the overflow target");
+    let sent = match cfg.transfers.get(&cfg.asterisk.overflow_target) {
+        Some(t) => send_to(ari, caller, t).await,
+        None => Err(AriError::BadRequest(format!(
+            "no [transfers] entry `{}`",
+            cfg.asterisk.overflow_target
+        ))),
+    };
+    match sent {
+        Ok(()) | Err(AriError::NotFound(_)) => {}
+        Err(e) => {
+            tracing::warn!(%caller, error = %e, "overflow transfer failed; hanging up");
+            let _ = ari.hangup(caller, "normal").await;
+        }
+    }
 }
 
 /// Continue into the dialplan, or redirect to an endpoint.
@@ -303,15 +306,12 @@ async fn run_one(
     let ari = &shared.ari;
     let media_id = format!("{MEDIA_PREFIX}{caller}");
     let bridge_id = format!("{BRIDGE_PREFIX}{caller}");
-    let overflow = cfg.transfers.get(&cfg.asterisk.overflow_target).cloned();
     tracing::info!(%caller, %number, flow = ?args.flow, "caller entered Stasis");
     let parts = match (shared.parts)(&args) {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(%caller, error = %e, "cannot start a call for these arguments; sending to overflow");
-            if let Some(t) = &overflow {
-                let _ = send_to(ari, &caller, t).await;
-            }
+            tracing::warn!(%caller, error = %e, "cannot start a call for these arguments");
+            to_overflow(cfg, ari, &caller, "bad call arguments").await;
             return;
         }
     };
@@ -324,14 +324,9 @@ async fn run_one(
     let link = match setup {
         Ok(link) => link,
         Err(e) => {
-            tracing::warn!(%caller, error = %e, "call setup failed; sending caller to the overflow target");
+            tracing::warn!(%caller, error = %e, "call setup failed");
             metrics::counter!(crate::telemetry::names::ERRORS, "stage" => "setup").increment(1);
-            if let Some(t) = &overflow {
-                if let Err(e) = send_to(ari, &caller, t).await {
-                    tracing::warn!(%caller, error = %e, "overflow transfer failed; hanging up");
-                    let _ = ari.hangup(&caller, "normal").await;
-                }
-            }
+            to_overflow(cfg, ari, &caller, "call setup failed").await;
             teardown(ari, &media_id, &bridge_id).await;
             return;
         }
@@ -362,17 +357,7 @@ async fn run_one(
     tracing::info!(%caller, outcome = outcome.label(), "call finished");
     if outcome == crate::call::CallOutcome::CallerHungUp && !events.caller_gone() {
         // The media side failed, not the caller: never leave a caller in silence.
-        tracing::warn!(%caller, "media ended under a live caller; sending the caller to the overflow target");
-        let sent = match &overflow {
-            Some(t) => send_to(ari, &caller, t).await,
-            None => Err(AriError::NotFound(String::new())),
-        };
-        if let Err(e) = sent {
-            if !matches!(e, AriError::NotFound(_)) {
-                tracing::warn!(%caller, error = %e, "overflow transfer failed; hanging up");
-            }
-            let _ = ari.hangup(&caller, "normal").await;
-        }
+        to_overflow(cfg, ari, &caller, "media ended under a live caller").await;
     }
     teardown(ari, &media_id, &bridge_id).await;
 }
