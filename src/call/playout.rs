@@ -42,6 +42,8 @@ pub struct Playout {
     ticks_since_start: u64,
     stopped: bool,
     full_text: String,
+    /// The frame being assembled, reused every tick.
+    frame: Vec<i16>,
 }
 
 impl Playout {
@@ -72,6 +74,7 @@ impl Playout {
             ticks_since_start: 0,
             stopped: false,
             full_text: crate::engines::dialog::prompt::joined(segments),
+            frame: vec![0; frame_len],
         }
     }
 
@@ -121,7 +124,7 @@ impl Playout {
         let budget = (self.lead + 1)
             .saturating_sub(outstanding)
             .max(if self.started { 0 } else { 1 });
-        let mut frame = vec![0i16; self.frame_len];
+        let frame = &mut self.frame;
         while t.frames < budget {
             let Some(seg) = self.segs.get_mut(self.cur) else {
                 break;
@@ -146,7 +149,7 @@ impl Playout {
             } else {
                 break; // TTS has not caught up: the PBX plays silence meanwhile.
             }
-            link.send_audio(&frame)?;
+            link.send_audio(frame)?;
             if !self.started {
                 self.started = true;
                 t.first_audio = true;

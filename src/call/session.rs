@@ -123,6 +123,8 @@ struct Session {
     flow_name: String,
     rate: u32,
     frame_len: usize,
+    /// One frame of silence, fed to the turn detector when the PBX sends nothing.
+    silence: Vec<i16>,
     start: Instant,
     rec: Recorder,
     link: Box<dyn MediaLink>,
@@ -689,8 +691,7 @@ impl Session {
                 .last_inbound_ms
                 .is_none_or(|t| now.saturating_sub(t) >= SILENCE_AFTER_MS)
         {
-            let silence = vec![0i16; self.frame_len];
-            if let Some(ev) = self.detector.push(&silence) {
+            if let Some(ev) = self.detector.push(&self.silence) {
                 self.on_turn_event(ev);
             }
         }
@@ -834,6 +835,7 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         flow_name,
         rate,
         frame_len: samples_per_frame(rate),
+        silence: vec![0; samples_per_frame(rate)],
         start,
         rec: recorder,
         link,

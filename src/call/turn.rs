@@ -103,10 +103,15 @@ impl TurnDetector {
         let voiced = self.vad.is_voice(frame);
         match self.state {
             State::Idle => {
-                if self.preroll.len() >= self.preroll_frames {
-                    self.preroll.pop_front();
-                }
-                self.preroll.push_back(frame.to_vec());
+                // Reuse the oldest pre-roll buffer: no allocation per frame while idle.
+                let mut buf = if self.preroll.len() >= self.preroll_frames {
+                    self.preroll.pop_front().unwrap_or_default()
+                } else {
+                    Vec::with_capacity(frame.len())
+                };
+                buf.clear();
+                buf.extend_from_slice(frame);
+                self.preroll.push_back(buf);
                 if voiced {
                     self.candidate_ms += FRAME;
                     self.gap_frames = 0;

@@ -19,6 +19,15 @@ pub fn http_client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
+/// The innermost error message (reqwest wraps hyper wraps io), for logs and records.
+pub fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur: &dyn std::error::Error = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 /// Joins an OpenAI-style base URL (`http://host/v1`) and an endpoint path.
 pub fn endpoint(base: &str, path: &str) -> String {
     let base = base.trim_end_matches('/');

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::root_cause;
 use crate::audio::wav;
 use crate::config::AsrConfig;
 
@@ -113,15 +114,6 @@ impl OpenAiAsr {
             .map(|t| t.trim().to_string())
             .ok_or_else(|| AsrError::BadResponse(format!("no `text` in {body:.100}")))
     }
-}
-
-/// The innermost error message (reqwest wraps hyper wraps io).
-pub fn root_cause(e: &dyn std::error::Error) -> String {
-    let mut cur: &dyn std::error::Error = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 #[async_trait]

@@ -124,7 +124,7 @@ impl Tts for OpenAiTts {
         let resp = tokio::time::timeout(self.timeout, req.send())
             .await
             .map_err(|_| TtsError::Timeout(ms))?
-            .map_err(|e| TtsError::Engine(crate::engines::asr::root_cause(&e)))?;
+            .map_err(|e| TtsError::Engine(crate::engines::root_cause(&e)))?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp

@@ -223,13 +223,13 @@ impl AriClient {
                 // request reaches it: one retry on a fresh connection is safe.
                 Err(e) if attempt == 0 && (e.is_connect() || e.is_request()) => {
                     attempt += 1;
-                    tracing::debug!(error = %crate::engines::asr::root_cause(&e), %url, "ARI request retried");
+                    tracing::debug!(error = %crate::engines::root_cause(&e), %url, "ARI request retried");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {
                     return Err(AriError::Connect {
                         url: url.clone(),
-                        message: crate::engines::asr::root_cause(&e),
+                        message: crate::engines::root_cause(&e),
                     });
                 }
             }

@@ -91,21 +91,11 @@ pub fn uuid_string(b: &[u8]) -> String {
     )
 }
 
-/// A fresh random UUID (v4 layout) without another dependency: std's hasher keys are random.
+/// A fresh random UUID (v4 layout).
 pub fn new_uuid() -> String {
-    use std::hash::{BuildHasher, Hasher};
     let mut b = [0u8; 16];
-    for (i, chunk) in b.chunks_mut(8).enumerate() {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_usize(i);
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        chunk.copy_from_slice(&h.finish().to_le_bytes());
-    }
+    b[..8].copy_from_slice(&crate::pbx::random_u64().to_le_bytes());
+    b[8..].copy_from_slice(&crate::pbx::random_u64().to_le_bytes());
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     uuid_string(&b)

@@ -87,13 +87,6 @@ impl FrameWriter for Writer {
     }
 }
 
-fn random_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u8(1);
-    h.finish() as u32
-}
-
 /// Runs one call's RTP stream on `sock`, sending to `remote`.
 pub fn start(
     sock: UdpSocket,
@@ -107,9 +100,9 @@ pub fn start(
     let sock = Arc::new(sock);
     let rtp = RtpOut {
         pt,
-        seq: random_u32() as u16,
-        ts: random_u32(),
-        ssrc: random_u32(),
+        seq: crate::pbx::random_u64() as u16,
+        ts: crate::pbx::random_u64() as u32,
+        ssrc: crate::pbx::random_u64() as u32,
         first: true,
         samples_per_frame: wire.rate() / 50,
     };
