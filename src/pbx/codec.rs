@@ -115,6 +115,52 @@ impl Transcoder {
     }
 }
 
+/// Cuts encoded agent audio into whole wire frames (PBXes drop or mangle short tails) and pads
+/// the last partial frame with silence when a segment ends, so it is played, not dropped.
+pub struct FrameCutter {
+    frame_bytes: usize,
+    pending: Vec<u8>,
+}
+
+impl FrameCutter {
+    pub fn new(frame_bytes: usize) -> Self {
+        Self {
+            frame_bytes: frame_bytes.max(1),
+            pending: Vec::with_capacity(frame_bytes * 2),
+        }
+    }
+
+    /// Encodes `samples` and hands each complete frame to `out`.
+    pub fn push(
+        &mut self,
+        tc: &mut Transcoder,
+        samples: &[i16],
+        mut out: impl FnMut(Vec<u8>),
+    ) -> Result<(), AudioError> {
+        let bytes = tc.outbound(samples)?;
+        self.pending.extend_from_slice(&bytes);
+        while self.pending.len() >= self.frame_bytes {
+            out(self.pending.drain(..self.frame_bytes).collect());
+        }
+        Ok(())
+    }
+
+    /// The partial frame, padded with silence, if there is one.
+    pub fn finish(&mut self, wire: WireFormat) -> Option<Vec<u8>> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let mut f = std::mem::take(&mut self.pending);
+        f.extend(wire.silence(self.frame_bytes - f.len()));
+        Some(f)
+    }
+
+    /// Drops what is pending (barge-in).
+    pub fn clear(&mut self) {
+        self.pending.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +182,24 @@ mod tests {
         assert_eq!(WireFormat::from_asterisk("g729"), None);
         assert_eq!(WireFormat::SlinBe(16_000).encode(&[1]), vec![0, 1]);
         assert_eq!(WireFormat::Ulaw.silence(2), vec![0xff, 0xff]);
+    }
+
+    #[test]
+    fn cutter_gives_whole_frames_and_pads_the_tail() {
+        let mut tc = Transcoder::new(WireFormat::SlinLe(8_000), 8_000).unwrap();
+        let mut cut = FrameCutter::new(320);
+        let mut frames = Vec::new();
+        cut.push(&mut tc, &[7i16; 250], |f| frames.push(f)).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert!(frames.iter().all(|f| f.len() == 320));
+        let tail = cut.finish(tc.wire).unwrap();
+        assert_eq!(tail.len(), 320);
+        assert_eq!(
+            &tail[180..],
+            &[0u8; 140][..],
+            "90 samples of audio, then silence"
+        );
+        assert_eq!(cut.finish(tc.wire), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
 
-use crate::pbx::codec::Transcoder;
+use crate::pbx::codec::{FrameCutter, Transcoder};
 use crate::pbx::events::CallEvents;
 use crate::pbx::queue_link::{LinkCmd, QueueLink, queue_link};
 
@@ -37,7 +37,7 @@ pub fn start<W: FrameWriter>(
     let frame_bytes = tc.wire.frame_bytes();
     let task = tokio::spawn(async move {
         let mut queue: VecDeque<Item> = VecDeque::new();
-        let mut pending: Vec<u8> = Vec::with_capacity(frame_bytes * 2);
+        let mut cutter = FrameCutter::new(frame_bytes);
         let mut frames = 0usize;
         let mut ticker = tokio::time::interval(Duration::from_millis(20));
         ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
@@ -45,25 +45,25 @@ pub fn start<W: FrameWriter>(
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => return,
-                    Some(LinkCmd::Audio(s)) => match tc.outbound(&s) {
-                        Ok(b) => {
-                            pending.extend_from_slice(&b);
-                            while pending.len() >= frame_bytes {
-                                if frames >= QUEUE_MAX {
-                                    pending.clear();
-                                    tracing::warn!("paced queue full; agent audio dropped");
-                                    break;
-                                }
-                                queue.push_back(Item::Frame(pending.drain(..frame_bytes).collect()));
+                    Some(LinkCmd::Audio(s)) => {
+                        let mut dropped = false;
+                        let pushed = cutter.push(&mut tc, &s, |f| {
+                            if frames >= QUEUE_MAX {
+                                dropped = true;
+                            } else {
+                                queue.push_back(Item::Frame(f));
                                 frames += 1;
                             }
+                        });
+                        if let Err(e) = pushed {
+                            tracing::warn!(error = %e, "encoding agent audio");
                         }
-                        Err(e) => tracing::warn!(error = %e, "encoding agent audio"),
-                    },
+                        if dropped {
+                            tracing::warn!("paced queue full; agent audio dropped");
+                        }
+                    }
                     Some(LinkCmd::Mark(id)) => {
-                        if !pending.is_empty() {
-                            let mut f = std::mem::take(&mut pending);
-                            f.extend(tc.wire.silence(frame_bytes - f.len()));
+                        if let Some(f) = cutter.finish(tc.wire) {
                             queue.push_back(Item::Frame(f));
                             frames += 1;
                         }
@@ -71,7 +71,7 @@ pub fn start<W: FrameWriter>(
                     }
                     Some(LinkCmd::Flush) => {
                         queue.clear();
-                        pending.clear();
+                        cutter.clear();
                         frames = 0;
                     }
                 },

@@ -16,7 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::pbx::codec::{Transcoder, WireFormat};
+use crate::pbx::codec::{FrameCutter, Transcoder, WireFormat};
 use crate::pbx::events::{CallEvents, DtmfSource};
 use crate::pbx::queue_link::{LinkCmd, QueueLink, queue_link};
 
@@ -275,7 +275,7 @@ async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sink, mut stream) = ws.split();
-    let mut pending: Vec<u8> = Vec::with_capacity(ofs * 2);
+    let mut cutter = FrameCutter::new(ofs);
     let mut held: VecDeque<Out> = VecDeque::new();
     let mut xoff = false;
     let mut warned_held = false;
@@ -285,28 +285,20 @@ async fn run<S>(
                 let mut out: Vec<Out> = Vec::new();
                 match cmd {
                     None => break "session ended".to_string(),
-                    Some(LinkCmd::Audio(samples)) => match tc.outbound(&samples) {
-                        Ok(bytes) => {
-                            pending.extend_from_slice(&bytes);
-                            // Whole frames only: Asterisk silently drops a short tail.
-                            while pending.len() >= ofs {
-                                out.push(Out::Frame(pending.drain(..ofs).collect()));
-                            }
+                    Some(LinkCmd::Audio(samples)) => {
+                        // Whole frames only: Asterisk silently drops a short tail.
+                        if let Err(e) = cutter.push(&mut tc, &samples, |f| out.push(Out::Frame(f))) {
+                            tracing::warn!(%channel_id, error = %e, "encoding agent audio");
                         }
-                        Err(e) => tracing::warn!(%channel_id, error = %e, "encoding agent audio"),
-                    },
+                    }
                     Some(LinkCmd::Mark(id)) => {
-                        if !pending.is_empty() {
-                            // Pad the tail to a whole frame so it is played, not dropped.
-                            let mut f = std::mem::take(&mut pending);
-                            let pad = ofs - f.len();
-                            f.extend(tc.wire.silence(pad));
+                        if let Some(f) = cutter.finish(tc.wire) {
                             out.push(Out::Frame(f));
                         }
                         out.push(Out::Text(command(fmt, "MARK_MEDIA", Some(&format!("m{id}")))));
                     }
                     Some(LinkCmd::Flush) => {
-                        pending.clear();
+                        cutter.clear();
                         held.clear();
                         // A flush is never held back, even during MEDIA_XOFF.
                         if sink.send(Message::text(command(fmt, "FLUSH_MEDIA", None))).await.is_err() {
