@@ -92,9 +92,7 @@ fn assert_fallback(call: &Call, message_part: &str) {
         call.dump()
     );
     // The fallback prompt was heard to the end before the transfer.
-    let end = call.of_type("playout_end").last().copied().unwrap();
-    assert_eq!(end["complete"], true);
-    assert!(call.t(end) <= call.t(call.first("transfer").unwrap()));
+    call.assert_last_reply_played_before("transfer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

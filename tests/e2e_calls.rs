@@ -54,14 +54,10 @@ async fn order_status_call_completes_and_goodbye_plays_before_hangup() {
     );
     // The farewell was played to the end before the hangup.
     let hangup = call.first("hangup").expect("hangup record");
-    let last_end = call
-        .of_type("playout_end")
-        .last()
-        .copied()
-        .expect("playout_end");
-    assert_eq!(last_end["complete"], true);
-    assert!(last_end["heard"].as_str().unwrap().contains("Goodbye"));
-    assert!(call.t(last_end) <= call.t(hangup));
+    assert!(
+        call.assert_last_reply_played_before("hangup")
+            .contains("Goodbye")
+    );
     let spoke_until = call.last_agent_sound_between(0, u64::MAX).unwrap();
     assert!(
         spoke_until <= call.t(hangup) + 20,
@@ -143,10 +139,8 @@ async fn caller_asking_for_an_agent_is_transferred() {
         "{}",
         call.dump()
     );
-    // The announcement played before the transfer.
-    let transfer = call.first("transfer").unwrap();
-    let end = call.of_type("playout_end").last().copied().unwrap();
-    assert!(call.t(end) <= call.t(transfer));
+    // The announcement played to the end before the transfer.
+    call.assert_last_reply_played_before("transfer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,31 @@ impl Call {
         r["t_ms"].as_u64().unwrap_or(0)
     }
 
+    /// Asserts the last reply played to the end (its marks came back) no later than the `kind`
+    /// record (transfer, hangup), and returns that reply's `heard` text.
+    pub fn assert_last_reply_played_before(&self, kind: &str) -> String {
+        let end = self
+            .of_type("playout_end")
+            .last()
+            .copied()
+            .expect("a playout_end record");
+        let action = self
+            .first(kind)
+            .unwrap_or_else(|| panic!("no {kind} record\n{}", self.dump()));
+        assert_eq!(
+            end["complete"],
+            true,
+            "the last reply was cut\n{}",
+            self.dump()
+        );
+        assert!(
+            self.t(end) <= self.t(action),
+            "{kind} before the last reply finished\n{}",
+            self.dump()
+        );
+        end["heard"].as_str().unwrap_or("").to_string()
+    }
+
     /// Prints the record, for failing tests.
     pub fn dump(&self) -> String {
         self.records
