@@ -320,6 +320,10 @@ pub struct AsteriskConfig {
     /// Control messages on the media WebSocket: "auto" (JSON where Asterisk supports it),
     /// "json" or "plain".
     pub control_format: String,
+    /// Playout marks on chan_websocket: "auto" (by Asterisk's version; a probe mark when the
+    /// version does not say), "on" (20.18/22.8/23.2+) or "off" (older: sidecall's own playout
+    /// clock says what was played).
+    pub marks: String,
     /// Most calls at once; more go to the overflow target.
     pub max_calls: usize,
     /// Where calls go when sidecall is full or shutting down (a [transfers] entry).
@@ -349,6 +353,7 @@ impl Default for AsteriskConfig {
             rtp_bind: "127.0.0.1".into(),
             format: "slin16".into(),
             control_format: "auto".into(),
+            marks: "auto".into(),
             max_calls: 100,
             overflow_target: "agent".into(),
             shutdown_grace_s: 30,
@@ -596,6 +601,7 @@ impl Config {
             &a.control_format,
             &["auto", "json", "plain"],
         )?;
+        one_of("asterisk.marks", &a.marks, &["auto", "on", "off"])?;
         let formats: &[&str] = match a.media.as_str() {
             "rtp" => &["ulaw", "slin16"],
             "audiosocket" => &["slin16", "slin"],

@@ -8,5 +8,6 @@ pub mod bench;
 pub mod call;
 pub mod config;
 pub mod engines;
+pub mod net;
 pub mod pbx;
 pub mod telemetry;

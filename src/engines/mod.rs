@@ -6,27 +6,7 @@ pub mod dialog;
 pub mod instant;
 pub mod tts;
 
-use std::time::Duration;
-
-/// One shared HTTP client (connection pools are per client). Timeouts are set per request.
-pub fn http_client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(8)
-        .build()
-        .unwrap_or_default()
-}
-
-/// The innermost error message (reqwest wraps hyper wraps io), for logs and records.
-pub fn root_cause(e: &dyn std::error::Error) -> String {
-    let mut cur: &dyn std::error::Error = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
-}
+pub use crate::net::{http_client, root_cause};
 
 /// Joins an OpenAI-style base URL (`http://host/v1`) and an endpoint path.
 pub fn endpoint(base: &str, path: &str) -> String {

@@ -10,20 +10,6 @@ pub mod queue_link;
 pub mod simulated;
 use std::sync::Arc;
 
-/// 64 random bits without another dependency: std seeds every RandomState from the OS, and
-/// the time is mixed in. For identifiers (UUIDs, RTP SSRC and sequence), not for secrets.
-pub fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
-}
-
 use crate::engines::asr::Asr;
 use crate::engines::dialog::Dialog;
 use crate::engines::tts::Tts;

@@ -73,13 +73,16 @@ pub struct CallLog {
     /// RTP: packets whose header broke the stream (version, payload type, sequence, timestamp, SSRC).
     pub rtp_header_errors: u32,
     pub rtp_packets: u32,
+    /// Commands this Asterisk does not know (it only logs "command unknown").
+    pub unknown_commands: u32,
 }
 
 #[derive(Clone)]
 pub struct Options {
     pub user: String,
     pub pass: String,
-    /// Send plain-text control even if f(json) is asked (an older Asterisk).
+    /// Send plain-text control even if f(json) is asked (chan_websocket.conf
+    /// `control_message_format=plain` on a 23.4 that marks).
     pub plain_only: bool,
     /// websocket_client.conf: section -> URI.
     pub ws_clients: HashMap<String, String>,
@@ -87,6 +90,12 @@ pub struct Options {
     pub media_never_connects: bool,
     /// Stop playing queued agent audio (to fill the queue).
     pub stall_playout: bool,
+    /// chan_websocket answers MARK_MEDIA (20.18/22.8/23.2+). Without: MARK_MEDIA is an unknown
+    /// command (only logged), control is plain text and transport_data is not known, as on
+    /// 20.16+/22.6+/23.0-23.1 and the master of October 2025.
+    pub marks: bool,
+    /// What `GET /asterisk/info` says (default: 23.4.1, or 23.1.0 without marks).
+    pub version: Option<String>,
 }
 
 impl Default for Options {
@@ -98,6 +107,8 @@ impl Default for Options {
             ws_clients: HashMap::new(),
             media_never_connects: false,
             stall_playout: false,
+            marks: true,
+            version: None,
         }
     }
 }
@@ -135,6 +146,11 @@ struct State {
     parked_ws: HashMap<String, Parked>,
     next_id: u64,
     events_sent: u64,
+    /// A channel was created whose id is a prefix of a live one: chan_websocket dereferences a
+    /// NULL requestor there and the real Asterisk segfaults.
+    crashed: bool,
+    /// Channel ids refused for being a prefix of a live one.
+    prefix_refusals: Vec<String>,
     malformed_on_connect: bool,
 }
 
@@ -225,6 +241,13 @@ impl Emulator {
         }
     }
 
+    /// Whether a request would have crashed a real Asterisk (a media channel id that is a
+    /// prefix of a live channel's), and the ids refused that way.
+    pub fn crashed(&self) -> (bool, Vec<String>) {
+        let st = self.state.lock().unwrap();
+        (st.crashed, st.prefix_refusals.clone())
+    }
+
     /// Channels and bridges that still exist.
     pub fn leftovers(&self) -> (Vec<String>, Vec<String>) {
         let st = self.state.lock().unwrap();
@@ -252,7 +275,7 @@ impl Emulator {
         }
         st.next_id += 1;
         let n = st.next_id;
-        let id = format!("1795262{n:03}.{n}");
+        let id = format!("1795262114.{n}");
         let ch = Chan {
             id: id.clone(),
             name: format!("PJSIP/caller-{n:08x}"),
@@ -344,10 +367,10 @@ impl Emulator {
         let q = |k: &str| req.query.get(k).cloned();
         match (req.method.as_str(), parts.as_slice()) {
             ("GET", ["asterisk", "info"]) => {
-                let v = if self.opts.plain_only {
-                    "22.5.0"
-                } else {
-                    "23.4.1"
+                let v = match &self.opts.version {
+                    Some(v) => v.as_str(),
+                    None if !self.opts.marks => "23.1.0",
+                    None => "23.4.1",
                 };
                 (
                     200,
@@ -355,6 +378,36 @@ impl Emulator {
                 )
             }
             ("POST", ["channels", "externalMedia"]) => self.external_media(req).await,
+            ("GET", ["channels"]) => {
+                let st = self.state.lock().unwrap();
+                let list: Vec<Value> = st.channels.values().map(chan_json).collect();
+                (200, Some(Value::Array(list)))
+            }
+            ("GET", ["bridges"]) => {
+                let st = self.state.lock().unwrap();
+                let list: Vec<Value> = st
+                    .bridges
+                    .iter()
+                    .map(|(id, chans)| json!({"id": id, "technology": "simple_bridge", "bridge_type": "mixing", "channels": chans}))
+                    .collect();
+                (200, Some(Value::Array(list)))
+            }
+            ("GET", ["applications", name]) => {
+                let st = self.state.lock().unwrap();
+                // Channels in Stasis are subscribed to the application.
+                let chans: Vec<&String> = st
+                    .channels
+                    .values()
+                    .filter(|c| c.in_stasis)
+                    .map(|c| &c.id)
+                    .collect();
+                (
+                    200,
+                    Some(
+                        json!({"name": name, "channel_ids": chans, "bridge_ids": [], "endpoint_ids": [], "device_names": []}),
+                    ),
+                )
+            }
             ("POST", ["channels", id, "answer"]) => {
                 let mut st = self.state.lock().unwrap();
                 match st.channels.get_mut(*id) {
@@ -488,7 +541,7 @@ impl Emulator {
                         b.push(c.clone());
                     }
                 }
-                start_bridge_if_ready(&self.state, &mut st, id, self.opts.stall_playout);
+                start_bridge_if_ready(&self.state, &mut st, id, &self.opts);
                 (204, None)
             }
             ("DELETE", ["bridges", id]) => {
@@ -531,17 +584,19 @@ impl Emulator {
         if !["ulaw", "alaw", "slin", "slin16"].contains(&format.as_str()) {
             return (422, Some(json!({"message": "unsupported format"})));
         }
-        let json_ctl =
-            q("transport_data").is_some_and(|t| t.contains("f(json)")) && !self.opts.plain_only;
+        let json_ctl = q("transport_data").is_some_and(|t| t.contains("f(json)"))
+            && !self.opts.plain_only
+            && self.opts.marks;
         let mode = q("connection_type").unwrap_or_else(|| "client".into());
         let (id, conn_id) = {
             let mut st = self.state.lock().unwrap();
             st.next_id += 1;
             let n = st.next_id;
-            (
-                q("channelId").unwrap_or_else(|| format!("1795262{n:03}.{n}")),
-                uuid(n),
-            )
+            let id = q("channelId").unwrap_or_else(|| format!("1795262114.{n}"));
+            if refuse_prefix_id(&mut st, &id, true) {
+                return (500, Some(json!({"message": "Internal Server Error"})));
+            }
+            (id, uuid(n))
         };
         let name = if mode == "server" {
             format!("WebSocket/INCOMING/0x7fe93c{:06x}", self.port)
@@ -666,7 +721,11 @@ impl Emulator {
             let mut st = self.state.lock().unwrap();
             st.next_id += 1;
             let n = st.next_id;
-            q("channelId").unwrap_or_else(|| format!("1795262{n:03}.{n}"))
+            let id = q("channelId").unwrap_or_else(|| format!("1795262114.{n}"));
+            if refuse_prefix_id(&mut st, &id, false) {
+                return (500, Some(json!({"message": "Allocation failed"})));
+            }
+            id
         };
         let mut ch = Chan {
             id: id.clone(),
@@ -830,7 +889,7 @@ impl Emulator {
             // the channel as it is now, not as it was before the send.
             let bridge = st.channels.get(&media_id).and_then(|c| c.bridge.clone());
             if let Some(b) = bridge {
-                start_bridge_if_ready(&self.state, &mut st, &b, self.opts.stall_playout);
+                start_bridge_if_ready(&self.state, &mut st, &b, &self.opts);
             }
         }
     }
@@ -905,6 +964,23 @@ fn media_start(ch: &Chan, conn: &str, format: &str, ofs: usize, json: bool) -> S
     }
 }
 
+/// Asterisk's legacy channel storage treats a new id as taken when it is a prefix of a live one
+/// (strncasecmp(existing, new, strlen(new))); for chan_websocket that path crashes Asterisk.
+fn refuse_prefix_id(st: &mut State, id: &str, websocket: bool) -> bool {
+    let lower = id.to_ascii_lowercase();
+    let taken = st
+        .channels
+        .keys()
+        .any(|k| k.to_ascii_lowercase().starts_with(&lower));
+    if taken {
+        st.prefix_refusals.push(id.to_string());
+        if websocket {
+            st.crashed = true;
+        }
+    }
+    taken
+}
+
 fn chan_json(c: &Chan) -> Value {
     json!({"id": c.id, "name": c.name, "state": c.state, "protocol_id": "",
            "caller": {"name": "", "number": "100"}, "connected": {"name": "", "number": ""},
@@ -975,7 +1051,8 @@ fn hangup_channel(st: &mut State, id: &str, cause_txt: &str, cause: i64) {
 }
 
 /// When a bridge holds a caller and a connected media channel, media starts flowing.
-fn start_bridge_if_ready(state: &Arc<Mutex<State>>, st: &mut State, bridge: &str, stall: bool) {
+fn start_bridge_if_ready(state: &Arc<Mutex<State>>, st: &mut State, bridge: &str, opts: &Options) {
+    let (stall, marks) = (opts.stall_playout, opts.marks);
     let Some(members) = st.bridges.get(bridge).cloned() else {
         return;
     };
@@ -1017,6 +1094,7 @@ fn start_bridge_if_ready(state: &Arc<Mutex<State>>, st: &mut State, bridge: &str
         script,
         log,
         stall,
+        marks,
     };
     match ws {
         Parked::Ws(ws) => {
@@ -1036,6 +1114,7 @@ struct Session {
     script: Script,
     log: Arc<Mutex<CallLog>>,
     stall: bool,
+    marks: bool,
 }
 
 /// The caller's side of a bridged call: speaks turns 700 ms after the agent stops, clips at
@@ -1171,6 +1250,7 @@ async fn media_session(
         mut script,
         log,
         stall,
+        marks,
     } = sess;
     let fmt = info.format.clone();
     let ofs = frame_bytes(&fmt);
@@ -1249,7 +1329,8 @@ async fn media_session(
                     };
                     log.lock().unwrap().commands.push((now, cmd.clone()));
                     match cmd.as_str() {
-                        "MARK_MEDIA" => queue.push_back(Err(id.unwrap_or_default())),
+                        "MARK_MEDIA" if marks => queue.push_back(Err(id.unwrap_or_default())),
+                        "MARK_MEDIA" => log.lock().unwrap().unknown_commands += 1,
                         "FLUSH_MEDIA" => {
                             queue.clear();
                             frames = 0;

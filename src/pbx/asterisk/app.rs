@@ -16,9 +16,9 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 
-use super::ari::{AriClient, AriError, Event, ExternalMedia, supports_json_control};
+use super::ari::{AriClient, AriError, Event, ExternalMedia, mark_support, supports_json_control};
 use super::ari_events::{self, EventMsg};
-use super::chan_ws::{self, ControlFormat, MediaStart};
+use super::chan_ws::{self, ControlFormat, MarkSupport, MediaStart};
 use super::{audiosocket, rtp};
 use crate::call::{CallControl, CallSetup, ControlError, MediaLink, run_call};
 use crate::config::{Config, TransferTarget};
@@ -61,6 +61,8 @@ struct Shared {
     parts: PartsFactory,
     records: Option<mpsc::Sender<serde_json::Value>>,
     json_control: AtomicBool,
+    /// Whether this Asterisk answers MARK_MEDIA, learned on every (re)connect.
+    marks: std::sync::Mutex<MarkSupport>,
     pending: Pending,
     audiosockets: audiosocket::Waiting,
     /// Setups waiting for their media channel's StasisStart (addChannel before it gets 422).
@@ -128,6 +130,7 @@ pub async fn run(
         parts,
         records,
         json_control: AtomicBool::new(false),
+        marks: std::sync::Mutex::new(MarkSupport::Probe),
         pending,
         audiosockets,
         in_stasis: Arc::default(),
@@ -181,21 +184,36 @@ pub async fn run(
                 match msg {
                     EventMsg::Connected => {
                         // Learn the version on every (re)connect: Asterisk may have been upgraded.
-                        let json = match cfg.asterisk.control_format.as_str() {
-                            "json" => true,
-                            "plain" => false,
-                            _ => match ari.version().await {
+                        let a = &cfg.asterisk;
+                        let version = if a.control_format == "auto" || a.marks == "auto" {
+                            match ari.version().await {
                                 Ok(v) => {
                                     tracing::info!(version = %v, "connected to Asterisk");
-                                    supports_json_control(&v)
+                                    Some(v)
                                 }
                                 Err(e) => {
-                                    tracing::warn!(error = %e, "could not read the Asterisk version; using plain control messages");
-                                    false
+                                    tracing::warn!(error = %e, "could not read the Asterisk version; plain control, probing for marks");
+                                    None
                                 }
-                            },
+                            }
+                        } else {
+                            None
                         };
+                        let json = match a.control_format.as_str() {
+                            "json" => true,
+                            "plain" => false,
+                            _ => version.as_deref().is_some_and(supports_json_control),
+                        };
+                        let marks = match a.marks.as_str() {
+                            "on" => MarkSupport::Yes,
+                            "off" => MarkSupport::No,
+                            _ => version.as_deref().map(mark_support).unwrap_or(MarkSupport::Probe),
+                        };
+                        tracing::info!(json_control = json, ?marks, "media control for this Asterisk");
                         shared.json_control.store(json, Ordering::Relaxed);
+                        if let Ok(mut m) = shared.marks.lock() {
+                            *m = marks;
+                        }
                     }
                     EventMsg::Disconnected(why) => tracing::warn!(%why, active = calls.len(), "ARI events lost; calls in progress go on"),
                     EventMsg::Event(ev) => match *ev {
@@ -443,6 +461,11 @@ async fn connect_media(
     let a = &cfg.asterisk;
     let ari = &shared.ari;
     let media_timeout = Duration::from_millis(a.media_timeout_ms);
+    let marks = shared
+        .marks
+        .lock()
+        .map(|m| *m)
+        .unwrap_or(MarkSupport::Probe);
     match a.media.as_str() {
         "audiosocket" => return connect_audiosocket(shared, media_id, events).await,
         "rtp" => return connect_rtp(shared, media_id, events).await,
@@ -474,7 +497,7 @@ async fn connect_media(
         let c = conn
             .map_err(|_| "Asterisk did not connect to the media listener in time".to_string())?
             .map_err(|_| "media listener gone".to_string())?;
-        chan_ws::start(c.ws, c.start, c.fmt, cfg.call.sample_rate, events)
+        chan_ws::start(c.ws, c.start, c.fmt, marks, cfg.call.sample_rate, events)
             .map_err(|e| e.to_string())?
     } else {
         let params = ExternalMedia {
@@ -513,7 +536,8 @@ async fn connect_media(
         let (start, fmt) = chan_ws::read_media_start(&mut ws, media_timeout)
             .await
             .map_err(|e| e.to_string())?;
-        chan_ws::start(ws, start, fmt, cfg.call.sample_rate, events).map_err(|e| e.to_string())?
+        chan_ws::start(ws, start, fmt, marks, cfg.call.sample_rate, events)
+            .map_err(|e| e.to_string())?
     };
     Ok(Box::new(connected.0))
 }

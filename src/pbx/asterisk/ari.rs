@@ -437,6 +437,25 @@ pub fn supports_json_control(version: &str) -> bool {
     }
 }
 
+/// Whether an Asterisk version answers MARK_MEDIA: the same floors as JSON control (20.18,
+/// 22.8, 23.2). A version string without numbers (a `GIT-master-...` build) says nothing: probe.
+pub fn mark_support(version: &str) -> super::chan_ws::MarkSupport {
+    use super::chan_ws::MarkSupport;
+    let has_number = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .count()
+        >= 2
+        && version.starts_with(|c: char| c.is_ascii_digit());
+    if !has_number {
+        MarkSupport::Probe
+    } else if supports_json_control(version) {
+        MarkSupport::Yes
+    } else {
+        MarkSupport::No
+    }
+}
+
 /// Parses one events-socket message; garbage gives an error to log, never a panic.
 pub fn parse_event(text: &str) -> Result<Event, serde_json::Error> {
     serde_json::from_str(text)
@@ -522,6 +541,18 @@ mod tests {
         ] {
             assert_eq!(supports_json_control(v), want, "{v}");
         }
+    }
+
+    #[test]
+    fn mark_support_from_versions() {
+        use crate::pbx::asterisk::chan_ws::MarkSupport;
+        assert_eq!(mark_support("23.4.1"), MarkSupport::Yes);
+        assert_eq!(mark_support("20.18.0"), MarkSupport::Yes);
+        assert_eq!(mark_support("23.1.0"), MarkSupport::No);
+        assert_eq!(mark_support("22.6.0"), MarkSupport::No);
+        assert_eq!(mark_support("20.16.1"), MarkSupport::No);
+        assert_eq!(mark_support("GIT-master-27fb039"), MarkSupport::Probe);
+        assert_eq!(mark_support(""), MarkSupport::Probe);
     }
 
     #[test]

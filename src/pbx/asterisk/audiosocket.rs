@@ -91,14 +91,9 @@ pub fn uuid_string(b: &[u8]) -> String {
     )
 }
 
-/// A fresh random UUID (v4 layout).
+/// A fresh random UUID from the CSPRNG: the per-call credential Asterisk presents first.
 pub fn new_uuid() -> String {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&crate::pbx::random_u64().to_le_bytes());
-    b[8..].copy_from_slice(&crate::pbx::random_u64().to_le_bytes());
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    uuid_string(&b)
+    crate::net::uuid_v4()
 }
 
 /// Calls waiting for their AudioSocket connection, by UUID.

@@ -103,8 +103,8 @@ pub fn parse_control(text: &str) -> AstEvent {
                 channel: s("channel"),
                 channel_id: s("channel_id"),
                 format: s("format"),
-                optimal_frame_size: n("optimal_frame_size") as usize,
-                ptime: n("ptime") as u32,
+                optimal_frame_size: usize::try_from(n("optimal_frame_size")).unwrap_or(usize::MAX),
+                ptime: u32::try_from(n("ptime")).unwrap_or(0),
             }),
             "MEDIA_XOFF" => AstEvent::Xoff,
             "MEDIA_XON" => AstEvent::Xon,
@@ -135,7 +135,8 @@ pub fn parse_control(text: &str) -> AstEvent {
                 channel: get("channel"),
                 channel_id: get("channel_id"),
                 format: get("format"),
-                optimal_frame_size: get("optimal_frame_size").parse().unwrap_or(0),
+                // Unparseable (too large, say) is refused later, never taken as the default.
+                optimal_frame_size: get("optimal_frame_size").parse().unwrap_or(usize::MAX),
                 ptime: get("ptime").parse().unwrap_or(0),
             })
         }
@@ -216,18 +217,91 @@ where
     }
 }
 
-enum Out {
-    Frame(Vec<u8>),
-    Text(String),
+/// Whether this Asterisk answers MARK_MEDIA (20.18/22.8/23.2+). Older chan_websocket logs
+/// "command unknown" and never answers, so playout is then tracked by sidecall's own clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkSupport {
+    /// Marks are answered: MEDIA_MARK_PROCESSED says what was played.
+    Yes,
+    /// No marks: the playout clock alone says what was played; MARK_MEDIA is never sent.
+    No,
+    /// Unknown (a version string that does not say): one probe mark on the empty queue, which a
+    /// marking Asterisk answers at once; until it does, the clock decides.
+    Probe,
 }
 
-impl Out {
-    fn message(self) -> Message {
-        match self {
-            Out::Frame(b) => Message::binary(b),
-            Out::Text(t) => Message::text(t),
+/// The correlation id of the probe mark.
+const PROBE_MARK: &str = "sidecall-probe";
+/// A mark Asterisk should have answered by now is treated as played this long after the
+/// clock says its audio ended (a mark lost in a long MEDIA_XOFF, say), with a warning.
+const MARK_GRACE: Duration = Duration::from_millis(1500);
+
+/// Sidecall's model of Asterisk's playout queue: the timer plays one frame per ptime, so the
+/// queue is empty at `busy_until`. Every mark gets the time its audio will have played; without
+/// PBX marks that time reports it, with them it is the deadline for a lost one.
+#[derive(Debug)]
+pub struct PlayoutClock {
+    ptime: Duration,
+    busy_until: tokio::time::Instant,
+    marks: VecDeque<(u64, tokio::time::Instant)>,
+}
+
+impl PlayoutClock {
+    pub fn new(ptime_ms: u32, now: tokio::time::Instant) -> Self {
+        Self {
+            ptime: Duration::from_millis(u64::from(ptime_ms.clamp(10, 200))),
+            busy_until: now,
+            marks: VecDeque::new(),
         }
     }
+
+    /// One frame reached Asterisk's queue.
+    pub fn frame_sent(&mut self, now: tokio::time::Instant) {
+        self.busy_until = self.busy_until.max(now) + self.ptime;
+    }
+
+    /// Everything sent so far is followed by mark `id`. Asterisk's timer starts playing a frame
+    /// up to one ptime after it arrives, hence one ptime of margin.
+    pub fn mark(&mut self, id: u64, now: tokio::time::Instant) {
+        let due = self.busy_until.max(now) + self.ptime;
+        self.marks.push_back((id, due));
+    }
+
+    /// The queue was flushed: nothing is left to play, pending marks are dropped.
+    pub fn flush(&mut self, now: tokio::time::Instant) {
+        self.busy_until = now;
+        self.marks.clear();
+    }
+
+    /// Asterisk answered mark `id`: it and every earlier mark are done.
+    pub fn confirmed(&mut self, id: u64) {
+        while self.marks.front().is_some_and(|(m, _)| *m <= id) {
+            self.marks.pop_front();
+        }
+    }
+
+    /// When the next mark falls due.
+    pub fn next_due(&self, grace: Duration) -> Option<tokio::time::Instant> {
+        self.marks.front().map(|(_, due)| *due + grace)
+    }
+
+    /// Marks whose time has come (with `grace` added to each due time).
+    pub fn due(&mut self, now: tokio::time::Instant, grace: Duration) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some((id, due)) = self.marks.front() {
+            if *due + grace > now {
+                break;
+            }
+            out.push(*id);
+            self.marks.pop_front();
+        }
+        out
+    }
+}
+
+enum Out {
+    Frame(Vec<u8>),
+    Mark(u64),
 }
 
 /// Starts the media task for a connected socket; returns the link for the call session.
@@ -236,6 +310,7 @@ pub fn start<S>(
     ws: WebSocketStream<S>,
     start: MediaStart,
     fmt: ControlFormat,
+    marks: MarkSupport,
     internal_rate: u32,
     events: CallEvents,
 ) -> Result<(QueueLink, tokio::task::JoinHandle<()>), WsMediaError>
@@ -245,16 +320,21 @@ where
     let wire = WireFormat::from_asterisk(&start.format)
         .ok_or_else(|| WsMediaError::Format(start.format.clone()))?;
     let transcoder = Transcoder::new(wire, internal_rate)?;
-    let ofs = if start.optimal_frame_size > 0 {
-        start.optimal_frame_size
+    let ofs = optimal_frame_size(start.optimal_frame_size, wire)?;
+    let ptime = if (10..=200).contains(&start.ptime) {
+        start.ptime
     } else {
-        wire.frame_bytes()
+        20
     };
     let (link, rx) = queue_link(256);
     let task = tokio::spawn(run(
         ws,
-        fmt,
-        ofs,
+        Conn {
+            fmt,
+            ofs,
+            marks,
+            ptime,
+        },
         transcoder,
         rx,
         events,
@@ -263,10 +343,31 @@ where
     Ok((link, task))
 }
 
-async fn run<S>(
-    ws: WebSocketStream<S>,
+/// The frame size Asterisk asks for, checked: 0 means "the codec's 20 ms"; anything that is not
+/// a whole number of samples or is over the 65,535-byte frame limit is refused (a huge value
+/// would otherwise make sidecall allocate without bound).
+pub fn optimal_frame_size(asked: usize, wire: WireFormat) -> Result<usize, WsMediaError> {
+    if asked == 0 {
+        return Ok(wire.frame_bytes());
+    }
+    if asked > MAX_BINARY || asked % wire.width() != 0 {
+        return Err(WsMediaError::BadStart(format!(
+            "optimal_frame_size {asked} is not a usable frame size"
+        )));
+    }
+    Ok(asked)
+}
+
+struct Conn {
     fmt: ControlFormat,
     ofs: usize,
+    marks: MarkSupport,
+    ptime: u32,
+}
+
+async fn run<S>(
+    ws: WebSocketStream<S>,
+    conn: Conn,
     mut tc: Transcoder,
     mut rx: mpsc::Receiver<LinkCmd>,
     events: CallEvents,
@@ -274,15 +375,44 @@ async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Conn {
+        fmt,
+        ofs,
+        mut marks,
+        ptime,
+    } = conn;
     let (mut sink, mut stream) = ws.split();
     let mut cutter = FrameCutter::new(ofs);
     let mut held: VecDeque<Out> = VecDeque::new();
+    let mut held_frames = 0usize;
     let mut xoff = false;
     let mut warned_held = false;
+    let mut clock = PlayoutClock::new(ptime, tokio::time::Instant::now());
+    if marks == MarkSupport::Probe {
+        // On the empty queue a marking Asterisk answers at once; an older one logs
+        // "MARK_MEDIA ... command unknown" once.
+        if sink
+            .send(Message::text(command(fmt, "MARK_MEDIA", Some(PROBE_MARK))))
+            .await
+            .is_err()
+        {
+            events.hangup("send failed").await;
+            return;
+        }
+    }
+    // With PBX marks the clock is only a deadline for lost ones; without, it is the answer.
+    let grace = |m: MarkSupport| {
+        if m == MarkSupport::Yes {
+            MARK_GRACE
+        } else {
+            Duration::ZERO
+        }
+    };
     let cause = loop {
+        let due = clock.next_due(grace(marks));
+        let mut out: Vec<Out> = Vec::new();
         tokio::select! {
             cmd = rx.recv() => {
-                let mut out: Vec<Out> = Vec::new();
                 match cmd {
                     None => break "session ended".to_string(),
                     Some(LinkCmd::Audio(samples)) => {
@@ -295,37 +425,26 @@ async fn run<S>(
                         if let Some(f) = cutter.finish(tc.wire) {
                             out.push(Out::Frame(f));
                         }
-                        out.push(Out::Text(command(fmt, "MARK_MEDIA", Some(&format!("m{id}")))));
+                        out.push(Out::Mark(id));
                     }
                     Some(LinkCmd::Flush) => {
                         cutter.clear();
                         held.clear();
+                        held_frames = 0;
+                        clock.flush(tokio::time::Instant::now());
                         // A flush is never held back, even during MEDIA_XOFF.
                         if sink.send(Message::text(command(fmt, "FLUSH_MEDIA", None))).await.is_err() {
                             break "send failed".to_string();
                         }
                     }
                 }
-                let mut failed = false;
-                for o in out {
-                    if xoff {
-                        if held.len() >= HELD_MAX {
-                            if !warned_held {
-                                tracing::warn!(%channel_id, "Asterisk queue full (MEDIA_XOFF) too long; dropping agent audio");
-                                warned_held = true;
-                            }
-                            continue;
-                        }
-                        held.push_back(o);
-                        continue;
+            }
+            _ = sleep_until_opt(due) => {
+                for id in clock.due(tokio::time::Instant::now(), grace(marks)) {
+                    if marks == MarkSupport::Yes {
+                        tracing::warn!(%channel_id, mark = id, "Asterisk never answered a playout mark; treating it as played");
                     }
-                    if sink.send(o.message()).await.is_err() {
-                        failed = true;
-                        break;
-                    }
-                }
-                if failed {
-                    break "send failed".to_string();
+                    events.mark_played(id);
                 }
             }
             msg = stream.next() => match msg {
@@ -346,9 +465,18 @@ async fn run<S>(
                     }
                 }
                 Some(Ok(Message::Text(t))) => match parse_control(&t) {
+                    AstEvent::MarkProcessed(id) if id == PROBE_MARK => {
+                        if marks == MarkSupport::Probe {
+                            tracing::debug!(%channel_id, "Asterisk answers playout marks");
+                            marks = MarkSupport::Yes;
+                        }
+                    }
                     AstEvent::MarkProcessed(id) => {
                         match id.strip_prefix('m').and_then(|n| n.parse::<u64>().ok()) {
-                            Some(n) => events.mark_played(n),
+                            Some(n) => {
+                                clock.confirmed(n);
+                                events.mark_played(n);
+                            }
                             None => tracing::debug!(%channel_id, %id, "mark that is not ours"),
                         }
                     }
@@ -357,16 +485,8 @@ async fn run<S>(
                     AstEvent::Xon => {
                         xoff = false;
                         warned_held = false;
-                        let mut failed = false;
-                        while let Some(o) = held.pop_front() {
-                            if sink.send(o.message()).await.is_err() {
-                                failed = true;
-                                break;
-                            }
-                        }
-                        if failed {
-                            break "send failed".to_string();
-                        }
+                        held_frames = 0;
+                        out.extend(held.drain(..));
                     }
                     AstEvent::Error(e) => tracing::warn!(%channel_id, error = %e, "Asterisk reported a media error"),
                     AstEvent::MediaStart(_) => tracing::warn!(%channel_id, "second MEDIA_START ignored"),
@@ -377,10 +497,59 @@ async fn run<S>(
                 Some(Ok(_)) => {}
             }
         }
+        let mut failed = false;
+        for o in out {
+            if xoff {
+                match o {
+                    // Marks are never dropped: a lost mark would leave a reply unfinished.
+                    Out::Mark(_) => held.push_back(o),
+                    Out::Frame(_) if held_frames >= HELD_MAX => {
+                        if !warned_held {
+                            tracing::warn!(%channel_id, "Asterisk queue full (MEDIA_XOFF) too long; dropping agent audio");
+                            warned_held = true;
+                        }
+                    }
+                    Out::Frame(_) => {
+                        held_frames += 1;
+                        held.push_back(o);
+                    }
+                }
+                continue;
+            }
+            let now = tokio::time::Instant::now();
+            let msg = match o {
+                Out::Frame(b) => {
+                    clock.frame_sent(now);
+                    Message::binary(b)
+                }
+                Out::Mark(id) => {
+                    clock.mark(id, now);
+                    if marks != MarkSupport::Yes {
+                        continue;
+                    }
+                    Message::text(command(fmt, "MARK_MEDIA", Some(&format!("m{id}"))))
+                }
+            };
+            if sink.send(msg).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        if failed {
+            break "send failed".to_string();
+        }
     };
     tracing::debug!(%channel_id, %cause, "media task ends");
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     events.hangup(&cause).await;
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
@@ -435,6 +604,57 @@ mod tests {
         assert!(matches!(parse_control("{garbage"), AstEvent::Unknown(_)));
         assert!(matches!(parse_control(""), AstEvent::Unknown(_)));
         assert!(matches!(parse_control("DTMF_END"), AstEvent::Unknown(_)));
+    }
+
+    #[test]
+    fn playout_clock_says_when_audio_has_played() {
+        let t0 = tokio::time::Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let mut c = PlayoutClock::new(20, t0);
+        // 50 frames (1 s) sent at once, then a mark: due after 1 s plus one ptime.
+        for _ in 0..50 {
+            c.frame_sent(t0);
+        }
+        c.mark(1, t0);
+        assert_eq!(c.next_due(Duration::ZERO), Some(t0 + ms(1020)));
+        assert!(c.due(t0 + ms(1000), Duration::ZERO).is_empty());
+        assert_eq!(c.due(t0 + ms(1020), Duration::ZERO), vec![1]);
+        // Frames paced one per 20 ms keep the queue short: a mark after them is due soon.
+        let t1 = t0 + ms(5000);
+        for i in 0..10 {
+            c.frame_sent(t1 + ms(20 * i));
+        }
+        c.mark(2, t1 + ms(180));
+        assert_eq!(c.next_due(Duration::ZERO), Some(t1 + ms(220)));
+        // A flush drops pending marks and empties the queue.
+        c.flush(t1 + ms(190));
+        assert_eq!(c.next_due(Duration::ZERO), None);
+        c.mark(3, t1 + ms(190));
+        assert_eq!(c.next_due(Duration::ZERO), Some(t1 + ms(210)));
+        // With PBX marks, a confirmed mark is gone; a lost one is due after the grace.
+        c.mark(4, t1 + ms(190));
+        c.confirmed(3);
+        assert_eq!(c.next_due(MARK_GRACE), Some(t1 + ms(210) + MARK_GRACE));
+        assert!(c.due(t1 + ms(1000), MARK_GRACE).is_empty());
+        assert_eq!(c.due(t1 + ms(210) + MARK_GRACE, MARK_GRACE), vec![4]);
+    }
+
+    #[test]
+    fn optimal_frame_sizes_from_outside_are_checked() {
+        let slin16 = WireFormat::from_asterisk("slin16").unwrap();
+        assert_eq!(optimal_frame_size(0, slin16).unwrap(), 640);
+        assert_eq!(optimal_frame_size(640, slin16).unwrap(), 640);
+        assert!(optimal_frame_size(641, slin16).is_err(), "half a sample");
+        assert!(optimal_frame_size(100_000_000_000, slin16).is_err());
+        assert!(optimal_frame_size(usize::MAX, slin16).is_err());
+        // A MEDIA_START whose frame size does not even parse is refused, not defaulted.
+        let huge = "MEDIA_START connection_id:a channel:c channel_id:1.2 format:slin16 optimal_frame_size:99999999999999999999999 ptime:20";
+        match parse_control(huge) {
+            AstEvent::MediaStart(m) => {
+                assert!(optimal_frame_size(m.optimal_frame_size, slin16).is_err())
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

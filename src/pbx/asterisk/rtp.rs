@@ -100,9 +100,9 @@ pub fn start(
     let sock = Arc::new(sock);
     let rtp = RtpOut {
         pt,
-        seq: crate::pbx::random_u64() as u16,
-        ts: crate::pbx::random_u64() as u32,
-        ssrc: crate::pbx::random_u64() as u32,
+        seq: crate::net::random_u64() as u16,
+        ts: crate::net::random_u64() as u32,
+        ssrc: crate::net::random_u64() as u32,
         first: true,
         samples_per_frame: wire.rate() / 50,
     };
