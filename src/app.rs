@@ -1,6 +1,7 @@
 //! Wiring shared by the subcommands: engines built from config, a call's dialog from its flow,
 //! and `simulate` (one call through the simulated PBX).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,8 @@ pub struct Engines {
     pub asr: Arc<dyn Asr>,
     pub tts: Arc<dyn Tts>,
     pub cache: Option<Arc<CachedTts>>,
+    /// The process's HTTP client (one connection pool), also for flow webhooks.
+    pub http: reqwest::Client,
 }
 
 impl Engines {
@@ -47,7 +50,7 @@ impl Engines {
         let client = crate::engines::http_client();
         let asr: Arc<dyn Asr> = Arc::new(OpenAiAsr::new(&cfg.asr, client.clone()));
         let base: Arc<dyn Tts> = match cfg.tts.engine.as_str() {
-            "openai" => Arc::new(OpenAiTts::new(&cfg.tts, client)),
+            "openai" => Arc::new(OpenAiTts::new(&cfg.tts, client.clone())),
             _ => Arc::new(Espeak::new(&cfg.tts)),
         };
         let cache = Arc::new(CachedTts::new(base, cfg.tts.cache_entries));
@@ -55,6 +58,7 @@ impl Engines {
             asr,
             tts: cache.clone(),
             cache: Some(cache),
+            http: client,
         }
     }
 }
@@ -77,18 +81,27 @@ pub fn load_flow(cfg: &Config, name: &str) -> Result<Flow, AppError> {
     Ok(flow)
 }
 
-/// A dialog for one call running `flow`.
-pub fn dialog_for(cfg: &Config, flow: Flow) -> Box<dyn Dialog> {
+/// A dialog for one call running `flow`; webhooks go through the process's `http` client.
+pub fn dialog_for(cfg: &Config, flow: Flow, http: reqwest::Client) -> Box<dyn Dialog> {
     Box::new(ScriptedDialog::new(
         flow,
         &cfg.call.disclosure,
         &cfg.call.human_target,
         Duration::from_millis(cfg.dialog.webhook_timeout_ms),
+        http,
     ))
 }
 
-/// Builds each call's dialog and engines from its PBX arguments (`flow=NAME`).
+/// Builds each call's dialog and engines from its PBX arguments (`flow=NAME`). Each flow is read
+/// and compiled once, on first use (the default flow at once), never again per call.
 pub fn parts_factory(cfg: Arc<Config>, engines: Engines) -> crate::pbx::PartsFactory {
+    let flows: std::sync::Mutex<HashMap<String, Flow>> = std::sync::Mutex::default();
+    let default = cfg.dialog.flow.get_ref().clone();
+    if let Ok(f) = load_flow(&cfg, &default) {
+        if let Ok(mut m) = flows.lock() {
+            m.insert(default, f);
+        }
+    }
     Arc::new(move |args: &crate::pbx::CallArgs| {
         let name = args
             .flow
@@ -98,10 +111,20 @@ pub fn parts_factory(cfg: Arc<Config>, engines: Engines) -> crate::pbx::PartsFac
         if name.contains('/') || name.contains("..") || name.ends_with(".toml") {
             return Err(format!("flow `{name}` is not a flow name"));
         }
-        let flow = load_flow(&cfg, &name).map_err(|e| e.to_string())?;
+        let cached = flows.lock().ok().and_then(|m| m.get(&name).cloned());
+        let flow = match cached {
+            Some(f) => f,
+            None => {
+                let f = load_flow(&cfg, &name).map_err(|e| e.to_string())?;
+                if let Ok(mut m) = flows.lock() {
+                    m.insert(name.clone(), f.clone());
+                }
+                f
+            }
+        };
         Ok(crate::pbx::CallParts {
             flow_name: name,
-            dialog: dialog_for(&cfg, flow),
+            dialog: dialog_for(&cfg, flow, engines.http.clone()),
             asr: engines.asr.clone(),
             tts: engines.tts.clone(),
         })
@@ -116,6 +139,7 @@ pub async fn warm_cache(cfg: &Config, engines: &Engines, flow: &Flow) {
         &cfg.call.disclosure,
         &cfg.call.human_target,
         Duration::from_secs(1),
+        engines.http.clone(),
     );
     if let Ok(turn) = d.start().await {
         for seg in turn.say {
@@ -215,7 +239,7 @@ pub async fn simulate(
         call_id,
         flow_name,
         config: cfg.clone(),
-        dialog: dialog_for(&cfg, flow),
+        dialog: dialog_for(&cfg, flow, engines.http.clone()),
         asr: engines.asr.clone(),
         tts: engines.tts.clone(),
         link: Box::new(pbx.link),

@@ -136,6 +136,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         },
     );
     let cfg = Arc::new(cfg);
+    let http = crate::net::http_client();
     let flow = Flow::parse(std::path::Path::new("<bench>"), FLOW)
         .map_err(|e| BenchError::Flow(e.to_string()))?;
     let stats = Arc::new(TickStats::default());
@@ -214,6 +215,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
                 "",
                 "agent",
                 Duration::from_secs(1),
+                http.clone(),
             )),
             asr: asr.clone(),
             tts: tts.clone(),

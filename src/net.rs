@@ -2,25 +2,20 @@
 //! the root cause of a wrapped error, and identifiers and credentials drawn from the operating
 //! system's CSPRNG (never from the clock or a hash seed).
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
-/// The process-wide HTTP client. reqwest clients share their connection pool between clones,
-/// so every engine and every call gets a handle to the same pool; timeouts are set per request.
+/// A new HTTP client. Build one per process (`app::Engines` does) and clone it: clones share
+/// one connection pool. Not a global: pooled connections belong to the runtime that opened them.
+/// Timeouts are set per request.
 pub fn http_client() -> reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(3))
-                .pool_idle_timeout(Duration::from_secs(60))
-                .pool_max_idle_per_host(8)
-                .tcp_nodelay(true)
-                .build()
-                .unwrap_or_default()
-        })
-        .clone()
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(8)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap_or_default()
 }
 
 /// The innermost error message (reqwest wraps hyper wraps io), for logs and records.

@@ -18,6 +18,8 @@ pub mod names {
     pub const BARGE_INS: &str = "sidecall_barge_ins_total";
     pub const ERRORS: &str = "sidecall_errors_total";
     pub const RECORDS_DROPPED: &str = "sidecall_records_dropped_total";
+    /// Callers, bridges and media channels an earlier sidecall left behind, found on (re)connect.
+    pub const ORPHANS: &str = "sidecall_orphans_total";
 }
 
 /// Describes every metric once at start-up.

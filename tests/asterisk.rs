@@ -629,8 +629,26 @@ async fn asterisk_restart_then_new_calls_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_calls_complete_with_nothing_leaked() {
+    fifty_calls_over("websocket", "slin16").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_calls_over_audiosocket_leak_nothing() {
+    fifty_calls_over("audiosocket", "slin16").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_calls_over_rtp_leak_nothing() {
+    fifty_calls_over("rtp", "ulaw").await;
+}
+
+async fn fifty_calls_over(media: &str, format: &str) {
     let emu = Emulator::start(0, Options::default()).await;
-    let sc = start(&emu, "max_calls = 60", None).await;
+    let extra = format!(
+        "max_calls = 60\nmedia = \"{media}\"\nformat = \"{format}\"\naudiosocket_listen = \"127.0.0.1:{}\"",
+        free_port()
+    );
+    let sc = start(&emu, &extra, None).await;
     let tasks_before = tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks();
@@ -657,6 +675,11 @@ async fn fifty_concurrent_calls_complete_with_nothing_leaked() {
         );
     }
     assert_no_leftovers(&emu, &sc).await;
+    let (crashed, refused) = emu.crashed();
+    assert!(
+        !crashed && refused.is_empty(),
+        "ids that are prefixes of live ones: {refused:?}"
+    );
     // Every call's tasks (session, media, dialog, pacing) are gone. What may remain are pooled
     // HTTP connections (at most 8 idle per host, a task on each side here).
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -991,4 +1014,131 @@ async fn redirect_to_an_endpoint_and_a_refused_redirect() {
     );
     assert_no_leftovers(&emu, &sc).await;
     sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulator_refuses_ids_that_are_prefixes_like_asterisk() {
+    // Faithful to Asterisk's legacy channel storage: `probe-media-3` while `probe-media-34`
+    // lives is "already in use", and for chan_websocket the real one crashes there.
+    let emu = Emulator::start(0, Options::default()).await;
+    let http = sidecall::net::http_client();
+    let post = |id: &str| {
+        http.post(format!("{}/ari/channels/externalMedia", emu.base_url()))
+            .basic_auth("sidecall", Some("secret"))
+            .query(&[
+                ("app", "sidecall"),
+                ("channelId", id),
+                ("transport", "websocket"),
+                ("encapsulation", "none"),
+                ("connection_type", "server"),
+                ("format", "slin16"),
+            ])
+            .send()
+    };
+    assert_eq!(post("probe-media-34").await.unwrap().status(), 200);
+    assert_eq!(post("probe-media-3").await.unwrap().status(), 500);
+    assert_eq!(emu.crashed(), (true, vec!["probe-media-3".to_string()]));
+    // sidecall's own ids are all one length: none can be a prefix of another.
+    let ids: Vec<String> = (0..1000)
+        .map(|_| sidecall::pbx::asterisk::app::object_id("sidecall-media-"))
+        .collect();
+    assert!(ids.iter().all(|i| i.len() == ids[0].len()));
+    let set: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(set.len(), ids.len());
+}
+
+/// Starts sidecall on a runtime of its own, so that a test can kill it as `kill -9` does:
+/// every task and socket gone at once, nothing cleaned up.
+fn start_killable(emu: &Emulator, extra: &str) -> (tokio::runtime::Runtime, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Arc::new(config(dir.path(), emu, extra));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let parts = parts_factory(cfg.clone(), Engines::from_config(&cfg));
+    rt.spawn(async move {
+        let _ = run(
+            cfg,
+            parts,
+            Arc::new(AsteriskHealth::default()),
+            None,
+            CancellationToken::new(),
+        )
+        .await;
+    });
+    (rt, dir)
+}
+
+async fn killed_sidecall_strands_nobody(media: &str, format: &str) {
+    let emu = Emulator::start(0, Options::default()).await;
+    let extra = format!(
+        "media = \"{media}\"\nformat = \"{format}\"\naudiosocket_listen = \"127.0.0.1:{}\"",
+        free_port()
+    );
+    let (rt, _dir) = start_killable(&emu, &extra);
+    for _ in 0..100 {
+        if emu.app_connected("sidecall") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let script = Script {
+        max_ms: 120_000,
+        ..Script::default()
+    };
+    let (caller, log) = emu
+        .place_call("sidecall", &["flow=order_status"], script)
+        .unwrap();
+    for _ in 0..100 {
+        if log.lock().unwrap().bridged {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(log.lock().unwrap().bridged, "the call never got going");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // kill -9: the ARI socket drops, the caller stays in Stasis (Asterisk keeps it there).
+    rt.shutdown_background();
+    let killed = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    {
+        let (chans, bridges) = emu.leftovers();
+        assert!(chans.contains(&caller), "the caller is stranded in Stasis");
+        assert_eq!(bridges.len(), 1, "the bridge is left behind");
+        assert!(log.lock().unwrap().continued_to.is_none());
+    }
+    // Restarted at once, sidecall finds the caller and sends it to a human.
+    let restarted = std::time::Instant::now();
+    let sc = start(&emu, &extra, None).await;
+    for _ in 0..100 {
+        if log.lock().unwrap().continued_to.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "{media}: caller reached the overflow target {} ms after the kill, {} ms after the restart",
+        killed.elapsed().as_millis(),
+        restarted.elapsed().as_millis()
+    );
+    assert_eq!(
+        log.lock().unwrap().continued_to,
+        Some(("overflow".into(), "s".into(), None)),
+        "the stranded caller went to the overflow target"
+    );
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_sidecall_restarted_sends_stranded_callers_to_a_human_websocket() {
+    killed_sidecall_strands_nobody("websocket", "slin16").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_sidecall_restarted_sends_stranded_callers_to_a_human_rtp() {
+    // RTP has no socket whose close hangs up the media channel: it is left behind too.
+    killed_sidecall_strands_nobody("rtp", "ulaw").await;
 }

@@ -141,6 +141,11 @@ impl CallEvents {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+
+    /// Resolves when the call has gone away (its event receiver is dropped).
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
 }
 
 #[cfg(test)]

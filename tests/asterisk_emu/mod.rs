@@ -1473,7 +1473,15 @@ fn spawn_rtp_reader(
         let want_pt = if fmt == "ulaw" { 0u8 } else { 118 };
         let step = if fmt == "ulaw" { 160 } else { 320 };
         let mut last: Option<(u16, u32, u32)> = None;
-        while let Ok((n, _)) = sock.recv_from(&mut buf).await {
+        loop {
+            // The reader ends with its session, like Asterisk's RTP instance.
+            let n = tokio::select! {
+                r = sock.recv_from(&mut buf) => match r {
+                    Ok((n, _)) => n,
+                    Err(_) => return,
+                },
+                _ = tx.closed() => return,
+            };
             let p = &buf[..n];
             let mut bad = n < 12 || p[0] >> 6 != 2 || (p[1] & 0x7f) != want_pt;
             if n >= 12 {

@@ -428,6 +428,7 @@ impl ScriptedDialog {
         disclosure: &str,
         human_target: &str,
         webhook_timeout: Duration,
+        client: reqwest::Client,
     ) -> Self {
         let disclosure = flow
             .file
@@ -444,7 +445,7 @@ impl ScriptedDialog {
             slots: BTreeMap::new(),
             records: BTreeMap::new(),
             pending_confirm: None,
-            client: crate::engines::http_client(),
+            client,
             webhook_timeout,
             last_heard: None,
             pending_dtmf: None,
@@ -626,7 +627,7 @@ impl ScriptedDialog {
         let key = self.render(l.key.as_deref().unwrap_or_default());
         let record = if let Some(f) = &l.file {
             let path = Flow::data_path_in(&self.flow.file, &self.flow.path, f);
-            lookup::from_file(&path, &key)?
+            lookup::from_file(&path, &key).await?
         } else {
             let url = self.render(l.url.as_deref().unwrap_or_default());
             lookup::from_webhook(&self.client, &url, self.webhook_timeout).await?
@@ -880,6 +881,7 @@ mod tests {
             "You are speaking with an automated assistant.",
             "agent",
             Duration::from_secs(1),
+            crate::net::http_client(),
         )
     }
 
@@ -1130,11 +1132,23 @@ mod tests {
              [states.ok]\nsay = \"It {{lookup.status}}.\"\nhangup = true\n[states.nope]\nsay = \"Unknown.\"\nhangup = true\n"
         );
         let flow = Flow::parse(Path::new("w.toml"), &src).unwrap();
-        let mut d = ScriptedDialog::new(flow.clone(), "", "agent", Duration::from_secs(2));
+        let mut d = ScriptedDialog::new(
+            flow.clone(),
+            "",
+            "agent",
+            Duration::from_secs(2),
+            crate::net::http_client(),
+        );
         d.start().await.unwrap();
         let t = d.input(Input::Digits("55421".into())).await.unwrap();
         assert_eq!(text(&t), "It is on way.");
-        let mut d = ScriptedDialog::new(flow, "", "agent", Duration::from_secs(2));
+        let mut d = ScriptedDialog::new(
+            flow,
+            "",
+            "agent",
+            Duration::from_secs(2),
+            crate::net::http_client(),
+        );
         d.start().await.unwrap();
         let t = d.input(Input::Digits("1".into())).await.unwrap();
         assert_eq!(text(&t), "Unknown.");

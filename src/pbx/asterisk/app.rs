@@ -3,7 +3,7 @@
 //! bridge both, run the session) and teardown (bridge and media channel removed, whatever
 //! happened). Over capacity or while shutting down, callers go straight to the overflow target.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -26,9 +26,22 @@ use crate::pbx::events::{CallEvents, DtmfSource};
 use crate::pbx::{CallArgs, PartsFactory};
 use crate::telemetry::Recorder;
 
-/// Prefix of the ids sidecall gives its own channels and bridges, so their events are told apart.
+/// Prefix of the ids sidecall gives its own channels and bridges, so their events are told apart
+/// and what a killed sidecall left behind can be found.
 pub const MEDIA_PREFIX: &str = "sidecall-media-";
 pub const BRIDGE_PREFIX: &str = "sidecall-bridge-";
+/// After (re)connecting, how long to let StasisStart events of callers that arrived meanwhile
+/// reach the event loop before anything in the application is taken for left behind.
+const SWEEP_SETTLE: Duration = Duration::from_millis(300);
+
+/// A new id for a channel or bridge sidecall creates: the prefix and 128 random bits as 32 hex
+/// digits. Every id has the same length, so none is a prefix of another: Asterisk's channel
+/// storage treats a new id as taken when it is a prefix of a live one, and chan_websocket then
+/// crashes Asterisk (seen on master of October 2025). Ids derived from the caller's id
+/// (`1795293732.3` and `1795293732.37`) can be prefixes of each other.
+pub fn object_id(prefix: &str) -> String {
+    format!("{prefix}{}", crate::net::random_hex128())
+}
 
 /// Errors that stop the adapter.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +80,10 @@ struct Shared {
     audiosockets: audiosocket::Waiting,
     /// Setups waiting for their media channel's StasisStart (addChannel before it gets 422).
     in_stasis: Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<()>>>>,
+    /// Bridges and media channels of this process's live calls.
+    owned: std::sync::Mutex<HashSet<String>>,
+    /// Callers this process is serving.
+    serving: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Runs the ARI application until `stop`, then drains calls for the grace period.
@@ -134,6 +151,8 @@ pub async fn run(
         pending,
         audiosockets,
         in_stasis: Arc::default(),
+        owned: Default::default(),
+        serving: Default::default(),
     });
     let mut calls: HashMap<String, CallEvents> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::channel::<String>(1024);
@@ -174,6 +193,9 @@ pub async fn run(
             }
             Some(id) = done_rx.recv() => {
                 calls.remove(&id);
+                if let Ok(mut s) = shared.serving.lock() {
+                    s.remove(&id);
+                }
                 health.active_calls.store(calls.len(), Ordering::Relaxed);
                 if draining && calls.is_empty() {
                     break;
@@ -214,6 +236,9 @@ pub async fn run(
                         if let Ok(mut m) = shared.marks.lock() {
                             *m = marks;
                         }
+                        // A sidecall that was killed (or lost ARI) left callers in Stasis in dead
+                        // air and bridges behind: find them on every (re)connect.
+                        tokio::spawn(sweep_orphans(shared.clone()));
                     }
                     EventMsg::Disconnected(why) => tracing::warn!(%why, active = calls.len(), "ARI events lost; calls in progress go on"),
                     EventMsg::Event(ev) => match *ev {
@@ -234,6 +259,9 @@ pub async fn run(
                             }
                             let (events_handle, rx) = CallEvents::channel(512);
                             calls.insert(channel.id.clone(), events_handle.clone());
+                            if let Ok(mut s) = shared.serving.lock() {
+                                s.insert(channel.id.clone());
+                            }
                             health.active_calls.store(calls.len(), Ordering::Relaxed);
                             let shared = shared.clone();
                             let done = done_tx.clone();
@@ -322,8 +350,17 @@ async fn run_one(
 ) {
     let cfg = &shared.cfg;
     let ari = &shared.ari;
-    let media_id = format!("{MEDIA_PREFIX}{caller}");
-    let bridge_id = format!("{BRIDGE_PREFIX}{caller}");
+    let media_id = object_id(MEDIA_PREFIX);
+    let bridge_id = object_id(BRIDGE_PREFIX);
+    if let Ok(mut o) = shared.owned.lock() {
+        o.insert(media_id.clone());
+        o.insert(bridge_id.clone());
+    }
+    // Whatever happens below, the ids stop being ours when this call is over.
+    let _owned = Owned {
+        shared: &shared,
+        ids: [media_id.clone(), bridge_id.clone()],
+    };
     tracing::info!(%caller, %number, flow = ?args.flow, "caller entered Stasis");
     let parts = match (shared.parts)(&args) {
         Ok(p) => p,
@@ -378,6 +415,84 @@ async fn run_one(
         to_overflow(cfg, ari, &caller, "media ended under a live caller").await;
     }
     teardown(ari, &media_id, &bridge_id).await;
+}
+
+/// Releases a call's object ids when the call is over (also if its task panics).
+struct Owned<'a> {
+    shared: &'a Shared,
+    ids: [String; 2],
+}
+
+impl Drop for Owned<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut o) = self.shared.owned.lock() {
+            for id in &self.ids {
+                o.remove(id);
+            }
+        }
+    }
+}
+
+/// Finds what an earlier sidecall (killed, or cut off from ARI) left behind: callers still in
+/// this application's Stasis go to the overflow target (a human), sidecall's bridges are
+/// destroyed and its media channels hung up. Live calls of this process are left alone.
+async fn sweep_orphans(shared: Arc<Shared>) {
+    tokio::time::sleep(SWEEP_SETTLE).await;
+    let (ari, cfg) = (&shared.ari, &shared.cfg);
+    let (in_app, channels, bridges) = tokio::join!(
+        ari.app_channels(&cfg.asterisk.app),
+        ari.channel_ids(),
+        ari.bridge_ids()
+    );
+    let (in_app, channels, bridges) = match (in_app, channels, bridges) {
+        (Ok(a), Ok(c), Ok(b)) => (a, c, b),
+        (a, c, b) => {
+            let e = [a.err(), c.err(), b.err()]
+                .into_iter()
+                .flatten()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            tracing::warn!(error = %e, "could not look for callers left behind");
+            return;
+        }
+    };
+    let owned = shared.owned.lock().map(|o| o.clone()).unwrap_or_default();
+    let serving = shared.serving.lock().map(|s| s.clone()).unwrap_or_default();
+    let stranded: Vec<String> = in_app
+        .into_iter()
+        .filter(|id| !id.starts_with(MEDIA_PREFIX) && !serving.contains(id))
+        .collect();
+    let stale_bridges: Vec<String> = bridges
+        .into_iter()
+        .filter(|id| id.starts_with(BRIDGE_PREFIX) && !owned.contains(id))
+        .collect();
+    let stale_media: Vec<String> = channels
+        .into_iter()
+        .filter(|id| id.starts_with(MEDIA_PREFIX) && !owned.contains(id))
+        .collect();
+    if stranded.is_empty() && stale_bridges.is_empty() && stale_media.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        callers = stranded.len(),
+        bridges = stale_bridges.len(),
+        media_channels = stale_media.len(),
+        "found what an earlier sidecall left behind: callers go to the overflow target"
+    );
+    let label = crate::telemetry::names::ORPHANS;
+    metrics::counter!(label, "kind" => "caller").increment(stranded.len() as u64);
+    metrics::counter!(label, "kind" => "bridge").increment(stale_bridges.len() as u64);
+    metrics::counter!(label, "kind" => "media_channel").increment(stale_media.len() as u64);
+    // Callers first (leaving Stasis takes them out of the old bridge), then the objects.
+    futures_util::future::join_all(
+        stranded
+            .iter()
+            .map(|c| to_overflow(cfg, ari, c, "left in Stasis by an earlier sidecall")),
+    )
+    .await;
+    futures_util::future::join_all(stale_bridges.iter().map(|b| ari.destroy_bridge(b))).await;
+    futures_util::future::join_all(stale_media.iter().map(|m| ari.hangup(m, "normal"))).await;
 }
 
 /// Removes the bridge and the media channel; 404 means already gone.

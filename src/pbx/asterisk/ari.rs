@@ -386,6 +386,51 @@ impl AriClient {
         serde_json::from_value(v).map_err(|e| AriError::BadJson(e.to_string()))
     }
 
+    /// Ids of the channels subscribed to `app` (every channel in its Stasis), from
+    /// `GET /applications/{app}`.
+    pub async fn app_channels(&self, app: &str) -> Result<Vec<String>, AriError> {
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/applications/{}", enc(app)),
+                &[],
+            )
+            .await?;
+        Ok(v.as_ref()
+            .and_then(|v| v.get("channel_ids"))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Ids of every channel (`GET /channels`).
+    pub async fn channel_ids(&self) -> Result<Vec<String>, AriError> {
+        self.ids("/channels").await
+    }
+
+    /// Ids of every bridge ARI applications made (`GET /bridges`).
+    pub async fn bridge_ids(&self) -> Result<Vec<String>, AriError> {
+        self.ids("/bridges").await
+    }
+
+    async fn ids(&self, path: &str) -> Result<Vec<String>, AriError> {
+        let v = self.call(reqwest::Method::GET, path, &[]).await?;
+        Ok(v.as_ref()
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|o| o.get("id").and_then(Value::as_str))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
     /// Asterisk's version string (`GET /asterisk/info`).
     pub async fn version(&self) -> Result<String, AriError> {
         let v = self

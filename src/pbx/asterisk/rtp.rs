@@ -140,12 +140,9 @@ async fn read_loop(
                     return;
                 }
             },
-            // The call is over when its event queue is closed.
-            _ = tokio::time::sleep(std::time::Duration::from_secs(1)), if events.is_closed() => return,
+            // The call is over when its event queue is closed: the socket goes with this task.
+            _ = events.closed() => return,
         };
-        if events.is_closed() {
-            return;
-        }
         if from.ip() != remote.ip() {
             strays += 1;
             if strays % 100 == 1 {
