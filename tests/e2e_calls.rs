@@ -30,13 +30,13 @@ async fn order_status_call_completes_and_goodbye_plays_before_hangup() {
     let said = call.said();
     assert!(
         said.iter()
-            .any(|s| s.contains("Did you say order 5-5-4-2-1?")),
+            .any(|s| s.contains("Did you say order 5, 5, 4, 2, 1?")),
         "no confirmation of the order number: {said:#?}\n{}",
         call.dump()
     );
     assert!(
         said.iter()
-            .any(|s| s.contains("Order 5-5-4-2-1 shipped yesterday and will arrive tomorrow.")),
+            .any(|s| s.contains("Order 5, 5, 4, 2, 1 shipped yesterday and will arrive tomorrow.")),
         "status not read: {said:#?}\n{}",
         call.dump()
     );
@@ -256,7 +256,7 @@ async fn caller_interrupting_the_greeting_stops_it() {
     assert!(
         call.said()
             .iter()
-            .any(|s| s.contains("Did you say order 5-5-4-2-1?")),
+            .any(|s| s.contains("Did you say order 5, 5, 4, 2, 1?")),
         "{}",
         call.dump()
     );
@@ -290,7 +290,7 @@ async fn order_number_entered_on_the_keypad() {
     let said = call.said();
     assert!(
         said.iter()
-            .any(|s| s.contains("Did you say order 5-5-4-2-1?")),
+            .any(|s| s.contains("Did you say order 5, 5, 4, 2, 1?")),
         "{said:#?}"
     );
     assert!(

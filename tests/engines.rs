@@ -190,3 +190,37 @@ fn serve_answers_health_and_metrics() {
     let metrics = metrics.unwrap();
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
 }
+
+#[tokio::test]
+async fn digits_read_back_are_heard_as_digits_by_asr() {
+    // The agent reads an order number back; what espeak-ng says, whisper hears as the same
+    // digits (never "five dash five dash ...").
+    let asr_cfg = AsrConfig {
+        url: common::asr_url(),
+        ..AsrConfig::default()
+    };
+    let asr = OpenAiAsr::new(&asr_cfg, sidecall::engines::http_client());
+    let tts = sidecall::engines::tts::espeak::Espeak::new(&TtsConfig::default());
+    for number in ["55421", "5551234567", "4815"] {
+        let text = format!(
+            "Did you say order {}?",
+            sidecall::engines::dialog::entities::spell_digits(number)
+        );
+        let mut stream = tts.synthesize(&text, 16_000).await.unwrap();
+        let mut audio = Vec::new();
+        while let Some(chunk) = stream.recv().await {
+            audio.extend(chunk.unwrap());
+        }
+        let heard = asr.transcribe(&audio, 16_000, None).await.unwrap();
+        println!("{number}: said {text:?}, heard {heard:?}");
+        assert!(
+            !heard.to_lowercase().contains("dash"),
+            "{number}: heard {heard:?}"
+        );
+        assert_eq!(
+            sidecall::engines::dialog::entities::digits(&heard).as_deref(),
+            Some(number),
+            "{number}: said {text:?}, heard {heard:?}"
+        );
+    }
+}

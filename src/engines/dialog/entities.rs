@@ -405,17 +405,70 @@ pub fn time_of_day(text: &str) -> Option<String> {
     None
 }
 
-/// Spells a digit string the way a confirmation should sound: "5-5-4-2-1".
+/// Renders a digit string for a TTS to read one digit at a time, the way people read numbers
+/// back: a short pause (comma) after each digit, a longer one (semicolon) between groups of
+/// three in numbers over five digits, the last group of four rather than one digit alone
+/// ("55421" as "5, 5, 4, 2, 1"; "5551234567" as "5, 5, 5; 1, 2, 3; 4, 5, 6, 7"). espeak-ng
+/// runs "5 5 4" together (whisper hears "5.5 for") and read the old dashes aloud as "dash";
+/// with commas each digit stands alone, and the OpenAI voices read it the same way.
 pub fn spell_digits(d: &str) -> String {
-    d.chars()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join("-")
+    let chars: Vec<char> = d.chars().filter(|c| !c.is_whitespace()).collect();
+    let sizes = digit_groups(chars.len());
+    let mut out = String::with_capacity(chars.len() * 3);
+    let mut at = 0;
+    for (g, size) in sizes.iter().enumerate() {
+        if g > 0 {
+            out.push_str("; ");
+        }
+        for (i, c) in chars[at..at + size].iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push(*c);
+        }
+        at += size;
+    }
+    out
+}
+
+/// How a run of `n` digits is grouped for reading: one group up to five, threes after that,
+/// with a four at the end instead of a lone digit.
+fn digit_groups(n: usize) -> Vec<usize> {
+    if n <= 5 {
+        return if n == 0 { Vec::new() } else { vec![n] };
+    }
+    let mut sizes = vec![3; n / 3];
+    match n % 3 {
+        0 => {}
+        1 => {
+            if let Some(last) = sizes.last_mut() {
+                *last = 4;
+            }
+        }
+        r => sizes.push(r),
+    }
+    sizes
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digits_are_grouped_for_speech() {
+        assert_eq!(spell_digits("55421"), "5, 5, 4, 2, 1");
+        assert_eq!(spell_digits("5551234567"), "5, 5, 5; 1, 2, 3; 4, 5, 6, 7");
+        assert_eq!(spell_digits("0123"), "0, 1, 2, 3");
+        assert_eq!(spell_digits("1234567"), "1, 2, 3; 4, 5, 6, 7");
+        assert_eq!(spell_digits("12345678"), "1, 2, 3; 4, 5, 6; 7, 8");
+        assert_eq!(spell_digits("7"), "7");
+        assert_eq!(spell_digits(""), "");
+        assert!(!spell_digits("4111111111111111").contains('-'));
+        // What the TTS reads is what the caller said: the digits come back from the words.
+        for d in ["55421", "5551234567", "0123", "12345678"] {
+            assert_eq!(digits(&spell_digits(d)).as_deref(), Some(d), "{d}");
+        }
+    }
 
     #[test]
     fn spoken_digits() {

@@ -963,11 +963,11 @@ mod tests {
             matches!(&t.next, Next::Listen(e) if e.asr_hint.as_deref().is_some_and(|h| h.contains("five digit")))
         );
         let t = say(&mut d, "My order number in time time for two ones.").await;
-        assert_eq!(text(&t), "Did you say order 5-5-4-2-1?");
+        assert_eq!(text(&t), "Did you say order 5, 5, 4, 2, 1?");
         let t = say(&mut d, "Yeah.").await;
         assert_eq!(
             text(&t),
-            "Order 5-5-4-2-1 shipped yesterday and will arrive tomorrow. Is there anything else I can help you with?"
+            "Order 5, 5, 4, 2, 1 shipped yesterday and will arrive tomorrow. Is there anything else I can help you with?"
         );
         let t = say(&mut d, "No, that's all.").await;
         assert_eq!(text(&t), "Thank you for calling ShopEasy. Goodbye!");
@@ -991,10 +991,10 @@ mod tests {
             text(&t)
         );
         let t = d.input(Input::Digits("99999".into())).await.unwrap();
-        assert_eq!(text(&t), "Did you say order 9-9-9-9-9?");
+        assert_eq!(text(&t), "Did you say order 9, 9, 9, 9, 9?");
         let t = d.input(Input::Digits("1".into())).await.unwrap();
         assert!(
-            text(&t).starts_with("I could not find order 9-9-9-9-9."),
+            text(&t).starts_with("I could not find order 9, 9, 9, 9, 9."),
             "{}",
             text(&t)
         );
