@@ -259,6 +259,9 @@ pub struct DialogConfig {
     pub flows_dir: Spanned<String>,
     /// Timeout for webhook lookups made by flows.
     pub webhook_timeout_ms: u64,
+    /// Longest a dialog engine may take to answer one turn; then the call says the error prompt
+    /// and goes to a human (`call.on_error`).
+    pub timeout_ms: u64,
 }
 
 impl Default for DialogConfig {
@@ -267,6 +270,7 @@ impl Default for DialogConfig {
             flow: Spanned::new(0..0, "order_status".into()),
             flows_dir: Spanned::new(0..0, "examples/flows".into()),
             webhook_timeout_ms: 3_000,
+            timeout_ms: 10_000,
         }
     }
 }
@@ -643,33 +647,23 @@ impl Config {
                 format!("`{}` is not a [transfers] entry", a.overflow_target),
             ));
         }
-        if a.max_calls == 0 {
-            return Err(bad("asterisk.max_calls", "must be at least 1".into()));
-        }
         Ok(())
     }
 
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let p = path.display().to_string();
-        let find_line = |needle: &str| {
-            text.lines()
-                .position(|l| l.trim_start().starts_with(needle))
-                .map(|i| i + 1)
-                .unwrap_or(0)
+        let bad = |key: &str, message: String| match key_line(text, key) {
+            0 => ConfigError::Other {
+                path: p.clone(),
+                message: format!("{key} (default value): {message}"),
+            },
+            line => ConfigError::Invalid {
+                path: p.clone(),
+                line,
+                key: key.to_string(),
+                message,
+            },
         };
-        let bad =
-            |key: &str, message: String| match find_line(key.rsplit('.').next().unwrap_or(key)) {
-                0 => ConfigError::Other {
-                    path: p.clone(),
-                    message: format!("{key} (default value): {message}"),
-                },
-                line => ConfigError::Invalid {
-                    path: p.clone(),
-                    line,
-                    key: key.to_string(),
-                    message,
-                },
-            };
         if ![8_000, 16_000].contains(&self.call.sample_rate) {
             return Err(bad(
                 "call.sample_rate",
@@ -720,8 +714,70 @@ impl Config {
                 "must be between 0 and 1".into(),
             ));
         }
-        if self.vad.end_silence_ms < 100 || self.vad.end_silence_ms > 5_000 {
-            return Err(bad("vad.end_silence_ms", "must be 100..5000 ms".into()));
+        // Every number from the file is checked against a range that makes sense on a call, so
+        // that nothing later overflows or waits for ever (a huge max_duration_s passed `check`
+        // and then panicked every call).
+        let a = &self.asterisk;
+        for (key, v, lo, hi) in [
+            ("call.max_duration_s", self.call.max_duration_s, 10, 86_400),
+            (
+                "call.no_input_timeout_ms",
+                self.call.no_input_timeout_ms,
+                500,
+                120_000,
+            ),
+            (
+                "call.playout_lead_frames",
+                to_u64(self.call.playout_lead_frames),
+                0,
+                50,
+            ),
+            ("vad.min_speech_ms", self.vad.min_speech_ms, 20, 2_000),
+            ("vad.end_silence_ms", self.vad.end_silence_ms, 100, 5_000),
+            (
+                "vad.max_utterance_ms",
+                self.vad.max_utterance_ms,
+                1_000,
+                120_000,
+            ),
+            ("vad.barge_in_min_ms", self.vad.barge_in_min_ms, 0, 5_000),
+            (
+                "dtmf.inter_digit_timeout_ms",
+                self.dtmf.inter_digit_timeout_ms,
+                100,
+                60_000,
+            ),
+            ("dtmf.max_digits", to_u64(self.dtmf.max_digits), 1, 64),
+            (
+                "tts.cache_entries",
+                to_u64(self.tts.cache_entries),
+                0,
+                100_000,
+            ),
+            ("dialog.timeout_ms", self.dialog.timeout_ms, 100, 120_000),
+            ("asterisk.max_calls", to_u64(a.max_calls), 1, 100_000),
+            ("asterisk.shutdown_grace_s", a.shutdown_grace_s, 0, 3_600),
+            ("asterisk.media_timeout_ms", a.media_timeout_ms, 100, 60_000),
+            (
+                "asterisk.request_timeout_ms",
+                a.request_timeout_ms,
+                100,
+                60_000,
+            ),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(bad(key, format!("{v} is outside {lo}..={hi}")));
+            }
+        }
+        if !(-100.0..=0.0).contains(&self.vad.min_level_dbfs) {
+            return Err(bad("vad.min_level_dbfs", "must be -100..0".into()));
+        }
+        for (key, url) in [("asterisk.url", &a.url)] {
+            if reqwest::Url::parse(url).is_err()
+                || !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return Err(bad(key, format!("`{url}` is not an http(s) URL")));
+            }
         }
         if self.dtmf.terminator.chars().count() > 1 {
             return Err(bad("dtmf.terminator", "must be one key or empty".into()));
@@ -797,5 +853,51 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// The line (1-based) of a dotted key (`asterisk.url`, `transfers.agent`) in the TOML text, from
+/// the parser's spans, so a key that exists in two sections is found in the right one; 0 when the
+/// key is not in the file (its default value is what failed).
+fn key_line(text: &str, dotted: &str) -> usize {
+    let Ok(doc) = toml::de::DeTable::parse(text) else {
+        return 0;
+    };
+    let mut table = doc.get_ref();
+    let mut span = None;
+    let segs: Vec<&str> = dotted.split('.').collect();
+    for (i, seg) in segs.iter().enumerate() {
+        let Some((k, v)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == *seg) else {
+            return 0;
+        };
+        span = Some(k.span());
+        match v.get_ref() {
+            toml::de::DeValue::Table(t) if i + 1 < segs.len() => table = t,
+            _ if i + 1 < segs.len() => return 0,
+            _ => {}
+        }
+    }
+    span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+        .unwrap_or(0)
+}
+
+fn to_u64(v: usize) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_line_of_the_key_in_its_own_section() {
+        let text = "[asr]\nurl = \"http://127.0.0.1:8765/v1\"\n\n[asterisk]\nenabled = true\nurl = \"not a url\"\n";
+        assert_eq!(key_line(text, "asterisk.url"), 6);
+        assert_eq!(key_line(text, "asr.url"), 2);
+        assert_eq!(key_line(text, "asterisk.max_calls"), 0, "not in the file");
+        let dotted = "asterisk.url = \"x\"\n[transfers.agent]\ncontext = \"a\"\n";
+        assert_eq!(key_line(dotted, "asterisk.url"), 1);
+        assert_eq!(key_line(dotted, "transfers.agent"), 2);
+        assert_eq!(key_line("not toml [", "asr.url"), 0);
     }
 }

@@ -172,6 +172,18 @@ impl Playout {
         Ok(t)
     }
 
+    /// Every segment has been sent and marked: only the PBX's confirmation is outstanding.
+    pub fn all_sent(&self) -> bool {
+        self.cur >= self.segs.len()
+    }
+
+    /// Audio sent ahead of real time (still queued at the PBX), in ms.
+    pub fn queued_ms(&self) -> u64 {
+        self.frames_sent
+            .saturating_sub(self.ticks_since_start)
+            .saturating_mul(20)
+    }
+
     /// The PBX played up to mark `id`. Returns true when the whole reply has been played.
     pub fn on_mark(&mut self, id: u64) -> bool {
         for s in self.segs.iter_mut() {

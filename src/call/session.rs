@@ -28,10 +28,15 @@ use crate::telemetry::{Recorder, TickStats, names};
 const INBOUND_MAX: usize = 50;
 /// After this long without an inbound frame, ticks count as silence.
 const SILENCE_AFTER_MS: u64 = 40;
+/// Longest one segment (a sentence) may take to synthesize in all.
+const TTS_SEGMENT_LIMIT: Duration = Duration::from_secs(60);
 /// TTS segments synthesized ahead of playout.
 const TTS_AHEAD: usize = 2;
 /// Limit for answer/transfer/hangup requests to the PBX.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// A reply whose last mark has not come back this long after its audio should have played is
+/// taken as played (a mark the PBX lost), so the call never waits on it for ever.
+const MARK_TIMEOUT_MS: u64 = 3_000;
 
 /// Everything a call needs.
 pub struct CallSetup {
@@ -116,6 +121,9 @@ struct Reply {
     in_flight: usize,
     tasks: Vec<JoinHandle<()>>,
     tts_requested_at: u64,
+    /// When everything was sent: by then plus the queued audio plus MARK_TIMEOUT_MS the last
+    /// mark must be back.
+    marks_due_at: Option<u64>,
 }
 
 struct Session {
@@ -178,7 +186,13 @@ impl Session {
             self.dialog_pending = true;
         }
         if self.dialog_tx.try_send((self.dialog_seq, cmd)).is_err() {
-            self.error("dialog", "dialog engine queue full or gone".into());
+            if is_heard {
+                self.error("dialog", "dialog engine queue full or gone".into());
+            } else {
+                // Nobody will answer: never leave the caller waiting on a dead engine.
+                self.dialog_pending = false;
+                self.fail("dialog", "dialog engine is gone".into());
+            }
         }
     }
 
@@ -212,6 +226,7 @@ impl Session {
             in_flight: 0,
             tasks: Vec::new(),
             tts_requested_at: self.now(),
+            marks_due_at: None,
         };
         Self::pump_tts(&mut reply, &self.tts, &self.work_tx, self.rate, self.start);
         self.reply = Some(reply);
@@ -238,39 +253,70 @@ impl Session {
             reply.in_flight += 1;
             let (tts, tx, id) = (tts.clone(), tx.clone(), reply.id);
             reply.tasks.push(tokio::spawn(async move {
+                use futures_util::FutureExt;
                 let t0 = start.elapsed().as_millis() as u64;
-                match tts.synthesize(&text, rate).await {
-                    Err(e) => {
-                        let _ = tx
-                            .send(Work::Tts {
-                                reply: id,
-                                seg: idx,
-                                chunk: Some(Err(e)),
-                                first_ms: None,
-                            })
-                            .await;
-                    }
-                    Ok(mut stream) => {
-                        let mut first = true;
-                        while let Some(chunk) = stream.recv().await {
-                            let first_ms = first.then(|| start.elapsed().as_millis() as u64 - t0);
-                            first = false;
-                            let failed = chunk.is_err();
-                            if tx
+                let synth = async {
+                    match tts.synthesize(&text, rate).await {
+                        Err(e) => {
+                            let _ = tx
                                 .send(Work::Tts {
                                     reply: id,
                                     seg: idx,
-                                    chunk: Some(chunk),
-                                    first_ms,
+                                    chunk: Some(Err(e)),
+                                    first_ms: None,
                                 })
-                                .await
-                                .is_err()
-                                || failed
-                            {
-                                break;
+                                .await;
+                        }
+                        Ok(mut stream) => {
+                            let mut first = true;
+                            while let Some(chunk) = stream.recv().await {
+                                let first_ms = first.then(|| {
+                                    (start.elapsed().as_millis() as u64).saturating_sub(t0)
+                                });
+                                first = false;
+                                let failed = chunk.is_err();
+                                if tx
+                                    .send(Work::Tts {
+                                        reply: id,
+                                        seg: idx,
+                                        chunk: Some(chunk),
+                                        first_ms,
+                                    })
+                                    .await
+                                    .is_err()
+                                    || failed
+                                {
+                                    break;
+                                }
                             }
                         }
                     }
+                };
+                // A segment has a total deadline as well as the engine's per-chunk one (a
+                // server trickling audio for ever), and a panicking engine is an error: either
+                // way the segment ends and the reply goes on.
+                let failure = match tokio::time::timeout(
+                    TTS_SEGMENT_LIMIT,
+                    std::panic::AssertUnwindSafe(synth).catch_unwind(),
+                )
+                .await
+                {
+                    Ok(Ok(())) => None,
+                    Ok(Err(_)) => Some("TTS engine panicked".to_string()),
+                    Err(_) => Some(format!(
+                        "TTS took more than {} s for one segment",
+                        TTS_SEGMENT_LIMIT.as_secs()
+                    )),
+                };
+                if let Some(msg) = failure {
+                    let _ = tx
+                        .send(Work::Tts {
+                            reply: id,
+                            seg: idx,
+                            chunk: Some(Err(TtsError::Engine(msg))),
+                            first_ms: None,
+                        })
+                        .await;
                 }
                 let _ = tx
                     .send(Work::Tts {
@@ -711,12 +757,39 @@ impl Session {
             }
         }
         self.playout_step();
+        self.check_marks_due();
+    }
+
+    /// A reply whose marks never came back (a PBX that lost them) is taken as played.
+    fn check_marks_due(&mut self) {
+        let now = self.now();
+        let lost = self
+            .reply
+            .as_ref()
+            .and_then(|r| r.marks_due_at)
+            .is_some_and(|at| now >= at);
+        if lost {
+            tracing::warn!(
+                "playout marks never came back from the PBX; taking the reply as played"
+            );
+            self.emit(
+                "error",
+                json!({"stage": "playout", "message": "playout marks never came back"}),
+            );
+            self.reply_finished(true);
+        }
     }
 
     /// Sends the agent audio due now; stamps the turn when a reply's first audio goes out.
     fn playout_step(&mut self) {
         let now = self.now();
         if let Some(r) = self.reply.as_mut() {
+            if r.marks_due_at.is_none() && r.playout.all_sent() {
+                r.marks_due_at = Some(
+                    now.saturating_add(r.playout.queued_ms())
+                        .saturating_add(MARK_TIMEOUT_MS),
+                );
+            }
             match r.playout.tick(self.link.as_mut()) {
                 Ok(t) if t.first_audio => {
                     let tts_wait = now.saturating_sub(r.tts_requested_at);
@@ -745,6 +818,20 @@ impl Session {
         }
     }
 
+    fn push_inbound(&mut self, frame: Vec<i16>) {
+        if self.inbound.len() >= INBOUND_MAX {
+            self.inbound.pop_front();
+            self.dropped_inbound += 1;
+            if self.dropped_inbound % 50 == 1 {
+                tracing::warn!(
+                    dropped = self.dropped_inbound,
+                    "inbound audio backlog; dropping oldest frames"
+                );
+            }
+        }
+        self.inbound.push_back(frame);
+    }
+
     fn on_media(&mut self, ev: MediaEvent) {
         match ev {
             MediaEvent::Audio(frame) => {
@@ -752,24 +839,15 @@ impl Session {
                 if frame.is_empty() {
                     return;
                 }
-                if self.inbound.len() >= INBOUND_MAX {
-                    self.inbound.pop_front();
-                    self.dropped_inbound += 1;
-                    if self.dropped_inbound % 50 == 1 {
-                        tracing::warn!(
-                            dropped = self.dropped_inbound,
-                            "inbound audio backlog; dropping oldest frames"
-                        );
-                    }
-                }
-                // Re-cut to whole frames (a PBX may send short tails or odd sizes).
+                // Re-cut to whole frames (a PBX may send short tails or odd sizes); the backlog
+                // is bounded in frames, whatever the size of the messages.
                 if frame.len() == self.frame_len {
-                    self.inbound.push_back(frame);
+                    self.push_inbound(frame);
                 } else {
                     for chunk in frame.chunks(self.frame_len) {
                         let mut f = chunk.to_vec();
                         f.resize(self.frame_len, 0);
-                        self.inbound.push_back(f);
+                        self.push_inbound(f);
                     }
                 }
             }
@@ -801,6 +879,23 @@ fn is_noise_transcript(text: &str) -> bool {
         || t.chars().all(|c| !c.is_alphanumeric())
 }
 
+/// The active-calls gauge, held for the life of a call: decremented on every exit, a panic
+/// included.
+struct ActiveCall;
+
+impl ActiveCall {
+    fn new() -> Self {
+        metrics::gauge!(names::CALLS_ACTIVE).increment(1.0);
+        ActiveCall
+    }
+}
+
+impl Drop for ActiveCall {
+    fn drop(&mut self) {
+        metrics::gauge!(names::CALLS_ACTIVE).decrement(1.0);
+    }
+}
+
 /// Runs one call to its end.
 pub async fn run_call(setup: CallSetup) -> CallOutcome {
     let CallSetup {
@@ -821,7 +916,13 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
     let (work_tx, mut work_rx) = mpsc::channel::<Work>(256);
     let (dialog_tx, dialog_rx) = mpsc::channel::<(u64, DialogCmd)>(16);
     let start = origin.unwrap_or_else(Instant::now);
-    let dialog_task = spawn_dialog(dialog, dialog_rx, work_tx.clone(), start);
+    let dialog_task = spawn_dialog(
+        dialog,
+        dialog_rx,
+        work_tx.clone(),
+        start,
+        Duration::from_millis(config.dialog.timeout_ms),
+    );
     let vad = vad::from_config(&config.vad, rate);
     let detector = TurnDetector::new(&config.vad, rate, vad);
     let terminator = config.dtmf.terminator.chars().next();
@@ -866,7 +967,8 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         ending_action: None,
         dtmf_task: None,
     };
-    metrics::gauge!(names::CALLS_ACTIVE).increment(1.0);
+    // Counts the call as active until this function returns or its task unwinds.
+    let _active = ActiveCall::new();
     s.emit(
         "call_start",
         json!({"call_id": call_id, "flow": s.flow_name, "rate": rate}),
@@ -885,20 +987,15 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
     } else {
         s.ask_dialog(DialogCmd::Start);
     }
-    let max_end = start + Duration::from_secs(config.call.max_duration_s);
+    let max_end = start
+        .checked_add(Duration::from_secs(config.call.max_duration_s))
+        .unwrap_or(start + Duration::from_secs(86_400));
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
     while s.outcome.is_none() {
         tokio::select! {
+            // The tick comes first: a peer flooding the event queue cannot delay the call's clock.
             biased;
-            ev = events.recv() => match ev {
-                Some(ev) => s.on_media(ev),
-                None => {
-                    s.emit("hangup", json!({"reason": "caller", "cause": "media closed"}));
-                    s.outcome = Some(CallOutcome::CallerHungUp);
-                }
-            },
-            Some(w) = work_rx.recv() => s.on_work(w),
             deadline = ticker.tick() => {
                 let began = Instant::now();
                 s.on_tick();
@@ -911,6 +1008,14 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
                     s.start_hangup("max_duration".into());
                 }
             }
+            ev = events.recv() => match ev {
+                Some(ev) => s.on_media(ev),
+                None => {
+                    s.emit("hangup", json!({"reason": "caller", "cause": "media closed"}));
+                    s.outcome = Some(CallOutcome::CallerHungUp);
+                }
+            },
+            Some(w) = work_rx.recv() => s.on_work(w),
         }
     }
     s.cancel_reply();
@@ -919,32 +1024,52 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         let _ = tokio::time::timeout(CONTROL_TIMEOUT + Duration::from_secs(1), action).await;
     }
     let outcome = s.outcome.clone().unwrap_or(CallOutcome::CallerHungUp);
-    metrics::gauge!(names::CALLS_ACTIVE).decrement(1.0);
     metrics::counter!(names::CALLS_TOTAL, "outcome" => outcome.label()).increment(1);
     s.emit("call_end", json!({"outcome": outcome.label()}));
     tracing::info!(call_id, outcome = outcome.label(), "call ended");
     outcome
 }
 
+/// Runs the dialog engine on its own task. Every turn has a deadline (`dialog.timeout_ms`) and a
+/// panic in the engine is caught: either becomes an error the call answers with the error prompt
+/// and a human, instead of silence until `max_duration_s`. After a panic the engine is not used
+/// again (its state may be broken); the task ends and later asks fail at once.
 fn spawn_dialog(
     mut dialog: Box<dyn Dialog>,
     mut rx: mpsc::Receiver<(u64, DialogCmd)>,
     tx: mpsc::Sender<Work>,
     start: Instant,
+    limit: Duration,
 ) -> JoinHandle<()> {
+    use futures_util::FutureExt;
+    use std::panic::AssertUnwindSafe;
+    let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
     tokio::spawn(async move {
         while let Some((seq, cmd)) = rx.recv().await {
             let t0 = start.elapsed();
-            let result = match cmd {
-                DialogCmd::Start => dialog.start().await,
-                DialogCmd::Input(i) => dialog.input(i).await,
+            let turn = match cmd {
+                DialogCmd::Start => dialog.start(),
+                DialogCmd::Input(i) => dialog.input(i),
                 DialogCmd::Heard(h) => {
-                    dialog.heard(&h);
+                    if std::panic::catch_unwind(AssertUnwindSafe(|| dialog.heard(&h))).is_err() {
+                        tracing::error!("dialog engine panicked on `heard`; no more turns from it");
+                        break;
+                    }
                     continue;
                 }
             };
-            let ms = (start.elapsed() - t0).as_millis() as u64;
-            if tx.send(Work::Dialog { seq, result, ms }).await.is_err() {
+            let result =
+                match tokio::time::timeout(limit, AssertUnwindSafe(turn).catch_unwind()).await {
+                    Err(_) => Err(DialogError::Timeout(limit_ms)),
+                    Ok(Err(_)) => Err(DialogError::Panicked),
+                    Ok(Ok(r)) => r,
+                };
+            let panicked = matches!(result, Err(DialogError::Panicked));
+            if panicked {
+                tracing::error!("dialog engine panicked; the caller gets the error prompt");
+            }
+            let ms = u64::try_from(start.elapsed().saturating_sub(t0).as_millis()).unwrap_or(0);
+            if tx.send(Work::Dialog { seq, result, ms }).await.is_err() || panicked {
                 break;
             }
         }

@@ -12,6 +12,10 @@ use tokio::sync::mpsc;
 
 use crate::call::MediaEvent;
 
+/// Most samples one audio event carries: 200 ms at 16 kHz (400 ms at 8 kHz). PBXes send 20 ms
+/// (FreeSWITCH up to 100 ms with a larger buffer).
+pub const MAX_AUDIO_SAMPLES: usize = 3_200;
+
 /// Where a DTMF report came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DtmfSource {
@@ -93,8 +97,21 @@ impl CallEvents {
         )
     }
 
-    /// Caller audio at the internal rate; dropped (and counted) if the call is behind.
-    pub fn audio(&self, samples: Vec<i16>) {
+    /// Caller audio at the internal rate; dropped (and counted) if the call is behind. One
+    /// message carries at most `MAX_AUDIO_SAMPLES` (the newest): a peer that sends one huge
+    /// message cannot make the queue hold more audio than its depth in short messages.
+    pub fn audio(&self, mut samples: Vec<i16>) {
+        if samples.len() > MAX_AUDIO_SAMPLES {
+            let excess = samples.len() - MAX_AUDIO_SAMPLES;
+            samples.drain(..excess);
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n % 50 == 1 {
+                tracing::warn!(
+                    samples = excess + MAX_AUDIO_SAMPLES,
+                    "oversized inbound audio message; only its last 200 ms kept"
+                );
+            }
+        }
         if self.tx.try_send(MediaEvent::Audio(samples)).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n % 50 == 1 {
@@ -151,6 +168,21 @@ impl CallEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_huge_audio_message_is_cut_to_its_newest_200_ms() {
+        let (ev, mut rx) = CallEvents::channel(4);
+        let mut big = vec![0i16; 32_768];
+        big[32_767] = 7;
+        ev.audio(big);
+        match rx.try_recv() {
+            Ok(MediaEvent::Audio(a)) => {
+                assert_eq!(a.len(), MAX_AUDIO_SAMPLES);
+                assert_eq!(a.last(), Some(&7), "the newest audio is kept");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn same_key_from_both_sources_counts_once_repeats_count_twice() {

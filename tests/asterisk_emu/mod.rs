@@ -96,6 +96,8 @@ pub struct Options {
     pub marks: bool,
     /// What `GET /asterisk/info` says (default: 23.4.1, or 23.1.0 without marks).
     pub version: Option<String>,
+    /// A marking Asterisk that loses every mark (as when one is dropped in a long MEDIA_XOFF).
+    pub lose_marks: bool,
 }
 
 impl Default for Options {
@@ -109,6 +111,7 @@ impl Default for Options {
             stall_playout: false,
             marks: true,
             version: None,
+            lose_marks: false,
         }
     }
 }
@@ -1052,7 +1055,7 @@ fn hangup_channel(st: &mut State, id: &str, cause_txt: &str, cause: i64) {
 
 /// When a bridge holds a caller and a connected media channel, media starts flowing.
 fn start_bridge_if_ready(state: &Arc<Mutex<State>>, st: &mut State, bridge: &str, opts: &Options) {
-    let (stall, marks) = (opts.stall_playout, opts.marks);
+    let (stall, marks, lose_marks) = (opts.stall_playout, opts.marks, opts.lose_marks);
     let Some(members) = st.bridges.get(bridge).cloned() else {
         return;
     };
@@ -1095,6 +1098,7 @@ fn start_bridge_if_ready(state: &Arc<Mutex<State>>, st: &mut State, bridge: &str
         log,
         stall,
         marks,
+        lose_marks,
     };
     match ws {
         Parked::Ws(ws) => {
@@ -1115,6 +1119,7 @@ struct Session {
     log: Arc<Mutex<CallLog>>,
     stall: bool,
     marks: bool,
+    lose_marks: bool,
 }
 
 /// The caller's side of a bridged call: speaks turns 700 ms after the agent stops, clips at
@@ -1251,6 +1256,7 @@ async fn media_session(
         log,
         stall,
         marks,
+        lose_marks,
     } = sess;
     let fmt = info.format.clone();
     let ofs = frame_bytes(&fmt);
@@ -1329,6 +1335,7 @@ async fn media_session(
                     };
                     log.lock().unwrap().commands.push((now, cmd.clone()));
                     match cmd.as_str() {
+                        "MARK_MEDIA" if marks && lose_marks => {}
                         "MARK_MEDIA" if marks => queue.push_back(Err(id.unwrap_or_default())),
                         "MARK_MEDIA" => log.lock().unwrap().unknown_commands += 1,
                         "FLUSH_MEDIA" => {

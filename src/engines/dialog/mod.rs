@@ -20,6 +20,10 @@ pub enum DialogError {
     Lookup(String),
     #[error("dialog engine: {0}")]
     Engine(String),
+    #[error("dialog engine gave no answer within {0} ms")]
+    Timeout(u64),
+    #[error("dialog engine crashed (panicked); the call goes on without it")]
+    Panicked,
 }
 
 /// What the dialog expects next, so ASR can be hinted and the keypad collected.

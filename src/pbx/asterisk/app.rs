@@ -267,7 +267,7 @@ pub async fn run(
                             let done = done_tx.clone();
                             tokio::spawn(async move {
                                 let id = channel.id.clone();
-                                run_one(shared, channel.id.clone(), channel.caller.number.clone(), CallArgs::parse(&args), events_handle, rx).await;
+                                supervise_one(shared, channel, CallArgs::parse(&args), events_handle, rx).await;
                                 let _ = done.send(id).await;
                             });
                         }
@@ -339,10 +339,59 @@ async fn send_to(ari: &AriClient, channel: &str, t: &TransferTarget) -> Result<(
     }
 }
 
+/// Runs one call on a task of its own and guards it: if that task panics, the caller still goes
+/// to the overflow target (a human) and the bridge and media channel are removed. The call's
+/// object ids are this process's until then (the orphan sweep leaves them alone).
+async fn supervise_one(
+    shared: Arc<Shared>,
+    channel: super::ari::Channel,
+    args: CallArgs,
+    events: CallEvents,
+    rx: mpsc::Receiver<crate::call::MediaEvent>,
+) {
+    let ids = CallIds {
+        caller: channel.id.clone(),
+        media: object_id(MEDIA_PREFIX),
+        bridge: object_id(BRIDGE_PREFIX),
+    };
+    if let Ok(mut o) = shared.owned.lock() {
+        o.insert(ids.media.clone());
+        o.insert(ids.bridge.clone());
+    }
+    let task = tokio::spawn(run_one(
+        shared.clone(),
+        ids.clone(),
+        channel.caller.number.clone(),
+        args,
+        events.clone(),
+        rx,
+    ));
+    if let Err(e) = task.await {
+        tracing::error!(caller = %ids.caller, error = %e, "call task failed; the caller goes to the overflow target");
+        metrics::counter!(crate::telemetry::names::ERRORS, "stage" => "panic").increment(1);
+        if !events.caller_gone() {
+            to_overflow(&shared.cfg, &shared.ari, &ids.caller, "call task failed").await;
+        }
+        teardown(&shared.ari, &ids.media, &ids.bridge).await;
+    }
+    if let Ok(mut o) = shared.owned.lock() {
+        o.remove(&ids.media);
+        o.remove(&ids.bridge);
+    }
+}
+
+/// The PBX objects of one call.
+#[derive(Debug, Clone)]
+struct CallIds {
+    caller: String,
+    media: String,
+    bridge: String,
+}
+
 /// Sets up, runs and tears down one call.
 async fn run_one(
     shared: Arc<Shared>,
-    caller: String,
+    ids: CallIds,
     number: String,
     args: CallArgs,
     events: CallEvents,
@@ -350,17 +399,11 @@ async fn run_one(
 ) {
     let cfg = &shared.cfg;
     let ari = &shared.ari;
-    let media_id = object_id(MEDIA_PREFIX);
-    let bridge_id = object_id(BRIDGE_PREFIX);
-    if let Ok(mut o) = shared.owned.lock() {
-        o.insert(media_id.clone());
-        o.insert(bridge_id.clone());
-    }
-    // Whatever happens below, the ids stop being ours when this call is over.
-    let _owned = Owned {
-        shared: &shared,
-        ids: [media_id.clone(), bridge_id.clone()],
-    };
+    let CallIds {
+        caller,
+        media: media_id,
+        bridge: bridge_id,
+    } = ids;
     tracing::info!(%caller, %number, flow = ?args.flow, "caller entered Stasis");
     let parts = match (shared.parts)(&args) {
         Ok(p) => p,
@@ -415,22 +458,6 @@ async fn run_one(
         to_overflow(cfg, ari, &caller, "media ended under a live caller").await;
     }
     teardown(ari, &media_id, &bridge_id).await;
-}
-
-/// Releases a call's object ids when the call is over (also if its task panics).
-struct Owned<'a> {
-    shared: &'a Shared,
-    ids: [String; 2],
-}
-
-impl Drop for Owned<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut o) = self.shared.owned.lock() {
-            for id in &self.ids {
-                o.remove(id);
-            }
-        }
-    }
 }
 
 /// Finds what an earlier sidecall (killed, or cut off from ARI) left behind: callers still in
