@@ -336,6 +336,9 @@ pub struct AsteriskConfig {
     pub shutdown_grace_s: u64,
     /// How long the media connection may take before the call goes to the overflow target.
     pub media_timeout_ms: u64,
+    /// An ARI events connection silent this long (no event, no answer to pings) is dropped and
+    /// made anew: a half-open connection must not look healthy.
+    pub events_silence_ms: u64,
     /// Timeout of each ARI REST request.
     pub request_timeout_ms: u64,
 }
@@ -362,6 +365,7 @@ impl Default for AsteriskConfig {
             overflow_target: "agent".into(),
             shutdown_grace_s: 30,
             media_timeout_ms: 5_000,
+            events_silence_ms: 15_000,
             request_timeout_ms: 3_000,
         }
     }
@@ -758,6 +762,7 @@ impl Config {
             ("asterisk.max_calls", to_u64(a.max_calls), 1, 100_000),
             ("asterisk.shutdown_grace_s", a.shutdown_grace_s, 0, 3_600),
             ("asterisk.media_timeout_ms", a.media_timeout_ms, 100, 60_000),
+            ("asterisk.events_silence_ms", a.events_silence_ms, 1_000, 300_000),
             (
                 "asterisk.request_timeout_ms",
                 a.request_timeout_ms,

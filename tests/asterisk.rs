@@ -1316,3 +1316,54 @@ async fn a_panicking_call_task_frees_its_slot_and_the_caller_reaches_a_human() {
     );
     sc.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_ari_connection_is_detected_and_replaced() {
+    let emu = Emulator::start(0, Options::default()).await;
+    let sc = start_tweaked(&emu, "", None, |c| c.asterisk.events_silence_ms = 1_000).await;
+    let ok = |sc: &Sidecall| {
+        sc.health
+            .ari_connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(ok(&sc));
+    assert_eq!(emu.events_connections(), 1);
+    // The connection stays open but Asterisk answers nothing, not even pings.
+    emu.freeze_events();
+    let frozen = std::time::Instant::now();
+    while ok(&sc) && frozen.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "half-open ARI connection noticed after {} ms",
+        frozen.elapsed().as_millis()
+    );
+    assert!(!ok(&sc), "/health stayed green on a half-open connection");
+    emu.thaw_events();
+    for _ in 0..200 {
+        if ok(&sc) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok(&sc), "reconnected");
+    assert!(emu.events_connections() >= 2);
+    // Calls arrive on the new connection.
+    let (_c, log) = emu
+        .place_call(
+            "sidecall",
+            &["flow=order_status"],
+            Script {
+                dtmf: vec![(1_500, "0".into())],
+                max_ms: 30_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    wait_ended(&log, 20).await;
+    assert_eq!(
+        log.lock().unwrap().continued_to,
+        Some(("agents".into(), "support".into(), Some(1)))
+    );
+    sc.shutdown().await;
+}

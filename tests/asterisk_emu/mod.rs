@@ -154,6 +154,10 @@ struct State {
     crashed: bool,
     /// Channel ids refused for being a prefix of a live one.
     prefix_refusals: Vec<String>,
+    /// Events connections go silent (half-open: the socket stays, nothing is read or sent).
+    events_frozen: bool,
+    /// Events connections accepted so far.
+    events_connections: u32,
     malformed_on_connect: bool,
 }
 
@@ -242,6 +246,20 @@ impl Emulator {
                 let _ = tx.try_send("{\"type\":\"ChannelDtmfReceived\",\"digit\":5}".into());
             }
         }
+    }
+
+    /// The events connections go half-open from now on (new ones work again after `thaw`).
+    pub fn freeze_events(&self) {
+        self.state.lock().unwrap().events_frozen = true;
+    }
+
+    pub fn thaw_events(&self) {
+        self.state.lock().unwrap().events_frozen = false;
+    }
+
+    /// Events connections accepted so far.
+    pub fn events_connections(&self) -> u32 {
+        self.state.lock().unwrap().events_connections
     }
 
     /// Whether a request would have crashed a real Asterisk (a media channel id that is a
@@ -899,16 +917,25 @@ impl Emulator {
 
     async fn events_socket(&self, ws: WebSocketStream<TcpStream>, app: String) {
         let (tx, mut rx) = mpsc::channel::<String>(1024);
-        self.state
-            .lock()
-            .unwrap()
-            .apps
-            .entry(app)
-            .or_default()
-            .push(tx);
+        {
+            let mut st = self.state.lock().unwrap();
+            st.events_connections += 1;
+            st.apps.entry(app).or_default().push(tx);
+        }
         let (mut sink, mut stream) = ws.split();
+        let mut check = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
+                _ = check.tick() => {
+                    if self.state.lock().unwrap().events_frozen {
+                        // Half-open: hold the socket, answer nothing (no pongs, no events).
+                        tokio::select! {
+                            _ = self.stop.cancelled() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                        }
+                        return;
+                    }
+                }
                 _ = self.stop.cancelled() => {
                     let _ = sink.send(Message::Close(None)).await;
                     return;

@@ -219,7 +219,12 @@ pub fn yes_no(text: &str) -> Option<(YesNo, f32)> {
     None
 }
 
-/// Parses a spelled-out or numeric whole number ("one hundred twenty", "1,250", "twelve").
+/// The largest amount sidecall takes, in cents (one trillion dollars): anything larger is not
+/// an amount a caller means, and the arithmetic below stays far from overflow.
+pub const MAX_CENTS: u64 = 100_000_000_000_000;
+
+/// Parses a spelled-out or numeric whole number ("one hundred twenty", "1,250", "twelve") into
+/// cents. Every step is checked: "one hundred hundred hundred ..." or "infinity" is no number.
 fn number_from(toks: &[String]) -> Option<(u64, usize)> {
     if let Some(t) = toks.first() {
         let clean: String = t
@@ -227,8 +232,18 @@ fn number_from(toks: &[String]) -> Option<(u64, usize)> {
             .chars()
             .filter(|c| *c != ',')
             .collect();
-        if let Ok(v) = clean.parse::<f64>() {
-            return Some(((v * 100.0).round() as u64, 1));
+        // Only digits and one decimal point: f64's parser also takes "inf", "NaN" and "1e300".
+        let numeric = !clean.is_empty()
+            && clean.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && clean.matches('.').count() <= 1
+            && clean.chars().any(|c| c.is_ascii_digit());
+        if numeric {
+            let v = clean.parse::<f64>().ok()?;
+            let cents = (v * 100.0).round();
+            if !(0.0..=MAX_CENTS as f64).contains(&cents) {
+                return None;
+            }
+            return Some((cents as u64, 1));
         }
     }
     let mut total = 0u64;
@@ -236,13 +251,18 @@ fn number_from(toks: &[String]) -> Option<(u64, usize)> {
     let mut used = 0;
     for t in toks {
         if let Some(u) = unit_word(t).filter(|_| t != "o" && t != "oh") {
-            current += u as u64;
+            current = current.checked_add(u64::from(u))?;
         } else if let Some(n) = teen_word(t).or_else(|| tens_word(t)) {
-            current += n as u64;
+            current = current.checked_add(u64::from(n))?;
         } else if t == "hundred" {
-            current = current.max(1) * 100;
-        } else if t == "thousand" {
-            total += current.max(1) * 1000;
+            current = current.max(1).checked_mul(100)?;
+        } else if t == "thousand" || t == "million" || t == "billion" {
+            let scale = match t.as_str() {
+                "thousand" => 1_000,
+                "million" => 1_000_000,
+                _ => 1_000_000_000,
+            };
+            total = total.checked_add(current.max(1).checked_mul(scale)?)?;
             current = 0;
         } else if t == "and" && used > 0 {
         } else {
@@ -253,7 +273,8 @@ fn number_from(toks: &[String]) -> Option<(u64, usize)> {
     if used == 0 {
         return None;
     }
-    Some(((total + current) * 100, used))
+    let cents = total.checked_add(current)?.checked_mul(100)?;
+    (cents <= MAX_CENTS).then_some((cents, used))
 }
 
 /// An amount of money in cents: "$120.50", "120 dollars and 50 cents", "one hundred twenty dollars".
@@ -274,11 +295,11 @@ pub fn amount_cents(text: &str) -> Option<u64> {
                 j += 1;
             }
             if let Some((c, u)) = number_from(&rest[j..]) {
-                if rest.get(j + u).is_some_and(|w| w.starts_with("cent")) {
-                    value += c / 100;
+                if rest.get(j + u).is_some_and(|w| w.starts_with("cent")) && c < 10_000 {
+                    value = value.checked_add(c / 100)?;
                 }
             }
-            return Some(value);
+            return (value <= MAX_CENTS).then_some(value);
         }
     }
     None
@@ -453,6 +474,23 @@ fn digit_groups(n: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_from_outside_never_overflow_or_read_back_wrong() {
+        assert_eq!(amount_cents("infinity dollars"), None);
+        assert_eq!(amount_cents("inf"), None);
+        assert_eq!(amount_cents("NaN dollars"), None);
+        assert_eq!(amount_cents("1e300 dollars"), None);
+        let hundreds = format!("one {}", "hundred ".repeat(40));
+        assert_eq!(amount_cents(&hundreds), None);
+        assert_eq!(amount_cents("999999999999999999999 dollars"), None);
+        assert_eq!(amount_cents("two million dollars"), Some(200_000_000));
+        assert_eq!(amount_cents("$120.50"), Some(12_050));
+        assert_eq!(
+            amount_cents("one hundred twenty dollars and fifty cents"),
+            Some(12_050)
+        );
+    }
 
     #[test]
     fn digits_are_grouped_for_speech() {

@@ -699,7 +699,13 @@ impl ScriptedDialog {
     fn extract(c: &Collect, input: &Input) -> Option<String> {
         let value = match (input, c.entity.as_str()) {
             (Input::Digits(d), "digits") => Some(d.clone()),
-            (Input::Digits(d), "amount") => d.parse::<u64>().ok().map(|v| (v * 100).to_string()),
+            // Keyed whole dollars; an 18-digit entry is no amount (it overflowed `v * 100`).
+            (Input::Digits(d), "amount") => d
+                .parse::<u64>()
+                .ok()
+                .and_then(|v| v.checked_mul(100))
+                .filter(|c| *c <= entities::MAX_CENTS)
+                .map(|c| c.to_string()),
             (Input::Digits(d), "yes_no") => match d.as_str() {
                 "1" => Some("yes".into()),
                 "2" => Some("no".into()),
@@ -1073,6 +1079,29 @@ mod tests {
             Next::Hangup {
                 reason: "normal".into()
             }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_keyed_18_digit_amount_is_not_read_back_wrong() {
+        let mut d = dialog("payment");
+        d.start().await.unwrap();
+        say(&mut d, "one two three four five six").await;
+        say(&mut d, "yes").await;
+        // 18 keyed digits overflowed `v * 100` (a wrong amount in release builds).
+        let t = d
+            .input(Input::Digits("999999999999999999".into()))
+            .await
+            .unwrap();
+        assert!(
+            !text(&t).contains("You want to pay"),
+            "an impossible amount is not confirmed: {}",
+            text(&t)
+        );
+        let t = d.input(Input::Digits("120".into())).await.unwrap();
+        assert_eq!(
+            text(&t),
+            "You want to pay 120 dollars. Is that correct?"
         );
     }
 

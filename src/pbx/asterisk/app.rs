@@ -138,6 +138,8 @@ pub async fn run(
     let events_stop = CancellationToken::new();
     let mut events = ari_events::spawn(
         ari.events_url(&a.app),
+        ari.events_auth(),
+        Duration::from_millis(a.events_silence_ms),
         health.ari_connected.clone(),
         events_stop.clone(),
     );

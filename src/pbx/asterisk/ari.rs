@@ -189,14 +189,21 @@ impl AriClient {
         }
     }
 
-    /// The events WebSocket URL for `app`.
+    /// The events WebSocket URL for `app`. The credentials are not in it: they go in the
+    /// `Authorization` header (`events_auth`), so they never reach a log line or a proxy's URL log.
     pub fn events_url(&self, app: &str) -> String {
         let ws = self.base.replacen("http", "ws", 1);
+        format!("{ws}/events?app={}", enc(app))
+    }
+
+    /// The `Authorization` header value for the events WebSocket (HTTP Basic, which ARI accepts
+    /// as well as `api_key`).
+    pub fn events_auth(&self) -> String {
+        use base64::Engine;
+        let raw = format!("{}:{}", self.user, self.pass);
         format!(
-            "{ws}/events?app={}&api_key={}:{}",
-            enc(app),
-            enc(&self.user),
-            enc(&self.pass)
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
         )
     }
 
@@ -611,7 +618,8 @@ mod tests {
         );
         assert_eq!(
             c.events_url("sidecall"),
-            "ws://127.0.0.1:8088/ari/events?app=sidecall&api_key=u%20s:p%26w"
+            "ws://127.0.0.1:8088/ari/events?app=sidecall"
         );
+        assert_eq!(c.events_auth(), "Basic dSBzOnAmdw==");
     }
 }

@@ -1,11 +1,13 @@
 //! The ARI events WebSocket, kept connected: it reconnects with backoff after Asterisk restarts
-//! or the network drops, and reports connected/disconnected (for `/health` and a metric).
+//! or the network drops, and reports connected/disconnected (for `/health` and a metric). It
+//! pings Asterisk and gives up on a connection that has been silent too long, so a half-open
+//! connection (a dead peer, a dropped NAT entry) cannot keep `/health` green while no calls come.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -24,12 +26,17 @@ pub enum EventMsg {
     Event(Box<Event>),
 }
 
-/// Keeps the events socket of `url` connected until `stop`; events arrive on the receiver.
+/// Keeps the events socket of `url` connected until `stop`, authenticating with the
+/// `Authorization` value `auth`; events arrive on the receiver. A connection that has sent
+/// nothing (no event, no pong) for `silent_limit` is taken for dead; pings go every third of it.
 pub fn spawn(
     url: String,
+    auth: String,
+    silent_limit: Duration,
     connected: Arc<AtomicBool>,
     stop: CancellationToken,
 ) -> mpsc::Receiver<EventMsg> {
+    let ping_every = (silent_limit / 3).max(Duration::from_millis(100));
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(250);
@@ -40,6 +47,16 @@ pub fn spawn(
                 Ok(mut r) => {
                     r.headers_mut()
                         .insert("Sec-WebSocket-Protocol", http_value("ari"));
+                    match tokio_tungstenite::tungstenite::http::HeaderValue::from_str(&auth) {
+                        Ok(mut v) => {
+                            v.set_sensitive(true);
+                            r.headers_mut().insert("Authorization", v);
+                        }
+                        Err(_) => {
+                            tracing::error!("ARI credentials cannot go in an HTTP header");
+                            return;
+                        }
+                    }
                     r
                 }
                 Err(e) => {
@@ -64,11 +81,26 @@ pub fn spawn(
                     if tx.send(EventMsg::Connected).await.is_err() {
                         return;
                     }
+                    let mut ping = tokio::time::interval(ping_every);
+                    ping.tick().await;
+                    let mut last_heard = tokio::time::Instant::now();
                     let why = loop {
                         let msg = tokio::select! {
                             _ = stop.cancelled() => break "stopping".to_string(),
+                            _ = ping.tick() => {
+                                if last_heard.elapsed() >= silent_limit {
+                                    break format!("nothing from Asterisk for {} ms (half-open connection?)", silent_limit.as_millis());
+                                }
+                                let send = tokio::time::timeout(ping_every, ws.send(Message::Ping(Vec::new().into())));
+                                match send.await {
+                                    Ok(Ok(())) => continue,
+                                    Ok(Err(e)) => break format!("ping failed: {e}"),
+                                    Err(_) => break "ping could not be sent in time".to_string(),
+                                }
+                            }
                             m = ws.next() => m,
                         };
+                        last_heard = tokio::time::Instant::now();
                         match msg {
                             None => break "closed".to_string(),
                             Some(Err(e)) => break e.to_string(),
