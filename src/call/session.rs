@@ -85,7 +85,7 @@ enum Work {
     },
     Asr {
         seq: u64,
-        result: Result<String, crate::engines::asr::AsrError>,
+        result: Result<crate::engines::asr::Transcript, crate::engines::asr::AsrError>,
         ms: u64,
     },
     Tts {
@@ -108,6 +108,7 @@ struct TurnTimes {
     speech_end: Option<u64>,
     endpoint_ms: u64,
     asr_ms: u64,
+    asr_queue_ms: u64,
     dialog_ms: u64,
     tts_ms: Option<u64>,
 }
@@ -647,21 +648,33 @@ impl Session {
                     return;
                 }
                 self.asr_pending = false;
-                self.times.asr_ms = ms;
+                // Waiting for the engine and the engine working are told apart: many callers
+                // on one ASR server show up as queue, not as a slow engine.
+                let (queue_ms, asr_ms) = match &result {
+                    Ok(t) => (t.queue_ms.min(ms), t.process_ms.min(ms)),
+                    Err(_) => (0, ms),
+                };
+                self.times.asr_ms = asr_ms;
+                self.times.asr_queue_ms = queue_ms;
                 metrics::histogram!(names::STAGE_SECONDS, "stage" => "asr")
-                    .record(ms as f64 / 1000.0);
+                    .record(asr_ms as f64 / 1000.0);
+                metrics::histogram!(names::STAGE_SECONDS, "stage" => "asr_queue")
+                    .record(queue_ms as f64 / 1000.0);
                 match result {
-                    Ok(text) if text.trim().is_empty() || is_noise_transcript(&text) => {
+                    Ok(t) if t.text.trim().is_empty() || is_noise_transcript(&t.text) => {
                         self.emit(
                             "transcript",
-                            json!({"text": text, "ignored": true, "asr_ms": ms}),
+                            json!({"text": t.text, "ignored": true, "asr_ms": asr_ms, "asr_queue_ms": queue_ms}),
                         );
                         let exp = self.expect.clone();
                         self.listen(exp);
                     }
-                    Ok(text) => {
-                        self.emit("transcript", json!({"text": text, "asr_ms": ms}));
-                        self.ask_dialog(DialogCmd::Input(Input::Speech(text)));
+                    Ok(t) => {
+                        self.emit(
+                            "transcript",
+                            json!({"text": t.text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms}),
+                        );
+                        self.ask_dialog(DialogCmd::Input(Input::Speech(t.text)));
                     }
                     Err(e) => self.fail("asr", e.to_string()),
                 }
@@ -805,6 +818,7 @@ impl Session {
                             json!({
                                 "endpoint_ms": self.times.endpoint_ms,
                                 "asr_ms": self.times.asr_ms,
+                                "asr_queue_ms": self.times.asr_queue_ms,
                                 "dialog_ms": self.times.dialog_ms,
                                 "tts_ms": tts_ms,
                                 "total_ms": total,

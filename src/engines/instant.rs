@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use super::asr::{Asr, AsrError};
+use super::asr::{Asr, AsrError, Transcript};
 use super::tts::{Tts, TtsError, TtsStream, ready_stream};
 
 /// Returns a fixed transcript at once.
@@ -16,8 +16,11 @@ impl Asr for InstantAsr {
         _audio: &[i16],
         _rate: u32,
         _hint: Option<&str>,
-    ) -> Result<String, AsrError> {
-        Ok(self.0.clone())
+    ) -> Result<Transcript, AsrError> {
+        Ok(Transcript {
+            text: self.0.clone(),
+            ..Transcript::default()
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 //! PBX adapters: each turns one PBX's media and control protocols into the call engine's
-//! `MediaLink` and `CallControl`. The simulated PBX is the one that needs no PBX; Asterisk and
-//! FreeSWITCH adapters live beside it.
+//! `MediaLink` and `CallControl`, under the PBX-neutral `supervisor`. `Adapter` is what `serve`
+//! runs; `adapter()` picks the configured one. The simulated PBX needs no PBX; Asterisk (and
+//! FreeSWITCH next) live beside it.
 
 pub mod asterisk;
 pub mod codec;
@@ -8,7 +9,58 @@ pub mod events;
 pub mod paced;
 pub mod queue_link;
 pub mod simulated;
+pub mod supervisor;
+
 use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use supervisor::{Health, Limits, Supervisor};
+
+/// Why an adapter could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum PbxError {
+    #[error(transparent)]
+    Asterisk(#[from] asterisk::app::AsteriskError),
+}
+
+/// One PBX's adapter: takes calls from its control plane until `stop`, then drains them
+/// through the supervisor and returns.
+#[async_trait]
+pub trait Adapter: Send + Sync {
+    /// The PBX's name, for `/health` and logs.
+    fn name(&self) -> &'static str;
+    async fn run(
+        &self,
+        sup: Arc<Supervisor>,
+        parts: PartsFactory,
+        records: Option<mpsc::Sender<serde_json::Value>>,
+        stop: CancellationToken,
+    ) -> Result<(), PbxError>;
+}
+
+/// The adapter the config enables, if any.
+pub fn adapter(cfg: &Arc<Config>) -> Option<Box<dyn Adapter>> {
+    cfg.asterisk
+        .enabled
+        .then(|| Box::new(asterisk::app::Asterisk::new(cfg.clone())) as Box<dyn Adapter>)
+}
+
+/// A supervisor for `cfg`'s PBX, with the health state `/health` and `/ready` read.
+pub fn supervisor(cfg: &Config, health: Health) -> Arc<Supervisor> {
+    Supervisor::new(
+        Limits {
+            max_calls: cfg.asterisk.max_calls,
+            grace: Duration::from_secs(cfg.asterisk.shutdown_grace_s),
+            after_grace: Duration::from_secs(10),
+        },
+        Arc::new(health),
+    )
+}
 
 use crate::engines::asr::Asr;
 use crate::engines::dialog::Dialog;

@@ -2,6 +2,8 @@
 //! speaks the OpenAI-compatible `POST /v1/audio/transcriptions` API (OpenAI, Groq, whisper.cpp
 //! server, faster-whisper servers, and sidecall's own `scripts/asr-server`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -23,6 +25,34 @@ pub enum AsrError {
     BadResponse(String),
 }
 
+/// A transcript and where its time went: waiting for the engine (sidecall's queue, and the
+/// server's own when it says how long it worked) and the engine working.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Transcript {
+    pub text: String,
+    pub queue_ms: u64,
+    pub process_ms: u64,
+}
+
+/// How busy a shared engine is, for `/health` and metrics.
+#[derive(Debug, Default)]
+pub struct EngineLoad {
+    /// Requests allowed at once.
+    pub max_concurrent: usize,
+    pub in_flight: AtomicUsize,
+    /// Requests waiting for a slot right now.
+    pub waiting: AtomicUsize,
+    /// The last request's wait for a slot (ms).
+    pub last_queue_ms: AtomicU64,
+}
+
+impl EngineLoad {
+    /// Requests are waiting, or the last one waited long: callers feel the engine's queue.
+    pub fn saturated(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0 || self.last_queue_ms.load(Ordering::Relaxed) > 250
+    }
+}
+
 /// A speech recognizer.
 #[async_trait]
 pub trait Asr: Send + Sync {
@@ -32,8 +62,17 @@ pub trait Asr: Send + Sync {
         audio: &[i16],
         rate: u32,
         hint: Option<&str>,
-    ) -> Result<String, AsrError>;
+    ) -> Result<Transcript, AsrError>;
+
+    /// How busy the engine is, where it knows.
+    fn load(&self) -> Option<Arc<EngineLoad>> {
+        None
+    }
 }
+
+/// Header sidecall's own ASR server (and any that cares to) sets: ms spent transcribing,
+/// so the rest of the round trip counts as the server's queue.
+pub const PROCESSING_HEADER: &str = "x-asr-processing-ms";
 
 /// OpenAI-compatible transcription client.
 pub struct OpenAiAsr {
@@ -44,11 +83,19 @@ pub struct OpenAiAsr {
     timeout: Duration,
     retries: u32,
     api_key: Option<String>,
+    slots: Arc<tokio::sync::Semaphore>,
+    load: Arc<EngineLoad>,
 }
 
 impl OpenAiAsr {
     pub fn new(cfg: &AsrConfig, client: reqwest::Client) -> Self {
+        let max = cfg.max_concurrent.max(1);
         Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(max)),
+            load: Arc::new(EngineLoad {
+                max_concurrent: max,
+                ..EngineLoad::default()
+            }),
             client,
             url: super::endpoint(&cfg.url, "audio/transcriptions"),
             model: cfg.model.clone(),
@@ -64,7 +111,7 @@ impl OpenAiAsr {
         wav_bytes: Vec<u8>,
         hint: Option<&str>,
         budget: Duration,
-    ) -> Result<String, AsrError> {
+    ) -> Result<(String, Option<u64>), AsrError> {
         let part = reqwest::multipart::Part::bytes(wav_bytes)
             .file_name("utterance.wav")
             .mime_str("audio/wav")
@@ -93,6 +140,13 @@ impl OpenAiAsr {
             }
         })?;
         let status = resp.status();
+        let processing = resp
+            .headers()
+            .get(PROCESSING_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0 && *v < 3_600_000.0)
+            .map(|v| v as u64);
         let body = resp.text().await.map_err(|e| {
             if e.is_timeout() {
                 AsrError::Timeout(ms)
@@ -111,7 +165,7 @@ impl OpenAiAsr {
             .map_err(|e| AsrError::BadResponse(format!("{e}: {body:.100}")))?;
         v.get("text")
             .and_then(|t| t.as_str())
-            .map(|t| t.trim().to_string())
+            .map(|t| (t.trim().to_string(), processing))
             .ok_or_else(|| AsrError::BadResponse(format!("no `text` in {body:.100}")))
     }
 }
@@ -123,17 +177,44 @@ impl Asr for OpenAiAsr {
         audio: &[i16],
         rate: u32,
         hint: Option<&str>,
-    ) -> Result<String, AsrError> {
+    ) -> Result<Transcript, AsrError> {
         let bytes = wav::to_bytes(rate, audio);
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let budget_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+        // Wait for a slot: the time spent here is the engine's queue, seen from sidecall.
+        self.load.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit =
+            tokio::time::timeout_at(deadline.into(), self.slots.clone().acquire_owned()).await;
+        self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+        let Ok(Ok(_permit)) = permit else {
+            return Err(AsrError::Timeout(budget_ms));
+        };
+        let queued = ms_since(started);
+        self.load.last_queue_ms.store(queued, Ordering::Relaxed);
+        self.load.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.load);
         let mut last = None;
         for attempt in 0..=self.retries {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
+            let sent = Instant::now();
             match self.once(bytes.clone(), hint, left).await {
-                Ok(t) => return Ok(t),
+                Ok((text, processing)) => {
+                    let round_trip = ms_since(sent);
+                    // With the server's own figure, the rest of the round trip was its queue.
+                    let (server_queue, process) = match processing {
+                        Some(p) if p <= round_trip => (round_trip - p, p),
+                        _ => (0, round_trip),
+                    };
+                    return Ok(Transcript {
+                        text,
+                        queue_ms: ms_since(started).saturating_sub(round_trip) + server_queue,
+                        process_ms: process,
+                    });
+                }
                 // Client errors will not get better by retrying.
                 Err(
                     e @ AsrError::Http {
@@ -146,6 +227,23 @@ impl Asr for OpenAiAsr {
                 }
             }
         }
-        Err(last.unwrap_or(AsrError::Timeout(self.timeout.as_millis() as u64)))
+        Err(last.unwrap_or(AsrError::Timeout(budget_ms)))
+    }
+
+    fn load(&self) -> Option<Arc<EngineLoad>> {
+        Some(self.load.clone())
+    }
+}
+
+fn ms_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight<'a>(&'a EngineLoad);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -1099,10 +1099,7 @@ mod tests {
             text(&t)
         );
         let t = d.input(Input::Digits("120".into())).await.unwrap();
-        assert_eq!(
-            text(&t),
-            "You want to pay 120 dollars. Is that correct?"
-        );
+        assert_eq!(text(&t), "You want to pay 120 dollars. Is that correct?");
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +23,7 @@ use super::{audiosocket, rtp};
 use crate::call::{CallControl, CallSetup, ControlError, MediaLink, run_call};
 use crate::config::{Config, TransferTarget};
 use crate::pbx::events::{CallEvents, DtmfSource};
+use crate::pbx::supervisor::{Slot, Supervisor};
 use crate::pbx::{CallArgs, PartsFactory};
 use crate::telemetry::Recorder;
 
@@ -52,14 +53,6 @@ pub enum AsteriskError {
     Listen { addr: String, error: std::io::Error },
 }
 
-/// State shared with `/health`.
-#[derive(Debug, Default)]
-pub struct AsteriskHealth {
-    pub ari_connected: Arc<AtomicBool>,
-    pub active_calls: AtomicUsize,
-    pub draining: AtomicBool,
-}
-
 type Pending = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<ClientConn>>>>;
 
 struct ClientConn {
@@ -82,15 +75,54 @@ struct Shared {
     in_stasis: Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<()>>>>,
     /// Bridges and media channels of this process's live calls.
     owned: std::sync::Mutex<HashSet<String>>,
-    /// Callers this process is serving.
-    serving: std::sync::Mutex<HashSet<String>>,
+    /// Callers this process is serving, and the handle that feeds each.
+    calls: std::sync::Mutex<HashMap<String, CallEvents>>,
 }
 
-/// Runs the ARI application until `stop`, then drains calls for the grace period.
+impl Shared {
+    fn call(&self, caller: &str) -> Option<CallEvents> {
+        self.calls.lock().ok().and_then(|c| c.get(caller).cloned())
+    }
+
+    fn active(&self) -> usize {
+        self.calls.lock().map(|c| c.len()).unwrap_or(0)
+    }
+}
+
+/// The Asterisk adapter (ARI control, external media).
+pub struct Asterisk {
+    cfg: Arc<Config>,
+}
+
+impl Asterisk {
+    pub fn new(cfg: Arc<Config>) -> Self {
+        Self { cfg }
+    }
+}
+
+#[async_trait]
+impl crate::pbx::Adapter for Asterisk {
+    fn name(&self) -> &'static str {
+        "asterisk"
+    }
+
+    async fn run(
+        &self,
+        sup: Arc<Supervisor>,
+        parts: PartsFactory,
+        records: Option<mpsc::Sender<serde_json::Value>>,
+        stop: CancellationToken,
+    ) -> Result<(), crate::pbx::PbxError> {
+        Ok(run(self.cfg.clone(), parts, sup, records, stop).await?)
+    }
+}
+
+/// Runs the ARI application until `stop`, then drains calls through the supervisor (grace
+/// period, then the overflow target). ARI events keep flowing while calls drain.
 pub async fn run(
     cfg: Arc<Config>,
     parts: PartsFactory,
-    health: Arc<AsteriskHealth>,
+    sup: Arc<Supervisor>,
     records: Option<mpsc::Sender<serde_json::Value>>,
     stop: CancellationToken,
 ) -> Result<(), AsteriskError> {
@@ -140,7 +172,7 @@ pub async fn run(
         ari.events_url(&a.app),
         ari.events_auth(),
         Duration::from_millis(a.events_silence_ms),
-        health.ari_connected.clone(),
+        sup.health().control_connected.clone(),
         events_stop.clone(),
     );
     let shared = Arc::new(Shared {
@@ -154,55 +186,16 @@ pub async fn run(
         audiosockets,
         in_stasis: Arc::default(),
         owned: Default::default(),
-        serving: Default::default(),
+        calls: Default::default(),
     });
-    let mut calls: HashMap<String, CallEvents> = HashMap::new();
-    let (done_tx, mut done_rx) = mpsc::channel::<String>(1024);
-    let mut draining = false;
-    let grace = tokio::time::sleep(Duration::from_secs(u64::MAX / 4));
-    tokio::pin!(grace);
-    let mut grace_over = false;
-    let last_call = tokio::time::sleep(Duration::from_secs(u64::MAX / 4));
-    tokio::pin!(last_call);
+    let drain = async {
+        stop.cancelled().await;
+        sup.drain().await;
+    };
+    tokio::pin!(drain);
     loop {
         tokio::select! {
-            _ = stop.cancelled(), if !draining => {
-                draining = true;
-                health.draining.store(true, Ordering::Relaxed);
-                tracing::info!(active = calls.len(), grace_s = cfg.asterisk.shutdown_grace_s, "shutting down: no new calls");
-                grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(cfg.asterisk.shutdown_grace_s));
-                if calls.is_empty() {
-                    break;
-                }
-            }
-            _ = &mut grace, if draining && !grace_over => {
-                tracing::info!(active = calls.len(), "grace period over: sending remaining calls to the overflow target");
-                for caller in calls.keys() {
-                    let (cfg, ari, caller) = (cfg.clone(), ari.clone(), caller.clone());
-                    tokio::spawn(async move { to_overflow(&cfg, &ari, &caller, "grace period over").await });
-                }
-                // Calls end as their callers leave Stasis (events keep flowing meanwhile);
-                // give them a bounded time to tear down.
-                grace_over = true;
-                if calls.is_empty() {
-                    break;
-                }
-                last_call.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
-            }
-            _ = &mut last_call, if grace_over => {
-                tracing::warn!(active = calls.len(), "calls did not end after the grace period; stopping anyway");
-                break;
-            }
-            Some(id) = done_rx.recv() => {
-                calls.remove(&id);
-                if let Ok(mut s) = shared.serving.lock() {
-                    s.remove(&id);
-                }
-                health.active_calls.store(calls.len(), Ordering::Relaxed);
-                if draining && calls.is_empty() {
-                    break;
-                }
-            }
+            _ = &mut drain => break,
             msg = events.recv() => {
                 let Some(msg) = msg else { break };
                 match msg {
@@ -242,7 +235,7 @@ pub async fn run(
                         // air and bridges behind: find them on every (re)connect.
                         tokio::spawn(sweep_orphans(shared.clone()));
                     }
-                    EventMsg::Disconnected(why) => tracing::warn!(%why, active = calls.len(), "ARI events lost; calls in progress go on"),
+                    EventMsg::Disconnected(why) => tracing::warn!(%why, active = shared.active(), "ARI events lost; calls in progress go on"),
                     EventMsg::Event(ev) => match *ev {
                         Event::StasisStart { args, channel } => {
                             if channel.id.starts_with(MEDIA_PREFIX) {
@@ -252,36 +245,22 @@ pub async fn run(
                                 }
                                 continue;
                             }
-                            if draining || calls.len() >= cfg.asterisk.max_calls {
-                                let why = if draining { "shutting down" } else { "at capacity" };
-                                metrics::counter!(crate::telemetry::names::CALLS_TOTAL, "outcome" => "overflow").increment(1);
-                                let (cfg, ari) = (cfg.clone(), ari.clone());
-                                tokio::spawn(async move { to_overflow(&cfg, &ari, &channel.id, why).await });
-                                continue;
+                            match sup.admit() {
+                                Err(why) => {
+                                    let (cfg, ari) = (cfg.clone(), ari.clone());
+                                    tokio::spawn(async move { to_overflow(&cfg, &ari, &channel.id, &why.to_string()).await });
+                                }
+                                Ok(slot) => start_call(&shared, &sup, slot, channel, CallArgs::parse(&args)),
                             }
-                            let (events_handle, rx) = CallEvents::channel(512);
-                            calls.insert(channel.id.clone(), events_handle.clone());
-                            if let Ok(mut s) = shared.serving.lock() {
-                                s.insert(channel.id.clone());
-                            }
-                            health.active_calls.store(calls.len(), Ordering::Relaxed);
-                            let shared = shared.clone();
-                            let done = done_tx.clone();
-                            tokio::spawn(async move {
-                                let id = channel.id.clone();
-                                supervise_one(shared, channel, CallArgs::parse(&args), events_handle, rx).await;
-                                let _ = done.send(id).await;
-                            });
                         }
                         Event::ChannelDtmfReceived { digit, channel, .. } => {
-                            if let (Some(c), Some(d)) = (calls.get(&channel.id), digit.chars().next()) {
+                            if let (Some(c), Some(d)) = (shared.call(&channel.id), digit.chars().next()) {
                                 c.dtmf(d, DtmfSource::Control);
                             }
                         }
                         Event::StasisEnd { channel } | Event::ChannelDestroyed { channel, .. } => {
-                            if let Some(c) = calls.get(&channel.id) {
+                            if let Some(c) = shared.call(&channel.id) {
                                 c.mark_caller_gone();
-                                let c = c.clone();
                                 tokio::spawn(async move { c.hangup("caller left Stasis").await });
                             }
                         }
@@ -292,8 +271,57 @@ pub async fn run(
         }
     }
     events_stop.cancel();
-    health.active_calls.store(0, Ordering::Relaxed);
     Ok(())
+}
+
+/// Starts a call the supervisor admitted: its own task, guarded. If that task panics, the
+/// caller still goes to the overflow target (a human) and the bridge and media channel are
+/// removed. The call's object ids are this process's until then (the orphan sweep leaves them).
+fn start_call(
+    shared: &Arc<Shared>,
+    sup: &Arc<Supervisor>,
+    slot: Slot,
+    channel: super::ari::Channel,
+    args: CallArgs,
+) {
+    let (events, rx) = CallEvents::channel(512);
+    let ids = CallIds {
+        caller: channel.id.clone(),
+        media: object_id(MEDIA_PREFIX),
+        bridge: object_id(BRIDGE_PREFIX),
+    };
+    if let Ok(mut o) = shared.owned.lock() {
+        o.insert(ids.media.clone());
+        o.insert(ids.bridge.clone());
+    }
+    if let Ok(mut c) = shared.calls.lock() {
+        c.insert(ids.caller.clone(), events.clone());
+    }
+    let call = run_one(
+        shared.clone(),
+        ids.clone(),
+        channel.caller.number.clone(),
+        args,
+        events.clone(),
+        rx,
+        sup.grace_over(),
+    );
+    let shared = shared.clone();
+    sup.spawn(slot, call, move |panicked| async move {
+        if panicked {
+            if !events.caller_gone() {
+                to_overflow(&shared.cfg, &shared.ari, &ids.caller, "call task failed").await;
+            }
+            teardown(&shared.ari, &ids.media, &ids.bridge).await;
+        }
+        if let Ok(mut o) = shared.owned.lock() {
+            o.remove(&ids.media);
+            o.remove(&ids.bridge);
+        }
+        if let Ok(mut c) = shared.calls.lock() {
+            c.remove(&ids.caller);
+        }
+    });
 }
 
 /// Sends a caller sidecall will not (or can no longer) serve to the overflow target; if that
@@ -341,47 +369,6 @@ async fn send_to(ari: &AriClient, channel: &str, t: &TransferTarget) -> Result<(
     }
 }
 
-/// Runs one call on a task of its own and guards it: if that task panics, the caller still goes
-/// to the overflow target (a human) and the bridge and media channel are removed. The call's
-/// object ids are this process's until then (the orphan sweep leaves them alone).
-async fn supervise_one(
-    shared: Arc<Shared>,
-    channel: super::ari::Channel,
-    args: CallArgs,
-    events: CallEvents,
-    rx: mpsc::Receiver<crate::call::MediaEvent>,
-) {
-    let ids = CallIds {
-        caller: channel.id.clone(),
-        media: object_id(MEDIA_PREFIX),
-        bridge: object_id(BRIDGE_PREFIX),
-    };
-    if let Ok(mut o) = shared.owned.lock() {
-        o.insert(ids.media.clone());
-        o.insert(ids.bridge.clone());
-    }
-    let task = tokio::spawn(run_one(
-        shared.clone(),
-        ids.clone(),
-        channel.caller.number.clone(),
-        args,
-        events.clone(),
-        rx,
-    ));
-    if let Err(e) = task.await {
-        tracing::error!(caller = %ids.caller, error = %e, "call task failed; the caller goes to the overflow target");
-        metrics::counter!(crate::telemetry::names::ERRORS, "stage" => "panic").increment(1);
-        if !events.caller_gone() {
-            to_overflow(&shared.cfg, &shared.ari, &ids.caller, "call task failed").await;
-        }
-        teardown(&shared.ari, &ids.media, &ids.bridge).await;
-    }
-    if let Ok(mut o) = shared.owned.lock() {
-        o.remove(&ids.media);
-        o.remove(&ids.bridge);
-    }
-}
-
 /// The PBX objects of one call.
 #[derive(Debug, Clone)]
 struct CallIds {
@@ -398,6 +385,7 @@ async fn run_one(
     args: CallArgs,
     events: CallEvents,
     rx: mpsc::Receiver<crate::call::MediaEvent>,
+    grace_over: CancellationToken,
 ) {
     let cfg = &shared.cfg;
     let ari = &shared.ari;
@@ -439,7 +427,7 @@ async fn run_one(
         ari: ari.clone(),
         channel: caller.clone(),
     });
-    let outcome = run_call(CallSetup {
+    let call = run_call(CallSetup {
         call_id: caller.clone(),
         flow_name: parts.flow_name,
         config: cfg.clone(),
@@ -452,8 +440,17 @@ async fn run_one(
         recorder,
         tick_stats: None,
         origin: None,
-    })
-    .await;
+    });
+    tokio::pin!(call);
+    // After SIGTERM's grace period the caller goes to the overflow target; the call ends
+    // when the caller has left Stasis.
+    let outcome = tokio::select! {
+        o = &mut call => o,
+        _ = grace_over.cancelled() => {
+            to_overflow(cfg, ari, &caller, "grace period over").await;
+            call.await
+        }
+    };
     tracing::info!(%caller, outcome = outcome.label(), "call finished");
     if outcome == crate::call::CallOutcome::CallerHungUp && !events.caller_gone() {
         // The media side failed, not the caller: never leave a caller in silence.
@@ -487,10 +484,9 @@ async fn sweep_orphans(shared: Arc<Shared>) {
         }
     };
     let owned = shared.owned.lock().map(|o| o.clone()).unwrap_or_default();
-    let serving = shared.serving.lock().map(|s| s.clone()).unwrap_or_default();
     let stranded: Vec<String> = in_app
         .into_iter()
-        .filter(|id| !id.starts_with(MEDIA_PREFIX) && !serving.contains(id))
+        .filter(|id| !id.starts_with(MEDIA_PREFIX) && shared.call(id).is_none())
         .collect();
     let stale_bridges: Vec<String> = bridges
         .into_iter()
