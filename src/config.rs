@@ -167,7 +167,7 @@ pub struct AsrConfig {
     /// Environment variable holding the API key (never put keys in this file).
     pub api_key_env: String,
     #[serde(skip)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
 impl Default for AsrConfig {
@@ -208,7 +208,7 @@ pub struct TtsConfig {
     pub cache_entries: usize,
     pub api_key_env: String,
     #[serde(skip)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
 impl Default for TtsConfig {
@@ -239,7 +239,7 @@ pub struct LlmConfig {
     pub timeout_ms: u64,
     pub api_key_env: String,
     #[serde(skip)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
 impl Default for LlmConfig {
@@ -307,7 +307,7 @@ pub struct AsteriskConfig {
     /// Environment variable holding the ARI password.
     pub password_env: String,
     #[serde(skip)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// The Stasis application name used in the dialplan: `Stasis(sidecall,...)`.
     pub app: String,
     /// Media transport: "websocket" (chan_websocket), "audiosocket" or "rtp".
@@ -317,6 +317,14 @@ pub struct AsteriskConfig {
     pub websocket_mode: String,
     /// chan_websocket client mode: the websocket_client.conf section Asterisk dials.
     pub websocket_client_section: String,
+    /// Client mode: the `username` of that websocket_client.conf section; when set, Asterisk's
+    /// connections must present it and the password (HTTP Basic), or they are refused.
+    pub websocket_client_username: String,
+    /// Environment variable holding that section's `password`.
+    pub websocket_client_password_env: String,
+    /// From `websocket_client_password_env` (never from the file).
+    #[serde(skip)]
+    pub websocket_client_password: Option<Secret>,
     /// Listener for chan_websocket client mode.
     pub websocket_listen: String,
     /// Listener for AudioSocket connections from Asterisk.
@@ -360,6 +368,9 @@ impl Default for AsteriskConfig {
             media: "websocket".into(),
             websocket_mode: "server".into(),
             websocket_client_section: "sidecall".into(),
+            websocket_client_username: String::new(),
+            websocket_client_password_env: "SIDECALL_MEDIA_PASSWORD".into(),
+            websocket_client_password: None,
             websocket_listen: "127.0.0.1:9093".into(),
             audiosocket_listen: "127.0.0.1:9092".into(),
             rtp_bind: "127.0.0.1".into(),
@@ -558,8 +569,15 @@ impl Config {
         if let Some(v) = &o.admin_listen {
             self.admin.listen = v.clone();
         }
-        let secret = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let secret = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(Secret::from)
+        };
         self.asterisk.password = secret(&self.asterisk.password_env);
+        self.asterisk.websocket_client_password =
+            secret(&self.asterisk.websocket_client_password_env);
         self.asr.api_key = secret(&self.asr.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
         self.tts.api_key = secret(&self.tts.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
         self.llm.api_key = secret(&self.llm.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
@@ -877,6 +895,42 @@ impl Config {
     }
 }
 
+/// A secret from the environment (API key, password). Its `Debug` and `Display` never show it,
+/// so a config printed into a log line or a panic message leaks nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_string())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
 /// The line (1-based) of a dotted key (`asterisk.url`, `transfers.agent`) in the TOML text, from
 /// the parser's spans, so a key that exists in two sections is found in the right one; 0 when the
 /// key is not in the file (its default value is what failed).
@@ -909,6 +963,25 @@ fn to_u64(v: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_debug_never_prints_secrets() {
+        let mut c = Config::default();
+        c.asr.api_key = Some("sk-live-asr-123".into());
+        c.tts.api_key = Some("sk-live-tts-456".into());
+        c.asterisk.password = Some("ari-pass-789".into());
+        c.asterisk.websocket_client_password = Some("media-pass-000".into());
+        let shown = format!("{c:?} {c:#?}");
+        for s in [
+            "sk-live-asr-123",
+            "sk-live-tts-456",
+            "ari-pass-789",
+            "media-pass-000",
+        ] {
+            assert!(!shown.contains(s), "{s} printed");
+        }
+        assert!(shown.contains("[redacted]"));
+    }
 
     #[test]
     fn errors_name_the_line_of_the_key_in_its_own_section() {

@@ -2,7 +2,11 @@
 //! the root cause of a wrapped error, and identifiers and credentials drawn from the operating
 //! system's CSPRNG (never from the clock or a hash seed).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// A new HTTP client. Build one per process (`app::Engines` does) and clone it: clones share
 /// one connection pool. Not a global: pooled connections belong to the runtime that opened them.
@@ -92,6 +96,41 @@ pub fn credential_eq(presented: &[u8], expected: &[u8]) -> bool {
     presented.len() == expected.len() && bool::from(presented.ct_eq(expected))
 }
 
+/// Takes the entry registered under the credential a connection presented. Every pending
+/// credential is compared, each in constant time, so the answer's timing says nothing about
+/// how close a guess was.
+pub fn claim<T>(pending: &mut HashMap<String, T>, presented: &str) -> Option<T> {
+    let mut found = None;
+    for k in pending.keys() {
+        if credential_eq(presented.as_bytes(), k.as_bytes()) {
+            found = Some(k.clone());
+        }
+    }
+    found.and_then(|k| pending.remove(&k))
+}
+
+/// The door of a listener that the PBX connects to: at most `max` connections may be in their
+/// handshake at once (more are closed at once), and each has `handshake` to prove who it is.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    permits: Arc<Semaphore>,
+    pub handshake: Duration,
+}
+
+impl Gate {
+    pub fn new(max: usize, handshake: Duration) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max.max(1))),
+            handshake,
+        }
+    }
+
+    /// A place for one handshake, or None when the listener is full.
+    pub fn enter(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +148,28 @@ mod tests {
         assert_eq!(&u[14..15], "4", "{u}");
         assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"), "{u}");
         assert_ne!(u, uuid_v4());
+    }
+
+    #[test]
+    fn claims_only_the_exact_credential_and_only_once() {
+        let mut m = HashMap::new();
+        let a = random_hex128();
+        m.insert(a.clone(), 1);
+        m.insert(random_hex128(), 2);
+        assert_eq!(
+            claim(&mut m, &a[..31]),
+            None,
+            "a prefix is not the credential"
+        );
+        assert_eq!(claim(&mut m, "stranger"), None);
+        assert_eq!(claim(&mut m, &a), Some(1));
+        assert_eq!(claim(&mut m, &a), None, "used once");
+        let g = Gate::new(1, Duration::from_secs(1));
+        let p = g.enter();
+        assert!(p.is_some());
+        assert!(g.enter().is_none(), "full");
+        drop(p);
+        assert!(g.enter().is_some());
     }
 
     #[test]

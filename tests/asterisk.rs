@@ -1364,3 +1364,204 @@ async fn a_half_open_ari_connection_is_detected_and_replaced() {
     );
     sc.shutdown().await;
 }
+
+/// Starts one call over `media` whose caller stays silent, and waits until it is bridged.
+async fn silent_call(emu: &Emulator, sc: &Sidecall) -> (String, Arc<Mutex<CallLog>>) {
+    let _ = sc;
+    let (caller, log) = emu
+        .place_call(
+            "sidecall",
+            &["flow=order_status"],
+            Script {
+                max_ms: 60_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    for _ in 0..100 {
+        if log.lock().unwrap().bridged {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(log.lock().unwrap().bridged);
+    (caller, log)
+}
+
+/// Reads until the peer closes (Ok(0)) or `secs` pass; true if it closed.
+async fn closed_within(sock: &mut tokio::net::TcpStream, secs: u64) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, sock.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_on_the_audiosocket_listener_are_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let emu = Emulator::start(0, Options::default()).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let sc = start(
+        &emu,
+        &format!("media = \"audiosocket\"\naudiosocket_listen = \"{listen}\""),
+        None,
+    )
+    .await;
+    let (caller, log) = silent_call(&emu, &sc).await;
+    // A guessed UUID, a packet of another kind, and silence: each is closed, with no call.
+    let mut guess = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    let mut pkt = vec![0x01u8, 0, 16];
+    pkt.extend_from_slice(&[0x42; 16]);
+    guess.write_all(&pkt).await.unwrap();
+    let mut audio = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    audio.write_all(&[0x12, 0x02, 0x80]).await.unwrap();
+    audio.write_all(&[0u8; 640]).await.unwrap();
+    let mut mute = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    assert!(
+        closed_within(&mut guess, 3).await,
+        "a guessed UUID is closed"
+    );
+    assert!(
+        closed_within(&mut audio, 3).await,
+        "audio before a UUID is closed"
+    );
+    assert!(
+        closed_within(&mut mute, 4).await,
+        "a silent connection is closed after the handshake time"
+    );
+    // The real call was not touched.
+    assert!(!log.lock().unwrap().ended);
+    assert!(
+        sc.records_of(&caller)
+            .iter()
+            .all(|r| r["type"] != "call_end")
+    );
+    emu.caller_hangup(&caller);
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_on_the_media_websocket_listener_are_dropped() {
+    use futures_util::{SinkExt, StreamExt};
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut opts = Options::default();
+    opts.ws_clients
+        .insert("sidecall".into(), format!("ws://{listen}/media"));
+    let emu = Emulator::start(0, opts).await;
+    let sc = start(
+        &emu,
+        &format!("websocket_mode = \"client\"\nwebsocket_listen = \"{listen}\""),
+        None,
+    )
+    .await;
+    let (caller, log) = silent_call(&emu, &sc).await;
+    // A stranger that speaks the protocol but names no call of ours.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{listen}/media"))
+        .await
+        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        "MEDIA_START connection_id:x channel:WebSocket/x channel_id:1795262114.1 format:slin16 optimal_frame_size:640 ptime:20",
+    ))
+    .await
+    .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(m) = ws.next().await {
+            if m.is_err() || matches!(m, Ok(tokio_tungstenite::tungstenite::Message::Close(_))) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a connection for no call of ours is closed");
+    // One that never says anything is closed after the handshake time.
+    let mut mute = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    assert!(closed_within(&mut mute, 4).await);
+    assert!(!log.lock().unwrap().ended, "the real call goes on");
+    emu.caller_hangup(&caller);
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_websocket_listener_with_basic_auth_refuses_wrong_credentials() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let emu = Emulator::start(0, Options::default()).await;
+    let sc = start_tweaked(
+        &emu,
+        &format!("websocket_mode = \"client\"\nwebsocket_listen = \"{listen}\"\nwebsocket_client_username = \"asterisk\""),
+        None,
+        |c| c.asterisk.websocket_client_password = Some("media-secret".into()),
+    )
+    .await;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{listen}/media")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        "Basic YXN0ZXJpc2s6d3Jvbmc=".parse().unwrap(),
+    );
+    let r = tokio_tungstenite::connect_async(req).await;
+    match r {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 401)
+        }
+        other => panic!("wrong password got in: {:?}", other.map(|_| ())),
+    }
+    let r = tokio_tungstenite::connect_async(format!("ws://{listen}/media")).await;
+    assert!(r.is_err(), "no credentials, no connection");
+    let mut req = format!("ws://{listen}/media")
+        .into_client_request()
+        .unwrap();
+    // asterisk:media-secret
+    req.headers_mut().insert(
+        "Authorization",
+        "Basic YXN0ZXJpc2s6bWVkaWEtc2VjcmV0".parse().unwrap(),
+    );
+    assert!(
+        tokio_tungstenite::connect_async(req).await.is_ok(),
+        "the right credentials pass the handshake"
+    );
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtp_from_a_stranger_is_not_heard() {
+    let emu = Emulator::start(0, Options::default()).await;
+    let sc = start(&emu, "media = \"rtp\"\nformat = \"ulaw\"", None).await;
+    let (caller, log) = silent_call(&emu, &sc).await;
+    let target = emu.media_targets()[0];
+    // Loud noise for 1.5 s, well-formed RTP, from an address:port that is not Asterisk's.
+    let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut seed = 12345u32;
+    for i in 0..75u16 {
+        let mut p = vec![0x80u8, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4];
+        p[2..4].copy_from_slice(&i.to_be_bytes());
+        p[4..8].copy_from_slice(&(u32::from(i) * 160).to_be_bytes());
+        for _ in 0..160 {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let v = ((seed >> 16) as i16) / 2;
+            p.push(sidecall::audio::g711::encode_ulaw(&[v])[0]);
+        }
+        stranger.send_to(&p, target).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recs = sc.records_of(&caller);
+    assert!(
+        recs.iter()
+            .all(|r| r["type"] != "speech_start" && r["type"] != "barge_in"),
+        "the stranger's noise was heard: {recs:#?}"
+    );
+    assert!(!log.lock().unwrap().ended);
+    emu.caller_hangup(&caller);
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}

@@ -158,6 +158,8 @@ struct State {
     events_frozen: bool,
     /// Events connections accepted so far.
     events_connections: u32,
+    /// Where externalMedia (AudioSocket, RTP) was asked to send media.
+    media_targets: Vec<std::net::SocketAddr>,
     malformed_on_connect: bool,
 }
 
@@ -255,6 +257,11 @@ impl Emulator {
 
     pub fn thaw_events(&self) {
         self.state.lock().unwrap().events_frozen = false;
+    }
+
+    /// Where sidecall asked AudioSocket/RTP media to go (its listener or RTP socket).
+    pub fn media_targets(&self) -> Vec<std::net::SocketAddr> {
+        self.state.lock().unwrap().media_targets.clone()
     }
 
     /// Events connections accepted so far.
@@ -738,6 +745,7 @@ impl Emulator {
         let Ok(addr) = host.parse::<std::net::SocketAddr>() else {
             return (400, Some(json!({"message": "bad external_host"})));
         };
+        self.state.lock().unwrap().media_targets.push(addr);
         let id = {
             let mut st = self.state.lock().unwrap();
             st.next_id += 1;

@@ -82,7 +82,7 @@ pub struct OpenAiAsr {
     language: String,
     timeout: Duration,
     retries: u32,
-    api_key: Option<String>,
+    api_key: Option<crate::config::Secret>,
     slots: Arc<tokio::sync::Semaphore>,
     load: Arc<EngineLoad>,
 }
@@ -126,7 +126,7 @@ impl OpenAiAsr {
         }
         let mut req = self.client.post(&self.url).multipart(form).timeout(budget);
         if let Some(k) = &self.api_key {
-            req = req.bearer_auth(k);
+            req = req.bearer_auth(k.expose());
         }
         let ms = budget.as_millis() as u64;
         let resp = req.send().await.map_err(|e| {

@@ -19,7 +19,7 @@ pub struct OpenAiTts {
     voice: String,
     format: String,
     timeout: Duration,
-    api_key: Option<String>,
+    api_key: Option<crate::config::Secret>,
 }
 
 impl OpenAiTts {
@@ -118,7 +118,7 @@ impl Tts for OpenAiTts {
         });
         let mut req = self.client.post(&self.url).json(&body);
         if let Some(k) = &self.api_key {
-            req = req.bearer_auth(k);
+            req = req.bearer_auth(k.expose());
         }
         let ms = self.timeout.as_millis() as u64;
         let resp = tokio::time::timeout(self.timeout, req.send())

@@ -49,6 +49,10 @@ pub fn object_id(prefix: &str) -> String {
 pub enum AsteriskError {
     #[error("asterisk.password: set the password in the environment variable {0}")]
     NoPassword(String),
+    #[error(
+        "asterisk.websocket_client_username is set: put the section's password in the environment variable {0}"
+    )]
+    NoMediaPassword(String),
     #[error("cannot listen on {addr}: {error}")]
     Listen { addr: String, error: std::io::Error },
 }
@@ -135,7 +139,7 @@ pub async fn run(
         crate::engines::http_client(),
         &a.url,
         &a.username,
-        &password,
+        password.expose(),
         Duration::from_millis(a.request_timeout_ms),
     );
     let pending: Pending = Arc::default();
@@ -150,6 +154,7 @@ pub async fn run(
         tokio::spawn(audiosocket::accept(
             listener,
             audiosockets.clone(),
+            listener_gate(&cfg),
             stop.clone(),
         ));
     }
@@ -160,9 +165,23 @@ pub async fn run(
                 addr: a.websocket_listen.clone(),
                 error,
             })?;
+        let auth = match (
+            a.websocket_client_username.is_empty(),
+            &a.websocket_client_password,
+        ) {
+            (true, _) => None,
+            (false, Some(p)) => Some(basic_auth(&a.websocket_client_username, p.expose())),
+            (false, None) => {
+                return Err(AsteriskError::NoMediaPassword(
+                    a.websocket_client_password_env.clone(),
+                ));
+            }
+        };
         tokio::spawn(accept_media_clients(
             listener,
             pending.clone(),
+            listener_gate(&cfg),
+            auth,
             stop.clone(),
         ));
     }
@@ -759,9 +778,38 @@ async fn connect_rtp(
     Ok(Box::new(link))
 }
 
-/// Accepts chan_websocket client-mode connections and hands each to the call waiting for it,
-/// matched by MEDIA_START's channel_id (sidecall names the media channel).
-async fn accept_media_clients(listener: TcpListener, pending: Pending, stop: CancellationToken) {
+/// The door of the listeners Asterisk connects to: room for every call's handshake and some
+/// more, two seconds each (Asterisk connects and speaks at once).
+fn listener_gate(cfg: &Config) -> crate::net::Gate {
+    crate::net::Gate::new(
+        cfg.asterisk.max_calls.saturating_add(16),
+        Duration::from_secs(2),
+    )
+}
+
+/// The `Authorization` value Asterisk sends for a websocket_client.conf section with a
+/// username and password.
+fn basic_auth(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+/// Accepts chan_websocket client-mode connections and hands each to the call waiting for it.
+/// Only connections that are expected get through: within the gate's handshake time they must
+/// pass HTTP Basic auth (when `auth` is set, as websocket_client.conf sends it) and name in
+/// MEDIA_START a media channel of a pending call (its id is 128 random bits from the CSPRNG,
+/// compared in constant time). Anything else is closed at once with a log line.
+async fn accept_media_clients(
+    listener: TcpListener,
+    pending: Pending,
+    gate: crate::net::Gate,
+    auth: Option<String>,
+    stop: CancellationToken,
+) {
+    let auth = auth.map(Arc::new);
     loop {
         let (sock, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -774,11 +822,34 @@ async fn accept_media_clients(listener: TcpListener, pending: Pending, stop: Can
                 }
             },
         };
+        let Some(permit) = gate.enter() else {
+            tracing::warn!(%peer, "too many media connections in their handshake; closing this one");
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
         let pending = pending.clone();
+        let auth = auth.clone();
+        let handshake = gate.handshake;
         tokio::spawn(async move {
+            let _permit = permit;
             // tungstenite fixes the callback's error type (an HTTP response); it is not ours to shrink.
             #[allow(clippy::result_large_err)]
             let callback = |req: &Request, mut resp: Response| {
+                if let Some(want) = auth.as_deref() {
+                    let given = req
+                        .headers()
+                        .get("Authorization")
+                        .map(|v| v.as_bytes())
+                        .unwrap_or_default();
+                    if !crate::net::credential_eq(given, want.as_bytes()) {
+                        let mut no = tokio_tungstenite::tungstenite::http::Response::new(Some(
+                            "authentication required".to_string(),
+                        ));
+                        *no.status_mut() =
+                            tokio_tungstenite::tungstenite::http::StatusCode::UNAUTHORIZED;
+                        return Err(no);
+                    }
+                }
                 // Echo the `media` subprotocol; never answer with extensions (Asterisk aborts).
                 let wants_media = req
                     .headers()
@@ -791,41 +862,41 @@ async fn accept_media_clients(listener: TcpListener, pending: Pending, stop: Can
                 }
                 Ok(resp)
             };
+            let deadline = tokio::time::Instant::now() + handshake;
             let accept = tokio_tungstenite::accept_hdr_async_with_config(
                 sock,
                 callback,
                 Some(chan_ws::ws_config()),
             );
-            let mut ws = match tokio::time::timeout(Duration::from_secs(5), accept).await {
+            let mut ws = match tokio::time::timeout_at(deadline, accept).await {
                 Ok(Ok(ws)) => ws,
                 Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %e, "media client handshake failed");
+                    tracing::warn!(%peer, error = %e, "media connection refused in its handshake");
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(%peer, "media client handshake timed out");
+                    tracing::warn!(%peer, "media connection handshake timed out; closing");
                     return;
                 }
             };
-            let (start, fmt) = match chan_ws::read_media_start(&mut ws, Duration::from_secs(5))
-                .await
-            {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (start, fmt) = match chan_ws::read_media_start(&mut ws, left).await {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(%peer, error = %e, "media client without a valid MEDIA_START");
+                    tracing::warn!(%peer, error = %e, "media connection without a valid MEDIA_START; closing");
                     return;
                 }
             };
             let waiter = pending
                 .lock()
                 .ok()
-                .and_then(|mut p| p.remove(&start.channel_id));
+                .and_then(|mut p| crate::net::claim(&mut p, &start.channel_id));
             match waiter {
                 Some(tx) => {
                     let _ = tx.send(ClientConn { ws, start, fmt });
                 }
                 None => {
-                    tracing::warn!(%peer, channel_id = %start.channel_id, "media connection for no known call; closing")
+                    tracing::warn!(%peer, "media connection for no call of ours (unknown channel id); closing")
                 }
             }
         });

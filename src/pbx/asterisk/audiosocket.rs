@@ -14,6 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::net::Gate;
+
 use crate::pbx::codec::{Transcoder, WireFormat};
 use crate::pbx::events::{CallEvents, DtmfSource};
 use crate::pbx::paced::{self, FrameWriter};
@@ -99,8 +101,11 @@ pub fn new_uuid() -> String {
 /// Calls waiting for their AudioSocket connection, by UUID.
 pub type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<TcpStream>>>>;
 
-/// Accepts AudioSocket connections and hands each to the call whose UUID it names.
-pub async fn accept(listener: TcpListener, waiting: Waiting, stop: CancellationToken) {
+/// Accepts AudioSocket connections and hands each to the call whose UUID it names. The UUID is
+/// the per-call credential (from the CSPRNG, compared in constant time); a connection that does
+/// not present a pending one within the gate's handshake time is closed with a log line, and
+/// connections beyond the gate's cap are closed at once.
+pub async fn accept(listener: TcpListener, waiting: Waiting, gate: Gate, stop: CancellationToken) {
     loop {
         let (mut sock, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -113,13 +118,24 @@ pub async fn accept(listener: TcpListener, waiting: Waiting, stop: CancellationT
                 }
             },
         };
+        let Some(permit) = gate.enter() else {
+            tracing::warn!(%peer, "too many AudioSocket connections in their handshake; closing this one");
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
         let waiting = waiting.clone();
+        let handshake = gate.handshake;
         tokio::spawn(async move {
-            let first = tokio::time::timeout(Duration::from_secs(5), read_packet(&mut sock)).await;
+            let _permit = permit;
+            let first = tokio::time::timeout(handshake, read_packet(&mut sock)).await;
             let uuid = match first {
                 Ok(Ok(Some((KIND_UUID, p)))) if p.len() == 16 => uuid_string(&p),
                 Ok(Ok(Some((kind, p)))) => {
                     tracing::warn!(%peer, kind, len = p.len(), "AudioSocket connection did not start with a UUID; closing");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "AudioSocket connection sent no UUID in time; closing");
                     return;
                 }
                 _ => {
@@ -127,12 +143,16 @@ pub async fn accept(listener: TcpListener, waiting: Waiting, stop: CancellationT
                     return;
                 }
             };
-            match waiting.lock().ok().and_then(|mut w| w.remove(&uuid)) {
+            match waiting
+                .lock()
+                .ok()
+                .and_then(|mut w| crate::net::claim(&mut w, &uuid))
+            {
                 Some(tx) => {
                     let _ = tx.send(sock);
                 }
                 None => {
-                    tracing::warn!(%peer, %uuid, "AudioSocket connection for no known call; closing")
+                    tracing::warn!(%peer, "AudioSocket connection for no call of ours (unknown UUID); closing")
                 }
             }
         });

@@ -121,6 +121,16 @@ pub fn start(
     Ok(link)
 }
 
+/// The SSRC of an RTP packet (the caller of `parse` has checked it is RTP).
+fn ssrc(datagram: &[u8]) -> Option<u32> {
+    let b = datagram.get(8..12)?;
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Packets in a row with a new SSRC, from Asterisk's own address and port, after which the new
+/// source is taken (Asterisk changes SSRC when the media source changes).
+const SSRC_CHANGE_AFTER: u32 = 25;
+
 async fn read_loop(
     sock: Arc<UdpSocket>,
     remote: SocketAddr,
@@ -130,6 +140,8 @@ async fn read_loop(
 ) {
     let mut buf = vec![0u8; 2048];
     let mut strays = 0u64;
+    let mut source: Option<u32> = None;
+    let mut other_source = 0u32;
     loop {
         let (n, from) = tokio::select! {
             r = sock.recv_from(&mut buf) => match r {
@@ -143,19 +155,44 @@ async fn read_loop(
             // The call is over when its event queue is closed: the socket goes with this task.
             _ = events.closed() => return,
         };
-        if from.ip() != remote.ip() {
+        // Only Asterisk's RTP address and port (where it told sidecall to send, and where it
+        // sends from) are heard; anything else is a stranger.
+        if from != remote {
             strays += 1;
             if strays % 100 == 1 {
-                tracing::warn!(%from, "RTP from an unexpected address ignored");
+                tracing::warn!(%from, expected = %remote, "RTP from an unexpected address ignored");
             }
             continue;
         }
         match parse(&buf[..n]) {
-            Some((p, payload)) if p == pt => match tc.inbound(payload) {
-                Ok(s) if !s.is_empty() => events.audio(s),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "decoding RTP audio"),
-            },
+            Some((p, payload)) if p == pt => {
+                let id = ssrc(&buf[..n]);
+                match (source, id) {
+                    (None, Some(id)) => source = Some(id),
+                    (Some(s), Some(id)) if s != id => {
+                        other_source += 1;
+                        if other_source < SSRC_CHANGE_AFTER {
+                            if other_source == 1 {
+                                tracing::warn!(
+                                    ssrc = id,
+                                    learned = s,
+                                    "RTP with another SSRC ignored"
+                                );
+                            }
+                            continue;
+                        }
+                        tracing::info!(ssrc = id, "RTP source changed; following it");
+                        source = Some(id);
+                    }
+                    _ => {}
+                }
+                other_source = 0;
+                match tc.inbound(payload) {
+                    Ok(s) if !s.is_empty() => events.audio(s),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "decoding RTP audio"),
+                }
+            }
             Some((p, _)) => tracing::debug!(pt = p, "RTP payload type not ours ignored"),
             None => tracing::debug!(len = n, "datagram that is not RTP ignored"),
         }
