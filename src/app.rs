@@ -53,7 +53,11 @@ impl Engines {
             "openai" => Arc::new(OpenAiTts::new(&cfg.tts, client.clone())),
             _ => Arc::new(Espeak::new(&cfg.tts)),
         };
-        let cache = Arc::new(CachedTts::new(base, cfg.tts.cache_entries));
+        let cache = Arc::new(CachedTts::new(
+            base,
+            cfg.tts.cache_entries,
+            cfg.tts.cache_mb.saturating_mul(1 << 20),
+        ));
         Engines {
             asr,
             tts: cache.clone(),

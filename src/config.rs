@@ -206,6 +206,8 @@ pub struct TtsConfig {
     pub timeout_ms: u64,
     /// Synthesized prompts kept in memory.
     pub cache_entries: usize,
+    /// Most synthesized audio kept in memory, in MiB (0 turns the cache off).
+    pub cache_mb: u64,
     pub api_key_env: String,
     #[serde(skip)]
     pub api_key: Option<Secret>,
@@ -224,6 +226,7 @@ impl Default for TtsConfig {
             response_format: "pcm".into(),
             timeout_ms: 10_000,
             cache_entries: 128,
+            cache_mb: 32,
             api_key_env: "SIDECALL_TTS_API_KEY".into(),
             api_key: None,
         }
@@ -787,6 +790,7 @@ impl Config {
                 0,
                 100_000,
             ),
+            ("tts.cache_mb", self.tts.cache_mb, 0, 4_096),
             ("dialog.timeout_ms", self.dialog.timeout_ms, 100, 120_000),
             ("asterisk.max_calls", to_u64(a.max_calls), 1, 100_000),
             ("asterisk.shutdown_grace_s", a.shutdown_grace_s, 0, 3_600),

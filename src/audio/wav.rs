@@ -124,44 +124,44 @@ fn resample_any(samples: &[i16], from: u32, to: u32) -> Result<Vec<i16>, AudioEr
         .collect())
 }
 
+fn mono16(rate: u32) -> hound::WavSpec {
+    hound::WavSpec {
+        channels: 1,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    }
+}
+
+fn write_all<W: std::io::Write + std::io::Seek>(
+    w: W,
+    rate: u32,
+    samples: &[i16],
+) -> Result<(), hound::Error> {
+    let mut w = hound::WavWriter::new(w, mono16(rate))?;
+    let mut s16 = w.get_i16_writer(u32::try_from(samples.len()).unwrap_or(u32::MAX));
+    for &s in samples {
+        s16.write_sample(s);
+    }
+    s16.flush()?;
+    w.finalize()
+}
+
 /// Writes mono 16-bit samples to a WAV file.
 pub fn write_file(path: &Path, rate: u32, samples: &[i16]) -> Result<(), AudioError> {
     let err = |e: hound::Error| AudioError::Wav {
         path: path.display().to_string(),
         message: e.to_string(),
     };
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut w = hound::WavWriter::create(path, spec).map_err(err)?;
-    for &s in samples {
-        w.write_sample(s).map_err(err)?;
-    }
-    w.finalize().map_err(err)
+    let f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| err(e.into()))?);
+    write_all(f, rate, samples).map_err(err)
 }
 
 /// Encodes mono 16-bit samples as WAV bytes (for multipart uploads).
-pub fn to_bytes(rate: u32, samples: &[i16]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(44 + samples.len() * 2);
-    out.extend_from_slice(b"RIFF");
-    out.extend_from_slice(&(36 + samples.len() as u32 * 2).to_le_bytes());
-    out.extend_from_slice(b"WAVEfmt ");
-    out.extend_from_slice(&16u32.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes());
-    out.extend_from_slice(&rate.to_le_bytes());
-    out.extend_from_slice(&(rate * 2).to_le_bytes());
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&16u16.to_le_bytes());
-    out.extend_from_slice(b"data");
-    out.extend_from_slice(&(samples.len() as u32 * 2).to_le_bytes());
-    for s in samples {
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out
+pub fn to_bytes(rate: u32, samples: &[i16]) -> Result<Vec<u8>, AudioError> {
+    let mut out = std::io::Cursor::new(Vec::with_capacity(44 + samples.len() * 2));
+    write_all(&mut out, rate, samples).map_err(|e| AudioError::WavData(e.to_string()))?;
+    Ok(out.into_inner())
 }
 
 #[cfg(test)]
@@ -208,7 +208,7 @@ mod tests {
 
     #[test]
     fn bytes_round_trip_and_bad_input() {
-        let bytes = to_bytes(8_000, &[1, -2, 3]);
+        let bytes = to_bytes(8_000, &[1, -2, 3]).unwrap();
         let clip = read_bytes(&bytes).unwrap();
         assert_eq!(
             clip,
@@ -302,7 +302,7 @@ mod stream_tests {
 
     #[test]
     fn streamed_header_with_placeholder_sizes() {
-        let mut b = to_bytes(22_050, &[5, 6]);
+        let mut b = to_bytes(22_050, &[5, 6]).unwrap();
         b[4..8].copy_from_slice(&0x7fff_f024u32.to_le_bytes());
         b[40..44].copy_from_slice(&0x7fff_f000u32.to_le_bytes());
         let h = stream_header(&b).unwrap().unwrap();

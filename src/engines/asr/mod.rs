@@ -178,7 +178,7 @@ impl Asr for OpenAiAsr {
         rate: u32,
         hint: Option<&str>,
     ) -> Result<Transcript, AsrError> {
-        let bytes = wav::to_bytes(rate, audio);
+        let bytes = wav::to_bytes(rate, audio).map_err(|e| AsrError::BadResponse(e.to_string()))?;
         let started = Instant::now();
         let deadline = started + self.timeout;
         let budget_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);

@@ -223,9 +223,27 @@ pub fn yes_no(text: &str) -> Option<(YesNo, f32)> {
 /// an amount a caller means, and the arithmetic below stays far from overflow.
 pub const MAX_CENTS: u64 = 100_000_000_000_000;
 
+/// What `number_from` found at a position.
+enum Num {
+    /// No number starts here.
+    None,
+    /// A number too large for an amount (its tail must not be read as a smaller one).
+    TooLarge,
+    /// Cents and the tokens used.
+    Cents(u64, usize),
+}
+
 /// Parses a spelled-out or numeric whole number ("one hundred twenty", "1,250", "twelve") into
-/// cents. Every step is checked: "one hundred hundred hundred ..." or "infinity" is no number.
-fn number_from(toks: &[String]) -> Option<(u64, usize)> {
+/// cents. Every step is checked: "one hundred hundred hundred ..." or "1e300" is too large.
+fn number_from(toks: &[String]) -> Num {
+    match number_inner(toks) {
+        Ok(Some((c, u))) => Num::Cents(c, u),
+        Ok(None) => Num::None,
+        Err(()) => Num::TooLarge,
+    }
+}
+
+fn number_inner(toks: &[String]) -> Result<Option<(u64, usize)>, ()> {
     if let Some(t) = toks.first() {
         let clean: String = t
             .trim_start_matches('$')
@@ -238,12 +256,18 @@ fn number_from(toks: &[String]) -> Option<(u64, usize)> {
             && clean.matches('.').count() <= 1
             && clean.chars().any(|c| c.is_ascii_digit());
         if numeric {
-            let v = clean.parse::<f64>().ok()?;
+            let v = clean.parse::<f64>().map_err(|_| ())?;
             let cents = (v * 100.0).round();
             if !(0.0..=MAX_CENTS as f64).contains(&cents) {
-                return None;
+                return Err(());
             }
-            return Some((cents as u64, 1));
+            return Ok(Some((cents as u64, 1)));
+        }
+        if matches!(
+            clean.to_ascii_lowercase().as_str(),
+            "inf" | "infinity" | "nan"
+        ) {
+            return Err(());
         }
     }
     let mut total = 0u64;
@@ -251,18 +275,20 @@ fn number_from(toks: &[String]) -> Option<(u64, usize)> {
     let mut used = 0;
     for t in toks {
         if let Some(u) = unit_word(t).filter(|_| t != "o" && t != "oh") {
-            current = current.checked_add(u64::from(u))?;
+            current = current.checked_add(u64::from(u)).ok_or(())?;
         } else if let Some(n) = teen_word(t).or_else(|| tens_word(t)) {
-            current = current.checked_add(u64::from(n))?;
+            current = current.checked_add(u64::from(n)).ok_or(())?;
         } else if t == "hundred" {
-            current = current.max(1).checked_mul(100)?;
+            current = current.max(1).checked_mul(100).ok_or(())?;
         } else if t == "thousand" || t == "million" || t == "billion" {
             let scale = match t.as_str() {
                 "thousand" => 1_000,
                 "million" => 1_000_000,
                 _ => 1_000_000_000,
             };
-            total = total.checked_add(current.max(1).checked_mul(scale)?)?;
+            total = total
+                .checked_add(current.max(1).checked_mul(scale).ok_or(())?)
+                .ok_or(())?;
             current = 0;
         } else if t == "and" && used > 0 {
         } else {
@@ -271,36 +297,44 @@ fn number_from(toks: &[String]) -> Option<(u64, usize)> {
         used += 1;
     }
     if used == 0 {
-        return None;
+        return Ok(None);
     }
-    let cents = total.checked_add(current)?.checked_mul(100)?;
-    (cents <= MAX_CENTS).then_some((cents, used))
+    let cents = total
+        .checked_add(current)
+        .and_then(|v| v.checked_mul(100))
+        .filter(|c| *c <= MAX_CENTS)
+        .ok_or(())?;
+    Ok(Some((cents, used)))
 }
 
 /// An amount of money in cents: "$120.50", "120 dollars and 50 cents", "one hundred twenty dollars".
 pub fn amount_cents(text: &str) -> Option<u64> {
     let toks = tokens(text);
     for i in 0..toks.len() {
-        if let Some((cents, used)) = number_from(&toks[i..]) {
-            let mut value = cents;
-            let rest = &toks[i + used..];
-            let mut j = 0;
-            if rest
-                .first()
-                .is_some_and(|w| w.starts_with("dollar") || w.starts_with("buck"))
-            {
-                j = 1;
-            }
-            if rest.get(j).is_some_and(|w| w == "and") {
-                j += 1;
-            }
-            if let Some((c, u)) = number_from(&rest[j..]) {
-                if rest.get(j + u).is_some_and(|w| w.starts_with("cent")) && c < 10_000 {
-                    value = value.checked_add(c / 100)?;
-                }
-            }
-            return (value <= MAX_CENTS).then_some(value);
+        let (cents, used) = match number_from(&toks[i..]) {
+            Num::None => continue,
+            // "one hundred hundred hundred ..." is no amount, not its last few words.
+            Num::TooLarge => return None,
+            Num::Cents(c, u) => (c, u),
+        };
+        let mut value = cents;
+        let rest = &toks[i + used..];
+        let mut j = 0;
+        if rest
+            .first()
+            .is_some_and(|w| w.starts_with("dollar") || w.starts_with("buck"))
+        {
+            j = 1;
         }
+        if rest.get(j).is_some_and(|w| w == "and") {
+            j += 1;
+        }
+        if let Num::Cents(c, u) = number_from(&rest[j..]) {
+            if rest.get(j + u).is_some_and(|w| w.starts_with("cent")) && c < 10_000 {
+                value = value.checked_add(c / 100)?;
+            }
+        }
+        return (value <= MAX_CENTS).then_some(value);
     }
     None
 }

@@ -1,8 +1,8 @@
-//! A small in-memory cache of synthesized prompts (least recently used out), so fixed prompts
-//! such as the greeting start playing at once.
+//! An in-memory cache of synthesized prompts, bounded in bytes (quick_cache, least recently and
+//! frequently used out), so fixed prompts such as the greeting start playing at once. A clip
+//! larger than an eighth of the cache is never kept, and is not even accumulated for keeping.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -10,62 +10,48 @@ use tokio::sync::mpsc;
 use super::{STREAM_DEPTH, Tts, TtsError, TtsStream, ready_stream};
 
 type Key = (String, u32);
+type Clip = Arc<Vec<i16>>;
 
-/// Wraps a synthesizer with an LRU cache of whole clips.
+/// A clip weighs its bytes (and its text), at least 1.
+#[derive(Clone)]
+struct Bytes;
+
+impl quick_cache::Weighter<Key, Clip> for Bytes {
+    fn weight(&self, key: &Key, clip: &Clip) -> u64 {
+        let bytes = clip.len().saturating_mul(2).saturating_add(key.0.len());
+        u64::try_from(bytes).unwrap_or(u64::MAX).max(1)
+    }
+}
+
+/// Wraps a synthesizer with a byte-bounded cache of whole clips.
 pub struct CachedTts {
     inner: Arc<dyn Tts>,
-    capacity: usize,
-    state: Arc<Mutex<Lru>>,
-}
-
-#[derive(Default)]
-struct Lru {
-    map: HashMap<Key, Arc<Vec<i16>>>,
-    order: VecDeque<Key>,
-    hits: u64,
-    misses: u64,
-}
-
-impl Lru {
-    fn get(&mut self, k: &Key) -> Option<Arc<Vec<i16>>> {
-        let v = self.map.get(k).cloned()?;
-        if let Some(pos) = self.order.iter().position(|x| x == k) {
-            self.order.remove(pos);
-        }
-        self.order.push_back(k.clone());
-        Some(v)
-    }
-
-    fn put(&mut self, k: Key, v: Arc<Vec<i16>>, cap: usize) {
-        if cap == 0 {
-            return;
-        }
-        if self.map.insert(k.clone(), v).is_none() {
-            self.order.push_back(k);
-        }
-        while self.order.len() > cap {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
-            }
-        }
-    }
+    cache: Option<Arc<quick_cache::sync::Cache<Key, Clip, Bytes>>>,
+    /// Samples of the largest clip that is kept.
+    max_clip: usize,
+    stats: Arc<std::sync::Mutex<(u64, u64)>>,
 }
 
 impl CachedTts {
-    pub fn new(inner: Arc<dyn Tts>, capacity: usize) -> Self {
+    /// `entries`: about how many prompts; `max_bytes`: the most audio kept (0 turns it off).
+    pub fn new(inner: Arc<dyn Tts>, entries: usize, max_bytes: u64) -> Self {
+        let cache = (entries > 0 && max_bytes > 0).then(|| {
+            Arc::new(quick_cache::sync::Cache::with_weighter(
+                entries, max_bytes, Bytes,
+            ))
+        });
         Self {
             inner,
-            capacity,
-            state: Arc::new(Mutex::new(Lru::default())),
+            cache,
+            // An eighth of the budget, in samples of two bytes.
+            max_clip: usize::try_from(max_bytes / 16).unwrap_or(usize::MAX),
+            stats: Arc::default(),
         }
     }
 
     /// (hits, misses) so far.
     pub fn stats(&self) -> (u64, u64) {
-        self.state
-            .lock()
-            .map(|s| (s.hits, s.misses))
-            .unwrap_or((0, 0))
+        self.stats.lock().map(|s| *s).unwrap_or((0, 0))
     }
 
     /// Synthesizes `text` now so it is cached before a call needs it.
@@ -76,41 +62,54 @@ impl CachedTts {
         }
         Ok(())
     }
+
+    fn count(&self, hit: bool) {
+        if let Ok(mut s) = self.stats.lock() {
+            if hit {
+                s.0 += 1;
+            } else {
+                s.1 += 1;
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl Tts for CachedTts {
     async fn synthesize(&self, text: &str, rate: u32) -> Result<TtsStream, TtsError> {
+        let Some(cache) = self.cache.clone() else {
+            return self.inner.synthesize(text, rate).await;
+        };
         let key = (text.to_string(), rate);
-        if let Ok(mut s) = self.state.lock() {
-            if let Some(clip) = s.get(&key) {
-                s.hits += 1;
-                return Ok(ready_stream(clip.as_ref().clone()));
-            }
-            s.misses += 1;
+        if let Some(clip) = cache.get(&key) {
+            self.count(true);
+            return Ok(ready_stream(clip.as_ref().clone()));
         }
+        self.count(false);
         let mut upstream = self.inner.synthesize(text, rate).await?;
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-        let state = self.state.clone();
-        let cap = self.capacity;
+        let max_clip = self.max_clip;
         tokio::spawn(async move {
             let mut whole = Vec::new();
-            let mut ok = true;
+            let mut keep = true;
             while let Some(chunk) = upstream.recv().await {
-                if let Ok(c) = &chunk {
-                    whole.extend_from_slice(c);
-                } else {
-                    ok = false;
+                match &chunk {
+                    Ok(c) if keep && whole.len().saturating_add(c.len()) <= max_clip => {
+                        whole.extend_from_slice(c)
+                    }
+                    // Too long to keep (or failed): pass it on, keep nothing.
+                    _ => {
+                        keep = false;
+                        whole = Vec::new();
+                    }
                 }
                 if tx.send(chunk).await.is_err() {
                     // The listener went away (barge-in): do not cache a partial clip.
                     return;
                 }
             }
-            if ok && !whole.is_empty() {
-                if let Ok(mut s) = state.lock() {
-                    s.put(key, Arc::new(whole), cap);
-                }
+            if keep && !whole.is_empty() {
+                cache.insert(key, Arc::new(whole));
             }
         });
         Ok(rx)
@@ -141,28 +140,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn second_request_is_served_from_cache_and_lru_evicts() {
+    async fn second_request_is_served_from_cache_and_bytes_stay_bounded() {
         let inner = Arc::new(Counting(AtomicUsize::new(0)));
-        let cache = CachedTts::new(inner.clone(), 2);
+        // 400 bytes: a 10-sample clip weighs about 25 and may take up to 1/8 of it.
+        let cache = CachedTts::new(inner.clone(), 4, 400);
         assert_eq!(
             drain(cache.synthesize("hello", 8000).await.unwrap()).await,
             vec![5; 10]
         );
-        tokio::task::yield_now().await;
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         assert_eq!(
             drain(cache.synthesize("hello", 8000).await.unwrap()).await,
             vec![5; 10]
         );
-        assert_eq!(inner.0.load(Ordering::SeqCst), 1);
-        cache.warm("a", 8000).await.unwrap();
-        cache.warm("b", 8000).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        drain(cache.synthesize("hello", 8000).await.unwrap()).await;
         assert_eq!(
             inner.0.load(Ordering::SeqCst),
-            4,
-            "hello was evicted by a and b"
+            1,
+            "the second came from the cache"
         );
+        for i in 0..100 {
+            cache.warm(&format!("prompt {i}"), 8000).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let c = cache.cache.as_ref().unwrap();
+        assert!(c.weight() <= 400, "{} bytes kept", c.weight());
+        assert!(c.len() >= 4, "it still keeps what fits: {}", c.len());
+    }
+
+    #[tokio::test]
+    async fn clips_too_large_for_the_byte_budget_are_not_kept() {
+        let inner = Arc::new(Counting(AtomicUsize::new(0)));
+        // 10 samples are 20 bytes; a clip may take at most 1/8 of the budget.
+        let cache = CachedTts::new(inner.clone(), 8, 100);
+        cache.warm("hi", 8000).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        drain(cache.synthesize("hi", 8000).await.unwrap()).await;
+        assert_eq!(inner.0.load(Ordering::SeqCst), 2, "not cached");
+        let cache = CachedTts::new(inner.clone(), 8, 1_000);
+        cache.warm("hi", 8000).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        drain(cache.synthesize("hi", 8000).await.unwrap()).await;
+        assert_eq!(
+            inner.0.load(Ordering::SeqCst),
+            3,
+            "kept: one more upstream call only"
+        );
+        assert_eq!(cache.stats(), (1, 1));
     }
 }

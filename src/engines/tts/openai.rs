@@ -184,7 +184,7 @@ mod tests {
     #[test]
     fn wav_decoder_handles_split_header() {
         let samples: Vec<i16> = (0..4_800).map(|i| (i % 100) as i16).collect();
-        let bytes = wav::to_bytes(16_000, &samples);
+        let bytes = wav::to_bytes(16_000, &samples).unwrap();
         let mut d = Decoder::new(true, 16_000);
         let mut out = Vec::new();
         for chunk in bytes.chunks(7) {
