@@ -225,16 +225,14 @@ pub async fn simulate(
         script.at.push((*t, read(p)?));
     }
     warm_cache(&cfg, &engines, &flow).await;
-    let (rec_tx, writer) =
-        telemetry::spawn_writer(args.record.as_deref(), args.print).map_err(|source| {
-            AppError::Io {
-                path: args
-                    .record
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                source,
-            }
+    let (rec_tx, writer) = telemetry::spawn_writer(args.record.as_deref(), false, args.print)
+        .map_err(|source| AppError::Io {
+            path: args
+                .record
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            source,
         })?;
     let call_id = format!("sim-{}", std::process::id());
     let recorder = Recorder::to_channel(&call_id, rec_tx);

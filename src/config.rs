@@ -636,6 +636,16 @@ impl Config {
             &["auto", "json", "plain"],
         )?;
         one_of("asterisk.marks", &a.marks, &["auto", "on", "off"])?;
+        if a.media == "rtp" && a.format == "slin16" {
+            // Seen on a real Asterisk (master 27fb039): chan_rtp registers no receive mapping
+            // for the dynamic payload type 118, so the caller hears nothing; Asterisk logs nothing.
+            return Err(bad(
+                "asterisk.format",
+                "slin16 over RTP is not played by Asterisk (chan_rtp drops payload type 118 \
+                 without a word): use \"ulaw\", or AudioSocket/WebSocket for 16 kHz"
+                    .into(),
+            ));
+        }
         let formats: &[&str] = match a.media.as_str() {
             "rtp" => &["ulaw", "slin16"],
             "audiosocket" => &["slin16", "slin"],

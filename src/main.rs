@@ -246,7 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("records_dir {}", dir.display()))?;
                 let (tx, _writer) =
-                    sidecall::telemetry::spawn_writer(Some(&dir.join("calls.jsonl")), false)?;
+                    sidecall::telemetry::spawn_writer(Some(&dir.join("calls.jsonl")), true, false)?;
                 Some(tx)
             };
             let has_pbx = adapter.is_some();

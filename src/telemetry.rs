@@ -114,16 +114,24 @@ pub fn human_line(v: &Value) -> Option<String> {
     Some(format!("[{t:7.2}s] {line}"))
 }
 
-/// Writes records as JSON lines to `path` (if any) and prints the conversation (if asked),
-/// until every sender is gone.
+/// Writes records as JSON lines to `path` (if any; appended to with `append`, else emptied
+/// first) and prints the conversation (if asked), until every sender is gone.
 pub fn spawn_writer(
     path: Option<&Path>,
+    append: bool,
     print: bool,
 ) -> std::io::Result<(
     mpsc::Sender<Value>,
     tokio::task::JoinHandle<std::io::Result<()>>,
 )> {
     let mut file = match path {
+        // Appended to, never emptied: a restart (after a crash, say) keeps earlier calls' records.
+        Some(p) if append => Some(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?,
+        )),
         Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p)?)),
         None => None,
     };
@@ -248,6 +256,20 @@ impl Default for TickStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn serve_records_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calls.jsonl");
+        for n in 0..2 {
+            let (tx, done) = spawn_writer(Some(&path), true, false).unwrap();
+            tx.send(serde_json::json!({"call": n})).await.unwrap();
+            drop(tx);
+            done.await.unwrap().unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "the second start appended: {text}");
+    }
 
     #[test]
     fn histogram_quantiles_and_limit() {

@@ -112,6 +112,55 @@ fn check_names_key_line_and_reason() {
             "case {i} ({line}): {text}"
         );
     }
+    // Keys that exist in two sections, and numbers from outside: the error names the key in
+    // its own section (an `asterisk.url` error pointed at `[asr] url` before).
+    let twice = [
+        (
+            format!(
+                "{b}\n[asr]\nurl = \"http://127.0.0.1:8765/v1\"\n\n[asterisk]\nurl = \"not a url\"\n"
+            ),
+            "asterisk.url",
+            "not an http(s) URL",
+        ),
+        (
+            format!(
+                "{b}\n[asr]\ntimeout_ms = 100\n[call]\nmax_duration_s = 18446744073709551615\n"
+            ),
+            "call.max_duration_s",
+            "outside 10..=86400",
+        ),
+        (
+            format!("{b}\n[asterisk]\nshutdown_grace_s = 99999999999\n"),
+            "asterisk.shutdown_grace_s",
+            "outside 0..=3600",
+        ),
+        (
+            format!("{b}\n[asterisk]\nmedia = \"rtp\"\nformat = \"slin16\"\n"),
+            "asterisk.format",
+            "use \"ulaw\"",
+        ),
+    ];
+    for (i, (toml, key, why)) in twice.iter().enumerate() {
+        let (section, leaf) = key.split_once('.').unwrap();
+        let header = toml
+            .lines()
+            .position(|l| l.trim() == format!("[{section}]"))
+            .unwrap();
+        let n = header
+            + toml
+                .lines()
+                .skip(header)
+                .position(|l| l.trim_start().starts_with(leaf))
+                .unwrap()
+            + 1;
+        let path = write(d, &format!("t{i}.toml"), toml);
+        let (ok, text) = sidecall(&["check", "--config", &path]);
+        assert!(!ok, "case {i} passed:\n{toml}");
+        assert!(
+            text.contains(key) && text.contains(&format!(":{n}: ")) && text.contains(why),
+            "case {i} (line {n}): {text}"
+        );
+    }
     let (ok, text) = sidecall(&[
         "check",
         "--config",

@@ -6,6 +6,34 @@ use async_trait::async_trait;
 
 use crate::config::TransferTarget;
 
+/// Where a transfer sends the caller, in the call engine's own words; each adapter maps it to its
+/// PBX (Asterisk: `continue` into the dialplan or `redirect` to an endpoint; FreeSWITCH:
+/// `uuid_transfer` to an extension in a dialplan and context, or a dial string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Back into the PBX's dialplan.
+    Dialplan {
+        context: String,
+        extension: String,
+        priority: Option<u32>,
+    },
+    /// Straight to an endpoint or dial string (`PJSIP/2000`, `sofia/gateway/gw/2000`).
+    Endpoint(String),
+}
+
+impl From<&TransferTarget> for Target {
+    fn from(t: &TransferTarget) -> Self {
+        match (&t.endpoint, &t.context) {
+            (Some(ep), _) => Target::Endpoint(ep.clone()),
+            (None, ctx) => Target::Dialplan {
+                context: ctx.clone().unwrap_or_default(),
+                extension: t.extension.clone().unwrap_or_else(|| "s".into()),
+                priority: t.priority,
+            },
+        }
+    }
+}
+
 /// What the PBX side tells a call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MediaEvent {
@@ -58,7 +86,14 @@ pub enum ControlError {
 pub trait CallControl: Send + Sync {
     async fn answer(&self) -> Result<(), ControlError>;
     async fn send_dtmf(&self, digits: &str) -> Result<(), ControlError>;
-    /// Transfers to an allow-listed target (already checked by the engine).
-    async fn transfer(&self, name: &str, target: &TransferTarget) -> Result<(), ControlError>;
+    /// Transfers to an allow-listed target (already checked by the engine); `name` is its
+    /// `[transfers]` entry, for logs.
+    async fn transfer(&self, name: &str, target: &Target) -> Result<(), ControlError>;
     async fn hangup(&self, reason: &str) -> Result<(), ControlError>;
+    /// Barge-in: stop whatever the PBX itself is playing to the caller (FreeSWITCH plays files,
+    /// stopped with `uuid_break`). Media links that queue audio are flushed through
+    /// `MediaLink::flush`; for them this does nothing.
+    async fn stop_playback(&self) -> Result<(), ControlError> {
+        Ok(())
+    }
 }

@@ -339,6 +339,21 @@ impl Session {
         }
     }
 
+    /// Drops what the PBX still has to play: the media link's queue, and whatever the PBX plays
+    /// itself (through the control plane, without holding up this tick).
+    fn flush_playback(&mut self) {
+        if let Err(e) = self.link.flush() {
+            tracing::debug!(error = %e, "flush after barge-in");
+        }
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = tokio::time::timeout(CONTROL_TIMEOUT, control.stop_playback()).await
+            {
+                tracing::debug!(error = %e, "stopping PBX playback after barge-in");
+            }
+        });
+    }
+
     /// The caller interrupted: stop in this tick, flush the PBX, cancel synthesis, tell the dialog
     /// what was heard.
     fn barge_in(&mut self, by: &str) {
@@ -346,9 +361,7 @@ impl Session {
             return;
         };
         let heard = reply.playout.stop();
-        if let Err(e) = self.link.flush() {
-            tracing::debug!(error = %e, "flush after barge-in");
-        }
+        self.flush_playback();
         for t in reply.tasks.drain(..) {
             t.abort();
         }
@@ -441,7 +454,8 @@ impl Session {
         let rec = self.rec.clone();
         let start = self.start;
         self.end_task(async move {
-            match tokio::time::timeout(CONTROL_TIMEOUT, control.transfer(&target, &t)).await {
+            let to = crate::call::link::Target::from(&t);
+            match tokio::time::timeout(CONTROL_TIMEOUT, control.transfer(&target, &to)).await {
                 Ok(Ok(())) => true,
                 Ok(Err(e)) => {
                     rec.emit(
@@ -589,7 +603,7 @@ impl Session {
         if Some(d) == human && self.digits.is_empty() && !self.ending {
             if let Some(mut r) = self.reply.take() {
                 r.playout.stop();
-                let _ = self.link.flush();
+                self.flush_playback();
                 for t in r.tasks.drain(..) {
                     t.abort();
                 }

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
+use crate::call::link::Target;
 use crate::call::{CallControl, ControlError, MediaEvent};
-use crate::config::TransferTarget;
 use crate::pbx::queue_link::{LinkCmd, QueueLink, queue_link};
 
 /// Agent frames the simulated PBX queues at most (chan_websocket's limit).
@@ -88,7 +88,7 @@ impl CallControl for SimControl {
             .await
             .map_err(|_| ControlError::NotFound)
     }
-    async fn transfer(&self, name: &str, _t: &TransferTarget) -> Result<(), ControlError> {
+    async fn transfer(&self, name: &str, _t: &Target) -> Result<(), ControlError> {
         self.tx
             .send(Ctl::Transfer(name.into()))
             .await

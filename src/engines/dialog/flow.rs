@@ -680,7 +680,11 @@ impl ScriptedDialog {
             let confirm = c
                 .and_then(|c| c.confirm_prompt.clone())
                 .unwrap_or_else(|| "Did you say {value}?".into());
-            text.push_str(&self.render(&confirm.replace("{value}", value)));
+            // Read back the way the first confirmation was (digits one by one, not "55421").
+            let shown = c
+                .map(|c| Self::shown(c, value))
+                .unwrap_or_else(|| value.clone());
+            text.push_str(&self.render(&confirm.replace("{value}", &shown)));
             text.push_str(" Please say yes or no.");
         } else {
             text.push_str(&self.render(&base));
@@ -694,6 +698,18 @@ impl ScriptedDialog {
             }
         }
         self.listen(prompt::segments(&text), st.barge_in)
+    }
+
+    /// A collected value as it is read back: digits one by one, amounts in words.
+    fn shown(c: &Collect, value: &str) -> String {
+        match c.entity.as_str() {
+            "digits" => entities::spell_digits(value),
+            "amount" => value
+                .parse()
+                .map(entities::say_amount)
+                .unwrap_or_else(|_| value.to_string()),
+            _ => value.to_string(),
+        }
     }
 
     fn extract(c: &Collect, input: &Input) -> Option<String> {
@@ -817,16 +833,7 @@ impl Dialog for ScriptedDialog {
         if let Some(c) = &st.collect {
             if let Some(value) = Self::extract(c, &input) {
                 if c.confirm {
-                    let shown = if c.entity == "digits" {
-                        entities::spell_digits(&value)
-                    } else if c.entity == "amount" {
-                        value
-                            .parse()
-                            .map(entities::say_amount)
-                            .unwrap_or(value.clone())
-                    } else {
-                        value.clone()
-                    };
+                    let shown = Self::shown(c, &value);
                     let template = c
                         .confirm_prompt
                         .clone()
@@ -982,6 +989,21 @@ mod tests {
             Next::Hangup {
                 reason: "normal".into()
             }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_asked_again_reads_digits_the_same_way() {
+        let mut d = dialog("order_status");
+        d.start().await.unwrap();
+        let t = say(&mut d, "five five four two one").await;
+        assert_eq!(text(&t), "Did you say order 5, 5, 4, 2, 1?");
+        // No answer: the reprompt reads the number back one digit at a time again, not "55421".
+        let t = d.input(Input::NoInput).await.unwrap();
+        assert!(
+            text(&t).contains("Did you say order 5, 5, 4, 2, 1? Please say yes or no."),
+            "{}",
+            text(&t)
         );
     }
 

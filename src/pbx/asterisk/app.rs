@@ -20,8 +20,9 @@ use super::ari::{AriClient, AriError, Event, ExternalMedia, mark_support, suppor
 use super::ari_events::{self, EventMsg};
 use super::chan_ws::{self, ControlFormat, MarkSupport, MediaStart};
 use super::{audiosocket, rtp};
+use crate::call::link::Target;
 use crate::call::{CallControl, CallSetup, ControlError, MediaLink, run_call};
-use crate::config::{Config, TransferTarget};
+use crate::config::Config;
 use crate::pbx::events::{CallEvents, DtmfSource};
 use crate::pbx::supervisor::{Slot, Supervisor};
 use crate::pbx::{CallArgs, PartsFactory};
@@ -348,7 +349,7 @@ fn start_call(
 async fn to_overflow(cfg: &Config, ari: &AriClient, caller: &str, why: &str) {
     tracing::warn!(%caller, why, target = %cfg.asterisk.overflow_target, "sending caller to the overflow target");
     let sent = match cfg.transfers.get(&cfg.asterisk.overflow_target) {
-        Some(t) => send_to(ari, caller, t).await,
+        Some(t) => send_to(ari, caller, &Target::from(t)).await,
         None => Err(AriError::BadRequest(format!(
             "no [transfers] entry `{}`",
             cfg.asterisk.overflow_target
@@ -364,26 +365,16 @@ async fn to_overflow(cfg: &Config, ari: &AriClient, caller: &str, why: &str) {
 }
 
 /// Continue into the dialplan, or redirect to an endpoint.
-async fn send_to(ari: &AriClient, channel: &str, t: &TransferTarget) -> Result<(), AriError> {
-    match (&t.endpoint, &t.context) {
-        (Some(ep), _) => ari.redirect(channel, ep).await,
-        (None, Some(ctx)) => {
-            ari.continue_in_dialplan(
-                channel,
-                ctx,
-                t.extension.as_deref().unwrap_or("s"),
-                t.priority,
-            )
-            .await
-        }
-        (None, None) => {
-            ari.continue_in_dialplan(
-                channel,
-                "",
-                t.extension.as_deref().unwrap_or("s"),
-                t.priority,
-            )
-            .await
+async fn send_to(ari: &AriClient, channel: &str, t: &Target) -> Result<(), AriError> {
+    match t {
+        Target::Endpoint(ep) => ari.redirect(channel, ep).await,
+        Target::Dialplan {
+            context,
+            extension,
+            priority,
+        } => {
+            ari.continue_in_dialplan(channel, context, extension, *priority)
+                .await
         }
     }
 }
@@ -931,7 +922,7 @@ impl CallControl for AriControl {
             .await
             .map_err(control_err)
     }
-    async fn transfer(&self, _name: &str, target: &TransferTarget) -> Result<(), ControlError> {
+    async fn transfer(&self, _name: &str, target: &Target) -> Result<(), ControlError> {
         send_to(&self.ari, &self.channel, target)
             .await
             .map_err(control_err)

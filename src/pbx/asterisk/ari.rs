@@ -470,6 +470,10 @@ fn enc(s: &str) -> String {
 /// Whether an Asterisk version has the JSON control format and `transport_data`
 /// (20.18+, 22.8+, 23.2+, and any later major).
 pub fn supports_json_control(version: &str) -> bool {
+    // A git build (`GIT-master-27fb039`) says nothing: the digits of its hash are no version.
+    if !version.starts_with(|c: char| c.is_ascii_digit()) {
+        return false;
+    }
     let nums: Vec<u32> = version
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
@@ -589,6 +593,8 @@ mod tests {
             ("21.10.0", false),
             ("24.0.0", true),
             ("GIT-master-abc", false),
+            ("GIT-master-27fb039", false),
+            ("certified-22.8-cert1", false),
         ] {
             assert_eq!(supports_json_control(v), want, "{v}");
         }

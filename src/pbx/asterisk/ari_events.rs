@@ -122,6 +122,8 @@ pub fn spawn(
                     connected.store(false, Ordering::Relaxed);
                     metrics::gauge!(ARI_CONNECTED).set(0.0);
                     if stop.is_cancelled() {
+                        // A close frame, so Asterisk does not log an abrupt close.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
                         tracing::info!(url = %shown, "ARI events closed (stopping)");
                         return;
                     }
