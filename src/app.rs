@@ -67,6 +67,16 @@ impl Engines {
     }
 }
 
+/// Loads and validates the config file, the default flow included (`check`, `simulate`, `serve`).
+pub fn load_config(
+    path: &Path,
+    overrides: &crate::config::Overrides,
+) -> Result<Config, crate::config::ConfigError> {
+    Config::load_checking(path, overrides, &|p| {
+        Flow::load(p).map(drop).map_err(|e| e.to_string())
+    })
+}
+
 /// Loads the flow `name` (a name in flows_dir or a path) and checks its transfer targets
 /// against the allow-list.
 pub fn load_flow(cfg: &Config, name: &str) -> Result<Flow, AppError> {

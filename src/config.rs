@@ -523,6 +523,16 @@ pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 impl Config {
     /// Reads and validates `path`, then applies `overrides` and environment secrets.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_checking(path, overrides, &|_| Ok(()))
+    }
+
+    /// Loads and validates, and has `check_flow` read the default flow file (the dialog layer
+    /// does that; this layer does not know flows), naming `dialog.flow`'s line if it fails.
+    pub fn load_checking(
+        path: &Path,
+        overrides: &Overrides,
+        check_flow: &dyn Fn(&Path) -> Result<(), String>,
+    ) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
             error,
@@ -530,6 +540,16 @@ impl Config {
         let mut cfg = Self::parse(path, &text)?;
         cfg.apply(overrides);
         cfg.validate(path, &text)?;
+        let flow_path = cfg.flow_path(cfg.dialog.flow.get_ref());
+        if let Err(message) = check_flow(&flow_path) {
+            return Err(spanned_error(
+                &path.display().to_string(),
+                &text,
+                &cfg.dialog.flow,
+                "dialog.flow",
+                message,
+            ));
+        }
         Ok(cfg)
     }
 
@@ -893,16 +913,6 @@ impl Config {
                 &self.dialog.flows_dir,
                 "dialog.flows_dir",
                 format!("{} is not a folder", flows_dir.display()),
-            ));
-        }
-        let flow_path = self.flow_path(self.dialog.flow.get_ref());
-        if let Err(e) = crate::engines::dialog::flow::Flow::load(&flow_path) {
-            return Err(spanned_error(
-                &p,
-                text,
-                &self.dialog.flow,
-                "dialog.flow",
-                e.to_string(),
             ));
         }
         Ok(())

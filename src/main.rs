@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sidecall::app::{self, Engines, SimulateArgs};
-use sidecall::config::{Config, Overrides};
+use sidecall::config::Overrides;
 
 #[derive(Parser)]
 #[command(
@@ -138,7 +138,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Check { common } => {
-            let cfg = Config::load(&common.config, &overrides(&common))?;
+            let cfg = app::load_config(&common.config, &overrides(&common))?;
             let mut flows = Vec::new();
             let dir = cfg.resolve(cfg.dialog.flows_dir.get_ref());
             let mut entries: Vec<_> = std::fs::read_dir(&dir)
@@ -176,7 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_seconds,
             quiet,
         } => {
-            let cfg = Arc::new(Config::load(&common.config, &overrides(&common))?);
+            let cfg = Arc::new(app::load_config(&common.config, &overrides(&common))?);
             let engines = Engines::from_config(&cfg);
             let args = SimulateArgs {
                 flow,
@@ -211,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let mut o = overrides(&common);
             o.admin_listen = admin_listen;
-            let cfg = Arc::new(Config::load(&common.config, &o)?);
+            let cfg = Arc::new(app::load_config(&common.config, &o)?);
             let handle = sidecall::admin::install_recorder().map_err(anyhow::Error::msg)?;
             let addr: std::net::SocketAddr = cfg.admin.listen.parse().context("admin.listen")?;
             let listener = sidecall::admin::bind(addr)

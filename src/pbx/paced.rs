@@ -24,7 +24,7 @@ pub trait FrameWriter: Send + 'static {
     fn write(
         &mut self,
         frame: Vec<u8>,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
 }
 
 /// Starts the pacing task; it ends when the link is dropped or the writer fails.

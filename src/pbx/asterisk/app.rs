@@ -58,6 +58,43 @@ pub enum AsteriskError {
     Listen { addr: String, error: std::io::Error },
 }
 
+/// Why setting up a call's media failed (the caller then goes to the overflow target).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{step}: {source}")]
+    Ari {
+        step: &'static str,
+        #[source]
+        source: AriError,
+    },
+    #[error("Asterisk did not connect to the {0} listener in time")]
+    NotConnected(&'static str),
+    #[error("the {0} listener is gone")]
+    ListenerGone(&'static str),
+    #[error("externalMedia answered without {0}")]
+    MissingVar(&'static str),
+    #[error("RTP address `{0}` is not HOST:PORT")]
+    BadAddress(String),
+    #[error("media WebSocket connect: {0}")]
+    Connect(String),
+    #[error("media WebSocket connect timed out")]
+    ConnectTimeout,
+    #[error("call setup took longer than its deadline")]
+    Timeout,
+    #[error(transparent)]
+    Media(#[from] chan_ws::WsMediaError),
+    #[error(transparent)]
+    Rtp(#[from] rtp::RtpError),
+    #[error(transparent)]
+    Audio(#[from] crate::audio::AudioError),
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn ari_step(step: &'static str) -> impl FnOnce(AriError) -> SetupError {
+    move |source| SetupError::Ari { step, source }
+}
+
 type Pending = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<ClientConn>>>>;
 
 struct ClientConn {
@@ -418,7 +455,7 @@ async fn run_one(
         setup_media(&shared, &caller, &media_id, &bridge_id, events.clone()),
     )
     .await
-    .unwrap_or_else(|_| Err("call setup timed out".into()));
+    .unwrap_or(Err(SetupError::Timeout));
     let link = match setup {
         Ok(link) => link,
         Err(e) => {
@@ -549,16 +586,14 @@ async fn setup_media(
     media_id: &str,
     bridge_id: &str,
     events: CallEvents,
-) -> Result<Box<dyn MediaLink>, String> {
+) -> Result<Box<dyn MediaLink>, SetupError> {
     let cfg = &shared.cfg;
     let a = &cfg.asterisk;
     let ari = &shared.ari;
-    ari.answer(caller)
-        .await
-        .map_err(|e| format!("answer: {e}"))?;
+    ari.answer(caller).await.map_err(ari_step("answer"))?;
     ari.create_bridge(bridge_id)
         .await
-        .map_err(|e| format!("bridge: {e}"))?;
+        .map_err(ari_step("bridge"))?;
     let transport_data = shared
         .json_control
         .load(Ordering::Relaxed)
@@ -594,7 +629,7 @@ async fn setup_media(
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => return Err(format!("addChannel: {e}")),
+            Err(e) => return Err(ari_step("addChannel")(e)),
         }
     }
     Ok(link)
@@ -606,7 +641,7 @@ async fn connect_media(
     media_id: &str,
     transport_data: Option<String>,
     events: CallEvents,
-) -> Result<Box<dyn MediaLink>, String> {
+) -> Result<Box<dyn MediaLink>, SetupError> {
     let cfg = &shared.cfg;
     let a = &cfg.asterisk;
     let ari = &shared.ari;
@@ -643,12 +678,11 @@ async fn connect_media(
         if let Ok(mut p) = shared.pending.lock() {
             p.remove(media_id);
         }
-        post.map_err(|e| format!("externalMedia: {e}"))?;
+        post.map_err(ari_step("externalMedia"))?;
         let c = conn
-            .map_err(|_| "Asterisk did not connect to the media listener in time".to_string())?
-            .map_err(|_| "media listener gone".to_string())?;
-        chan_ws::start(c.ws, c.start, c.fmt, marks, cfg.call.sample_rate, events)
-            .map_err(|e| e.to_string())?
+            .map_err(|_| SetupError::NotConnected("media"))?
+            .map_err(|_| SetupError::ListenerGone("media"))?;
+        chan_ws::start(c.ws, c.start, c.fmt, marks, cfg.call.sample_rate, events)?
     } else {
         let params = ExternalMedia {
             channel_id: media_id.into(),
@@ -663,10 +697,10 @@ async fn connect_media(
         let ch = ari
             .external_media(&a.app, &params)
             .await
-            .map_err(|e| format!("externalMedia: {e}"))?;
+            .map_err(ari_step("externalMedia"))?;
         let id = ch
             .var("MEDIA_WEBSOCKET_CONNECTION_ID")
-            .ok_or("externalMedia answered without MEDIA_WEBSOCKET_CONNECTION_ID")?;
+            .ok_or(SetupError::MissingVar("MEDIA_WEBSOCKET_CONNECTION_ID"))?;
         let url = format!(
             "{}/media/{id}",
             a.url.trim_end_matches('/').replacen("http", "ws", 1)
@@ -674,20 +708,17 @@ async fn connect_media(
         let mut req = url
             .as_str()
             .into_client_request()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SetupError::Connect(e.to_string()))?;
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("media"));
         let connect =
             tokio_tungstenite::connect_async_with_config(req, Some(chan_ws::ws_config()), false);
         let (mut ws, _) = tokio::time::timeout(media_timeout, connect)
             .await
-            .map_err(|_| "media WebSocket connect timed out".to_string())?
-            .map_err(|e| format!("media WebSocket connect: {e}"))?;
-        let (start, fmt) = chan_ws::read_media_start(&mut ws, media_timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        chan_ws::start(ws, start, fmt, marks, cfg.call.sample_rate, events)
-            .map_err(|e| e.to_string())?
+            .map_err(|_| SetupError::ConnectTimeout)?
+            .map_err(|e| SetupError::Connect(e.to_string()))?;
+        let (start, fmt) = chan_ws::read_media_start(&mut ws, media_timeout).await?;
+        chan_ws::start(ws, start, fmt, marks, cfg.call.sample_rate, events)?
     };
     Ok(Box::new(connected.0))
 }
@@ -697,7 +728,7 @@ async fn connect_audiosocket(
     shared: &Shared,
     media_id: &str,
     events: CallEvents,
-) -> Result<Box<dyn MediaLink>, String> {
+) -> Result<Box<dyn MediaLink>, SetupError> {
     let a = &shared.cfg.asterisk;
     let uuid = audiosocket::new_uuid();
     let (tx, rx) = oneshot::channel();
@@ -720,13 +751,12 @@ async fn connect_audiosocket(
     if let Ok(mut w) = shared.audiosockets.lock() {
         w.remove(&uuid);
     }
-    post.map_err(|e| format!("externalMedia: {e}"))?;
+    post.map_err(ari_step("externalMedia"))?;
     let sock = conn
-        .map_err(|_| "Asterisk did not connect to the AudioSocket listener in time".to_string())?
-        .map_err(|_| "AudioSocket listener gone".to_string())?;
+        .map_err(|_| SetupError::NotConnected("AudioSocket"))?
+        .map_err(|_| SetupError::ListenerGone("AudioSocket"))?;
     let rate = if a.format == "slin" { 8_000 } else { 16_000 };
-    let link = audiosocket::start(sock, rate, shared.cfg.call.sample_rate, events)
-        .map_err(|e| e.to_string())?;
+    let link = audiosocket::start(sock, rate, shared.cfg.call.sample_rate, events)?;
     Ok(Box::new(link))
 }
 
@@ -735,12 +765,10 @@ async fn connect_rtp(
     shared: &Shared,
     media_id: &str,
     events: CallEvents,
-) -> Result<Box<dyn MediaLink>, String> {
+) -> Result<Box<dyn MediaLink>, SetupError> {
     let a = &shared.cfg.asterisk;
-    let sock = tokio::net::UdpSocket::bind((a.rtp_bind.as_str(), 0))
-        .await
-        .map_err(|e| format!("RTP socket: {e}"))?;
-    let local = sock.local_addr().map_err(|e| e.to_string())?;
+    let sock = tokio::net::UdpSocket::bind((a.rtp_bind.as_str(), 0)).await?;
+    let local = sock.local_addr()?;
     let params = ExternalMedia {
         channel_id: media_id.into(),
         external_host: local.to_string(),
@@ -755,16 +783,16 @@ async fn connect_rtp(
         .ari
         .external_media(&a.app, &params)
         .await
-        .map_err(|e| format!("externalMedia: {e}"))?;
+        .map_err(ari_step("externalMedia"))?;
     let addr = ch
         .var("UNICASTRTP_LOCAL_ADDRESS")
-        .ok_or("externalMedia answered without UNICASTRTP_LOCAL_ADDRESS")?;
+        .ok_or(SetupError::MissingVar("UNICASTRTP_LOCAL_ADDRESS"))?;
     let port = ch
         .var("UNICASTRTP_LOCAL_PORT")
-        .ok_or("externalMedia answered without UNICASTRTP_LOCAL_PORT")?;
+        .ok_or(SetupError::MissingVar("UNICASTRTP_LOCAL_PORT"))?;
     let remote: std::net::SocketAddr = format!("{addr}:{port}")
         .parse()
-        .map_err(|e| format!("RTP address {addr}:{port}: {e}"))?;
+        .map_err(|_| SetupError::BadAddress(format!("{addr}:{port}")))?;
     let link = rtp::start(sock, remote, &a.format, shared.cfg.call.sample_rate, events)?;
     Ok(Box::new(link))
 }

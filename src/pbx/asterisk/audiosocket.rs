@@ -165,11 +165,8 @@ struct Writer {
 }
 
 impl FrameWriter for Writer {
-    async fn write(&mut self, frame: Vec<u8>) -> Result<(), String> {
-        self.half
-            .write_all(&packet(self.kind, &frame))
-            .await
-            .map_err(|e| e.to_string())
+    async fn write(&mut self, frame: Vec<u8>) -> std::io::Result<()> {
+        self.half.write_all(&packet(self.kind, &frame)).await
     }
 }
 

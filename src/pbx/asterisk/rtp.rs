@@ -13,6 +13,15 @@ use crate::pbx::events::CallEvents;
 use crate::pbx::paced::{self, FrameWriter};
 use crate::pbx::queue_link::QueueLink;
 
+/// Why an RTP stream could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RtpError {
+    #[error("RTP format `{0}` (use ulaw)")]
+    Format(String),
+    #[error(transparent)]
+    Audio(#[from] crate::audio::AudioError),
+}
+
 /// An RTP packet's payload type and payload, from a datagram; None if it is not RTP v2.
 pub fn parse(datagram: &[u8]) -> Option<(u8, &[u8])> {
     if datagram.len() < 12 || datagram[0] >> 6 != 2 {
@@ -77,13 +86,9 @@ struct Writer {
 }
 
 impl FrameWriter for Writer {
-    async fn write(&mut self, frame: Vec<u8>) -> Result<(), String> {
+    async fn write(&mut self, frame: Vec<u8>) -> std::io::Result<()> {
         let p = self.rtp.packet(&frame);
-        self.sock
-            .send_to(&p, self.to)
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
+        self.sock.send_to(&p, self.to).await.map(drop)
     }
 }
 
@@ -94,9 +99,8 @@ pub fn start(
     format_name: &str,
     internal_rate: u32,
     events: CallEvents,
-) -> Result<QueueLink, String> {
-    let (pt, wire) = format(format_name)
-        .ok_or_else(|| format!("RTP format `{format_name}` (use ulaw or slin16)"))?;
+) -> Result<QueueLink, RtpError> {
+    let (pt, wire) = format(format_name).ok_or_else(|| RtpError::Format(format_name.into()))?;
     let sock = Arc::new(sock);
     let rtp = RtpOut {
         pt,
@@ -106,7 +110,7 @@ pub fn start(
         first: true,
         samples_per_frame: wire.rate() / 50,
     };
-    let out = Transcoder::new(wire, internal_rate).map_err(|e| e.to_string())?;
+    let out = Transcoder::new(wire, internal_rate)?;
     let (link, _task) = paced::start(
         Writer {
             sock: sock.clone(),
@@ -116,7 +120,7 @@ pub fn start(
         out,
         events.clone(),
     );
-    let inbound = Transcoder::new(wire, internal_rate).map_err(|e| e.to_string())?;
+    let inbound = Transcoder::new(wire, internal_rate)?;
     tokio::spawn(read_loop(sock, remote, pt, inbound, events));
     Ok(link)
 }
