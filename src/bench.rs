@@ -1,7 +1,10 @@
-//! `sidecall bench`: N concurrent simulated calls through the real turn detector, resampling,
-//! G.711 coding and playout, with instant in-process engines, so the figures are sidecall's own
-//! cost. Prints CPU per call-second, per-tick work time, missed 20 ms deadlines, memory, and
-//! the latency sidecall adds to each turn.
+//! `sidecall bench`: N concurrent calls through the real call engine and the real chan_websocket
+//! transport (the code `serve` runs: WebSocket framing, 8 kHz mu-law <-> 16 kHz transcoding,
+//! whole-frame cutting, marks, flush, the inbound event queue), with instant in-process engines,
+//! so the figures are sidecall's own cost. The Asterisk side of each WebSocket is a simulated PBX
+//! behind an in-memory stream: it plays one frame per 20 ms and answers marks, as chan_websocket
+//! does. Prints CPU per call-second, per-tick work time, missed 20 ms deadlines, memory, and the
+//! latency sidecall adds to each turn.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,12 +12,18 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::audio::{StreamResampler, g711};
-use crate::call::{CallSetup, LinkError, MediaEvent, MediaLink, run_call};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use crate::audio::g711;
+use crate::call::{CallSetup, MediaEvent, MediaLink, run_call};
 use crate::config::{Config, TransferTarget};
 use crate::engines::dialog::flow::{Flow, ScriptedDialog};
 use crate::engines::instant::{InstantAsr, InstantTts};
-use crate::pbx::queue_link::QueueLink;
+use crate::pbx::asterisk::chan_ws;
+use crate::pbx::events::CallEvents;
 use crate::pbx::simulated::{self, Script};
 use crate::telemetry::{Recorder, TickStats};
 
@@ -64,34 +73,61 @@ fn utterance(rate: u32) -> Vec<i16> {
         .collect()
 }
 
-/// Agent audio at 16 kHz -> 8 kHz -> mu-law -> PBX, as a transport would do it.
-struct PhoneLink {
-    inner: QueueLink,
-    down: StreamResampler,
-    buf: Vec<i16>,
-    scratch: Vec<i16>,
-}
-
-impl MediaLink for PhoneLink {
-    fn send_audio(&mut self, frame: &[i16]) -> Result<(), LinkError> {
-        self.scratch.clear();
-        if self.down.process(frame, &mut self.scratch).is_err() {
-            return Err(LinkError::Closed);
+/// The Asterisk end of one call's media WebSocket: chan_websocket's wire protocol (binary
+/// mu-law frames both ways, MARK_MEDIA answered with MEDIA_MARK_PROCESSED once played,
+/// FLUSH_MEDIA) in front of the simulated PBX, which plays one frame per 20 ms.
+async fn asterisk_side<S>(ws: WebSocketStream<S>, pbx: simulated::SimPbx)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let simulated::SimPbx {
+        link: mut to_caller,
+        mut events,
+        ..
+    } = pbx;
+    let (mut sink, mut stream) = ws.split();
+    loop {
+        tokio::select! {
+            m = stream.next() => match m {
+                Some(Ok(Message::Binary(b))) => {
+                    for f in b.chunks(160) {
+                        if to_caller.send_audio(&g711::decode_ulaw(f)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Ok(Message::Text(t))) => {
+                    let mut it = t.split_whitespace();
+                    match (it.next(), it.next()) {
+                        (Some("MARK_MEDIA"), Some(id)) => {
+                            if let Some(n) = id.strip_prefix('m').and_then(|n| n.parse().ok()) {
+                                let _ = to_caller.mark(n);
+                            }
+                        }
+                        (Some("FLUSH_MEDIA"), _) => {
+                            let _ = to_caller.flush();
+                        }
+                        _ => {}
+                    }
+                }
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => return,
+            },
+            ev = events.recv() => {
+                let msg = match ev {
+                    Some(MediaEvent::Audio(f)) => Message::binary(g711::encode_ulaw(&f)),
+                    Some(MediaEvent::MarkPlayed(n)) => Message::text(format!("MEDIA_MARK_PROCESSED m{n}")),
+                    Some(MediaEvent::Dtmf(d)) => Message::text(format!("DTMF_END digit:{d} channel_id:bench")),
+                    Some(MediaEvent::Hangup { .. }) | None => {
+                        let _ = sink.close().await;
+                        return;
+                    }
+                };
+                if sink.send(msg).await.is_err() {
+                    return;
+                }
+            }
         }
-        let coded = g711::encode_ulaw(&self.scratch);
-        self.buf.extend(g711::decode_ulaw(&coded));
-        while self.buf.len() >= 160 {
-            let f: Vec<i16> = self.buf.drain(..160).collect();
-            self.inner.send_audio(&f)?;
-        }
-        Ok(())
-    }
-    fn mark(&mut self, id: u64) -> Result<(), LinkError> {
-        self.inner.mark(id)
-    }
-    fn flush(&mut self) -> Result<(), LinkError> {
-        self.buf.clear();
-        self.inner.flush()
     }
 }
 
@@ -174,38 +210,32 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             ..Script::default()
         };
         let pbx = simulated::start(script, 8_000);
-        // Inbound: 8 kHz mu-law from the PBX -> 16 kHz for the engine.
-        let (ev_tx, ev_rx) = mpsc::channel(256);
-        let mut pbx_events = pbx.events;
-        tokio::spawn(async move {
-            let Ok(mut up) = StreamResampler::new(8_000, 16_000) else {
-                return;
-            };
-            let mut out = Vec::with_capacity(320);
-            while let Some(ev) = pbx_events.recv().await {
-                let ev = match ev {
-                    MediaEvent::Audio(f) => {
-                        let coded = g711::encode_ulaw(&f);
-                        out.clear();
-                        if up.process(&g711::decode_ulaw(&coded), &mut out).is_err() {
-                            break;
-                        }
-                        MediaEvent::Audio(out.clone())
-                    }
-                    other => other,
-                };
-                if ev_tx.send(ev).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let link = PhoneLink {
-            inner: pbx.link,
-            down: StreamResampler::new(16_000, 8_000)
-                .map_err(|e| BenchError::Flow(e.to_string()))?,
-            buf: Vec::with_capacity(320),
-            scratch: Vec::with_capacity(320),
+        let control = pbx.control.clone();
+        // The call's media WebSocket, in memory: sidecall's real chan_websocket code on one
+        // end, the simulated Asterisk on the other.
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let ours =
+            WebSocketStream::from_raw_socket(ours, Role::Client, Some(chan_ws::ws_config())).await;
+        let theirs = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+        tokio::spawn(asterisk_side(theirs, pbx));
+        let (events, ev_rx) = CallEvents::channel(512);
+        let start = chan_ws::MediaStart {
+            connection_id: format!("bench-{i}"),
+            channel: format!("WebSocket/bench-{i}"),
+            channel_id: format!("bench-{i}"),
+            format: "ulaw".into(),
+            optimal_frame_size: 160,
+            ptime: 20,
         };
+        let (link, _media) = chan_ws::start(
+            ours,
+            start,
+            chan_ws::ControlFormat::Plain,
+            chan_ws::MarkSupport::Yes,
+            16_000,
+            events,
+        )
+        .map_err(|e| BenchError::Flow(e.to_string()))?;
         let setup = CallSetup {
             call_id: format!("bench-{i}"),
             flow_name: "bench".into(),
@@ -220,7 +250,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             asr: asr.clone(),
             tts: tts.clone(),
             link: Box::new(link),
-            control: pbx.control,
+            control,
             events: ev_rx,
             recorder: Recorder::to_channel(&format!("bench-{i}"), rec_tx.clone()),
             tick_stats: Some(stats.clone()),
@@ -255,7 +285,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     };
     let ticks = stats.work.count().max(1);
     println!(
-        "sidecall bench: {} calls x {} s, VAD {}, 8 kHz mu-law PBX <-> 16 kHz engine",
+        "sidecall bench: {} calls x {} s, VAD {}, chan_websocket 8 kHz mu-law <-> 16 kHz engine",
         args.calls, args.seconds, args.vad
     );
     println!("  calls completed           {completed}/{}", args.calls);
