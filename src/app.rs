@@ -266,8 +266,13 @@ pub async fn simulate(
         Ok(Ok(r)) => r,
         _ => return Err(AppError::Usage("simulated PBX did not finish".into())),
     };
-    // The writer ends when the last recorder clone is gone.
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // The writer ends when the last recorder clone is gone. Waited for on the blocking pool:
+    // bounded in real time, and on a paused clock (tests) time stands still meanwhile.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || writer.blocking_recv()),
+    )
+    .await;
     if let Some(out) = &args.out {
         wav::write_file(out, rate, &report.agent)?;
     }

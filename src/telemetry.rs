@@ -120,10 +120,7 @@ pub fn spawn_writer(
     path: Option<&Path>,
     append: bool,
     print: bool,
-) -> std::io::Result<(
-    mpsc::Sender<Value>,
-    tokio::task::JoinHandle<std::io::Result<()>>,
-)> {
+) -> std::io::Result<(mpsc::Sender<Value>, WriterDone)> {
     let mut file = match path {
         // Appended to, never emptied: a restart (after a crash, say) keeps earlier calls' records.
         Some(p) if append => Some(std::io::BufWriter::new(
@@ -136,7 +133,10 @@ pub fn spawn_writer(
         None => None,
     };
     let (tx, mut rx) = mpsc::channel::<Value>(4096);
-    let handle = tokio::task::spawn_blocking(move || {
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    // A thread of its own, not the blocking pool: the writer lives as long as `serve`, and a
+    // blocking-pool task would hold tokio's paused clock still in tests.
+    let mut write = move || -> std::io::Result<()> {
         while let Some(v) = rx.blocking_recv() {
             if let Some(f) = file.as_mut() {
                 serde_json::to_writer(&mut *f, &v)?;
@@ -159,9 +159,17 @@ pub fn spawn_writer(
             f.flush()?;
         }
         Ok(())
-    });
-    Ok((tx, handle))
+    };
+    std::thread::Builder::new()
+        .name("sidecall-records".into())
+        .spawn(move || {
+            let _ = done_tx.send(write());
+        })?;
+    Ok((tx, done))
 }
+
+/// Resolves when the record writer has written everything and closed its file.
+pub type WriterDone = tokio::sync::oneshot::Receiver<std::io::Result<()>>;
 
 /// A lock-free latency histogram (microseconds, power-of-two-ish buckets) for benchmarks.
 #[derive(Debug)]

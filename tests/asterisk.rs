@@ -88,7 +88,7 @@ extension = "s"
 enabled = true
 url = "{url}"
 overflow_target = "overflow"
-media_timeout_ms = 1500
+media_timeout_ms = 5000
 shutdown_grace_s = 2
 {extra}
 "#,
@@ -697,7 +697,8 @@ async fn fifty_calls_over(media: &str, format: &str) {
         assert_eq!(
             log.lock().unwrap().continued_to,
             Some(("agents".into(), "support".into(), Some(1))),
-            "{caller}"
+            "{caller}: {:#?}",
+            sc.records_of(caller)
         );
     }
     assert_no_leftovers(&emu, &sc).await;
@@ -766,10 +767,11 @@ async fn media_that_never_connects_sends_the_caller_to_overflow() {
         opts.ws_clients
             .insert("sidecall".into(), format!("ws://{listen}/media"));
         let emu = Emulator::start(0, opts).await;
-        let sc = start(
+        let sc = start_tweaked(
             &emu,
             &format!("websocket_mode = \"{mode}\"\nwebsocket_listen = \"{listen}\""),
             None,
+            |c| c.asterisk.media_timeout_ms = 1_500,
         )
         .await;
         let t0 = std::time::Instant::now();

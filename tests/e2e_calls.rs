@@ -73,42 +73,6 @@ async fn order_status_call_completes_and_goodbye_plays_before_hangup() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_caller_is_reprompted_then_transferred() {
-    let url = asr_url();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), "", &url);
-    let call = simulate(
-        cfg,
-        dir.path(),
-        SimulateArgs {
-            max_seconds: 90,
-            no_frames_in_silence: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let said = call.said();
-    assert!(said.len() >= 4, "{said:#?}");
-    assert!(
-        said[1].contains("one digit at a time"),
-        "first reprompt is clearer: {said:#?}"
-    );
-    assert!(
-        said[2].contains("keypad"),
-        "second reprompt offers the keypad: {said:#?}"
-    );
-    assert!(said[3].contains("Let me connect you"), "{said:#?}");
-    assert_eq!(call.of_type("no_input").len(), 3);
-    assert_eq!(
-        call.outcome,
-        CallOutcome::Transferred {
-            target: "agent".into()
-        }
-    );
-    assert_eq!(call.first("transfer").unwrap()["target"], "agent");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caller_asking_for_an_agent_is_transferred() {
     let url = asr_url();
     let dir = tempfile::tempdir().unwrap();
@@ -141,44 +105,6 @@ async fn caller_asking_for_an_agent_is_transferred() {
     );
     // The announcement played to the end before the transfer.
     call.assert_last_reply_played_before("transfer");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pressing_zero_reaches_a_human_from_the_greeting() {
-    let url = asr_url();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), "", &url);
-    let call = simulate(
-        cfg,
-        dir.path(),
-        SimulateArgs {
-            dtmf: vec![(2_000, "0".into())],
-            max_seconds: 30,
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(
-        call.outcome,
-        CallOutcome::Transferred {
-            target: "agent".into()
-        },
-        "{}",
-        call.dump()
-    );
-    assert!(call.report.flushes >= 1, "the greeting was flushed");
-    assert!(
-        call.said()
-            .iter()
-            .any(|s| s == "Connecting you to an agent."),
-        "{:#?}",
-        call.said()
-    );
-    let transfer = call.first("transfer").unwrap();
-    assert!(
-        call.t(transfer) < 10_000,
-        "transferred at once, not after the greeting"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -420,6 +420,20 @@ impl Emulator {
                     .collect();
                 (200, Some(Value::Array(list)))
             }
+            ("POST", ["events", "user", name]) => {
+                let Some(app) = q("application") else {
+                    return (400, Some(json!({"message": "application is required"})));
+                };
+                let mut st = self.state.lock().unwrap();
+                if !st.apps.contains_key(&app) {
+                    return (404, Some(json!({"message": "Application not found"})));
+                }
+                // Delivered in order with every event generated before it.
+                let ev = json!({"type": "ChannelUserevent", "application": app, "timestamp": "x",
+                    "eventname": name, "userevent": {}});
+                broadcast(&mut st, &app, ev);
+                (204, None)
+            }
             ("GET", ["applications", name]) => {
                 let st = self.state.lock().unwrap();
                 // Channels in Stasis are subscribed to the application.

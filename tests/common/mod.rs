@@ -153,11 +153,16 @@ impl Call {
     }
 }
 
-/// Runs one simulated call.
+/// Runs one simulated call with the engines the config names.
 pub async fn simulate(cfg: Config, dir: &Path, args: SimulateArgs) -> Call {
+    let engines = Engines::from_config(&cfg);
+    simulate_with(cfg, engines, dir, args).await
+}
+
+/// Runs one simulated call with these engines (in-process ones run on a paused clock).
+pub async fn simulate_with(cfg: Config, engines: Engines, dir: &Path, args: SimulateArgs) -> Call {
     let rate = cfg.call.sample_rate;
     let cfg = Arc::new(cfg);
-    let engines = Engines::from_config(&cfg);
     let record = dir.join(format!("call-{}.jsonl", std::process::id()));
     let args = SimulateArgs {
         record: Some(record.clone()),

@@ -32,9 +32,11 @@ use crate::telemetry::Recorder;
 /// and what a killed sidecall left behind can be found.
 pub const MEDIA_PREFIX: &str = "sidecall-media-";
 pub const BRIDGE_PREFIX: &str = "sidecall-bridge-";
-/// After (re)connecting, how long to let StasisStart events of callers that arrived meanwhile
-/// reach the event loop before anything in the application is taken for left behind.
-const SWEEP_SETTLE: Duration = Duration::from_millis(300);
+/// If the marker event of a sweep cannot be sent, how long to let StasisStart events of callers
+/// that arrived meanwhile reach the event loop before deciding what was left behind.
+const SWEEP_SETTLE: Duration = Duration::from_secs(2);
+/// Name prefix of the user event that marks a sweep's place in the event stream.
+const SWEEP_EVENT: &str = "sidecall-sweep-";
 
 /// A new id for a channel or bridge sidecall creates: the prefix and 128 random bits as 32 hex
 /// digits. Every id has the same length, so none is a prefix of another: Asterisk's channel
@@ -119,6 +121,16 @@ struct Shared {
     owned: std::sync::Mutex<HashSet<String>>,
     /// Callers this process is serving, and the handle that feeds each.
     calls: std::sync::Mutex<HashMap<String, CallEvents>>,
+    /// A sweep waiting for its marker event: (marker name, what Asterisk listed).
+    sweep: std::sync::Mutex<Option<(String, Listed)>>,
+}
+
+/// What Asterisk listed when a sweep looked: channels in the app, all channels, ARI bridges.
+#[derive(Debug, Default)]
+struct Listed {
+    in_app: Vec<String>,
+    channels: Vec<String>,
+    bridges: Vec<String>,
 }
 
 impl Shared {
@@ -244,6 +256,7 @@ pub async fn run(
         in_stasis: Arc::default(),
         owned: Default::default(),
         calls: Default::default(),
+        sweep: Default::default(),
     });
     let drain = async {
         stop.cancelled().await;
@@ -321,7 +334,17 @@ pub async fn run(
                                 tokio::spawn(async move { c.hangup("caller left Stasis").await });
                             }
                         }
-                        Event::ChannelHangupRequest { .. } | Event::Other => {}
+                        Event::ChannelUserevent { eventname } if eventname.starts_with(SWEEP_EVENT) => {
+                            // Every StasisStart generated before the sweep listed the channels
+                            // has been handled by now: what is not ours was left behind.
+                            let pending = shared.sweep.lock().ok().and_then(|mut p| {
+                                if p.as_ref().is_some_and(|(name, _)| *name == eventname) { p.take() } else { None }
+                            });
+                            if let Some((_, listed)) = pending {
+                                tokio::spawn(clean_up_orphans(shared.clone(), listed));
+                            }
+                        }
+                        Event::ChannelUserevent { .. } | Event::ChannelHangupRequest { .. } | Event::Other => {}
                     },
                 }
             }
@@ -442,16 +465,34 @@ async fn run_one(
         bridge: bridge_id,
     } = ids;
     tracing::info!(%caller, %number, flow = ?args.flow, "caller entered Stasis");
+    let recorder = match &shared.records {
+        Some(tx) => Recorder::to_channel(&caller, tx.clone()),
+        None => Recorder::none(),
+    };
+    // A call that never gets going still leaves a record of why its caller went to a human.
+    let not_started = |stage: &str, message: String| {
+        recorder.emit(
+            0,
+            "error",
+            serde_json::json!({"stage": stage, "message": message}),
+        );
+        recorder.emit(0, "call_end", serde_json::json!({"outcome": "overflow"}));
+    };
     let parts = match (shared.parts)(&args) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(%caller, error = %e, "cannot start a call for these arguments");
+            not_started("arguments", e.to_string());
             to_overflow(cfg, ari, &caller, "bad call arguments").await;
             return;
         }
     };
     let setup = tokio::time::timeout(
-        Duration::from_millis(cfg.asterisk.media_timeout_ms + cfg.asterisk.request_timeout_ms * 3),
+        Duration::from_millis(
+            cfg.asterisk
+                .media_timeout_ms
+                .saturating_add(cfg.asterisk.request_timeout_ms.saturating_mul(3)),
+        ),
         setup_media(&shared, &caller, &media_id, &bridge_id, events.clone()),
     )
     .await
@@ -461,14 +502,11 @@ async fn run_one(
         Err(e) => {
             tracing::warn!(%caller, error = %e, "call setup failed");
             metrics::counter!(crate::telemetry::names::ERRORS, "stage" => "setup").increment(1);
+            not_started("setup", e.to_string());
             to_overflow(cfg, ari, &caller, "call setup failed").await;
             teardown(ari, &media_id, &bridge_id).await;
             return;
         }
-    };
-    let recorder = match &shared.records {
-        Some(tx) => Recorder::to_channel(&caller, tx.clone()),
-        None => Recorder::none(),
     };
     let control = Arc::new(AriControl {
         ari: ari.clone(),
@@ -509,16 +547,25 @@ async fn run_one(
 /// Finds what an earlier sidecall (killed, or cut off from ARI) left behind: callers still in
 /// this application's Stasis go to the overflow target (a human), sidecall's bridges are
 /// destroyed and its media channels hung up. Live calls of this process are left alone.
+///
+/// The lists are taken first; then a user event marks that moment in the application's event
+/// stream. Asterisk delivers events in order, so when the marker comes back every caller that
+/// entered Stasis before the lists were taken has had its StasisStart handled: a caller in the
+/// lists that is still not a call of ours was there before this connection, and no caller
+/// arriving during a (re)connect under load is taken for stranded.
 async fn sweep_orphans(shared: Arc<Shared>) {
-    tokio::time::sleep(SWEEP_SETTLE).await;
     let (ari, cfg) = (&shared.ari, &shared.cfg);
     let (in_app, channels, bridges) = tokio::join!(
         ari.app_channels(&cfg.asterisk.app),
         ari.channel_ids(),
         ari.bridge_ids()
     );
-    let (in_app, channels, bridges) = match (in_app, channels, bridges) {
-        (Ok(a), Ok(c), Ok(b)) => (a, c, b),
+    let listed = match (in_app, channels, bridges) {
+        (Ok(in_app), Ok(channels), Ok(bridges)) => Listed {
+            in_app,
+            channels,
+            bridges,
+        },
         (a, c, b) => {
             let e = [a.err(), c.err(), b.err()]
                 .into_iter()
@@ -530,6 +577,35 @@ async fn sweep_orphans(shared: Arc<Shared>) {
             return;
         }
     };
+    let marker = format!("{SWEEP_EVENT}{}", crate::net::random_hex128());
+    // Kept aside until the marker is back (a later sweep replaces an unfinished one).
+    if let Ok(mut p) = shared.sweep.lock() {
+        *p = Some((marker.clone(), listed));
+    }
+    if let Err(e) = ari.user_event(&cfg.asterisk.app, &marker).await {
+        tracing::warn!(error = %e, "no marker event for the orphan sweep; deciding after a pause");
+        tokio::time::sleep(SWEEP_SETTLE).await;
+        let pending = shared.sweep.lock().ok().and_then(|mut p| {
+            if p.as_ref().is_some_and(|(name, _)| *name == marker) {
+                p.take()
+            } else {
+                None
+            }
+        });
+        if let Some((_, listed)) = pending {
+            clean_up_orphans(shared, listed).await;
+        }
+    }
+}
+
+/// Acts on a sweep's lists once every earlier StasisStart has been handled.
+async fn clean_up_orphans(shared: Arc<Shared>, listed: Listed) {
+    let (ari, cfg) = (&shared.ari, &shared.cfg);
+    let Listed {
+        in_app,
+        channels,
+        bridges,
+    } = listed;
     let owned = shared.owned.lock().map(|o| o.clone()).unwrap_or_default();
     let stranded: Vec<String> = in_app
         .into_iter()
@@ -556,6 +632,15 @@ async fn sweep_orphans(shared: Arc<Shared>) {
     metrics::counter!(label, "kind" => "caller").increment(stranded.len() as u64);
     metrics::counter!(label, "kind" => "bridge").increment(stale_bridges.len() as u64);
     metrics::counter!(label, "kind" => "media_channel").increment(stale_media.len() as u64);
+    if let Some(tx) = &shared.records {
+        for c in &stranded {
+            Recorder::to_channel(c, tx.clone()).emit(
+                0,
+                "call_end",
+                serde_json::json!({"outcome": "overflow", "why": "left in Stasis by an earlier sidecall"}),
+            );
+        }
+    }
     // Callers first (leaving Stasis takes them out of the old bridge), then the objects.
     futures_util::future::join_all(
         stranded

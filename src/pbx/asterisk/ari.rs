@@ -144,6 +144,12 @@ pub enum Event {
         #[serde(default)]
         cause_txt: String,
     },
+    /// A user event (`POST /events/user/{name}`); sidecall sends itself one as a marker in
+    /// its event stream.
+    ChannelUserevent {
+        #[serde(default)]
+        eventname: String,
+    },
     #[serde(other)]
     Other,
 }
@@ -413,6 +419,18 @@ impl AriClient {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    /// Sends the user event `name` to `app`'s event stream (`POST /events/user/{name}`). It
+    /// arrives after every event Asterisk generated before it.
+    pub async fn user_event(&self, app: &str, name: &str) -> Result<(), AriError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/events/user/{}", enc(name)),
+            &[("application", app.to_string())],
+        )
+        .await
+        .map(drop)
     }
 
     /// Ids of every channel (`GET /channels`).

@@ -1,0 +1,98 @@
+//! Call behaviour that needs no real speech engine, on tokio's paused clock with in-process
+//! engines (instant TTS; no ASR): no-input reprompts and escalation, the human key. A minute of
+//! call runs in milliseconds and cannot be flaky on a busy machine. What needs real speech
+//! (espeak-ng and whisper) lives in e2e_calls.rs.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use sidecall::app::{Engines, SimulateArgs};
+use sidecall::call::CallOutcome;
+use sidecall::engines::instant::{InstantAsr, InstantTts};
+
+/// Engines that answer at once, in process: nothing waits on real time or real I/O.
+fn instant_engines() -> Engines {
+    Engines {
+        asr: Arc::new(InstantAsr(String::new())),
+        tts: Arc::new(InstantTts),
+        cache: None,
+        http: sidecall::net::http_client(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_caller_is_reprompted_then_transferred() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "", "http://127.0.0.1:9/v1");
+    let call = simulate_with(
+        cfg,
+        instant_engines(),
+        dir.path(),
+        SimulateArgs {
+            max_seconds: 90,
+            no_frames_in_silence: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let said = call.said();
+    assert!(said.len() >= 4, "{said:#?}");
+    assert!(
+        said[1].contains("one digit at a time"),
+        "first reprompt is clearer: {said:#?}"
+    );
+    assert!(
+        said[2].contains("keypad"),
+        "second reprompt offers the keypad: {said:#?}"
+    );
+    assert!(said[3].contains("Let me connect you"), "{said:#?}");
+    assert_eq!(call.of_type("no_input").len(), 3);
+    assert_eq!(
+        call.outcome,
+        CallOutcome::Transferred {
+            target: "agent".into()
+        }
+    );
+    assert_eq!(call.first("transfer").unwrap()["target"], "agent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn pressing_zero_reaches_a_human_from_the_greeting() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "", "http://127.0.0.1:9/v1");
+    let call = simulate_with(
+        cfg,
+        instant_engines(),
+        dir.path(),
+        SimulateArgs {
+            // During the greeting (instant TTS: 60 ms a word, so it lasts about 2 s).
+            dtmf: vec![(600, "0".into())],
+            max_seconds: 30,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        call.outcome,
+        CallOutcome::Transferred {
+            target: "agent".into()
+        },
+        "{}",
+        call.dump()
+    );
+    assert!(call.report.flushes >= 1, "the greeting was flushed");
+    assert!(
+        call.said()
+            .iter()
+            .any(|s| s == "Connecting you to an agent."),
+        "{:#?}",
+        call.said()
+    );
+    let transfer = call.first("transfer").unwrap();
+    assert!(
+        call.t(transfer) < 10_000,
+        "transferred at once, not after the greeting"
+    );
+}
