@@ -44,23 +44,34 @@ ensure_venv() {
   fi
 }
 
-# Starts the ASR server on $1 in the background and waits until it answers; sets ASR_PID.
-start_asr() {
-  local port="$1" i
+# Starts the ASR server on $1 in the background (the model loads meanwhile); sets ASR_PID and
+# ASR_PORT. `wait_asr` waits until it answers.
+launch_asr() {
+  ASR_PORT="$1"
   ensure_venv
-  HF_HUB_OFFLINE=1 "$VENV/bin/python" "$REPO/scripts/asr_server.py" --port "$port" \
-    >"${ASR_LOG:-/tmp/sidecall-asr-$port.log}" 2>&1 &
+  HF_HUB_OFFLINE=1 "$VENV/bin/python" "$REPO/scripts/asr_server.py" --port "$ASR_PORT" \
+    >"${ASR_LOG:-/tmp/sidecall-asr-$ASR_PORT.log}" 2>&1 &
   ASR_PID=$!
+}
+
+wait_asr() {
+  local i
   for i in $(seq 1 120); do
-    if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
-      log "ASR server up on 127.0.0.1:$port (pid $ASR_PID)"; return 0
+    if curl -fsS "http://127.0.0.1:$ASR_PORT/health" >/dev/null 2>&1; then
+      log "ASR server up on 127.0.0.1:$ASR_PORT (pid $ASR_PID)"; return 0
     fi
     if ! kill -0 "$ASR_PID" 2>/dev/null; then
-      log "ASR server failed to start:"; cat "${ASR_LOG:-/tmp/sidecall-asr-$port.log}" >&2; return 1
+      log "ASR server failed to start:"; cat "${ASR_LOG:-/tmp/sidecall-asr-$ASR_PORT.log}" >&2; return 1
     fi
     sleep 0.5
   done
   log "ASR server did not answer within 60 s"; return 1
+}
+
+# Starts the ASR server on $1 in the background and waits until it answers; sets ASR_PID.
+start_asr() {
+  launch_asr "$1"
+  wait_asr
 }
 
 free_port() {

@@ -75,6 +75,10 @@ url = "{asr}"
 [dialog]
 flows_dir = "{flows}"
 
+# The agent speaks briskly in tests: calls take less wall time; what is said is the same.
+[tts]
+rate = 230
+
 [transfers.agent]
 context = "agents"
 extension = "support"
