@@ -96,3 +96,61 @@ async fn pressing_zero_reaches_a_human_from_the_greeting() {
         "transferred at once, not after the greeting"
     );
 }
+
+/// An ASR engine that never answers and notes when its request is dropped.
+struct HangingAsr(Arc<std::sync::atomic::AtomicBool>);
+
+struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl sidecall::engines::asr::Asr for HangingAsr {
+    async fn transcribe(
+        &self,
+        _audio: &[i16],
+        _rate: u32,
+        _hint: Option<&str>,
+    ) -> Result<sidecall::engines::asr::Transcript, sidecall::engines::asr::AsrError> {
+        let _guard = Dropped(self.0.clone());
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_asr_request_outlives_its_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "", "http://127.0.0.1:9/v1");
+    // Far longer than the call: only the end of the call can stop the request.
+    cfg.asr.timeout_ms = 120_000;
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let engines = Engines {
+        asr: Arc::new(HangingAsr(dropped.clone())),
+        ..instant_engines()
+    };
+    let callers = vec![speak(dir.path(), "order", "five five four two one")];
+    let call = simulate_with(
+        cfg,
+        engines,
+        dir.path(),
+        SimulateArgs {
+            callers,
+            // The caller hangs up while the transcription is still running.
+            max_seconds: 8,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(call.first("speech_end").is_some(), "{}", call.dump());
+    assert!(call.first("transcript").is_none(), "{}", call.dump());
+    assert_eq!(call.outcome, CallOutcome::CallerHungUp, "{}", call.dump());
+    tokio::task::yield_now().await;
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the ASR request was still running after the call ended"
+    );
+}

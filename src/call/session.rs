@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::dtmf::DigitCollector;
@@ -154,6 +155,7 @@ struct Session {
     dialog_pending: bool,
     asr_seq: u64,
     asr_pending: bool,
+    asr_task: Option<AbortOnDropHandle<()>>,
     expect: Expectation,
     listening: bool,
     no_input_at: Option<u64>,
@@ -575,12 +577,15 @@ impl Session {
                     self.start,
                 );
                 let hint = self.expect.asr_hint.clone();
-                tokio::spawn(async move {
+                // Aborted if the call ends first (the session drops it): no ASR request
+                // outlives its call.
+                self.asr_task = Some(AbortOnDropHandle::new(tokio::spawn(async move {
                     let t0 = start.elapsed();
                     let result = asr.transcribe(&audio, rate, hint.as_deref()).await;
-                    let ms = (start.elapsed() - t0).as_millis() as u64;
+                    let ms = u64::try_from(start.elapsed().saturating_sub(t0).as_millis())
+                        .unwrap_or(u64::MAX);
                     let _ = tx.send(Work::Asr { seq, result, ms }).await;
-                });
+                })));
             }
         }
     }
@@ -985,6 +990,7 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         dialog_pending: false,
         asr_seq: 0,
         asr_pending: false,
+        asr_task: None,
         expect: Expectation::default(),
         listening: false,
         no_input_at: None,

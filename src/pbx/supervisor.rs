@@ -97,6 +97,7 @@ impl Supervisor {
     /// Takes a new call if there is room and the process is not draining.
     pub fn admit(&self) -> Result<Slot, Refusal> {
         if self.health.draining.load(Ordering::Relaxed) {
+            metrics::counter!(names::CALLS_TOTAL, "outcome" => "overflow").increment(1);
             return Err(Refusal::Draining);
         }
         let taken =

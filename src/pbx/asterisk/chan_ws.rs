@@ -243,7 +243,8 @@ const MARK_GRACE: Duration = Duration::from_millis(1500);
 pub struct PlayoutClock {
     ptime: Duration,
     busy_until: tokio::time::Instant,
-    marks: VecDeque<(u64, tokio::time::Instant)>,
+    /// (mark, when its audio has played, whether Asterisk was asked to answer it).
+    marks: VecDeque<(u64, tokio::time::Instant, bool)>,
 }
 
 impl PlayoutClock {
@@ -260,11 +261,12 @@ impl PlayoutClock {
         self.busy_until = self.busy_until.max(now) + self.ptime;
     }
 
-    /// Everything sent so far is followed by mark `id`. Asterisk's timer starts playing a frame
-    /// up to one ptime after it arrives, hence one ptime of margin.
-    pub fn mark(&mut self, id: u64, now: tokio::time::Instant) {
+    /// Everything sent so far is followed by mark `id` (`asked`: MARK_MEDIA went to Asterisk,
+    /// whose answer is waited for a grace period longer). Asterisk's timer starts playing a
+    /// frame up to one ptime after it arrives, hence one ptime of margin.
+    pub fn mark(&mut self, id: u64, now: tokio::time::Instant, asked: bool) {
         let due = self.busy_until.max(now) + self.ptime;
-        self.marks.push_back((id, due));
+        self.marks.push_back((id, due, asked));
     }
 
     /// The queue was flushed: nothing is left to play, pending marks are dropped.
@@ -275,24 +277,26 @@ impl PlayoutClock {
 
     /// Asterisk answered mark `id`: it and every earlier mark are done.
     pub fn confirmed(&mut self, id: u64) {
-        while self.marks.front().is_some_and(|(m, _)| *m <= id) {
+        while self.marks.front().is_some_and(|(m, _, _)| *m <= id) {
             self.marks.pop_front();
         }
     }
 
-    /// When the next mark falls due.
+    /// When the next mark falls due; `grace` is added where Asterisk was asked to answer.
     pub fn next_due(&self, grace: Duration) -> Option<tokio::time::Instant> {
-        self.marks.front().map(|(_, due)| *due + grace)
+        self.marks
+            .front()
+            .map(|(_, due, asked)| if *asked { *due + grace } else { *due })
     }
 
-    /// Marks whose time has come (with `grace` added to each due time).
-    pub fn due(&mut self, now: tokio::time::Instant, grace: Duration) -> Vec<u64> {
+    /// Marks whose time has come, with whether each was one Asterisk should have answered.
+    pub fn due(&mut self, now: tokio::time::Instant, grace: Duration) -> Vec<(u64, bool)> {
         let mut out = Vec::new();
-        while let Some((id, due)) = self.marks.front() {
-            if *due + grace > now {
+        while let Some(&(id, due, asked)) = self.marks.front() {
+            if (if asked { due + grace } else { due }) > now {
                 break;
             }
-            out.push(*id);
+            out.push((id, asked));
             self.marks.pop_front();
         }
         out
@@ -401,15 +405,8 @@ async fn run<S>(
         }
     }
     // With PBX marks the clock is only a deadline for lost ones; without, it is the answer.
-    let grace = |m: MarkSupport| {
-        if m == MarkSupport::Yes {
-            MARK_GRACE
-        } else {
-            Duration::ZERO
-        }
-    };
     let cause = loop {
-        let due = clock.next_due(grace(marks));
+        let due = clock.next_due(MARK_GRACE);
         let mut out: Vec<Out> = Vec::new();
         tokio::select! {
             cmd = rx.recv() => {
@@ -440,8 +437,8 @@ async fn run<S>(
                 }
             }
             _ = sleep_until_opt(due) => {
-                for id in clock.due(tokio::time::Instant::now(), grace(marks)) {
-                    if marks == MarkSupport::Yes {
+                for (id, asked) in clock.due(tokio::time::Instant::now(), MARK_GRACE) {
+                    if asked {
                         tracing::warn!(%channel_id, mark = id, "Asterisk never answered a playout mark; treating it as played");
                     }
                     events.mark_played(id);
@@ -523,8 +520,9 @@ async fn run<S>(
                     Message::binary(b)
                 }
                 Out::Mark(id) => {
-                    clock.mark(id, now);
-                    if marks != MarkSupport::Yes {
+                    let ask = marks == MarkSupport::Yes;
+                    clock.mark(id, now, ask);
+                    if !ask {
                         continue;
                     }
                     Message::text(command(fmt, "MARK_MEDIA", Some(&format!("m{id}"))))
@@ -615,28 +613,28 @@ mod tests {
         for _ in 0..50 {
             c.frame_sent(t0);
         }
-        c.mark(1, t0);
-        assert_eq!(c.next_due(Duration::ZERO), Some(t0 + ms(1020)));
-        assert!(c.due(t0 + ms(1000), Duration::ZERO).is_empty());
-        assert_eq!(c.due(t0 + ms(1020), Duration::ZERO), vec![1]);
+        c.mark(1, t0, false);
+        assert_eq!(c.next_due(MARK_GRACE), Some(t0 + ms(1020)));
+        assert!(c.due(t0 + ms(1000), MARK_GRACE).is_empty());
+        assert_eq!(c.due(t0 + ms(1020), MARK_GRACE), vec![(1, false)]);
         // Frames paced one per 20 ms keep the queue short: a mark after them is due soon.
         let t1 = t0 + ms(5000);
         for i in 0..10 {
             c.frame_sent(t1 + ms(20 * i));
         }
-        c.mark(2, t1 + ms(180));
-        assert_eq!(c.next_due(Duration::ZERO), Some(t1 + ms(220)));
+        c.mark(2, t1 + ms(180), false);
+        assert_eq!(c.next_due(MARK_GRACE), Some(t1 + ms(220)));
         // A flush drops pending marks and empties the queue.
         c.flush(t1 + ms(190));
-        assert_eq!(c.next_due(Duration::ZERO), None);
-        c.mark(3, t1 + ms(190));
-        assert_eq!(c.next_due(Duration::ZERO), Some(t1 + ms(210)));
+        assert_eq!(c.next_due(MARK_GRACE), None);
+        c.mark(3, t1 + ms(190), true);
+        assert_eq!(c.next_due(MARK_GRACE), Some(t1 + ms(210) + MARK_GRACE));
         // With PBX marks, a confirmed mark is gone; a lost one is due after the grace.
-        c.mark(4, t1 + ms(190));
+        c.mark(4, t1 + ms(190), true);
         c.confirmed(3);
         assert_eq!(c.next_due(MARK_GRACE), Some(t1 + ms(210) + MARK_GRACE));
         assert!(c.due(t1 + ms(1000), MARK_GRACE).is_empty());
-        assert_eq!(c.due(t1 + ms(210) + MARK_GRACE, MARK_GRACE), vec![4]);
+        assert_eq!(c.due(t1 + ms(210) + MARK_GRACE, MARK_GRACE), vec![(4, true)]);
     }
 
     #[test]
