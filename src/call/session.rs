@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::task::AbortOnDropHandle;
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::task::AbortOnDropHandle;
 
 use super::dtmf::DigitCollector;
 use super::link::{CallControl, MediaEvent, MediaLink};

@@ -27,6 +27,9 @@ pub trait FrameWriter: Send + 'static {
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
 }
 
+/// Longest one frame may take to reach the wire.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Starts the pacing task; it ends when the link is dropped or the writer fails.
 pub fn start<W: FrameWriter>(
     mut writer: W,
@@ -82,8 +85,17 @@ pub fn start<W: FrameWriter>(
                     }
                     if let Some(Item::Frame(f)) = queue.pop_front() {
                         frames -= 1;
-                        if let Err(e) = writer.write(f).await {
-                            tracing::debug!(error = %e, "paced writer failed");
+                        // A peer that stops reading must not hold the call: the send has a
+                        // deadline, and a failed transport ends the call (its caller then goes
+                        // to the overflow target).
+                        let why = match tokio::time::timeout(SEND_TIMEOUT, writer.write(f)).await {
+                            Ok(Ok(())) => None,
+                            Ok(Err(e)) => Some(format!("media send failed: {e}")),
+                            Err(_) => Some("media send timed out".to_string()),
+                        };
+                        if let Some(why) = why {
+                            tracing::warn!(%why, "agent audio could not be sent; ending the call");
+                            events.hangup(&why).await;
                             return;
                         }
                     }

@@ -395,12 +395,9 @@ async fn run<S>(
     if marks == MarkSupport::Probe {
         // On the empty queue a marking Asterisk answers at once; an older one logs
         // "MARK_MEDIA ... command unknown" once.
-        if sink
-            .send(Message::text(command(fmt, "MARK_MEDIA", Some(PROBE_MARK))))
-            .await
-            .is_err()
-        {
-            events.hangup("send failed").await;
+        let probe = Message::text(command(fmt, "MARK_MEDIA", Some(PROBE_MARK)));
+        if let Err(why) = send(&mut sink, probe).await {
+            events.hangup(&why).await;
             return;
         }
     }
@@ -430,8 +427,8 @@ async fn run<S>(
                         held_frames = 0;
                         clock.flush(tokio::time::Instant::now());
                         // A flush is never held back, even during MEDIA_XOFF.
-                        if sink.send(Message::text(command(fmt, "FLUSH_MEDIA", None))).await.is_err() {
-                            break "send failed".to_string();
+                        if let Err(why) = send(&mut sink, Message::text(command(fmt, "FLUSH_MEDIA", None))).await {
+                            break why;
                         }
                     }
                 }
@@ -494,7 +491,7 @@ async fn run<S>(
                 Some(Ok(_)) => {}
             }
         }
-        let mut failed = false;
+        let mut failed = None;
         for o in out {
             if xoff {
                 match o {
@@ -528,18 +525,31 @@ async fn run<S>(
                     Message::text(command(fmt, "MARK_MEDIA", Some(&format!("m{id}"))))
                 }
             };
-            if sink.send(msg).await.is_err() {
-                failed = true;
+            if let Err(why) = send(&mut sink, msg).await {
+                failed = Some(why);
                 break;
             }
         }
-        if failed {
-            break "send failed".to_string();
+        if let Some(why) = failed {
+            break why;
         }
     };
     tracing::debug!(%channel_id, %cause, "media task ends");
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     events.hangup(&cause).await;
+}
+
+/// Sends one message with a deadline: an Asterisk that stops reading must not hold the call.
+async fn send<S>(sink: &mut S, msg: Message) -> Result<(), String>
+where
+    S: futures_util::Sink<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    match tokio::time::timeout(crate::pbx::paced::SEND_TIMEOUT, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("send failed: {e}")),
+        Err(_) => Err("media send timed out".to_string()),
+    }
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
@@ -634,7 +644,10 @@ mod tests {
         c.confirmed(3);
         assert_eq!(c.next_due(MARK_GRACE), Some(t1 + ms(210) + MARK_GRACE));
         assert!(c.due(t1 + ms(1000), MARK_GRACE).is_empty());
-        assert_eq!(c.due(t1 + ms(210) + MARK_GRACE, MARK_GRACE), vec![(4, true)]);
+        assert_eq!(
+            c.due(t1 + ms(210) + MARK_GRACE, MARK_GRACE),
+            vec![(4, true)]
+        );
     }
 
     #[test]
@@ -653,6 +666,53 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_asterisk_that_stops_reading_ends_the_call() {
+        // The far end never reads: once the pipe is full, a send waits, and its deadline ends
+        // the call instead of holding it silent for ever.
+        let (ours, _theirs) = tokio::io::duplex(4096);
+        let ws = WebSocketStream::from_raw_socket(
+            ours,
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        let (events, mut rx) = CallEvents::channel(16);
+        let start_ev = MediaStart {
+            connection_id: "c".into(),
+            channel: "WebSocket/x".into(),
+            channel_id: "x".into(),
+            format: "slin16".into(),
+            optimal_frame_size: 640,
+            ptime: 20,
+        };
+        let (mut link, _task) = start(
+            ws,
+            start_ev,
+            ControlFormat::Plain,
+            MarkSupport::No,
+            16_000,
+            events,
+        )
+        .unwrap();
+        use crate::call::MediaLink;
+        for _ in 0..100 {
+            let _ = link.send_audio(&[1000; 320]);
+        }
+        let cause = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match rx.recv().await {
+                    Some(crate::call::MediaEvent::Hangup { cause }) => return cause,
+                    Some(_) => continue,
+                    None => return "closed".to_string(),
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert!(cause.contains("timed out"), "{cause}");
     }
 
     #[test]
