@@ -70,7 +70,15 @@ pub fn uuid_v4() -> String {
     let mut b = random_bytes::<16>();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex(&b);
+    uuid_string(&b)
+}
+
+/// 16 bytes in the UUID text form (8-4-4-4-12 lowercase hex); other lengths as plain hex.
+pub fn uuid_string(b: &[u8]) -> String {
+    let h = hex(b);
+    if h.len() != 32 {
+        return h;
+    }
     format!(
         "{}-{}-{}-{}-{}",
         &h[..8],

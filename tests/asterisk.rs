@@ -165,6 +165,27 @@ fn voice(dir: &Path, name: &str, text: &str, rate: u32) -> Vec<i16> {
     sidecall::audio::wav::read_file_at(&p, rate).unwrap()
 }
 
+/// A caller who presses the human key at `at_ms`.
+fn human_key_caller(emu: &Emulator, at_ms: u64) -> Arc<Mutex<CallLog>> {
+    let script = Script {
+        dtmf: vec![(at_ms, "0".into())],
+        max_ms: 30_000,
+        ..Script::default()
+    };
+    emu.place_call("sidecall", &["flow=order_status"], script)
+        .expect("the app is connected")
+        .1
+}
+
+/// Waits for the call to end and checks it reached the agents context (served, not overflowed).
+async fn assert_reached_agent(log: &Arc<Mutex<CallLog>>, secs: u64) {
+    wait_ended(log, secs).await;
+    assert_eq!(
+        log.lock().unwrap().continued_to,
+        Some(("agents".into(), "support".into(), Some(1)))
+    );
+}
+
 async fn wait_ended(log: &Arc<Mutex<CallLog>>, secs: u64) {
     for _ in 0..secs * 10 {
         if log.lock().unwrap().ended {
@@ -637,22 +658,7 @@ async fn asterisk_restart_then_new_calls_work() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(emu2.app_connected("sidecall"), "sidecall reconnected");
-    let (_caller, log) = emu2
-        .place_call(
-            "sidecall",
-            &[],
-            Script {
-                dtmf: vec![(1_000, "0".into())],
-                max_ms: 15_000,
-                ..Script::default()
-            },
-        )
-        .unwrap();
-    wait_ended(&log, 20).await;
-    assert_eq!(
-        log.lock().unwrap().continued_to,
-        Some(("agents".into(), "support".into(), Some(1)))
-    );
+    assert_reached_agent(&human_key_caller(&emu2, 1_000), 20).await;
     assert_no_leftovers(&emu2, &sc).await;
     sc.shutdown().await;
 }
@@ -1300,23 +1306,7 @@ async fn a_panicking_call_task_frees_its_slot_and_the_caller_reaches_a_human() {
     );
     assert_no_leftovers(&emu, &sc).await;
     // The one slot (max_calls = 1) is free again: the next caller is served, not overflowed.
-    let (_c2, log2) = emu
-        .place_call(
-            "sidecall",
-            &["flow=order_status"],
-            Script {
-                dtmf: vec![(2_000, "0".into())],
-                max_ms: 30_000,
-                ..Script::default()
-            },
-        )
-        .unwrap();
-    wait_ended(&log2, 20).await;
-    assert_eq!(
-        log2.lock().unwrap().continued_to,
-        Some(("agents".into(), "support".into(), Some(1))),
-        "the second caller was served (the human key), not overflowed"
-    );
+    assert_reached_agent(&human_key_caller(&emu, 2_000), 20).await;
     sc.shutdown().await;
 }
 
@@ -1352,22 +1342,7 @@ async fn a_half_open_ari_connection_is_detected_and_replaced() {
     assert!(ok(&sc), "reconnected");
     assert!(emu.events_connections() >= 2);
     // Calls arrive on the new connection.
-    let (_c, log) = emu
-        .place_call(
-            "sidecall",
-            &["flow=order_status"],
-            Script {
-                dtmf: vec![(1_500, "0".into())],
-                max_ms: 30_000,
-                ..Script::default()
-            },
-        )
-        .unwrap();
-    wait_ended(&log, 20).await;
-    assert_eq!(
-        log.lock().unwrap().continued_to,
-        Some(("agents".into(), "support".into(), Some(1)))
-    );
+    assert_reached_agent(&human_key_caller(&emu, 1_500), 20).await;
     sc.shutdown().await;
 }
 

@@ -77,21 +77,7 @@ pub fn packet(kind: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Formats 16 bytes as a UUID string.
-pub fn uuid_string(b: &[u8]) -> String {
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    if h.len() != 32 {
-        return h;
-    }
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
+pub use crate::net::uuid_string;
 
 /// A fresh random UUID from the CSPRNG: the per-call credential Asterisk presents first.
 pub fn new_uuid() -> String {
