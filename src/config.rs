@@ -814,6 +814,7 @@ impl Config {
                 1,
                 1_024,
             ),
+            ("asr.retries", u64::from(self.asr.retries), 0, 5),
             (
                 "tts.cache_entries",
                 to_u64(self.tts.cache_entries),
@@ -841,6 +842,15 @@ impl Config {
             if !(lo..=hi).contains(&v) {
                 return Err(bad(key, format!("{v} is outside {lo}..={hi}")));
             }
+        }
+        if self.dialog.timeout_ms <= self.dialog.webhook_timeout_ms {
+            return Err(bad(
+                "dialog.timeout_ms",
+                format!(
+                    "must be longer than dialog.webhook_timeout_ms ({} ms): a turn that looks a record up would time out",
+                    self.dialog.webhook_timeout_ms
+                ),
+            ));
         }
         if !(-100.0..=0.0).contains(&self.vad.min_level_dbfs) {
             return Err(bad("vad.min_level_dbfs", "must be -100..0".into()));

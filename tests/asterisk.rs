@@ -299,6 +299,11 @@ async fn order_status_call_on(
         Some("normal"),
         "agent hung up the caller"
     );
+    if media == "websocket" {
+        // Every frame of the goodbye was played before the hangup (nothing left in the queue),
+        // whether marks or sidecall's own clock said when it had played.
+        assert_eq!(l.unplayed_at_hangup, Some(0), "the goodbye was cut short");
+    }
     if media == "websocket" && old_version.is_some() {
         // Playout was tracked by sidecall's own clock: no mark was answered, and MARK_MEDIA went
         // out at most once (the probe, when the version string does not tell).
@@ -1543,6 +1548,45 @@ async fn rtp_from_a_stranger_is_not_heard() {
     );
     assert!(!log.lock().unwrap().ended);
     emu.caller_hangup(&caller);
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mode_on_a_first_release_without_channel_id_in_media_start() {
+    // chan_websocket before 2025-10-21 (20.16, 22.6, 23.0) names no channel id in MEDIA_START:
+    // the connection is matched by channel name once externalMedia answers.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut opts = Options {
+        marks: false,
+        plain_only: true,
+        version: Some("23.0.0".into()),
+        media_start_channel_id: false,
+        ..Options::default()
+    };
+    opts.ws_clients
+        .insert("sidecall".into(), format!("ws://{listen}/media"));
+    let emu = Emulator::start(0, opts).await;
+    let sc = start(
+        &emu,
+        &format!("websocket_mode = \"client\"\nwebsocket_listen = \"{listen}\""),
+        None,
+    )
+    .await;
+    let mut logs = Vec::new();
+    for i in 0..3 {
+        logs.push(human_key_caller(&emu, 3_000 + i * 200));
+    }
+    for log in &logs {
+        assert_reached_agent(log, 20).await;
+        let l = log.lock().unwrap().clone();
+        assert!(l.bridged, "media connected");
+        let loud = l.heard.iter().filter(|s| s.unsigned_abs() > 1000).count();
+        assert!(
+            loud > 8_000,
+            "the caller heard the greeting ({loud} loud samples)"
+        );
+    }
     assert_no_leftovers(&emu, &sc).await;
     sc.shutdown().await;
 }

@@ -292,3 +292,28 @@ async fn asr_queue_wait_is_told_apart_from_processing() {
     assert_eq!(load.waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(load.in_flight.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
+
+#[tokio::test]
+async fn a_request_dropped_while_waiting_for_the_engine_is_not_counted_for_ever() {
+    let port = slow_asr_server(300, 200).await;
+    let cfg = AsrConfig {
+        url: format!("http://127.0.0.1:{port}/v1"),
+        max_concurrent: 1,
+        ..AsrConfig::default()
+    };
+    let asr = std::sync::Arc::new(OpenAiAsr::new(&cfg, sidecall::engines::http_client()));
+    let load = asr.load().unwrap();
+    let a = asr.clone();
+    let busy = tokio::spawn(async move { a.transcribe(&[0i16; 1600], 16_000, None).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let a = asr.clone();
+    let waiting = tokio::spawn(async move { a.transcribe(&[0i16; 1600], 16_000, None).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(load.waiting.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The caller hangs up: the call drops its ASR request while it waits for a slot.
+    waiting.abort();
+    let _ = waiting.await;
+    assert_eq!(load.waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
+    busy.await.unwrap().unwrap();
+    assert_eq!(load.in_flight.load(std::sync::atomic::Ordering::Relaxed), 0);
+}

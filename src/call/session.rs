@@ -579,9 +579,21 @@ impl Session {
                 let hint = self.expect.asr_hint.clone();
                 // Aborted if the call ends first (the session drops it): no ASR request
                 // outlives its call.
+                // The engine's own deadline plus a margin, and a panic caught: whatever the
+                // engine does, an answer comes and the call goes on (error prompt and a human).
+                let limit = Duration::from_millis(self.cfg.asr.timeout_ms.saturating_add(2_000));
                 self.asr_task = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                    use futures_util::FutureExt;
                     let t0 = start.elapsed();
-                    let result = asr.transcribe(&audio, rate, hint.as_deref()).await;
+                    let work =
+                        std::panic::AssertUnwindSafe(asr.transcribe(&audio, rate, hint.as_deref()));
+                    let result = match tokio::time::timeout(limit, work.catch_unwind()).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(_)) => Err(crate::engines::asr::AsrError::Engine("panicked".into())),
+                        Err(_) => Err(crate::engines::asr::AsrError::Timeout(
+                            u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                        )),
+                    };
                     let ms = u64::try_from(start.elapsed().saturating_sub(t0).as_millis())
                         .unwrap_or(u64::MAX);
                     let _ = tx.send(Work::Asr { seq, result, ms }).await;

@@ -154,6 +154,11 @@ impl CallEvents {
         .await;
     }
 
+    /// Whether `other` feeds the same call (not just a call with the same id).
+    pub fn same(&self, other: &CallEvents) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+
     /// Whether the call has gone away.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()

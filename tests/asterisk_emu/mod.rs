@@ -75,6 +75,9 @@ pub struct CallLog {
     pub rtp_packets: u32,
     /// Commands this Asterisk does not know (it only logs "command unknown").
     pub unknown_commands: u32,
+    /// chan_websocket: agent frames still queued, never played, when the call was hung up
+    /// (a hangup that cut the goodbye short leaves some).
+    pub unplayed_at_hangup: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -98,6 +101,9 @@ pub struct Options {
     pub version: Option<String>,
     /// A marking Asterisk that loses every mark (as when one is dropped in a long MEDIA_XOFF).
     pub lose_marks: bool,
+    /// MEDIA_START names the channel id (chan_websocket from 2025-10-21 on; not the first
+    /// 20.16/22.6/23.0 releases).
+    pub media_start_channel_id: bool,
 }
 
 impl Default for Options {
@@ -112,6 +118,7 @@ impl Default for Options {
             marks: true,
             version: None,
             lose_marks: false,
+            media_start_channel_id: true,
         }
     }
 }
@@ -630,7 +637,7 @@ impl Emulator {
             && !self.opts.plain_only
             && self.opts.marks;
         let mode = q("connection_type").unwrap_or_else(|| "client".into());
-        let (id, conn_id) = {
+        let (id, conn_id, n) = {
             let mut st = self.state.lock().unwrap();
             st.next_id += 1;
             let n = st.next_id;
@@ -638,13 +645,14 @@ impl Emulator {
             if refuse_prefix_id(&mut st, &id, true) {
                 return (500, Some(json!({"message": "Internal Server Error"})));
             }
-            (id, uuid(n))
+            (id, uuid(n), n)
         };
+        // Like Asterisk's `WebSocket/<connection>/<pointer>`: unique per channel.
         let name = if mode == "server" {
-            format!("WebSocket/INCOMING/0x7fe93c{:06x}", self.port)
+            format!("WebSocket/INCOMING/0x7fe93c{n:06x}")
         } else {
             format!(
-                "WebSocket/{}/0x7fe93c",
+                "WebSocket/{}/0x7fe93c{n:06x}",
                 q("external_host").unwrap_or_default()
             )
         };
@@ -718,7 +726,14 @@ impl Emulator {
             _ => return (500, Some(json!({"message": "unexpected TLS"}))),
         };
         let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
-        let start = media_start(&ch, &conn_id, &format, ofs, json_ctl);
+        let start = media_start(
+            &ch,
+            &conn_id,
+            &format,
+            ofs,
+            json_ctl,
+            self.opts.media_start_channel_id,
+        );
         if ws.send(Message::text(start)).await.is_err() {
             return (500, Some(json!({"message": "send failed"})));
         }
@@ -921,6 +936,7 @@ impl Emulator {
                 &info.format,
                 frame_bytes(&info.format),
                 info.json,
+                self.opts.media_start_channel_id,
             );
             if ws.send(Message::text(start)).await.is_err() {
                 return;
@@ -1003,7 +1019,21 @@ fn encode(format: &str, s: &[i16]) -> Vec<u8> {
     }
 }
 
-fn media_start(ch: &Chan, conn: &str, format: &str, ofs: usize, json: bool) -> String {
+fn media_start(
+    ch: &Chan,
+    conn: &str,
+    format: &str,
+    ofs: usize,
+    json: bool,
+    with_channel_id: bool,
+) -> String {
+    if !with_channel_id {
+        // chan_websocket before 2025-10-21 (commit 4da19a9): no channel_id field.
+        return format!(
+            "MEDIA_START connection_id:{conn} channel:{} format:{format} optimal_frame_size:{ofs} ptime:20",
+            ch.name
+        );
+    }
     if json {
         json!({"event": "MEDIA_START", "connection_id": conn, "channel": ch.name, "channel_id": ch.id, "format": format,
                "optimal_frame_size": ofs, "ptime": 20, "channel_variables": {}})
@@ -1338,6 +1368,7 @@ async fn media_session(
                     let _ = sink.send(Message::text(t)).await;
                 }
                 Some(MediaCtl::Hangup) | None => {
+                    log.lock().unwrap().unplayed_at_hangup = Some(frames);
                     let _ = sink.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() }))).await;
                     break;
                 }

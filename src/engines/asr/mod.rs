@@ -23,6 +23,8 @@ pub enum AsrError {
     Http { status: u16, body: String },
     #[error("ASR answer unreadable: {0}")]
     BadResponse(String),
+    #[error("ASR engine failed: {0}")]
+    Engine(String),
 }
 
 /// A transcript and where its time went: waiting for the engine (sidecall's queue, and the
@@ -44,12 +46,31 @@ pub struct EngineLoad {
     pub waiting: AtomicUsize,
     /// The last request's wait for a slot (ms).
     pub last_queue_ms: AtomicU64,
+    /// When that was (ms since the process's first request).
+    pub last_queue_at_ms: AtomicU64,
+}
+
+/// How long a long wait keeps an engine reported as saturated.
+const SATURATION_MEMORY_MS: u64 = 10_000;
+
+fn process_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ms_since(*START.get_or_init(Instant::now))
 }
 
 impl EngineLoad {
-    /// Requests are waiting, or the last one waited long: callers feel the engine's queue.
+    /// Requests are waiting, or one waited long in the last ten seconds: callers feel the
+    /// engine's queue.
     pub fn saturated(&self) -> bool {
-        self.waiting.load(Ordering::Relaxed) > 0 || self.last_queue_ms.load(Ordering::Relaxed) > 250
+        let recent = process_ms().saturating_sub(self.last_queue_at_ms.load(Ordering::Relaxed))
+            < SATURATION_MEMORY_MS;
+        self.waiting.load(Ordering::Relaxed) > 0
+            || (recent && self.last_queue_ms.load(Ordering::Relaxed) > 250)
+    }
+
+    fn queued(&self, ms: u64) {
+        self.last_queue_ms.store(ms, Ordering::Relaxed);
+        self.last_queue_at_ms.store(process_ms(), Ordering::Relaxed);
     }
 }
 
@@ -183,17 +204,17 @@ impl Asr for OpenAiAsr {
         let deadline = started + self.timeout;
         let budget_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
         // Wait for a slot: the time spent here is the engine's queue, seen from sidecall.
-        self.load.waiting.fetch_add(1, Ordering::Relaxed);
+        // Counted while waiting, also if this request is dropped meanwhile (the call ended).
+        let waiting = Counted::new(&self.load.waiting);
         let permit =
             tokio::time::timeout_at(deadline.into(), self.slots.clone().acquire_owned()).await;
-        self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(waiting);
         let Ok(Ok(_permit)) = permit else {
             return Err(AsrError::Timeout(budget_ms));
         };
         let queued = ms_since(started);
-        self.load.last_queue_ms.store(queued, Ordering::Relaxed);
-        self.load.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _in_flight = InFlight(&self.load);
+        self.load.queued(queued);
+        let _in_flight = Counted::new(&self.load.in_flight);
         let mut last = None;
         for attempt in 0..=self.retries {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -209,9 +230,11 @@ impl Asr for OpenAiAsr {
                         Some(p) if p <= round_trip => (round_trip - p, p),
                         _ => (0, round_trip),
                     };
+                    // Queue: the wait for a slot here and in the server; time lost on failed
+                    // attempts before a retry is neither.
                     return Ok(Transcript {
                         text,
-                        queue_ms: ms_since(started).saturating_sub(round_trip) + server_queue,
+                        queue_ms: queued.saturating_add(server_queue),
                         process_ms: process,
                     });
                 }
@@ -239,11 +262,18 @@ fn ms_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Counts a request in flight until dropped.
-struct InFlight<'a>(&'a EngineLoad);
+/// Counts one request in a gauge until dropped (also when its future is dropped mid-way).
+struct Counted<'a>(&'a AtomicUsize);
 
-impl Drop for InFlight<'_> {
+impl<'a> Counted<'a> {
+    fn new(gauge: &'a AtomicUsize) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

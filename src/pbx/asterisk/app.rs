@@ -47,6 +47,24 @@ pub fn object_id(prefix: &str) -> String {
     format!("{prefix}{}", crate::net::random_hex128())
 }
 
+/// The prefix of this application's objects of one kind: `sidecall-media-<app>-`. Another
+/// sidecall (another Stasis application on the same Asterisk) never takes them for its own.
+/// Ids stay prefix-free across applications: the part after the prefix is 32 hex digits, and
+/// two different application names differ before either id ends.
+pub fn app_prefix(kind: &str, app: &str) -> String {
+    let app: String = app
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{kind}{app}-")
+}
+
 /// Errors that stop the adapter.
 #[derive(Debug, thiserror::Error)]
 pub enum AsteriskError {
@@ -99,6 +117,11 @@ fn ari_step(step: &'static str) -> impl FnOnce(AriError) -> SetupError {
 
 type Pending = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<ClientConn>>>>;
 
+/// Client-mode connections whose MEDIA_START names no channel id (chan_websocket before
+/// 2025-10-21: the first 20.16/22.6/23.0 releases), parked by channel name until the
+/// externalMedia answer, which carries the name, claims them (a few seconds at most).
+type Unclaimed = Arc<std::sync::Mutex<HashMap<String, ClientConn>>>;
+
 struct ClientConn {
     ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
     start: MediaStart,
@@ -114,6 +137,7 @@ struct Shared {
     /// Whether this Asterisk answers MARK_MEDIA, learned on every (re)connect.
     marks: std::sync::Mutex<MarkSupport>,
     pending: Pending,
+    unclaimed: Unclaimed,
     audiosockets: audiosocket::Waiting,
     /// Setups waiting for their media channel's StasisStart (addChannel before it gets 422).
     in_stasis: Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<()>>>>,
@@ -123,6 +147,37 @@ struct Shared {
     calls: std::sync::Mutex<HashMap<String, CallEvents>>,
     /// A sweep waiting for its marker event: (marker name, what Asterisk listed).
     sweep: std::sync::Mutex<Option<(String, Listed)>>,
+    /// Callers this process sent on (to a human, a transfer target) lately: a sweep leaves them.
+    handed_off: Arc<HandedOff>,
+    /// Prefixes of this application's media channels and bridges.
+    media_prefix: String,
+    bridge_prefix: String,
+}
+
+/// Callers sent on lately, kept for `HANDED_OFF_FOR`: they may still be listed in the
+/// application for a moment while Asterisk moves them on, and must not be sent twice.
+#[derive(Debug, Default)]
+struct HandedOff(std::sync::Mutex<HashMap<String, std::time::Instant>>);
+
+const HANDED_OFF_FOR: Duration = Duration::from_secs(120);
+
+impl HandedOff {
+    fn note(&self, caller: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= 1024 {
+                m.retain(|_, t| t.elapsed() < HANDED_OFF_FOR);
+            }
+            m.insert(caller.to_string(), std::time::Instant::now());
+        }
+    }
+
+    fn recent(&self, caller: &str) -> bool {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|m| m.get(caller).map(|t| t.elapsed() < HANDED_OFF_FOR))
+            .unwrap_or(false)
+    }
 }
 
 /// What Asterisk listed when a sweep looked: channels in the app, all channels, ARI bridges.
@@ -193,6 +248,7 @@ pub async fn run(
         Duration::from_millis(a.request_timeout_ms),
     );
     let pending: Pending = Arc::default();
+    let unclaimed: Unclaimed = Arc::default();
     let audiosockets: audiosocket::Waiting = Arc::default();
     if a.media == "audiosocket" {
         let listener = TcpListener::bind(&a.audiosocket_listen)
@@ -230,6 +286,7 @@ pub async fn run(
         tokio::spawn(accept_media_clients(
             listener,
             pending.clone(),
+            unclaimed.clone(),
             listener_gate(&cfg),
             auth,
             stop.clone(),
@@ -252,11 +309,15 @@ pub async fn run(
         json_control: AtomicBool::new(false),
         marks: std::sync::Mutex::new(MarkSupport::Probe),
         pending,
+        unclaimed,
         audiosockets,
         in_stasis: Arc::default(),
         owned: Default::default(),
         calls: Default::default(),
         sweep: Default::default(),
+        handed_off: Default::default(),
+        media_prefix: app_prefix(MEDIA_PREFIX, &a.app),
+        bridge_prefix: app_prefix(BRIDGE_PREFIX, &a.app),
     });
     let drain = async {
         stop.cancelled().await;
@@ -317,8 +378,8 @@ pub async fn run(
                             }
                             match sup.admit() {
                                 Err(why) => {
-                                    let (cfg, ari) = (cfg.clone(), ari.clone());
-                                    tokio::spawn(async move { to_overflow(&cfg, &ari, &channel.id, &why.to_string()).await });
+                                    let shared = shared.clone();
+                                    tokio::spawn(async move { to_overflow(&shared, &channel.id, &why.to_string()).await });
                                 }
                                 Ok(slot) => start_call(&shared, &sup, slot, channel, CallArgs::parse(&args)),
                             }
@@ -367,8 +428,8 @@ fn start_call(
     let (events, rx) = CallEvents::channel(512);
     let ids = CallIds {
         caller: channel.id.clone(),
-        media: object_id(MEDIA_PREFIX),
-        bridge: object_id(BRIDGE_PREFIX),
+        media: object_id(&shared.media_prefix),
+        bridge: object_id(&shared.bridge_prefix),
     };
     if let Ok(mut o) = shared.owned.lock() {
         o.insert(ids.media.clone());
@@ -390,7 +451,7 @@ fn start_call(
     sup.spawn(slot, call, move |panicked| async move {
         if panicked {
             if !events.caller_gone() {
-                to_overflow(&shared.cfg, &shared.ari, &ids.caller, "call task failed").await;
+                to_overflow(&shared, &ids.caller, "call task failed").await;
             }
             teardown(&shared.ari, &ids.media, &ids.bridge).await;
         }
@@ -398,15 +459,21 @@ fn start_call(
             o.remove(&ids.media);
             o.remove(&ids.bridge);
         }
+        // Only this call's entry: a caller back in Stasis (a transfer target that runs
+        // Stasis again) is a new call under the same id.
         if let Ok(mut c) = shared.calls.lock() {
-            c.remove(&ids.caller);
+            if c.get(&ids.caller).is_some_and(|e| e.same(&events)) {
+                c.remove(&ids.caller);
+            }
         }
     });
 }
 
 /// Sends a caller sidecall will not (or can no longer) serve to the overflow target; if that
 /// fails, hangs up, so nobody is left in Stasis in silence. A caller already gone (404) is done.
-async fn to_overflow(cfg: &Config, ari: &AriClient, caller: &str, why: &str) {
+async fn to_overflow(shared: &Shared, caller: &str, why: &str) {
+    let (cfg, ari) = (&shared.cfg, &shared.ari);
+    shared.handed_off.note(caller);
     tracing::warn!(%caller, why, target = %cfg.asterisk.overflow_target, "sending caller to the overflow target");
     let sent = match cfg.transfers.get(&cfg.asterisk.overflow_target) {
         Some(t) => send_to(ari, caller, &Target::from(t)).await,
@@ -416,7 +483,8 @@ async fn to_overflow(cfg: &Config, ari: &AriClient, caller: &str, why: &str) {
         ))),
     };
     match sent {
-        Ok(()) | Err(AriError::NotFound(_)) => {}
+        // Gone, or already out of Stasis (in the dialplan, with a human): never hang that up.
+        Ok(()) | Err(AriError::NotFound(_)) | Err(AriError::NotInStasis(_)) => {}
         Err(e) => {
             tracing::warn!(%caller, error = %e, "overflow transfer failed; hanging up");
             let _ = ari.hangup(caller, "normal").await;
@@ -435,6 +503,33 @@ async fn send_to(ari: &AriClient, channel: &str, t: &Target) -> Result<(), AriEr
         } => {
             ari.continue_in_dialplan(channel, context, extension, *priority)
                 .await
+        }
+    }
+}
+
+/// An entry in a map of setups waiting for something, removed when the setup is over, also
+/// when its deadline drops it half-way.
+struct Registered<'a, T> {
+    map: &'a std::sync::Mutex<HashMap<String, T>>,
+    key: String,
+}
+
+impl<'a, T> Registered<'a, T> {
+    fn new(map: &'a std::sync::Mutex<HashMap<String, T>>, key: &str, value: T) -> Self {
+        if let Ok(mut m) = map.lock() {
+            m.insert(key.to_string(), value);
+        }
+        Self {
+            map,
+            key: key.to_string(),
+        }
+    }
+}
+
+impl<T> Drop for Registered<'_, T> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(&self.key);
         }
     }
 }
@@ -483,7 +578,7 @@ async fn run_one(
         Err(e) => {
             tracing::warn!(%caller, error = %e, "cannot start a call for these arguments");
             not_started("arguments", e.to_string());
-            to_overflow(cfg, ari, &caller, "bad call arguments").await;
+            to_overflow(&shared, &caller, "bad call arguments").await;
             return;
         }
     };
@@ -503,7 +598,7 @@ async fn run_one(
             tracing::warn!(%caller, error = %e, "call setup failed");
             metrics::counter!(crate::telemetry::names::ERRORS, "stage" => "setup").increment(1);
             not_started("setup", e.to_string());
-            to_overflow(cfg, ari, &caller, "call setup failed").await;
+            to_overflow(&shared, &caller, "call setup failed").await;
             teardown(ari, &media_id, &bridge_id).await;
             return;
         }
@@ -511,6 +606,7 @@ async fn run_one(
     let control = Arc::new(AriControl {
         ari: ari.clone(),
         channel: caller.clone(),
+        handed_off: shared.handed_off.clone(),
     });
     let call = run_call(CallSetup {
         call_id: caller.clone(),
@@ -532,14 +628,14 @@ async fn run_one(
     let outcome = tokio::select! {
         o = &mut call => o,
         _ = grace_over.cancelled() => {
-            to_overflow(cfg, ari, &caller, "grace period over").await;
+            to_overflow(&shared, &caller, "grace period over").await;
             call.await
         }
     };
     tracing::info!(%caller, outcome = outcome.label(), "call finished");
     if outcome == crate::call::CallOutcome::CallerHungUp && !events.caller_gone() {
         // The media side failed, not the caller: never leave a caller in silence.
-        to_overflow(cfg, ari, &caller, "media ended under a live caller").await;
+        to_overflow(&shared, &caller, "media ended under a live caller").await;
     }
     teardown(ari, &media_id, &bridge_id).await;
 }
@@ -600,7 +696,7 @@ async fn sweep_orphans(shared: Arc<Shared>) {
 
 /// Acts on a sweep's lists once every earlier StasisStart has been handled.
 async fn clean_up_orphans(shared: Arc<Shared>, listed: Listed) {
-    let (ari, cfg) = (&shared.ari, &shared.cfg);
+    let ari = &shared.ari;
     let Listed {
         in_app,
         channels,
@@ -609,15 +705,19 @@ async fn clean_up_orphans(shared: Arc<Shared>, listed: Listed) {
     let owned = shared.owned.lock().map(|o| o.clone()).unwrap_or_default();
     let stranded: Vec<String> = in_app
         .into_iter()
-        .filter(|id| !id.starts_with(MEDIA_PREFIX) && shared.call(id).is_none())
+        .filter(|id| {
+            !id.starts_with(MEDIA_PREFIX)
+                && shared.call(id).is_none()
+                && !shared.handed_off.recent(id)
+        })
         .collect();
     let stale_bridges: Vec<String> = bridges
         .into_iter()
-        .filter(|id| id.starts_with(BRIDGE_PREFIX) && !owned.contains(id))
+        .filter(|id| id.starts_with(&shared.bridge_prefix) && !owned.contains(id))
         .collect();
     let stale_media: Vec<String> = channels
         .into_iter()
-        .filter(|id| id.starts_with(MEDIA_PREFIX) && !owned.contains(id))
+        .filter(|id| id.starts_with(&shared.media_prefix) && !owned.contains(id))
         .collect();
     if stranded.is_empty() && stale_bridges.is_empty() && stale_media.is_empty() {
         return;
@@ -645,7 +745,7 @@ async fn clean_up_orphans(shared: Arc<Shared>, listed: Listed) {
     futures_util::future::join_all(
         stranded
             .iter()
-            .map(|c| to_overflow(cfg, ari, c, "left in Stasis by an earlier sidecall")),
+            .map(|c| to_overflow(&shared, c, "left in Stasis by an earlier sidecall")),
     )
     .await;
     futures_util::future::join_all(stale_bridges.iter().map(|b| ari.destroy_bridge(b))).await;
@@ -684,9 +784,7 @@ async fn setup_media(
         .load(Ordering::Relaxed)
         .then(|| "f(json)".to_string());
     let (stasis_tx, stasis_rx) = oneshot::channel();
-    if let Ok(mut m) = shared.in_stasis.lock() {
-        m.insert(media_id.to_string(), stasis_tx);
-    }
+    let _waiting = Registered::new(&shared.in_stasis, media_id, stasis_tx);
     let result = connect_media(shared, media_id, transport_data, events).await;
     let link = match result {
         Ok(x) => x,
@@ -743,9 +841,7 @@ async fn connect_media(
     }
     let connected = if a.websocket_mode == "client" {
         let (tx, rx) = oneshot::channel();
-        if let Ok(mut p) = shared.pending.lock() {
-            p.insert(media_id.to_string(), tx);
-        }
+        let _waiting = Registered::new(&shared.pending, media_id, tx);
         let params = ExternalMedia {
             channel_id: media_id.into(),
             external_host: a.websocket_client_section.clone(),
@@ -756,17 +852,49 @@ async fn connect_media(
             data: None,
             transport_data,
         };
-        // The POST returns only after Asterisk has connected to our listener: wait for both.
+        // The POST returns only after Asterisk has connected to our listener: it runs while
+        // the listener matches the connection by channel id (the media channel's id is ours).
+        let deadline = tokio::time::Instant::now() + media_timeout;
         let post = ari.external_media(&a.app, &params);
-        let conn = tokio::time::timeout(media_timeout, rx);
-        let (post, conn) = tokio::join!(post, conn);
-        if let Ok(mut p) = shared.pending.lock() {
-            p.remove(media_id);
-        }
-        post.map_err(ari_step("externalMedia"))?;
-        let c = conn
-            .map_err(|_| SetupError::NotConnected("media"))?
-            .map_err(|_| SetupError::ListenerGone("media"))?;
+        tokio::pin!(post);
+        let mut rx = rx;
+        let mut rx_done = false;
+        let mut by_id = None;
+        let posted = loop {
+            tokio::select! {
+                r = &mut post => break r,
+                c = &mut rx, if !rx_done => {
+                    rx_done = true;
+                    by_id = c.ok();
+                }
+            }
+        };
+        // The pending entry stays until this setup is over (`_waiting`): the listener may
+        // still be reading MEDIA_START when the answer arrives.
+        let ch = posted.map_err(ari_step("externalMedia"))?;
+        // Without a channel id in MEDIA_START, the connection waits under the channel's name.
+        let c = match by_id {
+            Some(c) => c,
+            None => loop {
+                if !rx_done {
+                    if let Ok(c) = rx.try_recv() {
+                        break c;
+                    }
+                }
+                let parked = shared
+                    .unclaimed
+                    .lock()
+                    .ok()
+                    .and_then(|mut u| u.remove(&ch.name));
+                if let Some(c) = parked {
+                    break c;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(SetupError::NotConnected("media"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            },
+        };
         chan_ws::start(c.ws, c.start, c.fmt, marks, cfg.call.sample_rate, events)?
     } else {
         let params = ExternalMedia {
@@ -797,7 +925,7 @@ async fn connect_media(
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("media"));
         let connect =
-            tokio_tungstenite::connect_async_with_config(req, Some(chan_ws::ws_config()), false);
+            tokio_tungstenite::connect_async_with_config(req, Some(chan_ws::ws_config()), true);
         let (mut ws, _) = tokio::time::timeout(media_timeout, connect)
             .await
             .map_err(|_| SetupError::ConnectTimeout)?
@@ -817,9 +945,7 @@ async fn connect_audiosocket(
     let a = &shared.cfg.asterisk;
     let uuid = audiosocket::new_uuid();
     let (tx, rx) = oneshot::channel();
-    if let Ok(mut w) = shared.audiosockets.lock() {
-        w.insert(uuid.clone(), tx);
-    }
+    let _waiting = Registered::new(&shared.audiosockets, &uuid, tx);
     let params = ExternalMedia {
         channel_id: media_id.into(),
         external_host: a.audiosocket_listen.clone(),
@@ -906,9 +1032,14 @@ fn basic_auth(user: &str, pass: &str) -> String {
 /// pass HTTP Basic auth (when `auth` is set, as websocket_client.conf sends it) and name in
 /// MEDIA_START a media channel of a pending call (its id is 128 random bits from the CSPRNG,
 /// compared in constant time). Anything else is closed at once with a log line.
+/// Most client-mode connections waiting to be claimed by channel name, and for how long.
+const PARKED_MAX: usize = 256;
+const PARKED_FOR: Duration = Duration::from_secs(5);
+
 async fn accept_media_clients(
     listener: TcpListener,
     pending: Pending,
+    unclaimed: Unclaimed,
     gate: crate::net::Gate,
     auth: Option<String>,
     stop: CancellationToken,
@@ -932,6 +1063,7 @@ async fn accept_media_clients(
         };
         let _ = sock.set_nodelay(true);
         let pending = pending.clone();
+        let unclaimed = unclaimed.clone();
         let auth = auth.clone();
         let handshake = gate.handshake;
         tokio::spawn(async move {
@@ -991,6 +1123,32 @@ async fn accept_media_clients(
                     return;
                 }
             };
+            if start.channel_id.is_empty() {
+                // An older chan_websocket: the call claims it by channel name once its
+                // externalMedia answer is back; unclaimed, it is closed.
+                let name = start.channel.clone();
+                let parked = match unclaimed.lock() {
+                    Ok(mut u) if u.len() < PARKED_MAX && !name.is_empty() => {
+                        u.insert(name.clone(), ClientConn { ws, start, fmt });
+                        true
+                    }
+                    _ => false,
+                };
+                if !parked {
+                    tracing::warn!(%peer, "media connection without a channel id that cannot wait; closing");
+                    return;
+                }
+                tokio::time::sleep(PARKED_FOR).await;
+                if unclaimed
+                    .lock()
+                    .ok()
+                    .and_then(|mut u| u.remove(&name))
+                    .is_some()
+                {
+                    tracing::warn!(%peer, "media connection for no call of ours (unknown channel); closing");
+                }
+                return;
+            }
             let waiter = pending
                 .lock()
                 .ok()
@@ -1011,6 +1169,7 @@ async fn accept_media_clients(
 struct AriControl {
     ari: AriClient,
     channel: String,
+    handed_off: Arc<HandedOff>,
 }
 
 fn control_err(e: AriError) -> ControlError {
@@ -1036,6 +1195,7 @@ impl CallControl for AriControl {
             .map_err(control_err)
     }
     async fn transfer(&self, _name: &str, target: &Target) -> Result<(), ControlError> {
+        self.handed_off.note(&self.channel);
         send_to(&self.ari, &self.channel, target)
             .await
             .map_err(control_err)

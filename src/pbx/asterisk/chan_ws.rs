@@ -510,24 +510,26 @@ async fn run<S>(
                 }
                 continue;
             }
-            let now = tokio::time::Instant::now();
-            let msg = match o {
-                Out::Frame(b) => {
-                    clock.frame_sent(now);
-                    Message::binary(b)
-                }
+            let (msg, mark) = match o {
+                Out::Frame(b) => (Message::binary(b), None),
+                Out::Mark(id) if marks == MarkSupport::Yes => (
+                    Message::text(command(fmt, "MARK_MEDIA", Some(&format!("m{id}")))),
+                    Some(id),
+                ),
                 Out::Mark(id) => {
-                    let ask = marks == MarkSupport::Yes;
-                    clock.mark(id, now, ask);
-                    if !ask {
-                        continue;
-                    }
-                    Message::text(command(fmt, "MARK_MEDIA", Some(&format!("m{id}"))))
+                    clock.mark(id, tokio::time::Instant::now(), false);
+                    continue;
                 }
             };
             if let Err(why) = send(&mut sink, msg).await {
                 failed = Some(why);
                 break;
+            }
+            // Stamped once Asterisk has it: a send slowed by backpressure moves the clock on.
+            let now = tokio::time::Instant::now();
+            match mark {
+                Some(id) => clock.mark(id, now, true),
+                None => clock.frame_sent(now),
             }
         }
         if let Some(why) = failed {
