@@ -118,7 +118,7 @@ where
                     Some(MediaEvent::Audio(f)) => Message::binary(g711::encode_ulaw(&f)),
                     Some(MediaEvent::MarkPlayed(n)) => Message::text(format!("MEDIA_MARK_PROCESSED m{n}")),
                     Some(MediaEvent::Dtmf(d)) => Message::text(format!("DTMF_END digit:{d} channel_id:bench")),
-                    Some(MediaEvent::Hangup { .. }) | None => {
+                    Some(MediaEvent::Hangup { .. } | MediaEvent::TakenAway { .. }) | None => {
                         let _ = sink.close().await;
                         return;
                     }

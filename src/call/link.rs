@@ -45,6 +45,9 @@ pub enum MediaEvent {
     MarkPlayed(u64),
     /// The caller hung up or the media connection ended.
     Hangup { cause: String },
+    /// The PBX side has sent the caller on (the supervisor's overflow after the shutdown
+    /// grace): the call ends as transferred to `target`.
+    TakenAway { target: String, why: String },
 }
 
 /// Why sending to a link failed.

@@ -912,6 +912,12 @@ impl Session {
                     self.outcome = Some(CallOutcome::CallerHungUp);
                 }
             }
+            MediaEvent::TakenAway { target, why } => {
+                if self.outcome.is_none() {
+                    self.emit("transfer", json!({"target": target, "why": why}));
+                    self.outcome = Some(CallOutcome::Transferred { target });
+                }
+            }
         }
     }
 }

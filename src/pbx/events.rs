@@ -154,6 +154,19 @@ impl CallEvents {
         .await;
     }
 
+    /// The adapter has sent the caller on itself (overflow after the shutdown grace). Waits
+    /// for room, like a hangup.
+    pub async fn taken_away(&self, target: &str, why: &str) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.tx.send(MediaEvent::TakenAway {
+                target: target.to_string(),
+                why: why.to_string(),
+            }),
+        )
+        .await;
+    }
+
     /// Whether `other` feeds the same call (not just a call with the same id).
     pub fn same(&self, other: &CallEvents) -> bool {
         self.tx.same_channel(&other.tx)

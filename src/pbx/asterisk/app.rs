@@ -412,6 +412,11 @@ pub async fn run(
         }
     }
     events_stop.cancel();
+    // Let the events task send its close frame before the process may exit.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while events.recv().await.is_some() {}
+    })
+    .await;
     Ok(())
 }
 
@@ -628,6 +633,9 @@ async fn run_one(
     let outcome = tokio::select! {
         o = &mut call => o,
         _ = grace_over.cancelled() => {
+            // The call ends as transferred to the overflow target, not as the caller hanging
+            // up when Asterisk reports it leaving Stasis (told first, so it comes first).
+            events.taken_away(&cfg.asterisk.overflow_target, "grace period over").await;
             to_overflow(&shared, &caller, "grace period over").await;
             call.await
         }
