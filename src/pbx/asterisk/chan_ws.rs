@@ -24,6 +24,11 @@ use crate::pbx::queue_link::{LinkCmd, QueueLink, queue_link};
 pub const MAX_TEXT: usize = 128;
 /// Largest binary message sidecall accepts from Asterisk (Asterisk itself closes above 65535).
 pub const MAX_BINARY: usize = 65_535;
+/// After MEDIA_XON (queue below 800 of 1000), frames released at once; the rest follow at
+/// `RELEASE_PER_SECOND`, the pace Asterisk plays them, so the queue never overflows (Asterisk
+/// drops whole messages at 1000) and a new MEDIA_XOFF is read between releases.
+const XON_BATCH: usize = 150;
+const RELEASE_PER_SECOND: usize = 50;
 /// Frames held locally while Asterisk says MEDIA_XOFF (20 s).
 const HELD_MAX: usize = 1000;
 
@@ -402,10 +407,18 @@ async fn run<S>(
         }
     }
     // With PBX marks the clock is only a deadline for lost ones; without, it is the answer.
+    let mut release_tick = tokio::time::interval(Duration::from_secs(1));
+    release_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let cause = loop {
         let due = clock.next_due(MARK_GRACE);
         let mut out: Vec<Out> = Vec::new();
+        // `out` holds frames released from `held` (not new ones queued behind them).
+        let mut released = false;
         tokio::select! {
+            _ = release_tick.tick(), if !xoff && !held.is_empty() => {
+                release(&mut held, &mut held_frames, &mut out, RELEASE_PER_SECOND);
+                released = true;
+            }
             cmd = rx.recv() => {
                 match cmd {
                     None => break "session ended".to_string(),
@@ -479,8 +492,9 @@ async fn run<S>(
                     AstEvent::Xon => {
                         xoff = false;
                         warned_held = false;
-                        held_frames = 0;
-                        out.extend(held.drain(..));
+                        release(&mut held, &mut held_frames, &mut out, XON_BATCH);
+                        released = true;
+                        release_tick.reset();
                     }
                     AstEvent::Error(e) => tracing::warn!(%channel_id, error = %e, "Asterisk reported a media error"),
                     AstEvent::MediaStart(_) => tracing::warn!(%channel_id, "second MEDIA_START ignored"),
@@ -493,7 +507,8 @@ async fn run<S>(
         }
         let mut failed = None;
         for o in out {
-            if xoff {
+            // While frames are held, new ones queue behind them (order is what the caller hears).
+            if xoff || (!released && !held.is_empty()) {
                 match o {
                     // Marks are never dropped: a lost mark would leave a reply unfinished.
                     Out::Mark(_) => held.push_back(o),
@@ -539,6 +554,23 @@ async fn run<S>(
     tracing::debug!(%channel_id, %cause, "media task ends");
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     events.hangup(&cause).await;
+}
+
+/// Moves up to `frames` held frames (and the marks among them) to `out`.
+fn release(held: &mut VecDeque<Out>, held_frames: &mut usize, out: &mut Vec<Out>, frames: usize) {
+    let mut n = 0;
+    while let Some(o) = held.front() {
+        if matches!(o, Out::Frame(_)) {
+            if n >= frames {
+                break;
+            }
+            n += 1;
+        }
+        if let Some(o) = held.pop_front() {
+            out.push(o);
+        }
+    }
+    *held_frames = held_frames.saturating_sub(n);
 }
 
 /// Sends one message with a deadline: an Asterisk that stops reading must not hold the call.
@@ -715,6 +747,33 @@ mod tests {
         .await
         .unwrap();
         assert!(cause.contains("timed out"), "{cause}");
+    }
+
+    #[test]
+    fn held_frames_go_out_in_batches_with_their_marks_in_order() {
+        let mut held: VecDeque<Out> = VecDeque::new();
+        for i in 0..300u64 {
+            held.push_back(Out::Frame(vec![0; 4]));
+            if i % 100 == 99 {
+                held.push_back(Out::Mark(i));
+            }
+        }
+        let mut n = 300;
+        let mut out = Vec::new();
+        release(&mut held, &mut n, &mut out, XON_BATCH);
+        let frames = out.iter().filter(|o| matches!(o, Out::Frame(_))).count();
+        let marks: Vec<u64> = out
+            .iter()
+            .filter_map(|o| if let Out::Mark(m) = o { Some(*m) } else { None })
+            .collect();
+        assert_eq!(frames, 150, "at most a batch after MEDIA_XON");
+        assert_eq!(marks, vec![99], "the mark after frame 100 went with it");
+        assert_eq!(n, 150);
+        let mut rest = Vec::new();
+        release(&mut held, &mut n, &mut rest, usize::MAX);
+        assert_eq!(rest.len(), 150 + 2);
+        assert_eq!(n, 0);
+        assert!(held.is_empty());
     }
 
     #[test]
