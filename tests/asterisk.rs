@@ -1615,3 +1615,40 @@ async fn client_mode_on_a_first_release_without_channel_id_in_media_start() {
     assert_no_leftovers(&emu, &sc).await;
     sc.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_64_kib_media_messages_is_bounded_by_frames() {
+    // 400 messages of 64 KiB (about 13 minutes of audio) at once: the call keeps at most a
+    // second of it, so the caller's "speech" ends within seconds of the flood, the 20 ms clock
+    // keeps running, and the human key right after it works.
+    let emu = Emulator::start(0, Options::default()).await;
+    let sc = start(&emu, "", None).await;
+    let (caller, log) = emu
+        .place_call(
+            "sidecall",
+            &["flow=order_status"],
+            Script {
+                flood_at_ms: Some(1_000),
+                dtmf: vec![(6_000, "0".into())],
+                max_ms: 30_000,
+                ..Script::default()
+            },
+        )
+        .unwrap();
+    assert_reached_agent(&log, 20).await;
+    let recs = sc.records_of(&caller);
+    let t = |kind: &str| {
+        recs.iter()
+            .find(|r| r["type"] == kind)
+            .and_then(|r| r["t_ms"].as_u64())
+    };
+    let (start, end) = (t("speech_start"), t("speech_end"));
+    assert!(start.is_some(), "the noise was heard: {recs:#?}");
+    let end = end.unwrap_or_else(|| panic!("the flood's noise never ended: {recs:#?}"));
+    assert!(
+        end < 6_000,
+        "the noise ended {end} ms into the call, not minutes of backlog later: {recs:#?}"
+    );
+    assert_no_leftovers(&emu, &sc).await;
+    sc.shutdown().await;
+}

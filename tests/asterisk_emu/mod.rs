@@ -47,6 +47,8 @@ pub struct Script {
     pub garbage_at_ms: Option<u64>,
     /// Send one binary message far over any frame size at this time.
     pub oversized_at_ms: Option<u64>,
+    /// Send 400 binary messages of 64 KiB of loud noise at once at this time (a flooding peer).
+    pub flood_at_ms: Option<u64>,
 }
 
 /// What happened to one caller, as the PBX saw it.
@@ -1473,6 +1475,19 @@ async fn media_session(
                     outgoing.push(Message::text("{\"event\":"));
                     outgoing.push(Message::text("MEDIA_MARK_PROCESSED not-a-mark-of-ours"));
                     outgoing.push(Message::binary(vec![0x55u8; 7]));
+                }
+                if script.flood_at_ms.is_some_and(|t| t <= now) {
+                    script.flood_at_ms = None;
+                    let mut seed = 7u32;
+                    let noise: Vec<u8> = (0..65_534 / 2)
+                        .flat_map(|_| {
+                            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                            (((seed >> 16) as i16) / 2).to_le_bytes()
+                        })
+                        .collect();
+                    for _ in 0..400 {
+                        outgoing.push(Message::binary(noise.clone()));
+                    }
                 }
                 if script.oversized_at_ms.is_some_and(|t| t <= now) {
                     script.oversized_at_ms = None;
