@@ -1070,6 +1070,14 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
             Some(w) = work_rx.recv() => s.on_work(w),
         }
     }
+    // A reply cut by the end of the call (the caller hung up, was sent on) says what was heard.
+    if let Some(r) = s.reply.as_mut() {
+        let heard = r.playout.stop();
+        s.emit(
+            "playout_end",
+            json!({"heard": heard.text, "complete": false}),
+        );
+    }
     s.cancel_reply();
     dialog_task.abort();
     if let Some(action) = s.ending_action.take() {
