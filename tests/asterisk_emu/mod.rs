@@ -47,7 +47,8 @@ pub struct Script {
     pub garbage_at_ms: Option<u64>,
     /// Send one binary message far over any frame size at this time.
     pub oversized_at_ms: Option<u64>,
-    /// Send 400 binary messages of 64 KiB of loud noise at once at this time (a flooding peer).
+    /// Send 400 binary messages of 64 KiB of voiced sound at once at this time (a flooding peer;
+    /// slin formats).
     pub flood_at_ms: Option<u64>,
 }
 
@@ -1478,11 +1479,17 @@ async fn media_session(
                 }
                 if script.flood_at_ms.is_some_and(|t| t <= now) {
                     script.flood_at_ms = None;
-                    let mut seed = 7u32;
+                    // A voiced buzz (140 Hz and harmonics, a syllable rhythm) that any VAD
+                    // takes for speech, at the wire rate.
+                    let rate = wire_rate(&fmt) as f32;
                     let noise: Vec<u8> = (0..65_534 / 2)
-                        .flat_map(|_| {
-                            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                            (((seed >> 16) as i16) / 2).to_le_bytes()
+                        .flat_map(|i| {
+                            let t = i as f32 / rate;
+                            let env = 0.6 + 0.4 * (2.0 * std::f32::consts::PI * 4.0 * t).sin();
+                            let v: f32 = (1..12)
+                                .map(|h| (2.0 * std::f32::consts::PI * 140.0 * h as f32 * t).sin() / h as f32)
+                                .sum();
+                            ((v * env * 6000.0) as i16).to_le_bytes()
                         })
                         .collect();
                     for _ in 0..400 {
