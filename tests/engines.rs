@@ -251,17 +251,22 @@ async fn slow_asr_server(delay_ms: u64, processing_ms: u64) -> u16 {
     port
 }
 
-#[tokio::test]
-async fn asr_queue_wait_is_told_apart_from_processing() {
-    // One slot, three callers at once: the later ones wait in sidecall's queue, and the wait
-    // is reported as queue, not as a slow engine. The server's own figure splits its part.
+/// An ASR client with one slot, on a server that answers after 300 ms having worked 200 ms.
+async fn one_slot_asr() -> std::sync::Arc<OpenAiAsr> {
     let port = slow_asr_server(300, 200).await;
     let cfg = AsrConfig {
         url: format!("http://127.0.0.1:{port}/v1"),
         max_concurrent: 1,
         ..AsrConfig::default()
     };
-    let asr = std::sync::Arc::new(OpenAiAsr::new(&cfg, sidecall::engines::http_client()));
+    std::sync::Arc::new(OpenAiAsr::new(&cfg, sidecall::engines::http_client()))
+}
+
+#[tokio::test]
+async fn asr_queue_wait_is_told_apart_from_processing() {
+    // One slot, three callers at once: the later ones wait in sidecall's queue, and the wait
+    // is reported as queue, not as a slow engine. The server's own figure splits its part.
+    let asr = one_slot_asr().await;
     let load = asr.load().unwrap();
     let mut calls = Vec::new();
     for _ in 0..3 {
@@ -295,13 +300,7 @@ async fn asr_queue_wait_is_told_apart_from_processing() {
 
 #[tokio::test]
 async fn a_request_dropped_while_waiting_for_the_engine_is_not_counted_for_ever() {
-    let port = slow_asr_server(300, 200).await;
-    let cfg = AsrConfig {
-        url: format!("http://127.0.0.1:{port}/v1"),
-        max_concurrent: 1,
-        ..AsrConfig::default()
-    };
-    let asr = std::sync::Arc::new(OpenAiAsr::new(&cfg, sidecall::engines::http_client()));
+    let asr = one_slot_asr().await;
     let load = asr.load().unwrap();
     let a = asr.clone();
     let busy = tokio::spawn(async move { a.transcribe(&[0i16; 1600], 16_000, None).await });
