@@ -1070,11 +1070,19 @@ async fn redirect_to_an_endpoint_and_a_refused_redirect() {
         ok.lock().unwrap().redirected_to.as_deref(),
         Some("PJSIP/billing")
     );
-    // Asterisk refuses a redirect to another technology (422): the call is hung up, not left.
+    // Asterisk refuses a redirect to another technology (422): the caller is not left in
+    // Stasis; they go to the human target (`call.human_target`) instead.
     let b = bad.lock().unwrap().clone();
-    assert_eq!(b.redirected_to, None);
-    assert!(b.hangup_reason.is_some(), "{:?}", sc.records_of(&bad_id));
     let recs = sc.records_of(&bad_id);
+    assert_eq!(b.redirected_to, None);
+    assert_eq!(
+        b.continued_to,
+        Some(("agents".into(), "support".into(), Some(1))),
+        "{recs:#?}"
+    );
+    assert_eq!(b.hangup_reason, None, "{recs:#?}");
+    let end = recs.iter().rfind(|r| r["type"] == "call_end").unwrap();
+    assert_eq!(end["outcome"], "transferred");
     assert!(
         recs.iter().any(|r| r["type"] == "error"
             && r["stage"] == "transfer"

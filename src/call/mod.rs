@@ -1,8 +1,11 @@
-//! The call engine: one task per call (`CallSession`) runs turn detection, ASR, dialog, TTS and
-//! paced playout with barge-in, and acts on the call through the seams in `link`.
+//! The call engine: a sans-I/O core per call (`machine`: events and the time in, actions out)
+//! and its driver (`session`: one task per call that owns the I/O and the spawned work) run
+//! turn detection, ASR, dialog, TTS and paced playout with barge-in, and act on the call
+//! through the seams in `link`.
 
 pub mod dtmf;
 pub mod link;
+pub mod machine;
 pub mod playout;
 pub mod session;
 pub mod turn;

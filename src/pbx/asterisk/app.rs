@@ -641,9 +641,16 @@ async fn run_one(
         }
     };
     tracing::info!(%caller, outcome = outcome.label(), "call finished");
-    if outcome == crate::call::CallOutcome::CallerHungUp && !events.caller_gone() {
-        // The media side failed, not the caller: never leave a caller in silence.
-        to_overflow(&shared, &caller, "media ended under a live caller").await;
+    match outcome {
+        crate::call::CallOutcome::CallerHungUp if !events.caller_gone() => {
+            // The media side failed, not the caller: never leave a caller in silence.
+            to_overflow(&shared, &caller, "media ended under a live caller").await;
+        }
+        crate::call::CallOutcome::Failed { stage } => {
+            // The call could not end as it should (no answer, no transfer, no hangup).
+            to_overflow(&shared, &caller, &format!("{stage} failed")).await;
+        }
+        _ => {}
     }
     teardown(ari, &media_id, &bridge_id).await;
 }

@@ -1,0 +1,1381 @@
+//! The call as a sans-I/O state machine. `CallCore` takes events (a 20 ms tick, media from the
+//! PBX, results of work done elsewhere) with the current time on the call's clock, and answers
+//! with actions (send this frame, transcribe this utterance, ask the dialog, transfer, record).
+//! It never reads a clock, spawns a task or touches a socket: the driver in `session` does, so
+//! every behaviour of a call can be tested on synthetic time.
+//!
+//! A call is in exactly one `Phase`, and every phase has a deadline (`CallCore::deadline`):
+//! answering, thinking (dialog), recognizing (ASR), speaking (TTS and playout, the marks
+//! included), listening (no-input) and ending (transfer or hangup) each end on their own clock
+//! even when the work they wait for never reports back, and the whole call ends at
+//! `call.max_duration_s`. Every way out ends with the caller sent to a human or hung up.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::dtmf::DigitCollector;
+use super::link::{ControlError, LinkError, MediaEvent, MediaLink, Target};
+use super::playout::Playout;
+use super::turn::{TurnDetector, TurnEvent};
+use super::vad::Vad;
+use crate::audio::samples_per_frame;
+use crate::config::Config;
+use crate::engines::asr::{AsrError, Transcript};
+use crate::engines::dialog::{DialogError, Expectation, Heard, Input, Next, Turn, prompt};
+use crate::telemetry::names;
+
+/// Inbound frames buffered at most (1 s); older ones are dropped with a log line.
+pub const INBOUND_MAX: usize = 50;
+/// Inbound frames the detector takes per tick at most (a backlog drains at 5x real time).
+const FRAMES_PER_TICK: usize = 5;
+/// After this long without an inbound frame, ticks count as silence.
+const SILENCE_AFTER_MS: u64 = 40;
+/// TTS segments synthesized ahead of playout.
+const TTS_AHEAD: usize = 2;
+/// Limit the driver puts on answer, transfer, hangup and DTMF requests to the PBX.
+pub const CONTROL_TIMEOUT_MS: u64 = 5_000;
+/// Margin past a worker's own limit before the machine gives up on it (a task that never
+/// reports, whatever the reason).
+const BACKSTOP_MS: u64 = 1_000;
+/// Limit the driver puts on one TTS segment in all (a server trickling audio for ever).
+pub const TTS_SEGMENT_LIMIT_MS: u64 = 60_000;
+/// A reply with nothing new (no audio from TTS, no frame out) this long is given up.
+const SPEAKING_STALL_MS: u64 = TTS_SEGMENT_LIMIT_MS + 5_000;
+/// A reply whose last mark has not come back this long after its audio should have played is
+/// taken as played (a mark the PBX lost), so the call never waits on it for ever.
+const MARK_TIMEOUT_MS: u64 = 3_000;
+
+/// How a call ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallOutcome {
+    CallerHungUp,
+    AgentHungUp {
+        reason: String,
+    },
+    Transferred {
+        target: String,
+    },
+    /// The call could not be ended as it should (answer, transfer and hangup all failed): the
+    /// adapter sends the caller to its overflow target.
+    Failed {
+        stage: String,
+    },
+}
+
+impl CallOutcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            CallOutcome::CallerHungUp => "caller_hangup",
+            CallOutcome::AgentHungUp { .. } => "agent_hangup",
+            CallOutcome::Transferred { .. } => "transferred",
+            CallOutcome::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// What the dialog task is asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DialogCmd {
+    Start,
+    Input(Input),
+    Heard(Heard),
+}
+
+/// What happens to a call, with the time it happened.
+#[derive(Debug)]
+pub enum Event {
+    /// The 20 ms clock.
+    Tick,
+    /// Something from the PBX's media side.
+    Media(MediaEvent),
+    /// The PBX answered the call (or did not).
+    Answered(Result<(), ControlError>),
+    /// A transcript for utterance `seq`; `ms` is the time the request took in all.
+    Asr {
+        seq: u64,
+        result: Result<Transcript, AsrError>,
+        ms: u64,
+    },
+    /// The dialog's reply to ask `seq`.
+    Dialog {
+        seq: u64,
+        result: Result<Turn, DialogError>,
+        ms: u64,
+    },
+    /// Audio of segment `seg` of reply `reply`; `first_ms` on its first chunk (time to it).
+    TtsAudio {
+        reply: u64,
+        seg: usize,
+        samples: Vec<i16>,
+        first_ms: Option<u64>,
+    },
+    /// Synthesis of a segment failed (what was sent of it plays; the reply goes on).
+    TtsFailed {
+        reply: u64,
+        seg: usize,
+        message: String,
+    },
+    /// Synthesis of a segment is over (after audio, or after a failure).
+    TtsDone { reply: u64, seg: usize },
+    /// Keys asked by `Action::SendDtmf` were sent (or not).
+    DtmfSent(Result<(), ControlError>),
+    /// The transfer or hangup `seq` was done (or not).
+    ControlDone {
+        seq: u64,
+        result: Result<(), ControlError>,
+    },
+}
+
+/// What the driver is to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// A call record of `kind` at `at_ms` on the call's clock.
+    Record {
+        at_ms: u64,
+        kind: &'static str,
+        fields: Value,
+    },
+    /// Answer the call.
+    Answer,
+    /// Transcribe an utterance (result: `Event::Asr` with this `seq`).
+    Transcribe {
+        seq: u64,
+        audio: Vec<i16>,
+        hint: Option<String>,
+    },
+    /// Drop every transcription in flight.
+    CancelAsr,
+    /// Ask the dialog (`Start`/`Input` are answered by `Event::Dialog` with this `seq`).
+    Dialog { seq: u64, cmd: DialogCmd },
+    /// Synthesize segment `seg` of reply `reply`.
+    Synthesize {
+        reply: u64,
+        seg: usize,
+        text: String,
+    },
+    /// Drop synthesis in flight for `reply`.
+    CancelTts { reply: u64 },
+    /// One 20 ms frame of agent audio to the media link.
+    SendAudio(Vec<i16>),
+    /// A playout mark to the media link.
+    Mark(u64),
+    /// Drop what the PBX still has to play (media queue, and PBX-side playback).
+    Flush,
+    /// Send keys to the PBX (result: `Event::DtmfSent`).
+    SendDtmf(String),
+    /// Transfer the caller (result: `Event::ControlDone` with this `seq`).
+    Transfer {
+        seq: u64,
+        name: String,
+        target: Target,
+    },
+    /// Hang up (result: `Event::ControlDone` with this `seq`).
+    Hangup { seq: u64, reason: String },
+}
+
+/// Where a call is; the public face of `Phase`, for tests and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseName {
+    Answering,
+    Thinking,
+    Speaking,
+    Listening,
+    Recognizing,
+    Ending,
+    Ended,
+}
+
+/// Latency stamps of the turn in progress (ms on the call clock).
+#[derive(Default, Clone)]
+struct TurnTimes {
+    speech_end: Option<u64>,
+    endpoint_ms: u64,
+    asr_ms: u64,
+    asr_queue_ms: u64,
+    dialog_ms: u64,
+    tts_ms: Option<u64>,
+}
+
+/// A reply being synthesized and played.
+struct Reply {
+    id: u64,
+    playout: Playout,
+    turn: Turn,
+    next_to_synth: usize,
+    in_flight: usize,
+    requested_at: u64,
+    /// Last sign of life: audio from TTS, a frame out, a mark back.
+    progress_at: u64,
+    /// When everything was sent: by then plus the queued audio plus MARK_TIMEOUT_MS the last
+    /// mark must be back.
+    marks_due_at: Option<u64>,
+}
+
+/// The last control action of a call.
+#[derive(Debug, Clone)]
+enum EndAction {
+    Transfer { name: String, target: Target },
+    Hangup { reason: String },
+}
+
+struct Ending {
+    outcome: CallOutcome,
+    action: EndAction,
+    /// The action has gone out (else it waits for keys still being sent).
+    acting: bool,
+    seq: u64,
+    since: u64,
+    /// The human target was tried after another target failed.
+    fallback_tried: bool,
+}
+
+enum Phase {
+    /// Waiting for the PBX to answer.
+    Answering {
+        since: u64,
+    },
+    /// Waiting for the dialog's reply to ask `seq`.
+    Thinking {
+        seq: u64,
+        since: u64,
+    },
+    /// Playing a reply.
+    Speaking(Box<Reply>),
+    /// Waiting for the caller (no-input at `no_input_at`; None while the caller speaks).
+    Listening {
+        no_input_at: Option<u64>,
+    },
+    /// Waiting for transcripts: one per utterance, in order (a caller who pauses mid-sentence
+    /// and goes on is heard as one input).
+    Recognizing {
+        since: u64,
+        texts: BTreeMap<u64, Option<String>>,
+    },
+    /// Transferring or hanging up.
+    Ending(Box<Ending>),
+    Ended(CallOutcome),
+}
+
+/// The state of one call.
+pub struct CallCore {
+    cfg: Arc<Config>,
+    frame_len: usize,
+    /// One frame of silence, fed to the turn detector when the PBX sends nothing.
+    silence: Vec<i16>,
+    max_end: u64,
+    phase: Phase,
+    detector: TurnDetector,
+    digits: DigitCollector,
+    /// Keys entered in full during a reply that cannot be interrupted, for the next listen.
+    typeahead: Option<String>,
+    expect: Expectation,
+    ignore_speech: bool,
+    inbound: VecDeque<Vec<i16>>,
+    last_inbound_ms: Option<u64>,
+    dropped_inbound: u64,
+    times: TurnTimes,
+    reply_seq: u64,
+    next_mark: u64,
+    dialog_seq: u64,
+    asr_seq: u64,
+    control_seq: u64,
+    dtmf_in_flight: bool,
+    actions: VecDeque<Action>,
+}
+
+/// Collects what a playout tick sends as actions.
+struct Outbox<'a>(&'a mut VecDeque<Action>);
+
+impl MediaLink for Outbox<'_> {
+    fn send_audio(&mut self, frame: &[i16]) -> Result<(), LinkError> {
+        self.0.push_back(Action::SendAudio(frame.to_vec()));
+        Ok(())
+    }
+    fn mark(&mut self, id: u64) -> Result<(), LinkError> {
+        self.0.push_back(Action::Mark(id));
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), LinkError> {
+        self.0.push_back(Action::Flush);
+        Ok(())
+    }
+}
+
+/// Transcripts that are only noise markers (whisper's "[BLANK_AUDIO]", "(coughs)", "...").
+fn is_noise_transcript(text: &str) -> bool {
+    let t = text.trim();
+    (t.starts_with('[') && t.ends_with(']'))
+        || (t.starts_with('(') && t.ends_with(')'))
+        || t.chars().all(|c| !c.is_alphanumeric())
+}
+
+impl CallCore {
+    /// A call at the call's time zero, with `vad` deciding speech.
+    pub fn new(cfg: Arc<Config>, vad: Box<dyn Vad>) -> Self {
+        let rate = cfg.call.sample_rate;
+        let frame_len = samples_per_frame(rate);
+        let detector = TurnDetector::new(&cfg.vad, rate, vad);
+        let digits = DigitCollector::new(
+            cfg.dtmf.inter_digit_timeout_ms,
+            cfg.dtmf.max_digits,
+            cfg.dtmf.terminator.chars().next(),
+        );
+        let max_end = cfg.call.max_duration_s.saturating_mul(1_000);
+        Self {
+            cfg,
+            frame_len,
+            silence: vec![0; frame_len],
+            max_end,
+            phase: Phase::Answering { since: 0 },
+            detector,
+            digits,
+            typeahead: None,
+            expect: Expectation::default(),
+            ignore_speech: false,
+            inbound: VecDeque::with_capacity(INBOUND_MAX),
+            last_inbound_ms: None,
+            dropped_inbound: 0,
+            times: TurnTimes::default(),
+            reply_seq: 0,
+            next_mark: 1,
+            dialog_seq: 0,
+            asr_seq: 0,
+            control_seq: 0,
+            dtmf_in_flight: false,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Starts the call at `now`: records it and asks the PBX to answer.
+    pub fn start(&mut self, now: u64, call_id: &str, flow: &str) {
+        self.record(
+            now,
+            "call_start",
+            json!({"call_id": call_id, "flow": flow, "rate": self.cfg.call.sample_rate}),
+        );
+        self.phase = Phase::Answering { since: now };
+        self.actions.push_back(Action::Answer);
+    }
+
+    /// The next action to perform, oldest first.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Where the call is.
+    pub fn phase(&self) -> PhaseName {
+        match &self.phase {
+            Phase::Answering { .. } => PhaseName::Answering,
+            Phase::Thinking { .. } => PhaseName::Thinking,
+            Phase::Speaking(_) => PhaseName::Speaking,
+            Phase::Listening { .. } => PhaseName::Listening,
+            Phase::Recognizing { .. } => PhaseName::Recognizing,
+            Phase::Ending(_) => PhaseName::Ending,
+            Phase::Ended(_) => PhaseName::Ended,
+        }
+    }
+
+    /// How the call ended, once it has.
+    pub fn outcome(&self) -> Option<&CallOutcome> {
+        match &self.phase {
+            Phase::Ended(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// When the current phase gives up on what it waits for (ms on the call clock); the call's
+    /// own limit (`max_duration_s`) caps every phase but the end.
+    pub fn deadline(&self) -> Option<u64> {
+        let backstop =
+            |since: u64, limit: u64| since.saturating_add(limit).saturating_add(BACKSTOP_MS);
+        let own = match &self.phase {
+            Phase::Answering { since } => Some(backstop(*since, CONTROL_TIMEOUT_MS)),
+            Phase::Thinking { since, .. } => Some(backstop(*since, self.cfg.dialog.timeout_ms)),
+            Phase::Recognizing { since, .. } => Some(backstop(*since, self.asr_limit_ms())),
+            Phase::Listening { no_input_at } => *no_input_at,
+            Phase::Speaking(r) => Some(
+                r.marks_due_at
+                    .unwrap_or_else(|| r.progress_at.saturating_add(SPEAKING_STALL_MS)),
+            ),
+            Phase::Ending(e) => return Some(backstop(e.since, CONTROL_TIMEOUT_MS)),
+            Phase::Ended(_) => return None,
+        };
+        Some(own.map_or(self.max_end, |d| d.min(self.max_end)))
+    }
+
+    /// The driver's limit on one transcription (the engine's own budget plus a margin).
+    pub fn asr_limit_ms(&self) -> u64 {
+        self.cfg.asr.timeout_ms.saturating_add(2_000)
+    }
+
+    /// Handles one event at `now` (ms since the call's start).
+    pub fn handle(&mut self, now: u64, ev: Event) {
+        if matches!(self.phase, Phase::Ended(_)) {
+            return;
+        }
+        match ev {
+            Event::Tick => self.on_tick(now),
+            Event::Media(m) => self.on_media(now, m),
+            Event::Answered(r) => self.on_answered(now, r),
+            Event::Asr { seq, result, ms } => self.on_asr(now, seq, result, ms),
+            Event::Dialog { seq, result, ms } => self.on_dialog(now, seq, result, ms),
+            Event::TtsAudio {
+                reply,
+                seg,
+                samples,
+                first_ms,
+            } => self.on_tts_audio(now, reply, seg, &samples, first_ms),
+            Event::TtsFailed {
+                reply,
+                seg,
+                message,
+            } => {
+                let Some(r) = self.reply_mut(reply) else {
+                    return;
+                };
+                r.playout.synth_done(seg);
+                r.progress_at = now;
+                self.error(now, "tts", message);
+            }
+            Event::TtsDone { reply, seg } => {
+                let Phase::Speaking(r) = &mut self.phase else {
+                    return;
+                };
+                if r.id != reply {
+                    return;
+                }
+                r.playout.synth_done(seg);
+                r.in_flight = r.in_flight.saturating_sub(1);
+                r.progress_at = now;
+                Self::pump_tts(r, &mut self.actions);
+            }
+            Event::DtmfSent(r) => self.on_dtmf_sent(now, r),
+            Event::ControlDone { seq, result } => self.on_control_done(now, seq, result),
+        }
+    }
+
+    fn record(&mut self, at_ms: u64, kind: &'static str, fields: Value) {
+        self.actions.push_back(Action::Record {
+            at_ms,
+            kind,
+            fields,
+        });
+    }
+
+    fn error(&mut self, now: u64, stage: &'static str, message: String) {
+        tracing::warn!(stage, %message, "call error");
+        metrics::counter!(names::ERRORS, "stage" => stage).increment(1);
+        self.record(now, "error", json!({"stage": stage, "message": message}));
+    }
+
+    fn reply_mut(&mut self, id: u64) -> Option<&mut Reply> {
+        match &mut self.phase {
+            Phase::Speaking(r) if r.id == id => Some(r),
+            _ => None,
+        }
+    }
+
+    fn ending(&self) -> bool {
+        matches!(self.phase, Phase::Ending(_) | Phase::Ended(_))
+    }
+
+    /// Asks the dialog for a turn; the call thinks until it answers.
+    fn ask(&mut self, now: u64, cmd: DialogCmd) {
+        self.dialog_seq += 1;
+        let seq = self.dialog_seq;
+        self.actions.push_back(Action::Dialog { seq, cmd });
+        self.phase = Phase::Thinking { seq, since: now };
+    }
+
+    fn tell_heard(&mut self, heard: Heard) {
+        self.actions.push_back(Action::Dialog {
+            seq: self.dialog_seq,
+            cmd: DialogCmd::Heard(heard),
+        });
+    }
+
+    fn on_answered(&mut self, now: u64, r: Result<(), ControlError>) {
+        if !matches!(self.phase, Phase::Answering { .. }) {
+            return;
+        }
+        match r {
+            Ok(()) => self.ask(now, DialogCmd::Start),
+            Err(e) => {
+                self.error(now, "answer", e.to_string());
+                self.end(
+                    now,
+                    CallOutcome::Failed {
+                        stage: "answer".into(),
+                    },
+                );
+            }
+        }
+    }
+
+    // ---- speaking ----
+
+    /// Starts playing a reply from the dialog.
+    fn play(&mut self, now: u64, turn: Turn) {
+        self.take_reply();
+        let text = prompt::joined(&turn.say);
+        if !text.is_empty() {
+            self.record(
+                now,
+                "agent_say",
+                json!({"text": text, "barge_in": turn.barge_in}),
+            );
+        }
+        self.reply_seq += 1;
+        let playout = Playout::new(
+            &turn.say,
+            self.next_mark,
+            self.frame_len,
+            self.cfg.call.playout_lead_frames,
+        );
+        self.next_mark = self
+            .next_mark
+            .saturating_add(turn.say.len() as u64)
+            .saturating_add(1);
+        let empty = turn.say.is_empty();
+        let mut reply = Box::new(Reply {
+            id: self.reply_seq,
+            playout,
+            turn,
+            next_to_synth: 0,
+            in_flight: 0,
+            requested_at: now,
+            progress_at: now,
+            marks_due_at: None,
+        });
+        Self::pump_tts(&mut reply, &mut self.actions);
+        self.phase = Phase::Speaking(reply);
+        if empty {
+            self.reply_finished(now, true);
+        }
+    }
+
+    /// Keeps up to TTS_AHEAD segments synthesizing.
+    fn pump_tts(reply: &mut Reply, actions: &mut VecDeque<Action>) {
+        while reply.in_flight < TTS_AHEAD && reply.next_to_synth < reply.turn.say.len() {
+            let seg = reply.next_to_synth;
+            reply.next_to_synth += 1;
+            let text = reply.turn.say[seg].text.clone();
+            if text.trim().is_empty() {
+                continue;
+            }
+            reply.in_flight += 1;
+            actions.push_back(Action::Synthesize {
+                reply: reply.id,
+                seg,
+                text,
+            });
+        }
+    }
+
+    /// Leaves the speaking phase without a word (its caller sets the next phase): synthesis
+    /// in flight is dropped. Returns the reply.
+    fn take_reply(&mut self) -> Option<Box<Reply>> {
+        if !matches!(self.phase, Phase::Speaking(_)) {
+            return None;
+        }
+        // A placeholder until the caller sets the real next phase.
+        let Phase::Speaking(r) =
+            std::mem::replace(&mut self.phase, Phase::Listening { no_input_at: None })
+        else {
+            return None;
+        };
+        self.actions.push_back(Action::CancelTts { reply: r.id });
+        Some(r)
+    }
+
+    fn on_tts_audio(
+        &mut self,
+        now: u64,
+        reply: u64,
+        seg: usize,
+        samples: &[i16],
+        first_ms: Option<u64>,
+    ) {
+        let Phase::Speaking(r) = &mut self.phase else {
+            return;
+        };
+        if r.id != reply {
+            return;
+        }
+        r.playout.add_audio(seg, samples);
+        r.progress_at = now;
+        let started = r.playout.started();
+        if let Some(ms) = first_ms {
+            if seg == 0 && self.times.tts_ms.is_none() {
+                self.times.tts_ms = Some(ms);
+                metrics::histogram!(names::STAGE_SECONDS, "stage" => "tts")
+                    .record(ms as f64 / 1000.0);
+            }
+        }
+        // The first audio of a reply goes out now, not at the next tick.
+        if !started {
+            self.playout_step(now);
+        }
+    }
+
+    /// Sends the agent audio due now; stamps the turn when a reply's first audio goes out.
+    fn playout_step(&mut self, now: u64) {
+        let Phase::Speaking(r) = &mut self.phase else {
+            return;
+        };
+        if r.marks_due_at.is_none() && r.playout.all_sent() {
+            r.marks_due_at = Some(
+                now.saturating_add(r.playout.queued_ms())
+                    .saturating_add(MARK_TIMEOUT_MS),
+            );
+        }
+        let tick = match r.playout.tick(&mut Outbox(&mut self.actions)) {
+            Ok(t) => t,
+            Err(_) => return, // the outbox never refuses
+        };
+        if tick.frames > 0 {
+            r.progress_at = now;
+        }
+        if !tick.first_audio {
+            return;
+        }
+        let tts_wait = now.saturating_sub(r.requested_at);
+        self.record(now, "playout_start", json!({}));
+        if let Some(end) = self.times.speech_end.take() {
+            let total = now.saturating_sub(end);
+            let tts_ms = self.times.tts_ms.unwrap_or(tts_wait);
+            metrics::histogram!(names::TURN_SECONDS).record(total as f64 / 1000.0);
+            metrics::histogram!(names::STAGE_SECONDS, "stage" => "endpoint")
+                .record(self.times.endpoint_ms as f64 / 1000.0);
+            let t = &self.times;
+            let fields = json!({
+                "endpoint_ms": t.endpoint_ms,
+                "asr_ms": t.asr_ms,
+                "asr_queue_ms": t.asr_queue_ms,
+                "dialog_ms": t.dialog_ms,
+                "tts_ms": tts_ms,
+                "total_ms": total,
+            });
+            self.record(now, "turn", fields);
+        }
+    }
+
+    /// The reply has played (or is taken as played): the dialog hears what was said, keys go
+    /// out, and the turn's `next` happens.
+    fn reply_finished(&mut self, now: u64, complete: bool) {
+        let Some(r) = self.take_reply() else { return };
+        let text = r.playout.text();
+        self.record(
+            now,
+            "playout_end",
+            json!({"heard": text, "complete": complete}),
+        );
+        self.tell_heard(Heard { text, complete });
+        let Turn {
+            send_dtmf, next, ..
+        } = r.turn;
+        if let Some(digits) = send_dtmf {
+            self.record(now, "dtmf_sent", json!({"digits": digits}));
+            self.dtmf_in_flight = true;
+            self.actions.push_back(Action::SendDtmf(digits));
+        }
+        self.finish_next(now, next);
+    }
+
+    /// Stops a reply at once (barge-in, the human key, the end of the call): nothing more is
+    /// sent, the PBX drops what it has queued, synthesis stops. Returns the reply and what the
+    /// caller heard of it.
+    fn cut_reply(&mut self) -> Option<(Box<Reply>, Heard)> {
+        let mut r = self.take_reply()?;
+        let heard = r.playout.stop();
+        self.actions.push_back(Action::Flush);
+        Some((r, heard))
+    }
+
+    /// Cuts a reply and records what was heard of it.
+    fn cut_reply_recorded(&mut self, now: u64) -> Option<(Box<Reply>, Heard)> {
+        let (r, heard) = self.cut_reply()?;
+        self.record(
+            now,
+            "playout_end",
+            json!({"heard": heard.text, "complete": false}),
+        );
+        Some((r, heard))
+    }
+
+    /// The caller interrupted: stop in this tick, tell the dialog what was heard.
+    fn barge_in(&mut self, now: u64, by: &str) {
+        if !matches!(self.phase, Phase::Speaking(_)) {
+            return;
+        }
+        metrics::counter!(names::BARGE_INS).increment(1);
+        self.record(now, "barge_in", json!({"by": by}));
+        let Some((r, heard)) = self.cut_reply_recorded(now) else {
+            return;
+        };
+        self.tell_heard(heard);
+        match r.turn.next {
+            Next::Listen(exp) => self.listen(now, exp),
+            // Replies that end the call are not interruptible; if one was, carry on with it.
+            other => self.finish_next(now, other),
+        }
+    }
+
+    fn finish_next(&mut self, now: u64, next: Next) {
+        match next {
+            Next::Listen(exp) => {
+                self.listen(now, exp);
+                // Speech the caller started during a prompt that could not be interrupted is
+                // not an answer to what follows it.
+                self.ignore_speech = self.detector.in_speech();
+                if let Some(digits) = self.typeahead.take() {
+                    self.digits_done(now, digits);
+                }
+            }
+            Next::Transfer { target } => self.start_transfer(now, target),
+            Next::Hangup { reason } => self.start_hangup(now, reason),
+        }
+    }
+
+    // ---- listening and recognizing ----
+
+    fn listen(&mut self, now: u64, exp: Expectation) {
+        self.digits.expect(exp.digits.clone());
+        self.expect = exp;
+        self.phase = Phase::Listening {
+            no_input_at: Some(now.saturating_add(self.cfg.call.no_input_timeout_ms)),
+        };
+    }
+
+    fn on_turn_event(&mut self, now: u64, ev: TurnEvent) {
+        match ev {
+            TurnEvent::SpeechStart { voiced_ms } => {
+                self.record(now, "speech_start", json!({"voiced_ms": voiced_ms}));
+                match &mut self.phase {
+                    Phase::Listening { no_input_at } => *no_input_at = None,
+                    Phase::Speaking(r) => {
+                        self.ignore_speech = !(r.turn.barge_in && self.cfg.vad.barge_in);
+                    }
+                    _ => {}
+                }
+            }
+            TurnEvent::SpeechEnd {
+                audio,
+                speech_ms,
+                endpoint_ms,
+                cut,
+            } => {
+                self.record(
+                    now,
+                    "speech_end",
+                    json!({"speech_ms": speech_ms, "endpoint_ms": endpoint_ms, "cut": cut}),
+                );
+                let ignored = std::mem::take(&mut self.ignore_speech);
+                let listening = matches!(self.phase, Phase::Listening { .. });
+                let recognizing = matches!(self.phase, Phase::Recognizing { .. });
+                if ignored || !(listening || recognizing) {
+                    // Speech over a prompt, or while the dialog thinks or the call ends.
+                    if let Phase::Listening { no_input_at } = &mut self.phase {
+                        *no_input_at = Some(now.saturating_add(self.cfg.call.no_input_timeout_ms));
+                    }
+                    return;
+                }
+                self.times = TurnTimes {
+                    speech_end: Some(now.saturating_sub(endpoint_ms)),
+                    endpoint_ms,
+                    ..TurnTimes::default()
+                };
+                self.asr_seq += 1;
+                let seq = self.asr_seq;
+                self.actions.push_back(Action::Transcribe {
+                    seq,
+                    audio,
+                    hint: self.expect.asr_hint.clone(),
+                });
+                match &mut self.phase {
+                    Phase::Recognizing { since, texts } => {
+                        *since = now;
+                        texts.insert(seq, None);
+                    }
+                    _ => {
+                        self.phase = Phase::Recognizing {
+                            since: now,
+                            texts: BTreeMap::from([(seq, None)]),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_asr(&mut self, now: u64, seq: u64, result: Result<Transcript, AsrError>, ms: u64) {
+        let Phase::Recognizing { texts, .. } = &mut self.phase else {
+            return;
+        };
+        if !matches!(texts.get(&seq), Some(None)) {
+            return;
+        }
+        // Waiting for the engine and the engine working are told apart: many callers on one
+        // ASR server show up as queue, not as a slow engine.
+        let (queue_ms, asr_ms) = match &result {
+            Ok(t) => (t.queue_ms.min(ms), t.process_ms.min(ms)),
+            Err(_) => (0, ms),
+        };
+        self.times.asr_ms = asr_ms;
+        self.times.asr_queue_ms = queue_ms;
+        metrics::histogram!(names::STAGE_SECONDS, "stage" => "asr").record(asr_ms as f64 / 1000.0);
+        metrics::histogram!(names::STAGE_SECONDS, "stage" => "asr_queue")
+            .record(queue_ms as f64 / 1000.0);
+        let text = match result {
+            Ok(t) if t.text.trim().is_empty() || is_noise_transcript(&t.text) => {
+                self.record(
+                    now,
+                    "transcript",
+                    json!({"text": t.text, "ignored": true, "asr_ms": asr_ms, "asr_queue_ms": queue_ms}),
+                );
+                String::new()
+            }
+            Ok(t) => {
+                self.record(
+                    now,
+                    "transcript",
+                    json!({"text": t.text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms}),
+                );
+                t.text.trim().to_string()
+            }
+            Err(e) => {
+                self.actions.push_back(Action::CancelAsr);
+                self.fail(now, "asr", e.to_string());
+                return;
+            }
+        };
+        if let Phase::Recognizing { texts, .. } = &mut self.phase {
+            texts.insert(seq, Some(text));
+        }
+        self.check_recognized(now);
+    }
+
+    /// Every transcript is in and the caller is not speaking again: the dialog gets them as
+    /// one input.
+    fn check_recognized(&mut self, now: u64) {
+        let Phase::Recognizing { texts, .. } = &self.phase else {
+            return;
+        };
+        if texts.values().any(Option::is_none) || self.detector.in_speech() {
+            return;
+        }
+        let joined = texts
+            .values()
+            .flatten()
+            .filter(|t| !t.is_empty())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if joined.is_empty() {
+            let exp = self.expect.clone();
+            self.listen(now, exp);
+        } else {
+            self.ask(now, DialogCmd::Input(Input::Speech(joined)));
+        }
+    }
+
+    fn on_dialog(&mut self, now: u64, seq: u64, result: Result<Turn, DialogError>, ms: u64) {
+        if !matches!(self.phase, Phase::Thinking { seq: s, .. } if s == seq) {
+            return;
+        }
+        self.times.dialog_ms = ms;
+        metrics::histogram!(names::STAGE_SECONDS, "stage" => "dialog").record(ms as f64 / 1000.0);
+        match result {
+            Ok(turn) => self.play(now, turn),
+            Err(e) => self.fail(now, "dialog", e.to_string()),
+        }
+    }
+
+    // ---- keys ----
+
+    fn on_digit(&mut self, now: u64, d: char) {
+        self.record(now, "dtmf_key", json!({"digit": d.to_string()}));
+        if self.ending() {
+            return;
+        }
+        let human = self.cfg.call.human_key.chars().next();
+        if Some(d) == human && self.digits.is_empty() {
+            self.cut_reply_recorded(now);
+            if matches!(self.phase, Phase::Recognizing { .. }) {
+                self.actions.push_back(Action::CancelAsr);
+            }
+            self.record(
+                now,
+                "dtmf",
+                json!({"digits": d.to_string(), "human_key": true}),
+            );
+            let target = self.cfg.call.human_target.clone();
+            let announce = self
+                .cfg
+                .transfers
+                .get(&target)
+                .and_then(|t| t.announce.clone());
+            let say = announce.map(|a| prompt::segments(&a)).unwrap_or_default();
+            self.play(
+                now,
+                Turn {
+                    say,
+                    barge_in: false,
+                    send_dtmf: None,
+                    next: Next::Transfer { target },
+                },
+            );
+            return;
+        }
+        // A terminator with nothing before it (after an entry that filled up) means nothing.
+        if Some(d) == self.digits.terminator() && self.digits.is_empty() {
+            return;
+        }
+        // Typing over a prompt interrupts it, like speaking does.
+        if matches!(&self.phase, Phase::Speaking(r) if r.turn.barge_in && self.cfg.vad.barge_in) {
+            self.barge_in(now, "dtmf");
+        }
+        match self.digits.push(d, now) {
+            Some(entry) => self.digits_done(now, entry.digits),
+            // The entry is still open: the inter-digit timeout ends it; no-input waits meanwhile.
+            None => {
+                if let Phase::Listening { no_input_at } = &mut self.phase {
+                    *no_input_at = Some(now.saturating_add(self.cfg.call.no_input_timeout_ms));
+                }
+            }
+        }
+    }
+
+    fn digits_done(&mut self, now: u64, digits: String) {
+        self.record(now, "dtmf", json!({"digits": digits}));
+        match self.phase {
+            Phase::Listening { .. } => {}
+            // Keys are the more deliberate answer: they win over speech still being recognized.
+            Phase::Recognizing { .. } => self.actions.push_back(Action::CancelAsr),
+            // Typed ahead during a prompt that cannot be interrupted: kept for the next listen.
+            Phase::Speaking(_) => {
+                self.typeahead = Some(digits);
+                return;
+            }
+            _ => return,
+        }
+        self.times = TurnTimes {
+            speech_end: Some(now),
+            ..TurnTimes::default()
+        };
+        self.ask(now, DialogCmd::Input(Input::Digits(digits)));
+    }
+
+    fn on_dtmf_sent(&mut self, now: u64, r: Result<(), ControlError>) {
+        self.dtmf_in_flight = false;
+        if let Err(e) = r {
+            self.record(
+                now,
+                "error",
+                json!({"stage": "dtmf", "message": e.to_string()}),
+            );
+        }
+        if let Phase::Ending(e) = &self.phase {
+            if !e.acting {
+                self.act(now);
+            }
+        }
+    }
+
+    // ---- ending ----
+
+    /// An engine failed for good: play the fallback prompt, then transfer or hang up per config.
+    fn fail(&mut self, now: u64, stage: &'static str, message: String) {
+        self.error(now, stage, message);
+        if self.ending() {
+            return;
+        }
+        let next = if self.cfg.call.on_error == "transfer"
+            && self.cfg.transfers.contains_key(&self.cfg.call.human_target)
+        {
+            Next::Transfer {
+                target: self.cfg.call.human_target.clone(),
+            }
+        } else {
+            Next::Hangup {
+                reason: format!("{stage}_error"),
+            }
+        };
+        let say = prompt::segments(&self.cfg.call.error_prompt);
+        self.play(
+            now,
+            Turn {
+                say,
+                barge_in: false,
+                send_dtmf: None,
+                next,
+            },
+        );
+    }
+
+    fn start_transfer(&mut self, now: u64, name: String) {
+        let Some(t) = self.cfg.transfers.get(&name) else {
+            self.error(
+                now,
+                "transfer",
+                format!("target `{name}` is not allow-listed; refused"),
+            );
+            self.record(now, "transfer_refused", json!({"target": name}));
+            let exp = self.expect.clone();
+            self.listen(now, exp);
+            return;
+        };
+        let target = Target::from(t);
+        self.record(now, "transfer", json!({"target": name}));
+        self.begin_end(
+            now,
+            CallOutcome::Transferred {
+                target: name.clone(),
+            },
+            EndAction::Transfer { name, target },
+        );
+    }
+
+    fn start_hangup(&mut self, now: u64, reason: String) {
+        self.record(now, "hangup", json!({"reason": reason}));
+        self.begin_end(
+            now,
+            CallOutcome::AgentHungUp {
+                reason: reason.clone(),
+            },
+            EndAction::Hangup { reason },
+        );
+    }
+
+    /// The agent's part is over: the control action goes out once keys being sent are out.
+    fn begin_end(&mut self, now: u64, outcome: CallOutcome, action: EndAction) {
+        if matches!(self.phase, Phase::Recognizing { .. }) {
+            self.actions.push_back(Action::CancelAsr);
+        }
+        self.phase = Phase::Ending(Box::new(Ending {
+            outcome,
+            action,
+            acting: false,
+            seq: 0,
+            since: now,
+            fallback_tried: false,
+        }));
+        if !self.dtmf_in_flight {
+            self.act(now);
+        }
+    }
+
+    /// Sends the ending's control action.
+    fn act(&mut self, now: u64) {
+        self.control_seq += 1;
+        let seq = self.control_seq;
+        let Phase::Ending(e) = &mut self.phase else {
+            return;
+        };
+        e.acting = true;
+        e.seq = seq;
+        e.since = now;
+        self.actions.push_back(match &e.action {
+            EndAction::Transfer { name, target } => Action::Transfer {
+                seq,
+                name: name.clone(),
+                target: target.clone(),
+            },
+            EndAction::Hangup { reason } => Action::Hangup {
+                seq,
+                reason: reason.clone(),
+            },
+        });
+    }
+
+    fn on_control_done(&mut self, now: u64, seq: u64, result: Result<(), ControlError>) {
+        let Phase::Ending(e) = &self.phase else {
+            return;
+        };
+        if !e.acting || e.seq != seq {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let outcome = e.outcome.clone();
+                self.end(now, outcome);
+            }
+            Err(err) => self.control_failed(now, err),
+        }
+    }
+
+    /// The transfer or hangup failed or got no answer. A transfer falls back to the human
+    /// target, then to a hangup; a failed hangup ends the call as failed (the adapter sends the
+    /// caller to its overflow target).
+    fn control_failed(&mut self, now: u64, err: ControlError) {
+        let Phase::Ending(e) = &self.phase else {
+            return;
+        };
+        let gone = matches!(err, ControlError::NotFound);
+        let stage = match e.action {
+            EndAction::Transfer { .. } => "transfer",
+            EndAction::Hangup { .. } => "hangup",
+        };
+        let (action, fallback_tried) = (e.action.clone(), e.fallback_tried);
+        self.error(now, stage, err.to_string());
+        match action {
+            _ if gone => {
+                let outcome = match action {
+                    EndAction::Hangup { reason } => CallOutcome::AgentHungUp { reason },
+                    EndAction::Transfer { .. } => CallOutcome::CallerHungUp,
+                };
+                self.end(now, outcome);
+            }
+            EndAction::Transfer { name, .. } => {
+                let human = self.cfg.call.human_target.clone();
+                let fallback = self
+                    .cfg
+                    .transfers
+                    .get(&human)
+                    .filter(|_| !fallback_tried && human != name)
+                    .map(Target::from);
+                let (outcome, action) = match fallback {
+                    Some(target) => {
+                        self.record(
+                            now,
+                            "transfer",
+                            json!({"target": human, "why": format!("transfer to `{name}` failed")}),
+                        );
+                        (
+                            CallOutcome::Transferred {
+                                target: human.clone(),
+                            },
+                            EndAction::Transfer {
+                                name: human,
+                                target,
+                            },
+                        )
+                    }
+                    None => {
+                        let reason = "transfer_failed".to_string();
+                        self.record(now, "hangup", json!({"reason": reason}));
+                        (
+                            CallOutcome::AgentHungUp {
+                                reason: reason.clone(),
+                            },
+                            EndAction::Hangup { reason },
+                        )
+                    }
+                };
+                if let Phase::Ending(e) = &mut self.phase {
+                    e.outcome = outcome;
+                    e.action = action;
+                    e.fallback_tried = true;
+                }
+                self.act(now);
+            }
+            EndAction::Hangup { .. } => self.end(
+                now,
+                CallOutcome::Failed {
+                    stage: "hangup".into(),
+                },
+            ),
+        }
+    }
+
+    /// The call is over: a reply still playing says what was heard; the record is written.
+    fn end(&mut self, now: u64, outcome: CallOutcome) {
+        self.cut_reply_recorded(now);
+        if matches!(self.phase, Phase::Recognizing { .. }) {
+            self.actions.push_back(Action::CancelAsr);
+        }
+        metrics::counter!(names::CALLS_TOTAL, "outcome" => outcome.label()).increment(1);
+        self.record(now, "call_end", json!({"outcome": outcome.label()}));
+        self.phase = Phase::Ended(outcome);
+    }
+
+    // ---- media and the clock ----
+
+    fn push_inbound(&mut self, frame: Vec<i16>) {
+        if self.inbound.len() >= INBOUND_MAX {
+            self.inbound.pop_front();
+            self.dropped_inbound += 1;
+            if self.dropped_inbound % 50 == 1 {
+                tracing::warn!(
+                    dropped = self.dropped_inbound,
+                    "inbound audio backlog; dropping oldest frames"
+                );
+            }
+        }
+        self.inbound.push_back(frame);
+    }
+
+    fn on_media(&mut self, now: u64, ev: MediaEvent) {
+        match ev {
+            MediaEvent::Audio(frame) => {
+                self.last_inbound_ms = Some(now);
+                if frame.is_empty() {
+                    return;
+                }
+                // Re-cut to whole frames (a PBX may send short tails or odd sizes); the backlog
+                // is bounded in frames, whatever the size of the messages.
+                if frame.len() == self.frame_len {
+                    self.push_inbound(frame);
+                } else {
+                    for chunk in frame.chunks(self.frame_len) {
+                        let mut f = chunk.to_vec();
+                        f.resize(self.frame_len, 0);
+                        self.push_inbound(f);
+                    }
+                }
+            }
+            MediaEvent::Dtmf(d) => self.on_digit(now, d),
+            MediaEvent::MarkPlayed(id) => {
+                let done = match &mut self.phase {
+                    Phase::Speaking(r) if r.playout.mark_range().contains(&id) => {
+                        r.progress_at = now;
+                        r.playout.on_mark(id)
+                    }
+                    _ => false,
+                };
+                if done {
+                    self.reply_finished(now, true);
+                }
+            }
+            MediaEvent::Hangup { cause } => {
+                // While ending, the media side closing is the transfer or hangup taking
+                // effect: the control action's own answer decides the outcome.
+                if !self.ending() {
+                    self.record(now, "hangup", json!({"reason": "caller", "cause": cause}));
+                    self.end(now, CallOutcome::CallerHungUp);
+                }
+            }
+            MediaEvent::TakenAway { target, why } => {
+                self.record(now, "transfer", json!({"target": target, "why": why}));
+                self.end(now, CallOutcome::Transferred { target });
+            }
+        }
+    }
+
+    fn on_tick(&mut self, now: u64) {
+        // Inbound audio: what arrived (a few frames per tick at most, so a backlog drains
+        // without stalling the tick); silence when the PBX sends nothing.
+        let mut processed = 0;
+        while processed < FRAMES_PER_TICK {
+            let Some(frame) = self.inbound.pop_front() else {
+                break;
+            };
+            processed += 1;
+            if let Some(ev) = self.detector.push(&frame) {
+                self.on_turn_event(now, ev);
+            }
+        }
+        if processed == 0
+            && self
+                .last_inbound_ms
+                .is_none_or(|t| now.saturating_sub(t) >= SILENCE_AFTER_MS)
+        {
+            if let Some(ev) = self.detector.push(&self.silence) {
+                self.on_turn_event(now, ev);
+            }
+        }
+        if self.ending() {
+            return self.check_deadline(now);
+        }
+        if self.detector.in_speech() && !self.ignore_speech {
+            self.check_barge_in(now);
+        }
+        if let Some(entry) = self.digits.tick(now) {
+            self.digits_done(now, entry.digits);
+        }
+        self.check_recognized(now);
+        self.playout_step(now);
+        self.check_deadline(now);
+    }
+
+    /// Barge-in check, run every tick while the caller speaks over the agent.
+    fn check_barge_in(&mut self, now: u64) {
+        let Phase::Speaking(r) = &self.phase else {
+            return;
+        };
+        if !r.turn.barge_in || !self.cfg.vad.barge_in || !r.playout.started() {
+            return;
+        }
+        if self.detector.voiced_ms() >= self.cfg.vad.barge_in_min_ms {
+            self.barge_in(now, "speech");
+        }
+    }
+
+    /// What happens when the current phase's deadline has passed.
+    fn check_deadline(&mut self, now: u64) {
+        let Some(deadline) = self.deadline() else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        if now >= self.max_end && !self.ending() {
+            self.cut_reply_recorded(now);
+            self.start_hangup(now, "max_duration".into());
+            return;
+        }
+        match &self.phase {
+            Phase::Answering { .. } => self.on_answered(
+                now,
+                Err(ControlError::Timeout(CONTROL_TIMEOUT_MS + BACKSTOP_MS)),
+            ),
+            Phase::Thinking { .. } => {
+                let ms = self.cfg.dialog.timeout_ms;
+                self.fail(now, "dialog", format!("no reply within {ms} ms"));
+            }
+            Phase::Recognizing { .. } => {
+                self.actions.push_back(Action::CancelAsr);
+                let ms = self.asr_limit_ms();
+                self.fail(now, "asr", format!("no transcript within {ms} ms"));
+            }
+            Phase::Listening { .. } => {
+                if self.detector.in_speech() || !self.digits.is_empty() {
+                    return;
+                }
+                self.record(now, "no_input", json!({}));
+                self.times = TurnTimes::default();
+                self.ask(now, DialogCmd::Input(Input::NoInput));
+            }
+            Phase::Speaking(r) => {
+                if r.marks_due_at.is_some() {
+                    tracing::warn!(
+                        "playout marks never came back from the PBX; taking the reply as played"
+                    );
+                    self.record(
+                        now,
+                        "error",
+                        json!({"stage": "playout", "message": "playout marks never came back"}),
+                    );
+                    self.reply_finished(now, true);
+                } else {
+                    // TTS (or the media link) gave nothing for a minute: a reply that waits for
+                    // the caller becomes the error prompt; one that ends the call ends it now
+                    // (the error prompt itself may be what stalled).
+                    self.error(
+                        now,
+                        "tts",
+                        format!("no progress in the reply for {SPEAKING_STALL_MS} ms"),
+                    );
+                    let Some((r, _)) = self.cut_reply_recorded(now) else {
+                        return;
+                    };
+                    match r.turn.next {
+                        Next::Listen(_) => self.fail(now, "playout", "reply given up".into()),
+                        other => self.finish_next(now, other),
+                    }
+                }
+            }
+            Phase::Ending(e) => {
+                if e.acting {
+                    self.control_failed(now, ControlError::Timeout(CONTROL_TIMEOUT_MS));
+                } else {
+                    // Keys that never finish sending do not hold up the end.
+                    self.act(now);
+                }
+            }
+            Phase::Ended(_) => {}
+        }
+    }
+}
