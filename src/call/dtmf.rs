@@ -87,6 +87,19 @@ impl DigitCollector {
         None
     }
 
+    /// Completes an entry that already fills what is expected now (keys typed ahead, before
+    /// the dialog said how many it wants).
+    pub fn complete_now(&mut self) -> Option<Entry> {
+        let (max, _) = self.limits();
+        if !self.buf.is_empty() && self.buf.chars().count() >= max {
+            return Some(Entry {
+                digits: std::mem::take(&mut self.buf),
+                reason: "max_digits",
+            });
+        }
+        None
+    }
+
     /// Called on every tick: completes an entry after the inter-digit timeout.
     pub fn tick(&mut self, now_ms: u64) -> Option<Entry> {
         if !self.buf.is_empty() && now_ms.saturating_sub(self.last_ms) >= self.inter_digit_ms {

@@ -730,7 +730,11 @@ impl CallCore {
                 // Speech the caller started during a prompt that could not be interrupted is
                 // not an answer to what follows it.
                 self.ignore_speech = self.detector.in_speech();
-                if let Some(digits) = self.typeahead.take() {
+                let typed = self
+                    .typeahead
+                    .take()
+                    .or_else(|| self.digits.complete_now().map(|e| e.digits));
+                if let Some(digits) = typed {
                     self.digits_done(now, digits);
                 }
             }
@@ -1379,3 +1383,7 @@ impl CallCore {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

@@ -1,0 +1,955 @@
+//! Scenarios for the call state machine on synthetic time: each test plays the PBX, the engines
+//! and the clock by hand and asserts on the actions a caller would feel (what is sent, when it
+//! stops, where the call goes).
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::*;
+use crate::config::{Config, TransferTarget};
+use crate::engines::dialog::{DigitSpec, Segment};
+
+/// A scripted VAD: frames whose first sample is not zero are voice.
+struct Scripted;
+impl Vad for Scripted {
+    fn is_voice(&mut self, frame: &[i16]) -> bool {
+        frame.first().is_some_and(|&s| s != 0)
+    }
+}
+
+const FRAME: usize = 320; // 20 ms at 16 kHz
+
+fn config() -> Config {
+    let mut cfg = Config::default();
+    cfg.call.sample_rate = 16_000;
+    cfg.call.max_duration_s = 300;
+    cfg.vad.min_speech_ms = 100;
+    cfg.vad.end_silence_ms = 600;
+    cfg.vad.barge_in_min_ms = 120;
+    let dialplan = |ctx: &str, ext: &str| TransferTarget {
+        context: Some(ctx.into()),
+        extension: Some(ext.into()),
+        priority: None,
+        endpoint: None,
+        announce: None,
+    };
+    cfg.transfers
+        .insert("agent".into(), dialplan("agents", "support"));
+    cfg.transfers
+        .insert("billing".into(), dialplan("billing", "s"));
+    cfg
+}
+
+/// The machine, the call clock, and every action it has asked for.
+struct Call {
+    core: CallCore,
+    now: u64,
+    log: Vec<(u64, Action)>,
+}
+
+impl Call {
+    fn new(cfg: Config) -> Self {
+        let mut core = CallCore::new(Arc::new(cfg), Box::new(Scripted));
+        core.start(0, "test-call", "test");
+        let mut c = Call {
+            core,
+            now: 0,
+            log: Vec::new(),
+        };
+        c.drain();
+        c
+    }
+
+    /// A call answered, whose greeting is still with the dialog.
+    fn answered(cfg: Config) -> Self {
+        let mut c = Call::new(cfg);
+        assert!(c.has(|a| matches!(a, Action::Answer)));
+        c.send(Event::Answered(Ok(())));
+        assert_eq!(c.core.phase(), PhaseName::Thinking);
+        c
+    }
+
+    fn drain(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        while let Some(a) = self.core.poll_action() {
+            self.log.push((self.now, a.clone()));
+            out.push(a);
+        }
+        out
+    }
+
+    fn send(&mut self, ev: Event) -> Vec<Action> {
+        self.core.handle(self.now, ev);
+        self.drain()
+    }
+
+    /// Runs the clock for `ms` (20 ms ticks), the caller silent and the PBX sending nothing.
+    fn wait(&mut self, ms: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        for _ in 0..ms / 20 {
+            self.now += 20;
+            out.extend(self.send(Event::Tick));
+        }
+        out
+    }
+
+    /// The caller speaks for `ms` (a voiced frame per tick).
+    fn speak(&mut self, ms: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        for _ in 0..ms / 20 {
+            self.now += 20;
+            out.extend(self.send(Event::Media(MediaEvent::Audio(vec![1000; FRAME]))));
+            out.extend(self.send(Event::Tick));
+        }
+        out
+    }
+
+    fn has(&self, f: impl Fn(&Action) -> bool) -> bool {
+        self.log.iter().any(|(_, a)| f(a))
+    }
+
+    fn records(&self, kind: &str) -> Vec<(u64, Value)> {
+        self.log
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::Record {
+                    at_ms,
+                    kind: k,
+                    fields,
+                } if *k == kind => Some((*at_ms, fields.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The last dialog ask that wants an answer.
+    fn last_ask(&self) -> (u64, DialogCmd) {
+        self.log
+            .iter()
+            .rev()
+            .find_map(|(_, a)| match a {
+                Action::Dialog { seq, cmd } if !matches!(cmd, DialogCmd::Heard(_)) => {
+                    Some((*seq, cmd.clone()))
+                }
+                _ => None,
+            })
+            .expect("the dialog was asked")
+    }
+
+    /// The dialog answers its last ask with `turn`; TTS synthesizes every segment at once
+    /// (`ms_per_segment` of audio each).
+    fn reply(&mut self, turn: Turn, ms_per_segment: u64) -> u64 {
+        let (seq, _) = self.last_ask();
+        let actions = self.send(Event::Dialog {
+            seq,
+            result: Ok(turn),
+            ms: 5,
+        });
+        let mut reply_id = 0;
+        let mut pending: Vec<(u64, usize)> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Synthesize { reply, seg, .. } => Some((*reply, *seg)),
+                _ => None,
+            })
+            .collect();
+        while let Some((reply, seg)) = pending.pop() {
+            reply_id = reply;
+            let samples = vec![500; (ms_per_segment as usize / 20) * FRAME];
+            self.send(Event::TtsAudio {
+                reply,
+                seg,
+                samples,
+                first_ms: Some(30),
+            });
+            for a in self.send(Event::TtsDone { reply, seg }) {
+                if let Action::Synthesize { reply, seg, .. } = a {
+                    pending.push((reply, seg));
+                }
+            }
+        }
+        reply_id
+    }
+
+    /// Answers every mark sent so far (the PBX played everything).
+    fn play_marks(&mut self) {
+        let marks: Vec<u64> = self
+            .log
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::Mark(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for m in marks {
+            self.send(Event::Media(MediaEvent::MarkPlayed(m)));
+        }
+    }
+
+    fn frames_sent_after(&self, t: u64) -> usize {
+        self.log
+            .iter()
+            .filter(|(at, a)| *at > t && matches!(a, Action::SendAudio(_)))
+            .count()
+    }
+}
+
+fn say(text: &str, barge_in: bool, next: Next) -> Turn {
+    Turn {
+        say: vec![Segment {
+            text: text.into(),
+            pause_after_ms: 0,
+        }],
+        barge_in,
+        send_dtmf: None,
+        next,
+    }
+}
+
+fn listen() -> Next {
+    Next::Listen(Expectation::default())
+}
+
+/// A call that has played its greeting and now listens.
+fn listening(cfg: Config) -> Call {
+    let mut c = Call::answered(cfg);
+    c.reply(say("How can I help?", true, listen()), 400);
+    c.wait(600);
+    c.play_marks();
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    c
+}
+
+#[test]
+fn greeting_plays_paced_then_the_call_listens() {
+    let mut c = Call::answered(config());
+    assert_eq!(c.last_ask().1, DialogCmd::Start);
+    c.reply(say("Hello, how can I help?", true, listen()), 200);
+    assert_eq!(c.core.phase(), PhaseName::Speaking);
+    // The first audio goes out at once (lead frames included), the rest one frame per tick.
+    let sent = |c: &Call| {
+        c.log
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::SendAudio(_)))
+            .count()
+    };
+    assert_eq!(sent(&c), 3, "the first frame and two of lead, at once");
+    c.wait(100);
+    assert_eq!(sent(&c), 8, "then one per tick");
+    c.wait(100);
+    assert_eq!(sent(&c), 10, "200 ms of audio is 10 frames");
+    assert!(c.has(|a| matches!(a, Action::Mark(_))));
+    assert_eq!(
+        c.core.phase(),
+        PhaseName::Speaking,
+        "until the PBX says it played"
+    );
+    c.play_marks();
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    let end = c.records("playout_end");
+    assert_eq!(end[0].1["complete"], true);
+    assert!(c.has(|a| matches!(a, Action::Dialog { cmd: DialogCmd::Heard(h), .. } if h.complete)));
+}
+
+#[test]
+fn silence_becomes_no_input_exactly_at_the_timeout() {
+    let mut c = listening(config());
+    let from = c.now;
+    c.wait(5_980);
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    c.wait(20);
+    assert_eq!(c.last_ask().1, DialogCmd::Input(Input::NoInput));
+    assert_eq!(c.records("no_input")[0].0, from + 6_000);
+}
+
+#[test]
+fn speech_is_transcribed_and_the_transcript_goes_to_the_dialog() {
+    let mut c = listening(config());
+    c.speak(600);
+    c.wait(700);
+    let (seq, audio) = c
+        .log
+        .iter()
+        .find_map(|(_, a)| match a {
+            Action::Transcribe { seq, audio, .. } => Some((*seq, audio.len())),
+            _ => None,
+        })
+        .expect("the utterance went to ASR");
+    assert!(audio >= 30 * FRAME, "the whole utterance: {audio}");
+    assert_eq!(c.core.phase(), PhaseName::Recognizing);
+    c.send(Event::Asr {
+        seq,
+        result: Ok(Transcript {
+            text: " Where is my order? ".into(),
+            ..Transcript::default()
+        }),
+        ms: 300,
+    });
+    assert_eq!(
+        c.last_ask().1,
+        DialogCmd::Input(Input::Speech("Where is my order?".into()))
+    );
+}
+
+#[test]
+fn a_caller_who_pauses_mid_sentence_is_heard_as_one_input() {
+    let mut c = listening(config());
+    c.speak(500);
+    c.wait(700); // end of the first utterance
+    c.speak(500); // goes on before the first transcript is back
+    c.wait(700);
+    let seqs: Vec<u64> = c
+        .log
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::Transcribe { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs.len(), 2);
+    // Transcripts come back out of order.
+    for (seq, text) in [(seqs[1], "number 55421"), (seqs[0], "my order")] {
+        c.send(Event::Asr {
+            seq,
+            result: Ok(Transcript {
+                text: text.into(),
+                ..Transcript::default()
+            }),
+            ms: 200,
+        });
+    }
+    assert_eq!(
+        c.last_ask().1,
+        DialogCmd::Input(Input::Speech("my order number 55421".into()))
+    );
+}
+
+#[test]
+fn barge_in_stops_the_agent_in_the_same_tick_and_flushes_the_pbx() {
+    let mut c = Call::answered(config());
+    c.reply(
+        say(
+            "Thank you for calling, let me tell you about our offers.",
+            true,
+            listen(),
+        ),
+        3_000,
+    );
+    c.wait(400);
+    let actions = c.speak(120);
+    let flush_at = c
+        .log
+        .iter()
+        .find(|(_, a)| matches!(a, Action::Flush))
+        .map(|(t, _)| *t)
+        .expect("flushed");
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::CancelTts { .. }))
+    );
+    assert_eq!(
+        c.frames_sent_after(flush_at),
+        0,
+        "nothing sent after the flush"
+    );
+    // The detector says speech after 100 ms, barge-in needs 120 ms of voice.
+    assert_eq!(flush_at, c.now);
+    let heard = c.records("playout_end");
+    assert_eq!(heard[0].1["complete"], false);
+    let h = heard[0].1["heard"].as_str().unwrap_or("").to_string();
+    // 400 ms of a 3 s sentence: its first words, never its end.
+    assert!(h.starts_with("Thank") && !h.contains("offers"), "{h}");
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    // The interrupting utterance is what the dialog gets next.
+    c.speak(400);
+    c.wait(700);
+    assert_eq!(c.core.phase(), PhaseName::Recognizing);
+}
+
+#[test]
+fn a_prompt_that_cannot_be_interrupted_ignores_speech_over_it() {
+    let mut c = Call::answered(config());
+    c.reply(say("Please listen carefully.", false, listen()), 2_000);
+    c.wait(200);
+    c.speak(600);
+    assert!(!c.has(|a| matches!(a, Action::Flush)));
+    c.wait(1_200);
+    c.play_marks();
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    assert!(
+        !c.has(|a| matches!(a, Action::Transcribe { .. })),
+        "speech over the prompt is no answer"
+    );
+}
+
+#[test]
+fn lost_marks_are_taken_as_played_three_seconds_after_the_audio() {
+    let mut c = Call::answered(config());
+    c.reply(say("Your order shipped.", true, listen()), 400);
+    c.wait(400);
+    let all_sent = c
+        .log
+        .iter()
+        .filter(|(_, a)| matches!(a, Action::Mark(_)))
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap();
+    assert_eq!(c.core.phase(), PhaseName::Speaking);
+    let deadline = c.core.deadline().unwrap();
+    assert!(
+        deadline <= all_sent + 3_000 + 100,
+        "{deadline} vs {all_sent}"
+    );
+    c.wait(3_200);
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    let errors = c.records("error");
+    assert!(
+        errors.iter().any(|(_, e)| e["stage"] == "playout"),
+        "{errors:?}"
+    );
+    assert_eq!(c.records("playout_end")[0].1["complete"], true);
+}
+
+#[test]
+fn a_dialog_that_never_answers_gets_the_error_prompt_then_a_human() {
+    let mut cfg = config();
+    cfg.dialog.timeout_ms = 4_000;
+    let mut c = Call::answered(cfg);
+    c.wait(4_980);
+    assert_eq!(c.core.phase(), PhaseName::Thinking);
+    c.wait(40);
+    assert_eq!(c.core.phase(), PhaseName::Speaking);
+    let said = c.records("agent_say");
+    assert!(
+        said[0].1["text"]
+            .as_str()
+            .unwrap()
+            .contains("technical trouble")
+    );
+    // A late answer from the dialog changes nothing.
+    let (seq, _) = (1, ());
+    c.send(Event::Dialog {
+        seq,
+        result: Ok(say("Hello!", true, listen())),
+        ms: 5_000,
+    });
+    assert_eq!(c.records("agent_say").len(), 1);
+    let reply = c.log.iter().find_map(|(_, a)| match a {
+        Action::Synthesize { reply, .. } => Some(*reply),
+        _ => None,
+    });
+    let reply = reply.unwrap();
+    c.send(Event::TtsAudio {
+        reply,
+        seg: 0,
+        samples: vec![500; FRAME * 10],
+        first_ms: None,
+    });
+    c.send(Event::TtsDone { reply, seg: 0 });
+    c.send(Event::TtsDone { reply, seg: 1 });
+    c.wait(400);
+    c.play_marks();
+    assert!(c.has(|a| matches!(a, Action::Transfer { name, .. } if name == "agent")));
+}
+
+#[test]
+fn asr_that_never_answers_ends_at_its_deadline() {
+    let mut cfg = config();
+    cfg.asr.timeout_ms = 3_000;
+    let mut c = listening(cfg);
+    c.speak(400);
+    c.wait(700);
+    assert_eq!(c.core.phase(), PhaseName::Recognizing);
+    let started = c
+        .log
+        .iter()
+        .find_map(|(t, a)| matches!(a, Action::Transcribe { .. }).then_some(*t))
+        .unwrap();
+    c.wait(6_500);
+    assert_eq!(c.core.phase(), PhaseName::Speaking, "error prompt");
+    assert!(c.has(|a| matches!(a, Action::CancelAsr)));
+    let err = c.records("error");
+    assert!(
+        err.iter()
+            .any(|(t, e)| e["stage"] == "asr" && *t == started + 3_000 + 2_000 + 1_000),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn no_answer_from_the_pbx_fails_the_call_for_the_adapter_to_overflow() {
+    let mut c = Call::new(config());
+    c.wait(6_000);
+    assert_eq!(
+        c.core.outcome(),
+        Some(&CallOutcome::Failed {
+            stage: "answer".into()
+        })
+    );
+    assert_eq!(c.records("call_end")[0].1["outcome"], "failed");
+}
+
+#[test]
+fn keys_go_out_before_the_transfer_and_a_refused_transfer_falls_back_to_a_human() {
+    let mut c = Call::answered(config());
+    let mut turn = say(
+        "Transferring you to billing.",
+        false,
+        Next::Transfer {
+            target: "billing".into(),
+        },
+    );
+    turn.send_dtmf = Some("12#".into());
+    c.reply(turn, 200);
+    c.wait(300);
+    c.play_marks();
+    assert_eq!(c.core.phase(), PhaseName::Ending);
+    assert!(c.has(|a| matches!(a, Action::SendDtmf(d) if d == "12#")));
+    assert!(
+        !c.has(|a| matches!(a, Action::Transfer { .. })),
+        "keys first"
+    );
+    c.send(Event::DtmfSent(Ok(())));
+    let seq = c
+        .log
+        .iter()
+        .find_map(|(_, a)| match a {
+            Action::Transfer { seq, name, target } if name == "billing" => {
+                assert_eq!(
+                    target,
+                    &Target::Dialplan {
+                        context: "billing".into(),
+                        extension: "s".into(),
+                        priority: None
+                    }
+                );
+                Some(*seq)
+            }
+            _ => None,
+        })
+        .expect("transfer to billing");
+    c.send(Event::ControlDone {
+        seq,
+        result: Err(ControlError::Refused("422".into())),
+    });
+    let seq2 = c
+        .log
+        .iter()
+        .rev()
+        .find_map(|(_, a)| match a {
+            Action::Transfer { seq, name, .. } if name == "agent" => Some(*seq),
+            _ => None,
+        })
+        .expect("fallback to the human target");
+    // A stale answer for the first transfer is not taken for the second.
+    c.send(Event::ControlDone {
+        seq,
+        result: Ok(()),
+    });
+    assert_eq!(c.core.phase(), PhaseName::Ending);
+    c.send(Event::ControlDone {
+        seq: seq2,
+        result: Ok(()),
+    });
+    assert_eq!(
+        c.core.outcome(),
+        Some(&CallOutcome::Transferred {
+            target: "agent".into()
+        })
+    );
+}
+
+#[test]
+fn a_pbx_that_never_answers_the_transfer_gets_the_fallbacks_then_the_call_fails() {
+    let mut c = Call::answered(config());
+    c.reply(
+        say(
+            "Bye.",
+            false,
+            Next::Transfer {
+                target: "billing".into(),
+            },
+        ),
+        200,
+    );
+    c.wait(300);
+    c.play_marks();
+    // billing, then agent, then hangup: each gets the control deadline, then the call fails.
+    c.wait(3 * (CONTROL_TIMEOUT_MS + BACKSTOP_MS) + 100);
+    let names: Vec<String> = c
+        .log
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::Transfer { name, .. } => Some(name.clone()),
+            Action::Hangup { reason, .. } => Some(format!("hangup:{reason}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(names, vec!["billing", "agent", "hangup:transfer_failed"]);
+    assert_eq!(
+        c.core.outcome(),
+        Some(&CallOutcome::Failed {
+            stage: "hangup".into()
+        })
+    );
+}
+
+#[test]
+fn the_media_closing_during_a_transfer_waits_for_the_pbx_answer() {
+    let mut c = Call::answered(config());
+    c.reply(
+        say(
+            "Connecting you.",
+            false,
+            Next::Transfer {
+                target: "agent".into(),
+            },
+        ),
+        200,
+    );
+    c.wait(300);
+    c.play_marks();
+    c.send(Event::Media(MediaEvent::Hangup {
+        cause: "StasisEnd".into(),
+    }));
+    assert_eq!(c.core.phase(), PhaseName::Ending);
+    let seq = c
+        .log
+        .iter()
+        .find_map(|(_, a)| match a {
+            Action::Transfer { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .unwrap();
+    c.send(Event::ControlDone {
+        seq,
+        result: Ok(()),
+    });
+    assert_eq!(
+        c.core.outcome(),
+        Some(&CallOutcome::Transferred {
+            target: "agent".into()
+        })
+    );
+}
+
+#[test]
+fn max_duration_cuts_the_reply_and_hangs_up() {
+    let mut cfg = config();
+    cfg.call.max_duration_s = 10;
+    let mut c = Call::answered(cfg);
+    c.reply(say("A very long story.", true, listen()), 60_000);
+    c.wait(10_000);
+    assert!(c.has(|a| matches!(a, Action::Hangup { reason, .. } if reason == "max_duration")));
+    assert_eq!(c.records("playout_end")[0].1["complete"], false);
+    let at = c.records("hangup")[0].0;
+    assert_eq!(at, 10_000);
+}
+
+#[test]
+fn results_for_an_old_reply_or_ask_are_dropped() {
+    let mut c = listening(config());
+    let old_reply = c
+        .log
+        .iter()
+        .find_map(|(_, a)| match a {
+            Action::Synthesize { reply, .. } => Some(*reply),
+            _ => None,
+        })
+        .unwrap();
+    c.wait(6_000); // no input: the dialog is asked
+    let before = c.log.len();
+    c.send(Event::TtsAudio {
+        reply: old_reply,
+        seg: 0,
+        samples: vec![1; FRAME * 5],
+        first_ms: None,
+    });
+    c.send(Event::Dialog {
+        seq: 1,
+        result: Ok(say("stale", true, listen())),
+        ms: 1,
+    });
+    c.send(Event::Asr {
+        seq: 99,
+        result: Ok(Transcript::default()),
+        ms: 1,
+    });
+    assert_eq!(c.log.len(), before, "{:?}", &c.log[before..]);
+    assert_eq!(c.core.phase(), PhaseName::Thinking);
+}
+
+#[test]
+fn keys_win_over_speech_still_being_recognized() {
+    let mut c = listening(config());
+    c.speak(400);
+    c.wait(700);
+    assert_eq!(c.core.phase(), PhaseName::Recognizing);
+    for k in ['5', '5', '#'] {
+        c.send(Event::Media(MediaEvent::Dtmf(k)));
+    }
+    assert!(c.has(|a| matches!(a, Action::CancelAsr)));
+    assert_eq!(c.last_ask().1, DialogCmd::Input(Input::Digits("55".into())));
+}
+
+#[test]
+fn keys_typed_over_a_prompt_that_cannot_be_interrupted_are_kept_for_the_next_listen() {
+    let mut c = Call::answered(config());
+    let turn = say(
+        "Please enter your five digit order number.",
+        false,
+        Next::Listen(Expectation {
+            asr_hint: None,
+            digits: Some(DigitSpec {
+                max: 5,
+                terminator: None,
+            }),
+        }),
+    );
+    c.reply(turn, 2_000);
+    c.wait(300);
+    for k in "55421".chars() {
+        c.send(Event::Media(MediaEvent::Dtmf(k)));
+    }
+    assert_eq!(c.core.phase(), PhaseName::Speaking, "the prompt plays on");
+    assert!(!c.has(|a| matches!(a, Action::Flush)));
+    c.wait(2_000);
+    c.play_marks();
+    assert_eq!(
+        c.last_ask().1,
+        DialogCmd::Input(Input::Digits("55421".into()))
+    );
+}
+
+#[test]
+fn the_human_key_cuts_the_reply_and_transfers_after_the_announcement() {
+    let mut cfg = config();
+    if let Some(t) = cfg.transfers.get_mut("agent") {
+        t.announce = Some("Connecting you to an agent.".into());
+    }
+    let mut c = Call::answered(cfg);
+    c.reply(say("Welcome to a long menu.", false, listen()), 3_000);
+    c.wait(200);
+    c.send(Event::Media(MediaEvent::Dtmf('0')));
+    assert!(c.has(|a| matches!(a, Action::Flush)));
+    let said = c.records("agent_say");
+    assert_eq!(
+        said.last().unwrap().1["text"],
+        "Connecting you to an agent."
+    );
+    let reply = c
+        .log
+        .iter()
+        .rev()
+        .find_map(|(_, a)| match a {
+            Action::Synthesize { reply, .. } => Some(*reply),
+            _ => None,
+        })
+        .unwrap();
+    c.send(Event::TtsAudio {
+        reply,
+        seg: 0,
+        samples: vec![500; FRAME * 20],
+        first_ms: None,
+    });
+    c.send(Event::TtsDone { reply, seg: 0 });
+    c.wait(600);
+    c.play_marks();
+    assert!(c.has(|a| matches!(a, Action::Transfer { name, .. } if name == "agent")));
+}
+
+#[test]
+fn a_caller_hanging_up_mid_reply_leaves_a_record_of_what_was_heard() {
+    let mut c = Call::answered(config());
+    c.reply(
+        say("One two three four five six seven eight.", true, listen()),
+        2_000,
+    );
+    c.wait(1_000);
+    c.send(Event::Media(MediaEvent::Hangup {
+        cause: "normal".into(),
+    }));
+    assert_eq!(c.core.outcome(), Some(&CallOutcome::CallerHungUp));
+    let end = c.records("playout_end");
+    assert_eq!(end[0].1["complete"], false);
+    let heard = end[0].1["heard"].as_str().unwrap();
+    assert!(
+        heard.starts_with("One") && !heard.contains("eight"),
+        "{heard}"
+    );
+    assert!(c.has(|a| matches!(a, Action::CancelTts { .. })));
+    // Nothing happens after the end.
+    let n = c.log.len();
+    c.wait(1_000);
+    c.send(Event::Media(MediaEvent::Dtmf('1')));
+    assert_eq!(c.log.len(), n);
+}
+
+#[test]
+fn a_flood_of_inbound_audio_is_bounded_in_frames() {
+    let mut c = listening(config());
+    // One 64 KiB message is ~100 frames; five of them.
+    for _ in 0..5 {
+        c.send(Event::Media(MediaEvent::Audio(vec![0; 32 * 1024])));
+    }
+    assert!(c.core.inbound.len() <= INBOUND_MAX);
+    c.wait(20);
+    assert_eq!(c.core.inbound.len(), INBOUND_MAX - FRAMES_PER_TICK);
+}
+
+/// A tiny deterministic generator for the exploration below.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+/// Whatever happens first, once the outside world goes quiet (no engine, no PBX answers
+/// anything again) every call still ends by itself, before `max_duration_s` plus the time the
+/// end takes: no phase waits for ever.
+#[test]
+fn from_any_state_a_silent_world_still_ends_the_call() {
+    for seed in 0..300u64 {
+        let mut rng = Lcg(seed);
+        let mut cfg = config();
+        cfg.call.max_duration_s = 120;
+        let mut c = Call::new(cfg);
+        let steps = rng.next(400);
+        for _ in 0..steps {
+            let pending: Vec<Action> = c.log.iter().map(|(_, a)| a.clone()).collect();
+            let ev = match rng.next(12) {
+                0 => Event::Answered(Ok(())),
+                1 => {
+                    let (seq, _) = c
+                        .log
+                        .iter()
+                        .rev()
+                        .find_map(|(_, a)| match a {
+                            Action::Dialog { seq, .. } => Some((*seq, ())),
+                            _ => None,
+                        })
+                        .unwrap_or((0, ()));
+                    let next = match rng.next(4) {
+                        0 => Next::Transfer {
+                            target: "billing".into(),
+                        },
+                        1 => Next::Hangup {
+                            reason: "done".into(),
+                        },
+                        _ => listen(),
+                    };
+                    Event::Dialog {
+                        seq,
+                        result: Ok(say("Some words here.", rng.next(2) == 0, next)),
+                        ms: 1,
+                    }
+                }
+                2 => {
+                    let seq = pending
+                        .iter()
+                        .rev()
+                        .find_map(|a| match a {
+                            Action::Transcribe { seq, .. } => Some(*seq),
+                            _ => None,
+                        })
+                        .unwrap_or(0);
+                    Event::Asr {
+                        seq,
+                        result: Ok(Transcript {
+                            text: "yes".into(),
+                            ..Transcript::default()
+                        }),
+                        ms: 1,
+                    }
+                }
+                3 | 4 => {
+                    match pending.iter().rev().find_map(|a| match a {
+                        Action::Synthesize { reply, seg, .. } => Some((*reply, *seg)),
+                        _ => None,
+                    }) {
+                        Some((reply, seg)) if rng.next(2) == 0 => Event::TtsAudio {
+                            reply,
+                            seg,
+                            samples: vec![300; FRAME * 8],
+                            first_ms: None,
+                        },
+                        Some((reply, seg)) => Event::TtsDone { reply, seg },
+                        None => Event::Tick,
+                    }
+                }
+                5 => Event::Media(MediaEvent::Audio(vec![
+                    if rng.next(2) == 0 {
+                        1000
+                    } else {
+                        0
+                    };
+                    FRAME * (1 + rng.next(3) as usize)
+                ])),
+                6 => Event::Media(MediaEvent::Dtmf(['0', '1', '#', '5'][rng.next(4) as usize])),
+                7 => {
+                    let m = pending
+                        .iter()
+                        .rev()
+                        .find_map(|a| match a {
+                            Action::Mark(m) => Some(*m),
+                            _ => None,
+                        })
+                        .unwrap_or(0);
+                    Event::Media(MediaEvent::MarkPlayed(m))
+                }
+                8 => {
+                    let seq = pending
+                        .iter()
+                        .rev()
+                        .find_map(|a| match a {
+                            Action::Transfer { seq, .. } | Action::Hangup { seq, .. } => Some(*seq),
+                            _ => None,
+                        })
+                        .unwrap_or(0);
+                    Event::ControlDone {
+                        seq,
+                        result: if rng.next(2) == 0 {
+                            Ok(())
+                        } else {
+                            Err(ControlError::Refused("no".into()))
+                        },
+                    }
+                }
+                9 => Event::DtmfSent(Ok(())),
+                _ => {
+                    c.now += 20 * (1 + rng.next(50));
+                    Event::Tick
+                }
+            };
+            c.send(ev);
+            if c.core.outcome().is_some() {
+                break;
+            }
+            assert!(
+                c.core.deadline().is_some(),
+                "seed {seed}: a phase without a deadline: {:?}",
+                c.core.phase()
+            );
+        }
+        // The world goes quiet: only the clock runs.
+        let limit = 120_000 + 4 * (CONTROL_TIMEOUT_MS + BACKSTOP_MS) + 1_000;
+        while c.core.outcome().is_none() && c.now <= limit {
+            c.now += 20;
+            c.send(Event::Tick);
+        }
+        assert!(
+            c.core.outcome().is_some(),
+            "seed {seed}: still {:?} at {} ms",
+            c.core.phase(),
+            c.now
+        );
+        assert_eq!(c.records("call_end").len(), 1, "seed {seed}");
+    }
+}
