@@ -1365,6 +1365,9 @@ async fn media_session(
     };
     loop {
         tokio::select! {
+            // Control first: a hangup told before the app closed its socket is seen as the
+            // hangup (Asterisk acts on it when the REST call is made, not when it is polled).
+            biased;
             c = rx.recv() => match c {
                 Some(MediaCtl::Dtmf(d)) => {
                     let t = if json { json!({"event": "DTMF_END", "channel_id": media_id, "digit": d.to_string()}).to_string() } else { format!("DTMF_END digit:{d} channel_id:{media_id}") };
