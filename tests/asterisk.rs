@@ -620,8 +620,13 @@ async fn transfer_to_a_target_not_allow_listed_is_refused() {
         .unwrap();
     wait_ended(&log, 15).await;
     let l = log.lock().unwrap().clone();
-    assert_eq!(l.continued_to, None);
+    // Never the rogue target; the caller, told they are being put through, reaches the human
+    // target rather than silence.
     assert_eq!(l.redirected_to, None);
+    assert_eq!(
+        l.continued_to,
+        Some(("agents".into(), "support".into(), Some(1)))
+    );
     let recs = sc.records_of(&caller);
     assert!(
         recs.iter()

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::read_http_request;
@@ -13,7 +14,7 @@ use sidecall::config::{AsrConfig, TtsConfig};
 use sidecall::engines::asr::{Asr, OpenAiAsr};
 use sidecall::engines::tts::Tts;
 use sidecall::engines::tts::openai::OpenAiTts;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -117,6 +118,56 @@ async fn tts_stream_starts_before_the_server_finishes() {
         (total as i64 - 16_000).abs() <= 2,
         "1 s at 16 kHz, got {total}"
     );
+}
+
+/// A synthesis nobody listens to any more (barge-in, the call ended) ends its request at once,
+/// through the prompt cache too: it does not hold a connection to a stalled server until the
+/// TTS timeout.
+#[tokio::test]
+async fn a_synthesis_nobody_listens_to_ends_its_request_at_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        read_http_request(&mut s).await;
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: audio/pcm\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let pcm = vec![0u8; 4_800];
+        s.write_all(format!("{:x}\r\n", pcm.len()).as_bytes())
+            .await
+            .unwrap();
+        s.write_all(&pcm).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+        // Then stall, and see when the client goes away.
+        let mut buf = [0u8; 64];
+        let t0 = Instant::now();
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = closed_tx.send(t0.elapsed());
+    });
+    let cfg = TtsConfig {
+        engine: "openai".into(),
+        url: format!("http://127.0.0.1:{port}/v1"),
+        timeout_ms: 20_000,
+        ..TtsConfig::default()
+    };
+    let inner: Arc<dyn Tts> = Arc::new(OpenAiTts::new(&cfg, sidecall::engines::http_client()));
+    let tts = sidecall::engines::tts::cache::CachedTts::new(inner, 64, 1 << 20);
+    let mut stream = tts.synthesize("Hello there.", 16_000).await.unwrap();
+    assert!(stream.recv().await.unwrap().is_ok());
+    drop(stream);
+    let after = tokio::time::timeout(Duration::from_secs(10), closed_rx)
+        .await
+        .expect("the request was still open 10 s after nobody listened")
+        .unwrap();
+    assert!(after < Duration::from_secs(2), "closed after {after:?}");
 }
 
 #[tokio::test]

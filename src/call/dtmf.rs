@@ -100,6 +100,11 @@ impl DigitCollector {
         None
     }
 
+    /// When the entry in progress ends by the inter-digit timeout.
+    pub fn due_at(&self) -> u64 {
+        self.last_ms.saturating_add(self.inter_digit_ms)
+    }
+
     /// Called on every tick: completes an entry after the inter-digit timeout.
     pub fn tick(&mut self, now_ms: u64) -> Option<Entry> {
         if !self.buf.is_empty() && now_ms.saturating_sub(self.last_ms) >= self.inter_digit_ms {

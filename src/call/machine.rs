@@ -213,6 +213,17 @@ struct Reply {
     marks_due_at: Option<u64>,
 }
 
+/// One utterance of the input being recognized.
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    /// Sent to ASR at this time.
+    Pending {
+        since: u64,
+    },
+    Text(String),
+    Failed(String),
+}
+
 /// The last control action of a call.
 #[derive(Debug, Clone)]
 enum EndAction {
@@ -250,8 +261,7 @@ enum Phase {
     /// Waiting for transcripts: one per utterance, in order (a caller who pauses mid-sentence
     /// and goes on is heard as one input).
     Recognizing {
-        since: u64,
-        texts: BTreeMap<u64, Option<String>>,
+        texts: BTreeMap<u64, Piece>,
     },
     /// Transferring or hanging up.
     Ending(Box<Ending>),
@@ -272,6 +282,8 @@ pub struct CallCore {
     typeahead: Option<String>,
     expect: Expectation,
     ignore_speech: bool,
+    /// When the caller's current (or last) utterance began.
+    speech_since: u64,
     inbound: VecDeque<Vec<i16>>,
     last_inbound_ms: Option<u64>,
     dropped_inbound: u64,
@@ -281,7 +293,8 @@ pub struct CallCore {
     dialog_seq: u64,
     asr_seq: u64,
     control_seq: u64,
-    dtmf_in_flight: bool,
+    /// Key sends not yet answered.
+    dtmf_in_flight: u32,
     actions: VecDeque<Action>,
 }
 
@@ -334,6 +347,7 @@ impl CallCore {
             typeahead: None,
             expect: Expectation::default(),
             ignore_speech: false,
+            speech_since: 0,
             inbound: VecDeque::with_capacity(INBOUND_MAX),
             last_inbound_ms: None,
             dropped_inbound: 0,
@@ -343,7 +357,7 @@ impl CallCore {
             dialog_seq: 0,
             asr_seq: 0,
             control_seq: 0,
-            dtmf_in_flight: false,
+            dtmf_in_flight: 0,
             actions: VecDeque::new(),
         }
     }
@@ -393,7 +407,22 @@ impl CallCore {
         let own = match &self.phase {
             Phase::Answering { since } => Some(backstop(*since, CONTROL_TIMEOUT_MS)),
             Phase::Thinking { since, .. } => Some(backstop(*since, self.cfg.dialog.timeout_ms)),
-            Phase::Recognizing { since, .. } => Some(backstop(*since, self.asr_limit_ms())),
+            Phase::Recognizing { texts } => {
+                // The oldest transcript still out; with all in, the caller still talking (the
+                // detector ends an utterance at max_utterance_ms).
+                let pending = texts
+                    .values()
+                    .filter_map(|p| match p {
+                        Piece::Pending { since } => Some(backstop(*since, self.asr_limit_ms())),
+                        _ => None,
+                    })
+                    .min();
+                Some(pending.unwrap_or_else(|| self.speech_bound()))
+            }
+            // While the caller talks or types, no-input waits: the utterance or the entry
+            // ends by its own limit.
+            Phase::Listening { .. } if self.detector.in_speech() => Some(self.speech_bound()),
+            Phase::Listening { .. } if !self.digits.is_empty() => Some(self.digits.due_at()),
             Phase::Listening { no_input_at } => *no_input_at,
             Phase::Speaking(r) => Some(
                 r.marks_due_at
@@ -403,6 +432,14 @@ impl CallCore {
             Phase::Ended(_) => return None,
         };
         Some(own.map_or(self.max_end, |d| d.min(self.max_end)))
+    }
+
+    /// By when the utterance in progress has ended (the detector cuts it at max_utterance_ms).
+    fn speech_bound(&self) -> u64 {
+        self.speech_since
+            .saturating_add(self.cfg.vad.max_utterance_ms)
+            .saturating_add(self.cfg.vad.end_silence_ms)
+            .saturating_add(BACKSTOP_MS)
     }
 
     /// The driver's limit on one transcription (the engine's own budget plus a margin).
@@ -468,6 +505,18 @@ impl CallCore {
         tracing::warn!(stage, %message, "call error");
         metrics::counter!(names::ERRORS, "stage" => stage).increment(1);
         self.record(now, "error", json!({"stage": stage, "message": message}));
+    }
+
+    /// Whether the reply playing now may be interrupted by the caller: the turn allows it, the
+    /// config allows it, and it waits for the caller after it (a farewell before a transfer or
+    /// a hangup always plays to its end, and its keys always go out).
+    fn interruptible(&self) -> bool {
+        match &self.phase {
+            Phase::Speaking(r) => {
+                r.turn.barge_in && self.cfg.vad.barge_in && matches!(r.turn.next, Next::Listen(_))
+            }
+            _ => false,
+        }
     }
 
     fn reply_mut(&mut self, id: u64) -> Option<&mut Reply> {
@@ -665,6 +714,7 @@ impl CallCore {
     /// The reply has played (or is taken as played): the dialog hears what was said, keys go
     /// out, and the turn's `next` happens.
     fn reply_finished(&mut self, now: u64, complete: bool) {
+        let was_interruptible = self.interruptible();
         let Some(r) = self.take_reply() else { return };
         let text = r.playout.text();
         self.record(
@@ -678,10 +728,10 @@ impl CallCore {
         } = r.turn;
         if let Some(digits) = send_dtmf {
             self.record(now, "dtmf_sent", json!({"digits": digits}));
-            self.dtmf_in_flight = true;
+            self.dtmf_in_flight = self.dtmf_in_flight.saturating_add(1);
             self.actions.push_back(Action::SendDtmf(digits));
         }
-        self.finish_next(now, next);
+        self.finish_next(now, next, was_interruptible);
     }
 
     /// Stops a reply at once (barge-in, the human key, the end of the call): nothing more is
@@ -718,18 +768,20 @@ impl CallCore {
         self.tell_heard(heard);
         match r.turn.next {
             Next::Listen(exp) => self.listen(now, exp),
-            // Replies that end the call are not interruptible; if one was, carry on with it.
-            other => self.finish_next(now, other),
+            // Replies that end the call are never interrupted (see `interruptible`).
+            other => self.finish_next(now, other, true),
         }
     }
 
-    fn finish_next(&mut self, now: u64, next: Next) {
+    /// What follows a reply. `was_interruptible`: the caller could talk over that reply (speech
+    /// that began during it is an answer; over one that could not be interrupted, it is not).
+    fn finish_next(&mut self, now: u64, next: Next, was_interruptible: bool) {
         match next {
             Next::Listen(exp) => {
                 self.listen(now, exp);
-                // Speech the caller started during a prompt that could not be interrupted is
-                // not an answer to what follows it.
-                self.ignore_speech = self.detector.in_speech();
+                if self.detector.in_speech() && !was_interruptible {
+                    self.ignore_speech = true;
+                }
                 let typed = self
                     .typeahead
                     .take()
@@ -757,11 +809,11 @@ impl CallCore {
         match ev {
             TurnEvent::SpeechStart { voiced_ms } => {
                 self.record(now, "speech_start", json!({"voiced_ms": voiced_ms}));
+                self.speech_since = now.saturating_sub(voiced_ms);
+                let interruptible = self.interruptible();
                 match &mut self.phase {
                     Phase::Listening { no_input_at } => *no_input_at = None,
-                    Phase::Speaking(r) => {
-                        self.ignore_speech = !(r.turn.barge_in && self.cfg.vad.barge_in);
-                    }
+                    Phase::Speaking(_) => self.ignore_speech = !interruptible,
                     _ => {}
                 }
             }
@@ -798,15 +850,14 @@ impl CallCore {
                     audio,
                     hint: self.expect.asr_hint.clone(),
                 });
+                let piece = Piece::Pending { since: now };
                 match &mut self.phase {
-                    Phase::Recognizing { since, texts } => {
-                        *since = now;
-                        texts.insert(seq, None);
+                    Phase::Recognizing { texts } => {
+                        texts.insert(seq, piece);
                     }
                     _ => {
                         self.phase = Phase::Recognizing {
-                            since: now,
-                            texts: BTreeMap::from([(seq, None)]),
+                            texts: BTreeMap::from([(seq, piece)]),
                         }
                     }
                 }
@@ -818,7 +869,7 @@ impl CallCore {
         let Phase::Recognizing { texts, .. } = &mut self.phase else {
             return;
         };
-        if !matches!(texts.get(&seq), Some(None)) {
+        if !matches!(texts.get(&seq), Some(Piece::Pending { .. })) {
             return;
         }
         // Waiting for the engine and the engine working are told apart: many callers on one
@@ -832,14 +883,14 @@ impl CallCore {
         metrics::histogram!(names::STAGE_SECONDS, "stage" => "asr").record(asr_ms as f64 / 1000.0);
         metrics::histogram!(names::STAGE_SECONDS, "stage" => "asr_queue")
             .record(queue_ms as f64 / 1000.0);
-        let text = match result {
+        let piece = match result {
             Ok(t) if t.text.trim().is_empty() || is_noise_transcript(&t.text) => {
                 self.record(
                     now,
                     "transcript",
                     json!({"text": t.text, "ignored": true, "asr_ms": asr_ms, "asr_queue_ms": queue_ms}),
                 );
-                String::new()
+                Piece::Text(String::new())
             }
             Ok(t) => {
                 self.record(
@@ -847,37 +898,44 @@ impl CallCore {
                     "transcript",
                     json!({"text": t.text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms}),
                 );
-                t.text.trim().to_string()
+                Piece::Text(t.text.trim().to_string())
             }
-            Err(e) => {
-                self.actions.push_back(Action::CancelAsr);
-                self.fail(now, "asr", e.to_string());
-                return;
-            }
+            // Failed for good (the engine retried within its budget); acted on once the caller
+            // has stopped talking, never over them.
+            Err(e) => Piece::Failed(e.to_string()),
         };
-        if let Phase::Recognizing { texts, .. } = &mut self.phase {
-            texts.insert(seq, Some(text));
+        if let Phase::Recognizing { texts } = &mut self.phase {
+            texts.insert(seq, piece);
         }
-        self.check_recognized(now);
+        self.check_recognized(now, false);
     }
 
-    /// Every transcript is in and the caller is not speaking again: the dialog gets them as
-    /// one input.
-    fn check_recognized(&mut self, now: u64) {
-        let Phase::Recognizing { texts, .. } = &self.phase else {
+    /// Every transcript is in and the caller is not speaking again (or `force`: the wait for
+    /// the caller is over): the dialog gets them as one input, or the error prompt plays when
+    /// ASR failed.
+    fn check_recognized(&mut self, now: u64, force: bool) {
+        let Phase::Recognizing { texts } = &self.phase else {
             return;
         };
-        if texts.values().any(Option::is_none) || self.detector.in_speech() {
+        let pending = texts.values().any(|p| matches!(p, Piece::Pending { .. }));
+        if pending || (self.detector.in_speech() && !force) {
             return;
         }
+        let failed = texts.values().find_map(|p| match p {
+            Piece::Failed(e) => Some(e.clone()),
+            _ => None,
+        });
         let joined = texts
             .values()
-            .flatten()
-            .filter(|t| !t.is_empty())
-            .cloned()
+            .filter_map(|p| match p {
+                Piece::Text(t) if !t.is_empty() => Some(t.as_str()),
+                _ => None,
+            })
             .collect::<Vec<_>>()
             .join(" ");
-        if joined.is_empty() {
+        if let Some(e) = failed {
+            self.fail(now, "asr", e);
+        } else if joined.is_empty() {
             let exp = self.expect.clone();
             self.listen(now, exp);
         } else {
@@ -901,7 +959,8 @@ impl CallCore {
 
     fn on_digit(&mut self, now: u64, d: char) {
         self.record(now, "dtmf_key", json!({"digit": d.to_string()}));
-        if self.ending() {
+        // Before the answer there is nothing to act on; after the end, nothing to change.
+        if self.ending() || matches!(self.phase, Phase::Answering { .. }) {
             return;
         }
         let human = self.cfg.call.human_key.chars().next();
@@ -938,7 +997,7 @@ impl CallCore {
             return;
         }
         // Typing over a prompt interrupts it, like speaking does.
-        if matches!(&self.phase, Phase::Speaking(r) if r.turn.barge_in && self.cfg.vad.barge_in) {
+        if self.interruptible() {
             self.barge_in(now, "dtmf");
         }
         match self.digits.push(d, now) {
@@ -958,8 +1017,9 @@ impl CallCore {
             Phase::Listening { .. } => {}
             // Keys are the more deliberate answer: they win over speech still being recognized.
             Phase::Recognizing { .. } => self.actions.push_back(Action::CancelAsr),
-            // Typed ahead during a prompt that cannot be interrupted: kept for the next listen.
-            Phase::Speaking(_) => {
+            // Typed ahead (over a prompt that cannot be interrupted, or while the dialog
+            // thinks): kept for the next listen.
+            Phase::Speaking(_) | Phase::Thinking { .. } => {
                 self.typeahead = Some(digits);
                 return;
             }
@@ -973,7 +1033,7 @@ impl CallCore {
     }
 
     fn on_dtmf_sent(&mut self, now: u64, r: Result<(), ControlError>) {
-        self.dtmf_in_flight = false;
+        self.dtmf_in_flight = self.dtmf_in_flight.saturating_sub(1);
         if let Err(e) = r {
             self.record(
                 now,
@@ -982,7 +1042,7 @@ impl CallCore {
             );
         }
         if let Phase::Ending(e) = &self.phase {
-            if !e.acting {
+            if !e.acting && self.dtmf_in_flight == 0 {
                 self.act(now);
             }
         }
@@ -1027,6 +1087,11 @@ impl CallCore {
                 format!("target `{name}` is not allow-listed; refused"),
             );
             self.record(now, "transfer_refused", json!({"target": name}));
+            // The caller was told they are being put through: a human, not silence.
+            let human = self.cfg.call.human_target.clone();
+            if human != name && self.cfg.transfers.contains_key(&human) {
+                return self.start_transfer(now, human);
+            }
             let exp = self.expect.clone();
             self.listen(now, exp);
             return;
@@ -1066,7 +1131,7 @@ impl CallCore {
             since: now,
             fallback_tried: false,
         }));
-        if !self.dtmf_in_flight {
+        if self.dtmf_in_flight == 0 {
             self.act(now);
         }
     }
@@ -1289,7 +1354,7 @@ impl CallCore {
         if let Some(entry) = self.digits.tick(now) {
             self.digits_done(now, entry.digits);
         }
-        self.check_recognized(now);
+        self.check_recognized(now, false);
         self.playout_step(now);
         self.check_deadline(now);
     }
@@ -1299,7 +1364,7 @@ impl CallCore {
         let Phase::Speaking(r) = &self.phase else {
             return;
         };
-        if !r.turn.barge_in || !self.cfg.vad.barge_in || !r.playout.started() {
+        if !r.playout.started() || !self.interruptible() {
             return;
         }
         if self.detector.voiced_ms() >= self.cfg.vad.barge_in_min_ms {
@@ -1329,13 +1394,20 @@ impl CallCore {
                 let ms = self.cfg.dialog.timeout_ms;
                 self.fail(now, "dialog", format!("no reply within {ms} ms"));
             }
-            Phase::Recognizing { .. } => {
-                self.actions.push_back(Action::CancelAsr);
-                let ms = self.asr_limit_ms();
-                self.fail(now, "asr", format!("no transcript within {ms} ms"));
+            Phase::Recognizing { texts } => {
+                if texts.values().any(|p| matches!(p, Piece::Pending { .. })) {
+                    self.actions.push_back(Action::CancelAsr);
+                    let ms = self.asr_limit_ms();
+                    self.fail(now, "asr", format!("no transcript within {ms} ms"));
+                } else {
+                    self.check_recognized(now, true);
+                }
             }
-            Phase::Listening { .. } => {
-                if self.detector.in_speech() || !self.digits.is_empty() {
+            Phase::Listening { no_input_at } => {
+                if self.detector.in_speech()
+                    || !self.digits.is_empty()
+                    || no_input_at.is_none_or(|at| now < at)
+                {
                     return;
                 }
                 self.record(now, "no_input", json!({}));
@@ -1367,7 +1439,7 @@ impl CallCore {
                     };
                     match r.turn.next {
                         Next::Listen(_) => self.fail(now, "playout", "reply given up".into()),
-                        other => self.finish_next(now, other),
+                        other => self.finish_next(now, other, false),
                     }
                 }
             }

@@ -953,3 +953,290 @@ fn from_any_state_a_silent_world_still_ends_the_call() {
         assert_eq!(c.records("call_end").len(), 1, "seed {seed}");
     }
 }
+
+// ---- found in review: each failed before its fix ----
+
+fn transcribe_seqs(c: &Call) -> Vec<u64> {
+    c.log
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::Transcribe { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect()
+}
+
+fn said(c: &Call) -> Vec<String> {
+    c.records("agent_say")
+        .into_iter()
+        .map(|(_, v)| v["text"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// A caller who pauses, then goes on talking for a while, is not an ASR failure: the first
+/// transcript is back at once; only the caller is still speaking.
+#[test]
+fn a_long_second_utterance_is_not_an_asr_failure() {
+    let mut c = listening(config()); // asr.timeout_ms 8000: Recognizing deadline since + 11 s
+    c.speak(500);
+    c.wait(700);
+    assert_eq!(c.core.phase(), PhaseName::Recognizing);
+    let seq = transcribe_seqs(&c)[0];
+    c.speak(200); // goes on
+    c.send(Event::Asr {
+        seq,
+        result: Ok(Transcript {
+            text: "I want to say".into(),
+            ..Transcript::default()
+        }),
+        ms: 200,
+    });
+    c.speak(12_000); // one long sentence (under vad.max_utterance_ms = 15 s)
+    let errors = c.records("error");
+    assert!(
+        errors.iter().all(|(_, e)| e["stage"] != "asr"),
+        "caller still talking, transcript long back: {errors:?}; agent said {:?}",
+        said(&c)
+    );
+}
+
+/// Keys typed while the dialog thinks are not lost.
+#[test]
+fn keys_typed_while_the_dialog_thinks_reach_the_dialog() {
+    let mut c = listening(config());
+    c.wait(6_000); // no input: Thinking
+    assert_eq!(c.core.phase(), PhaseName::Thinking);
+    for k in "1234#".chars() {
+        c.send(Event::Media(MediaEvent::Dtmf(k)));
+    }
+    c.reply(say("Sorry, I did not hear you.", true, listen()), 400);
+    c.wait(600);
+    c.play_marks();
+    c.wait(100);
+    let asks: Vec<DialogCmd> = c
+        .log
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::Dialog { cmd, .. } if !matches!(cmd, DialogCmd::Heard(_)) => Some(cmd.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        asks.contains(&DialogCmd::Input(Input::Digits("1234".into()))),
+        "{asks:?}; dtmf records {:?}",
+        c.records("dtmf")
+    );
+}
+
+/// A transfer reply that the caller talks over ("ok") still sends its keys before the transfer,
+/// and the transfer waits for the farewell.
+#[test]
+fn speaking_over_a_transfer_reply_keeps_its_keys_and_its_farewell() {
+    let mut c = Call::answered(config());
+    let mut turn = say(
+        "I am transferring you to billing now, please hold.",
+        true, // the flow default: states are interruptible unless told otherwise
+        Next::Transfer {
+            target: "billing".into(),
+        },
+    );
+    turn.send_dtmf = Some("12#".into());
+    c.reply(turn, 3_000);
+    c.wait(400);
+    c.speak(200); // "okay"
+    assert!(
+        !c.has(|a| matches!(a, Action::Flush)),
+        "the farewell plays on"
+    );
+    assert!(!c.has(|a| matches!(a, Action::Transfer { .. })));
+    c.wait(2_800);
+    c.play_marks();
+    assert!(c.has(|a| matches!(a, Action::SendDtmf(d) if d == "12#")));
+    assert!(
+        !c.has(|a| matches!(a, Action::Transfer { .. })),
+        "keys first"
+    );
+    c.send(Event::DtmfSent(Ok(())));
+    assert!(c.has(|a| matches!(a, Action::Transfer { name, .. } if name == "billing")));
+    assert_eq!(c.records("playout_end")[0].1["complete"], true);
+}
+
+/// A caller who starts answering in the last moments of an interruptible question is heard.
+#[test]
+fn an_answer_overlapping_the_end_of_an_interruptible_question_is_heard() {
+    let mut cfg = config();
+    cfg.vad.barge_in_min_ms = 400;
+    let mut c = Call::answered(cfg);
+    c.reply(say("What is your order number?", true, listen()), 1_000);
+    c.wait(800);
+    c.speak(200); // speech starts (100 ms) before the marks are back
+    c.play_marks(); // the question has played
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    c.speak(1_500);
+    c.wait(700);
+    assert!(
+        !transcribe_seqs(&c).is_empty(),
+        "the caller's answer was dropped; phase {:?}",
+        c.core.phase()
+    );
+}
+
+/// A reply promising a transfer to a target not allow-listed: the caller is not left in silence.
+#[test]
+fn a_refused_transfer_does_not_leave_the_caller_waiting() {
+    let mut c = Call::answered(config());
+    c.reply(
+        say(
+            "Let me put you through to sales.",
+            false,
+            Next::Transfer {
+                target: "sales".into(),
+            },
+        ),
+        400,
+    );
+    c.wait(600);
+    c.play_marks();
+    let after = c.now;
+    c.wait(5_000);
+    let phase = c.core.phase();
+    let transferred = c.has(|a| matches!(a, Action::Transfer { .. }));
+    let spoke = c.records("agent_say").iter().any(|(t, _)| *t > after);
+    assert!(
+        transferred || spoke || phase != PhaseName::Listening,
+        "caller heard 'put you through', then {} ms of silence in {phase:?}",
+        c.now - after
+    );
+}
+
+/// deadline() is never in the past for long (a driver sleeping until it would spin).
+#[test]
+fn deadline_is_not_left_in_the_past() {
+    let mut c = listening(config());
+    c.speak(7_000); // talking past the no-input time
+    let mut past = 0;
+    for _ in 0..20 {
+        c.now += 20;
+        c.send(Event::Media(MediaEvent::Audio(vec![1000; FRAME])));
+        c.send(Event::Tick);
+        if c.core.deadline().is_some_and(|d| d <= c.now) {
+            past += 1;
+        }
+    }
+    assert_eq!(
+        past,
+        0,
+        "deadline {:?} at {} in {:?}",
+        c.core.deadline(),
+        c.now,
+        c.core.phase()
+    );
+}
+
+#[test]
+fn empty_replies_with_each_next_end_or_listen_at_once() {
+    for (next, want) in [
+        (listen(), PhaseName::Listening),
+        (
+            Next::Transfer {
+                target: "billing".into(),
+            },
+            PhaseName::Ending,
+        ),
+        (
+            Next::Hangup {
+                reason: "done".into(),
+            },
+            PhaseName::Ending,
+        ),
+        // Not allow-listed: the human target instead.
+        (
+            Next::Transfer {
+                target: "nowhere".into(),
+            },
+            PhaseName::Ending,
+        ),
+    ] {
+        let mut c = Call::answered(config());
+        let (seq, _) = c.last_ask();
+        c.send(Event::Dialog {
+            seq,
+            result: Ok(Turn {
+                say: vec![],
+                barge_in: true,
+                send_dtmf: Some("1".into()),
+                next: next.clone(),
+            }),
+            ms: 1,
+        });
+        c.send(Event::DtmfSent(Ok(())));
+        c.wait(100);
+        assert_eq!(c.core.phase(), want, "{next:?}");
+        assert!(c.core.deadline().is_some_and(|d| d > c.now), "{next:?}");
+    }
+}
+
+#[test]
+fn keys_before_the_answer_change_nothing() {
+    let mut c = Call::new(config());
+    c.send(Event::Media(MediaEvent::Dtmf('0')));
+    assert_eq!(c.core.phase(), PhaseName::Answering);
+    c.send(Event::Answered(Err(ControlError::Timeout(5000))));
+    assert_eq!(
+        c.core.outcome(),
+        Some(&CallOutcome::Failed {
+            stage: "answer".into()
+        })
+    );
+    assert!(!c.has(|a| matches!(a, Action::Transfer { .. })));
+}
+
+#[test]
+fn the_deadline_is_not_left_in_the_past_while_the_caller_talks_on() {
+    let mut c = Call::answered(config());
+    c.reply(say("Please listen carefully.", false, listen()), 1_000);
+    c.wait(500);
+    c.speak(600);
+    c.play_marks();
+    let mut past = 0;
+    for _ in 0..500 {
+        c.now += 20;
+        c.send(Event::Media(MediaEvent::Audio(vec![1000; FRAME])));
+        c.send(Event::Tick);
+        if c.core.deadline().is_some_and(|d| d <= c.now) {
+            past += 1;
+        }
+    }
+    assert_eq!(past, 0, "phase {:?}", c.core.phase());
+}
+
+#[test]
+fn two_key_sends_both_go_out_before_the_transfer() {
+    let mut c = Call::answered(config());
+    let mut t1 = say("Entering your account.", false, listen());
+    t1.send_dtmf = Some("1".into());
+    c.reply(t1, 200);
+    c.wait(300);
+    c.play_marks();
+    c.send(Event::Media(MediaEvent::Dtmf('9')));
+    c.wait(3_000); // the entry times out: the dialog is asked
+    let mut t2 = say(
+        "Transferring.",
+        false,
+        Next::Transfer {
+            target: "billing".into(),
+        },
+    );
+    t2.send_dtmf = Some("2".into());
+    c.reply(t2, 200);
+    c.wait(300);
+    c.play_marks();
+    assert_eq!(c.core.phase(), PhaseName::Ending);
+    c.send(Event::DtmfSent(Ok(())));
+    assert!(
+        !c.has(|a| matches!(a, Action::Transfer { .. })),
+        "the second keys are still out"
+    );
+    c.send(Event::DtmfSent(Ok(())));
+    assert!(c.has(|a| matches!(a, Action::Transfer { .. })));
+}

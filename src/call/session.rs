@@ -360,6 +360,9 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
                 }
                 continue;
             }
+            // Results of the call's own work before the PBX's media: their number is bounded
+            // by the call itself, while a peer can send media faster than real time.
+            Some(ev) = work_rx.recv() => core.handle(d.now(), ev),
             ev = events.recv(), if media_open => {
                 let ev = ev.unwrap_or_else(|| {
                     // Closed for good: told once, never polled again.
@@ -368,7 +371,6 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
                 });
                 core.handle(d.now(), Event::Media(ev));
             }
-            Some(ev) = work_rx.recv() => core.handle(d.now(), ev),
             Some(done) = d.tasks.join_next(), if !d.tasks.is_empty() => {
                 if let Err(e) = done {
                     if e.is_panic() {

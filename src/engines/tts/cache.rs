@@ -92,7 +92,13 @@ impl Tts for CachedTts {
         tokio::spawn(async move {
             let mut whole = Vec::new();
             let mut keep = true;
-            while let Some(chunk) = upstream.recv().await {
+            loop {
+                // A listener that went away ends the upstream request at once, not at its end.
+                let chunk = tokio::select! {
+                    _ = tx.closed() => return,
+                    c = upstream.recv() => c,
+                };
+                let Some(chunk) = chunk else { break };
                 match &chunk {
                     Ok(c) if keep && whole.len().saturating_add(c.len()) <= max_clip => {
                         whole.extend_from_slice(c)

@@ -145,8 +145,13 @@ impl Tts for OpenAiTts {
         let mut stream = resp.bytes_stream();
         tokio::spawn(async move {
             loop {
-                // Each chunk must come within the timeout (a stalled server ends the prompt).
-                let next = match tokio::time::timeout(timeout, stream.next()).await {
+                // Each chunk must come within the timeout (a stalled server ends the prompt);
+                // a listener that went away (barge-in, the call ended) ends the request at once.
+                let next = tokio::select! {
+                    _ = tx.closed() => return,
+                    n = tokio::time::timeout(timeout, stream.next()) => n,
+                };
+                let next = match next {
                     Ok(n) => n,
                     Err(_) => {
                         let _ = tx.send(Err(TtsError::Timeout(ms))).await;
