@@ -43,6 +43,7 @@ pub struct Config {
     pub transfers: BTreeMap<String, TransferTarget>,
     pub admin: AdminConfig,
     pub asterisk: AsteriskConfig,
+    pub freeswitch: FreeSwitchConfig,
     /// Where this config was read from, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -390,6 +391,71 @@ impl Default for AsteriskConfig {
     }
 }
 
+/// The FreeSWITCH adapter: Event Socket control plane and mod_audio_stream media.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FreeSwitchConfig {
+    /// Whether `serve` connects to FreeSWITCH.
+    pub enabled: bool,
+    /// Event Socket address (event_socket.conf.xml `listen-ip`:`listen-port`).
+    pub esl_address: String,
+    /// Environment variable holding the Event Socket password.
+    pub password_env: String,
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    /// Listener mod_audio_stream connects to (`uuid_audio_stream <uuid> start
+    /// ws://THIS/fs/<uuid>?token=... mono 16k`).
+    pub media_listen: String,
+    /// Environment variable holding the token every media connection must present (in the
+    /// path, the query `token=`, or an `Authorization: Bearer` header set through
+    /// STREAM_EXTRA_HEADERS).
+    pub media_token_env: String,
+    #[serde(skip)]
+    pub media_token: Option<Secret>,
+    /// The rate the dialplan starts the stream at: 16000 (`mono 16k`) or 8000 (`mono 8k`).
+    pub stream_rate: u32,
+    /// How agent audio is played: "stock" (stock mod_audio_stream: `streamAudio` files played
+    /// over the Event Socket).
+    pub playback: String,
+    /// Most calls at once; more go to the overflow target.
+    pub max_calls: usize,
+    /// Where calls go when sidecall is full, shutting down, or loses a call's media (a
+    /// [transfers] entry).
+    pub overflow_target: String,
+    /// On SIGTERM, how long active calls may go on before they are sent to the overflow target.
+    pub shutdown_grace_s: u64,
+    /// How long after the channel parks (the dialplan started the stream) its media connection
+    /// may take before the caller goes to the overflow target.
+    pub media_timeout_ms: u64,
+    /// Limit on each Event Socket command (bgapi answers included).
+    pub request_timeout_ms: u64,
+    /// An Event Socket connection silent this long (FreeSWITCH sends a HEARTBEAT every 20 s)
+    /// is dropped and made anew.
+    pub events_silence_ms: u64,
+}
+
+impl Default for FreeSwitchConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            esl_address: "127.0.0.1:8021".into(),
+            password_env: "SIDECALL_ESL_PASSWORD".into(),
+            password: None,
+            media_listen: "127.0.0.1:8098".into(),
+            media_token_env: "SIDECALL_FS_MEDIA_TOKEN".into(),
+            media_token: None,
+            stream_rate: 16_000,
+            playback: "stock".into(),
+            max_calls: 100,
+            overflow_target: "agent".into(),
+            shutdown_grace_s: 30,
+            media_timeout_ms: 5_000,
+            request_timeout_ms: 3_000,
+            events_silence_ms: 45_000,
+        }
+    }
+}
+
 /// The admin HTTP listener of `serve`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -601,6 +667,8 @@ impl Config {
         self.asterisk.password = secret(&self.asterisk.password_env);
         self.asterisk.websocket_client_password =
             secret(&self.asterisk.websocket_client_password_env);
+        self.freeswitch.password = secret(&self.freeswitch.password_env);
+        self.freeswitch.media_token = secret(&self.freeswitch.media_token_env);
         self.asr.api_key = secret(&self.asr.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
         self.tts.api_key = secret(&self.tts.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
         self.llm.api_key = secret(&self.llm.api_key_env).or_else(|| secret("OPENAI_API_KEY"));
@@ -623,6 +691,60 @@ impl Config {
         }
         self.resolve(self.dialog.flows_dir.get_ref())
             .join(format!("{name}.toml"))
+    }
+
+    fn validate_freeswitch(
+        &self,
+        bad: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let f = &self.freeswitch;
+        if self.asterisk.enabled && f.enabled {
+            return Err(bad(
+                "freeswitch.enabled",
+                "one PBX per process: asterisk.enabled is also true (run two sidecalls)".into(),
+            ));
+        }
+        if ![8_000, 16_000].contains(&f.stream_rate) {
+            return Err(bad(
+                "freeswitch.stream_rate",
+                format!("{} is not 8000 or 16000", f.stream_rate),
+            ));
+        }
+        if f.playback != "stock" {
+            return Err(bad(
+                "freeswitch.playback",
+                format!("`{}` is not \"stock\"", f.playback),
+            ));
+        }
+        for (key, addr) in [
+            ("freeswitch.esl_address", &f.esl_address),
+            ("freeswitch.media_listen", &f.media_listen),
+        ] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(bad(key, format!("`{addr}` is not IP:PORT")));
+            }
+        }
+        if f.enabled && !self.transfers.contains_key(&f.overflow_target) {
+            return Err(bad(
+                "freeswitch.overflow_target",
+                format!("`{}` is not a [transfers] entry", f.overflow_target),
+            ));
+        }
+        // Targets become Event Socket command arguments: nothing that splits or quotes them.
+        for (name, t) in &self.transfers {
+            let parts = [&t.context, &t.extension, &t.endpoint];
+            let bad_char = |v: &String| {
+                v.chars()
+                    .any(|c| c.is_whitespace() || "'\"\\{}".contains(c))
+            };
+            if parts.into_iter().flatten().any(bad_char) {
+                return Err(bad(
+                    &format!("transfers.{name}"),
+                    "context, extension and endpoint may not hold spaces, quotes, backslashes or braces".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_asterisk(
@@ -824,6 +946,36 @@ impl Config {
             ("tts.cache_mb", self.tts.cache_mb, 0, 4_096),
             ("dialog.timeout_ms", self.dialog.timeout_ms, 100, 120_000),
             ("asterisk.max_calls", to_u64(a.max_calls), 1, 100_000),
+            (
+                "freeswitch.max_calls",
+                to_u64(self.freeswitch.max_calls),
+                1,
+                100_000,
+            ),
+            (
+                "freeswitch.shutdown_grace_s",
+                self.freeswitch.shutdown_grace_s,
+                0,
+                3_600,
+            ),
+            (
+                "freeswitch.media_timeout_ms",
+                self.freeswitch.media_timeout_ms,
+                100,
+                60_000,
+            ),
+            (
+                "freeswitch.request_timeout_ms",
+                self.freeswitch.request_timeout_ms,
+                100,
+                60_000,
+            ),
+            (
+                "freeswitch.events_silence_ms",
+                self.freeswitch.events_silence_ms,
+                25_000,
+                600_000,
+            ),
             ("asterisk.shutdown_grace_s", a.shutdown_grace_s, 0, 3_600),
             ("asterisk.media_timeout_ms", a.media_timeout_ms, 100, 60_000),
             (
@@ -908,6 +1060,7 @@ impl Config {
             }
         }
         self.validate_asterisk(&bad)?;
+        self.validate_freeswitch(&bad)?;
         if self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(bad(
                 "admin.listen",

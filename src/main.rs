@@ -254,10 +254,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(adapter) => {
                     let parts = app::parts_factory(cfg.clone(), engines.clone());
                     eprintln!(
-                        "sidecall: serving {} (ARI app `{}` at {}); admin on http://{addr}",
-                        adapter.name(),
-                        cfg.asterisk.app,
-                        cfg.asterisk.url
+                        "sidecall: serving {}; admin on http://{addr}",
+                        adapter.describe()
                     );
                     let (sup, stop) = (sup.clone(), stop.clone());
                     Some(tokio::spawn(async move {
@@ -266,7 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => {
                     eprintln!(
-                        "sidecall: serving; admin on http://{addr} (no PBX enabled: set [asterisk] enabled = true)"
+                        "sidecall: serving; admin on http://{addr} (no PBX enabled: set [asterisk] or [freeswitch] enabled = true)"
                     );
                     None
                 }

@@ -67,6 +67,11 @@ pub trait MediaLink: Send {
     fn mark(&mut self, id: u64) -> Result<(), LinkError>;
     /// Drops everything queued and not yet played (barge-in). Pending marks are dropped.
     fn flush(&mut self) -> Result<(), LinkError>;
+    /// Frames the engine should keep sent ahead of real time (None: `call.playout_lead_frames`).
+    /// A link that plays in chunks (FreeSWITCH files) needs more than one that plays frames.
+    fn lead_frames(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Why a control action failed.

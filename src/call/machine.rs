@@ -272,6 +272,8 @@ enum Phase {
 pub struct CallCore {
     cfg: Arc<Config>,
     frame_len: usize,
+    /// Agent frames kept sent ahead of real time.
+    lead_frames: usize,
     /// One frame of silence, fed to the turn detector when the PBX sends nothing.
     silence: Vec<i16>,
     max_end: u64,
@@ -337,6 +339,7 @@ impl CallCore {
         );
         let max_end = cfg.call.max_duration_s.saturating_mul(1_000);
         Self {
+            lead_frames: cfg.call.playout_lead_frames,
             cfg,
             frame_len,
             silence: vec![0; frame_len],
@@ -360,6 +363,12 @@ impl CallCore {
             dtmf_in_flight: 0,
             actions: VecDeque::new(),
         }
+    }
+
+    /// Keeps `frames` of agent audio sent ahead of real time (a link that plays in chunks).
+    pub fn with_lead_frames(mut self, frames: usize) -> Self {
+        self.lead_frames = frames;
+        self
     }
 
     /// Starts the call at `now`: records it and asks the PBX to answer.
@@ -577,12 +586,7 @@ impl CallCore {
             );
         }
         self.reply_seq += 1;
-        let playout = Playout::new(
-            &turn.say,
-            self.next_mark,
-            self.frame_len,
-            self.cfg.call.playout_lead_frames,
-        );
+        let playout = Playout::new(&turn.say, self.next_mark, self.frame_len, self.lead_frames);
         self.next_mark = self
             .next_mark
             .saturating_add(turn.say.len() as u64)

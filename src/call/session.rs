@@ -317,7 +317,11 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
     let start = origin.unwrap_or_else(Instant::now);
     let (work_tx, mut work_rx) = mpsc::channel::<Event>(256);
     let (dialog_tx, dialog_rx) = mpsc::channel::<(u64, DialogCmd)>(16);
-    let mut core = CallCore::new(config.clone(), vad::from_config(&config.vad, rate));
+    let lead = link
+        .lead_frames()
+        .unwrap_or(config.call.playout_lead_frames);
+    let mut core =
+        CallCore::new(config.clone(), vad::from_config(&config.vad, rate)).with_lead_frames(lead);
     let mut d = Driver {
         start,
         rate,

@@ -6,6 +6,7 @@
 pub mod asterisk;
 pub mod codec;
 pub mod events;
+pub mod freeswitch;
 pub mod paced;
 pub mod queue_link;
 pub mod simulated;
@@ -26,6 +27,8 @@ use supervisor::{Health, Limits, Supervisor};
 pub enum PbxError {
     #[error(transparent)]
     Asterisk(#[from] asterisk::app::AsteriskError),
+    #[error(transparent)]
+    FreeSwitch(#[from] freeswitch::FreeSwitchError),
 }
 
 /// One PBX's adapter: takes calls from its control plane until `stop`, then drains them
@@ -34,6 +37,8 @@ pub enum PbxError {
 pub trait Adapter: Send + Sync {
     /// The PBX's name, for `/health` and logs.
     fn name(&self) -> &'static str;
+    /// One line for the start-up banner: the PBX and where sidecall reaches it.
+    fn describe(&self) -> String;
     async fn run(
         &self,
         sup: Arc<Supervisor>,
@@ -45,6 +50,9 @@ pub trait Adapter: Send + Sync {
 
 /// The adapter the config enables, if any.
 pub fn adapter(cfg: &Arc<Config>) -> Option<Box<dyn Adapter>> {
+    if cfg.freeswitch.enabled {
+        return Some(Box::new(freeswitch::FreeSwitch::new(cfg.clone())));
+    }
     cfg.asterisk
         .enabled
         .then(|| Box::new(asterisk::app::Asterisk::new(cfg.clone())) as Box<dyn Adapter>)
@@ -52,10 +60,15 @@ pub fn adapter(cfg: &Arc<Config>) -> Option<Box<dyn Adapter>> {
 
 /// A supervisor for `cfg`'s PBX, with the health state `/health` and `/ready` read.
 pub fn supervisor(cfg: &Config, health: Health) -> Arc<Supervisor> {
+    let (max_calls, grace_s) = if cfg.freeswitch.enabled {
+        (cfg.freeswitch.max_calls, cfg.freeswitch.shutdown_grace_s)
+    } else {
+        (cfg.asterisk.max_calls, cfg.asterisk.shutdown_grace_s)
+    };
     Supervisor::new(
         Limits {
-            max_calls: cfg.asterisk.max_calls,
-            grace: Duration::from_secs(cfg.asterisk.shutdown_grace_s),
+            max_calls,
+            grace: Duration::from_secs(grace_s),
             after_grace: Duration::from_secs(10),
         },
         Arc::new(health),

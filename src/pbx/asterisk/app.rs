@@ -215,6 +215,11 @@ impl crate::pbx::Adapter for Asterisk {
         "asterisk"
     }
 
+    fn describe(&self) -> String {
+        let a = &self.cfg.asterisk;
+        format!("asterisk (ARI app `{}` at {})", a.app, a.url)
+    }
+
     async fn run(
         &self,
         sup: Arc<Supervisor>,

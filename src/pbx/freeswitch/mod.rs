@@ -1,0 +1,625 @@
+//! The FreeSWITCH adapter: mod_audio_stream carries a call's audio over a WebSocket to sidecall
+//! (`media`), the Event Socket carries control and events (`esl`), and agent audio plays
+//! through stock mod_audio_stream's `streamAudio` files (`playback`). The dialplan answers,
+//! sets `sidecall=true` (and optionally `sidecall_flow`), starts the stream to sidecall with the
+//! token, and parks; sidecall does the rest through the PBX-neutral supervisor: capacity,
+//! draining, overflow when a stream fails or never comes.
+
+pub mod esl;
+pub mod media;
+pub mod playback;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::call::link::{CallControl, ControlError, Target};
+use crate::call::{CallSetup, run_call};
+use crate::config::Config;
+use crate::pbx::codec::WireFormat;
+use crate::pbx::events::{CallEvents, DtmfSource};
+use crate::pbx::supervisor::{Slot, Supervisor};
+use crate::pbx::{CallArgs, PartsFactory};
+use crate::telemetry::Recorder;
+use esl::{Esl, EslError, EslMsg, FsEvent};
+use playback::{Playback, PlayerCmd, StockLink};
+
+/// Why the FreeSWITCH adapter could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum FreeSwitchError {
+    #[error("the Event Socket password is not set: export {0}")]
+    NoPassword(String),
+    #[error("the media token is not set: export {0}")]
+    NoToken(String),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: String, error: std::io::Error },
+}
+
+/// The adapter `serve` runs when `[freeswitch] enabled = true`.
+pub struct FreeSwitch {
+    cfg: Arc<Config>,
+}
+
+impl FreeSwitch {
+    pub fn new(cfg: Arc<Config>) -> Self {
+        Self { cfg }
+    }
+}
+
+#[async_trait]
+impl crate::pbx::Adapter for FreeSwitch {
+    fn name(&self) -> &'static str {
+        "freeswitch"
+    }
+
+    fn describe(&self) -> String {
+        let f = &self.cfg.freeswitch;
+        format!(
+            "freeswitch (Event Socket {}, media on ws://{}/fs/<uuid>)",
+            f.esl_address, f.media_listen
+        )
+    }
+
+    async fn run(
+        &self,
+        sup: Arc<Supervisor>,
+        parts: PartsFactory,
+        records: Option<mpsc::Sender<serde_json::Value>>,
+        stop: CancellationToken,
+    ) -> Result<(), crate::pbx::PbxError> {
+        Ok(run(self.cfg.clone(), parts, sup, records, stop).await?)
+    }
+}
+
+/// What the adapter knows of one live call.
+#[derive(Clone)]
+struct Live {
+    events: CallEvents,
+    playback: Arc<Playback>,
+}
+
+struct Shared {
+    cfg: Arc<Config>,
+    esl: Arc<Esl>,
+    parts: PartsFactory,
+    records: Option<mpsc::Sender<serde_json::Value>>,
+    calls: std::sync::Mutex<HashMap<String, Live>>,
+    /// Channels that parked for sidecall and whose media has not come yet: the deadline's
+    /// cancel, and the channel's `sidecall_flow`.
+    expected: std::sync::Mutex<HashMap<String, (CancellationToken, Option<String>)>>,
+}
+
+impl Shared {
+    fn call(&self, uuid: &str) -> Option<Live> {
+        self.calls.lock().ok()?.get(uuid).cloned()
+    }
+
+    fn recorder(&self, uuid: &str) -> Recorder {
+        match &self.records {
+            Some(tx) => Recorder::to_channel(uuid, tx.clone()),
+            None => Recorder::none(),
+        }
+    }
+
+    /// Sends a caller sidecall will not (or can no longer) serve to the overflow target; if
+    /// that fails, hangs up. A caller already gone is done.
+    async fn to_overflow(&self, uuid: &str, why: &str) {
+        let target = &self.cfg.freeswitch.overflow_target;
+        tracing::warn!(%uuid, why, %target, "sending caller to the overflow target");
+        let sent = match self.cfg.transfers.get(target) {
+            Some(t) => transfer(&self.esl, uuid, &Target::from(t)).await,
+            None => Err(EslError::Refused(format!(
+                "no [transfers] entry `{target}`"
+            ))),
+        };
+        match sent {
+            Ok(()) | Err(EslError::NoSuchChannel) => {}
+            Err(e) => {
+                tracing::warn!(%uuid, error = %e, "overflow transfer failed; hanging up");
+                let _ = self
+                    .esl
+                    .bgapi(&format!("uuid_kill {uuid} NORMAL_TEMPORARY_FAILURE"))
+                    .await;
+            }
+        }
+    }
+}
+
+/// `uuid_transfer` to a dialplan extension, or to a dial string through `bridge`.
+async fn transfer(esl: &Esl, uuid: &str, t: &Target) -> Result<(), EslError> {
+    let cmd = match t {
+        Target::Dialplan {
+            context, extension, ..
+        } => format!("uuid_transfer {uuid} {extension} XML {context}"),
+        Target::Endpoint(dial) => format!("uuid_transfer {uuid} 'bridge:{dial}' inline"),
+    };
+    esl.bgapi(&cmd).await.map(|_| ())
+}
+
+fn control_error(e: EslError) -> ControlError {
+    match e {
+        EslError::NoSuchChannel => ControlError::NotFound,
+        EslError::Timeout(ms) => ControlError::Timeout(ms),
+        EslError::NotConnected => ControlError::Unreachable(e.to_string()),
+        EslError::Refused(m) | EslError::Protocol(m) => ControlError::Refused(m),
+    }
+}
+
+/// Acting on a FreeSWITCH call through the Event Socket.
+struct FsControl {
+    esl: Arc<Esl>,
+    uuid: String,
+    player: mpsc::Sender<PlayerCmd>,
+}
+
+#[async_trait]
+impl CallControl for FsControl {
+    async fn answer(&self) -> Result<(), ControlError> {
+        // The dialplan answered before it started the stream.
+        Ok(())
+    }
+
+    async fn send_dtmf(&self, digits: &str) -> Result<(), ControlError> {
+        if digits.is_empty() || !digits.chars().all(|c| "0123456789*#ABCDabcd".contains(c)) {
+            return Err(ControlError::Refused(format!(
+                "`{digits}` are not DTMF keys"
+            )));
+        }
+        self.esl
+            .bgapi(&format!("uuid_send_dtmf {} {digits}", self.uuid))
+            .await
+            .map(|_| ())
+            .map_err(control_error)
+    }
+
+    async fn transfer(&self, name: &str, target: &Target) -> Result<(), ControlError> {
+        tracing::info!(uuid = %self.uuid, target = name, "transferring");
+        transfer(&self.esl, &self.uuid, target)
+            .await
+            .map_err(control_error)
+    }
+
+    async fn hangup(&self, _reason: &str) -> Result<(), ControlError> {
+        self.esl
+            .bgapi(&format!("uuid_kill {} NORMAL_CLEARING", self.uuid))
+            .await
+            .map(|_| ())
+            .map_err(control_error)
+    }
+
+    /// Barge-in: `uuid_break all` through the call's player, so it comes after every playback
+    /// already asked for and before any asked later.
+    async fn stop_playback(&self) -> Result<(), ControlError> {
+        self.player
+            .send(PlayerCmd::Break)
+            .await
+            .map_err(|_| ControlError::NotFound)
+    }
+}
+
+/// Runs a call's playback commands in order: queued files (only those of the current epoch:
+/// a barge-in makes the rest stale) and breaks.
+async fn player(
+    esl: Arc<Esl>,
+    uuid: String,
+    playback: Arc<Playback>,
+    mut rx: mpsc::Receiver<PlayerCmd>,
+) {
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            PlayerCmd::Play { epoch, file } => {
+                if epoch != playback.epoch() {
+                    continue;
+                }
+                if let Err(e) = esl.play(&uuid, &file).await {
+                    tracing::warn!(%uuid, %file, error = %e, "playback not queued");
+                }
+            }
+            PlayerCmd::Break => {
+                if let Err(e) = esl.bgapi(&format!("uuid_break {uuid} all")).await {
+                    tracing::debug!(%uuid, error = %e, "uuid_break");
+                }
+            }
+        }
+    }
+}
+
+/// The call's arguments from the stream's metadata (JSON `{"flow": ..}` or `flow=..,lang=..`),
+/// else from the channel's `sidecall_flow` variable.
+fn call_args(metadata: Option<&str>, flow_var: Option<String>) -> CallArgs {
+    let mut args = match metadata.map(str::trim) {
+        Some(m) if m.starts_with('{') => match serde_json::from_str::<serde_json::Value>(m) {
+            Ok(v) => CallArgs {
+                flow: v.get("flow").and_then(|f| f.as_str()).map(str::to_string),
+                lang: v.get("lang").and_then(|f| f.as_str()).map(str::to_string),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "stream metadata is not JSON; ignored");
+                CallArgs::default()
+            }
+        },
+        Some(m) => CallArgs::parse(&[m.to_string()]),
+        None => CallArgs::default(),
+    };
+    if args.flow.is_none() {
+        args.flow = flow_var;
+    }
+    args
+}
+
+/// Runs the adapter until `stop`, then drains calls through the supervisor.
+pub async fn run(
+    cfg: Arc<Config>,
+    parts: PartsFactory,
+    sup: Arc<Supervisor>,
+    records: Option<mpsc::Sender<serde_json::Value>>,
+    stop: CancellationToken,
+) -> Result<(), FreeSwitchError> {
+    let f = &cfg.freeswitch;
+    let password = f
+        .password
+        .clone()
+        .ok_or_else(|| FreeSwitchError::NoPassword(f.password_env.clone()))?;
+    let token = f
+        .media_token
+        .clone()
+        .ok_or_else(|| FreeSwitchError::NoToken(f.media_token_env.clone()))?;
+    let listener =
+        TcpListener::bind(&f.media_listen)
+            .await
+            .map_err(|error| FreeSwitchError::Listen {
+                addr: f.media_listen.clone(),
+                error,
+            })?;
+    let (conn_tx, mut conns) = mpsc::channel(64);
+    let gate = crate::net::Gate::new(f.max_calls.saturating_add(16), Duration::from_millis(1_000));
+    tokio::spawn(media::accept(
+        listener,
+        token.expose().to_string(),
+        gate,
+        conn_tx,
+        stop.clone(),
+    ));
+    // Not a child of `stop`: while draining, active calls still need their events.
+    let esl_stop = CancellationToken::new();
+    let (esl, mut esl_msgs) = esl::spawn(
+        esl::EslSettings {
+            address: f.esl_address.clone(),
+            password: password.expose().to_string(),
+            request_timeout: Duration::from_millis(f.request_timeout_ms),
+            silence: Duration::from_millis(f.events_silence_ms),
+        },
+        sup.health().control_connected.clone(),
+        esl_stop.clone(),
+    );
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        esl,
+        parts,
+        records,
+        calls: Default::default(),
+        expected: Default::default(),
+    });
+    let drain = async {
+        stop.cancelled().await;
+        sup.drain().await;
+    };
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            _ = &mut drain => break,
+            msg = esl_msgs.recv() => {
+                let Some(msg) = msg else { break };
+                match msg {
+                    EslMsg::Connected => {}
+                    EslMsg::Disconnected(why) => {
+                        let active = shared.calls.lock().map(|c| c.len()).unwrap_or(0);
+                        tracing::warn!(%why, active, "Event Socket lost; calls in progress go on");
+                    }
+                    EslMsg::Event(ev) => on_event(&shared, &sup, ev),
+                }
+            }
+            conn = conns.recv() => {
+                let Some(conn) = conn else { break };
+                on_media(&shared, &sup, conn);
+            }
+        }
+    }
+    esl_stop.cancel();
+    Ok(())
+}
+
+fn on_event(shared: &Arc<Shared>, sup: &Arc<Supervisor>, ev: FsEvent) {
+    match ev {
+        FsEvent::Park { uuid, vars } => {
+            let ours = vars
+                .get("sidecall")
+                .is_some_and(|v| !v.is_empty() && v != "false");
+            if !ours || shared.call(&uuid).is_some() {
+                return;
+            }
+            let _ = sup;
+            // The media must come within the deadline, or the caller goes to a human.
+            let cancel = CancellationToken::new();
+            let flow = vars.get("sidecall_flow").cloned();
+            if let Ok(mut e) = shared.expected.lock() {
+                e.insert(uuid.clone(), (cancel.clone(), flow));
+            }
+            let (shared, wait) = (
+                shared.clone(),
+                Duration::from_millis(shared.cfg.freeswitch.media_timeout_ms),
+            );
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(wait) => {
+                        let still = shared.expected.lock().ok().and_then(|mut e| e.remove(&uuid)).is_some();
+                        if still && shared.call(&uuid).is_none() {
+                            let rec = shared.recorder(&uuid);
+                            rec.emit(0, "error", serde_json::json!({"stage": "setup", "message": "no media connection from mod_audio_stream"}));
+                            rec.emit(0, "call_end", serde_json::json!({"outcome": "overflow"}));
+                            shared.to_overflow(&uuid, "media never connected").await;
+                        }
+                    }
+                }
+            });
+        }
+        FsEvent::Dtmf { uuid, digit } => {
+            if let Some(c) = shared.call(&uuid) {
+                c.events.dtmf(digit, DtmfSource::Control);
+            }
+        }
+        FsEvent::Hangup { uuid, cause } => {
+            if let Some((e, _)) = shared
+                .expected
+                .lock()
+                .ok()
+                .and_then(|mut e| e.remove(&uuid))
+            {
+                e.cancel();
+            }
+            if let Some(c) = shared.call(&uuid) {
+                c.events.mark_caller_gone();
+                tokio::spawn(
+                    async move { c.events.hangup(&format!("caller hung up ({cause})")).await },
+                );
+            }
+        }
+        FsEvent::PlaybackStop { uuid, file, done } => {
+            if let Some(c) = shared.call(&uuid) {
+                c.playback.on_stop(&file, done);
+            }
+        }
+        FsEvent::StreamPlay { uuid, body } => {
+            if let Some(c) = shared.call(&uuid) {
+                c.playback.on_file(&body);
+            }
+        }
+        FsEvent::StreamConnected { .. } => {}
+        FsEvent::StreamFailed { uuid, why } => {
+            // Before the call began: its media will never come.
+            let waiting = shared
+                .expected
+                .lock()
+                .ok()
+                .and_then(|mut e| e.remove(&uuid));
+            if let Some((cancel, _)) = waiting {
+                cancel.cancel();
+                if shared.call(&uuid).is_none() {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let rec = shared.recorder(&uuid);
+                        rec.emit(
+                            0,
+                            "error",
+                            serde_json::json!({"stage": "setup", "message": why}),
+                        );
+                        rec.emit(0, "call_end", serde_json::json!({"outcome": "overflow"}));
+                        shared.to_overflow(&uuid, "media stream failed").await;
+                    });
+                }
+            } else {
+                tracing::info!(%uuid, %why, "media stream ended");
+            }
+        }
+        FsEvent::StreamRejected { uuid, body } => {
+            tracing::warn!(%uuid, %body, "mod_audio_stream could not take a message from sidecall");
+        }
+    }
+}
+
+fn on_media(shared: &Arc<Shared>, sup: &Arc<Supervisor>, conn: media::MediaConn) {
+    let uuid = conn.uuid.clone();
+    let mut flow_var = None;
+    if let Some((c, flow)) = shared
+        .expected
+        .lock()
+        .ok()
+        .and_then(|mut e| e.remove(&uuid))
+    {
+        c.cancel();
+        flow_var = flow;
+    }
+    if shared.call(&uuid).is_some() {
+        tracing::warn!(%uuid, "a second media connection for a live call; closed");
+        return;
+    }
+    match sup.admit() {
+        Err(why) => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                drop(conn);
+                shared.to_overflow(&uuid, &why.to_string()).await;
+            });
+        }
+        Ok(slot) => start_call(shared, sup, slot, conn, flow_var),
+    }
+}
+
+/// Starts a call the supervisor admitted, on its own guarded task: if it panics, the caller
+/// still goes to the overflow target.
+fn start_call(
+    shared: &Arc<Shared>,
+    sup: &Arc<Supervisor>,
+    slot: Slot,
+    conn: media::MediaConn,
+    flow_var: Option<String>,
+) {
+    let uuid = conn.uuid.clone();
+    let (events, rx) = CallEvents::channel(512);
+    let (ws_tx, ws_rx) = mpsc::channel(64);
+    let (player_tx, player_rx) = mpsc::channel(256);
+    let playback = Playback::new(
+        shared.cfg.freeswitch.stream_rate,
+        ws_tx,
+        player_tx.clone(),
+        events.clone(),
+    );
+    if let Ok(mut c) = shared.calls.lock() {
+        c.insert(
+            uuid.clone(),
+            Live {
+                events: events.clone(),
+                playback: playback.clone(),
+            },
+        );
+    }
+    let call = run_one(
+        shared.clone(),
+        uuid.clone(),
+        conn,
+        flow_var,
+        events.clone(),
+        rx,
+        playback,
+        (ws_rx, player_tx, player_rx),
+        sup.grace_over(),
+    );
+    let shared = shared.clone();
+    sup.spawn(slot, call, move |panicked| async move {
+        if panicked && !events.caller_gone() {
+            shared.to_overflow(&uuid, "call task failed").await;
+        }
+        if let Ok(mut c) = shared.calls.lock() {
+            c.remove(&uuid);
+        }
+    });
+}
+
+type Pipes = (
+    mpsc::Receiver<String>,
+    mpsc::Sender<PlayerCmd>,
+    mpsc::Receiver<PlayerCmd>,
+);
+
+#[allow(clippy::too_many_arguments)]
+async fn run_one(
+    shared: Arc<Shared>,
+    uuid: String,
+    conn: media::MediaConn,
+    flow_var: Option<String>,
+    events: CallEvents,
+    rx: mpsc::Receiver<crate::call::MediaEvent>,
+    playback: Arc<Playback>,
+    pipes: Pipes,
+    grace_over: CancellationToken,
+) {
+    let cfg = shared.cfg.clone();
+    let (ws_rx, player_tx, player_rx) = pipes;
+    let args = call_args(conn.metadata.as_deref(), flow_var);
+    tracing::info!(%uuid, flow = ?args.flow, "FreeSWITCH call");
+    let recorder = shared.recorder(&uuid);
+    let parts = match (shared.parts)(&args) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(%uuid, error = %e, "cannot start a call for these arguments");
+            recorder.emit(
+                0,
+                "error",
+                serde_json::json!({"stage": "arguments", "message": e}),
+            );
+            recorder.emit(0, "call_end", serde_json::json!({"outcome": "overflow"}));
+            shared.to_overflow(&uuid, "bad call arguments").await;
+            return;
+        }
+    };
+    let rate = cfg.call.sample_rate;
+    // The stream's rate, as the dialplan starts it (`mono 16k` or `mono 8k`).
+    let wire = WireFormat::SlinLe(cfg.freeswitch.stream_rate);
+    let out = match crate::pbx::codec::Transcoder::new(wire, rate) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(%uuid, error = %e, "no resampler");
+            shared.to_overflow(&uuid, "no resampler").await;
+            return;
+        }
+    };
+    let media = tokio::spawn(media::pump(
+        conn.ws,
+        conn.first_audio,
+        wire,
+        rate,
+        events.clone(),
+        ws_rx,
+    ));
+    let player_task = tokio::spawn(player(
+        shared.esl.clone(),
+        uuid.clone(),
+        playback.clone(),
+        player_rx,
+    ));
+    let control = Arc::new(FsControl {
+        esl: shared.esl.clone(),
+        uuid: uuid.clone(),
+        player: player_tx,
+    });
+    let call = run_call(CallSetup {
+        call_id: uuid.clone(),
+        flow_name: parts.flow_name,
+        config: cfg.clone(),
+        dialog: parts.dialog,
+        asr: parts.asr,
+        tts: parts.tts,
+        link: Box::new(StockLink { playback, out }),
+        control,
+        events: rx,
+        recorder,
+        tick_stats: None,
+        origin: None,
+    });
+    tokio::pin!(call);
+    let outcome = tokio::select! {
+        o = &mut call => o,
+        _ = grace_over.cancelled() => {
+            events.taken_away(&cfg.freeswitch.overflow_target, "grace period over").await;
+            shared.to_overflow(&uuid, "grace period over").await;
+            call.await
+        }
+    };
+    tracing::info!(%uuid, outcome = outcome.label(), "call finished");
+    match outcome {
+        crate::call::CallOutcome::CallerHungUp if !events.caller_gone() => {
+            shared
+                .to_overflow(&uuid, "media ended under a live caller")
+                .await;
+        }
+        crate::call::CallOutcome::Failed { stage } => {
+            shared.to_overflow(&uuid, &format!("{stage} failed")).await;
+        }
+        _ => {}
+    }
+    // Detach the stream (it survives a transfer; a stream left attached refuses a new start).
+    if !events.caller_gone() {
+        let _ = shared
+            .esl
+            .bgapi(&format!("uuid_audio_stream {uuid} stop"))
+            .await;
+    }
+    player_task.abort();
+    media.abort();
+}
