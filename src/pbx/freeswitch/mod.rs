@@ -89,14 +89,51 @@ struct Shared {
     parts: PartsFactory,
     records: Option<mpsc::Sender<serde_json::Value>>,
     calls: std::sync::Mutex<HashMap<String, Live>>,
-    /// Channels that parked for sidecall and whose media has not come yet: the deadline's
-    /// cancel, and the channel's `sidecall_flow`.
-    expected: std::sync::Mutex<HashMap<String, (CancellationToken, Option<String>)>>,
+    /// Channels that parked for sidecall and whose media has not come yet.
+    expected: std::sync::Mutex<HashMap<String, Expected>>,
+    /// Channels served, with the `sidecall` marker they came with: channel variables outlive a
+    /// transfer, so a transfer target that parks the caller again (a human's queue) would
+    /// otherwise look like a new call whose media never came.
+    served: std::sync::Mutex<HashMap<String, (std::time::Instant, String)>>,
 }
+
+/// A channel that parked for sidecall: the media deadline's cancel, its `sidecall_flow`, and
+/// its `sidecall` marker.
+struct Expected {
+    cancel: CancellationToken,
+    flow: Option<String>,
+    marker: String,
+}
+
+/// How long a served channel's marker is remembered.
+const SERVED_KEEP: Duration = Duration::from_secs(3_600);
+const SERVED_MAX: usize = 100_000;
 
 impl Shared {
     fn call(&self, uuid: &str) -> Option<Live> {
         self.calls.lock().ok()?.get(uuid).cloned()
+    }
+
+    /// Remembers that `uuid` was served with `marker`.
+    fn note_served(&self, uuid: &str, marker: &str) {
+        if let Ok(mut m) = self.served.lock() {
+            let now = std::time::Instant::now();
+            if m.len() >= SERVED_MAX {
+                m.retain(|_, (at, _)| now.duration_since(*at) < SERVED_KEEP);
+            }
+            if m.len() < SERVED_MAX {
+                m.insert(uuid.to_string(), (now, marker.to_string()));
+            }
+        }
+    }
+
+    /// A park with the marker of a call already served: a variable left over, not a new entry
+    /// into sidecall (the dialplan sets `sidecall=${create_uuid()}` on every entry).
+    fn stale_park(&self, uuid: &str, marker: &str) -> bool {
+        self.served.lock().ok().is_some_and(|m| {
+            m.get(uuid)
+                .is_some_and(|(at, seen)| seen == marker && at.elapsed() < SERVED_KEEP)
+        })
     }
 
     fn recorder(&self, uuid: &str) -> Recorder {
@@ -304,6 +341,7 @@ pub async fn run(
         records,
         calls: Default::default(),
         expected: Default::default(),
+        served: Default::default(),
     });
     let drain = async {
         stop.cancelled().await;
@@ -337,10 +375,14 @@ pub async fn run(
 fn on_event(shared: &Arc<Shared>, sup: &Arc<Supervisor>, ev: FsEvent) {
     match ev {
         FsEvent::Park { uuid, vars } => {
-            let ours = vars
-                .get("sidecall")
-                .is_some_and(|v| !v.is_empty() && v != "false");
-            if !ours || shared.call(&uuid).is_some() {
+            let marker = vars.get("sidecall").cloned().unwrap_or_default();
+            let ours = !marker.is_empty() && marker != "false";
+            if !ours || shared.stale_park(&uuid, &marker) {
+                return;
+            }
+            if shared.call(&uuid).is_some() {
+                // The media came first (the stream starts before the dialplan parks).
+                shared.note_served(&uuid, &marker);
                 return;
             }
             let _ = sup;
@@ -348,7 +390,14 @@ fn on_event(shared: &Arc<Shared>, sup: &Arc<Supervisor>, ev: FsEvent) {
             let cancel = CancellationToken::new();
             let flow = vars.get("sidecall_flow").cloned();
             if let Ok(mut e) = shared.expected.lock() {
-                e.insert(uuid.clone(), (cancel.clone(), flow));
+                e.insert(
+                    uuid.clone(),
+                    Expected {
+                        cancel: cancel.clone(),
+                        flow,
+                        marker,
+                    },
+                );
             }
             let (shared, wait) = (
                 shared.clone(),
@@ -375,13 +424,13 @@ fn on_event(shared: &Arc<Shared>, sup: &Arc<Supervisor>, ev: FsEvent) {
             }
         }
         FsEvent::Hangup { uuid, cause } => {
-            if let Some((e, _)) = shared
+            if let Some(e) = shared
                 .expected
                 .lock()
                 .ok()
                 .and_then(|mut e| e.remove(&uuid))
             {
-                e.cancel();
+                e.cancel.cancel();
             }
             if let Some(c) = shared.call(&uuid) {
                 c.events.mark_caller_gone();
@@ -408,7 +457,7 @@ fn on_event(shared: &Arc<Shared>, sup: &Arc<Supervisor>, ev: FsEvent) {
                 .lock()
                 .ok()
                 .and_then(|mut e| e.remove(&uuid));
-            if let Some((cancel, _)) = waiting {
+            if let Some(Expected { cancel, .. }) = waiting {
                 cancel.cancel();
                 if shared.call(&uuid).is_none() {
                     let shared = shared.clone();
@@ -436,14 +485,15 @@ fn on_event(shared: &Arc<Shared>, sup: &Arc<Supervisor>, ev: FsEvent) {
 fn on_media(shared: &Arc<Shared>, sup: &Arc<Supervisor>, conn: media::MediaConn) {
     let uuid = conn.uuid.clone();
     let mut flow_var = None;
-    if let Some((c, flow)) = shared
+    if let Some(e) = shared
         .expected
         .lock()
         .ok()
         .and_then(|mut e| e.remove(&uuid))
     {
-        c.cancel();
-        flow_var = flow;
+        e.cancel.cancel();
+        flow_var = e.flow;
+        shared.note_served(&uuid, &e.marker);
     }
     if shared.call(&uuid).is_some() {
         tracing::warn!(%uuid, "a second media connection for a live call; closed");
