@@ -167,8 +167,13 @@ impl Shared {
     }
 }
 
-/// `uuid_transfer` to a dialplan extension, or to a dial string through `bridge`.
+/// `uuid_transfer` to a dialplan extension, or to a dial string through `bridge`. The dialplan's
+/// backstop (`sched_transfer`, group = the channel's uuid) is cancelled first: it would take the
+/// caller away from wherever they were sent.
 async fn transfer(esl: &Esl, uuid: &str, t: &Target) -> Result<(), EslError> {
+    if let Err(e) = esl.bgapi(&format!("sched_del {uuid}")).await {
+        tracing::debug!(%uuid, error = %e, "sched_del (no backstop scheduled?)");
+    }
     let cmd = match t {
         Target::Dialplan {
             context, extension, ..
