@@ -127,9 +127,20 @@ events_silence_ms = 25000
 }
 
 async fn start(emu: &FsEmulator, flows: Option<&Path>, parts: Option<PartsFactory>) -> Sidecall {
+    start_tweaked(emu, flows, parts, |_| {}).await
+}
+
+async fn start_tweaked(
+    emu: &FsEmulator,
+    flows: Option<&Path>,
+    parts: Option<PartsFactory>,
+    tweak: impl FnOnce(&mut Config),
+) -> Sidecall {
     let dir = tempfile::tempdir().unwrap();
     let repo_flows = common::repo().join("examples/flows");
-    let cfg = Arc::new(config(dir.path(), emu, flows.unwrap_or(&repo_flows)));
+    let mut cfg = config(dir.path(), emu, flows.unwrap_or(&repo_flows));
+    tweak(&mut cfg);
+    let cfg = Arc::new(cfg);
     let parts = parts.unwrap_or_else(|| parts_factory(cfg.clone(), Engines::from_config(&cfg)));
     let (tx, mut rx) = mpsc::channel::<Value>(65_536);
     let records: Arc<Mutex<Vec<Value>>> = Arc::default();
@@ -647,4 +658,113 @@ async fn fifty_concurrent_calls_complete_with_nothing_leaked() {
     }
     assert_nothing_left(&sc).await;
     sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_capacity_goes_to_overflow_at_once() {
+    let emu = FsEmulator::start(FsOptions::default()).await;
+    let flows = tempfile::tempdir().unwrap();
+    keys_flow(flows.path());
+    let sc = start_tweaked(&emu, Some(flows.path()), None, |c| {
+        c.freeswitch.max_calls = 1
+    })
+    .await;
+    let script = || Script {
+        max_ms: 15_000,
+        ..Script::default()
+    };
+    let (first, first_log) = emu.place_call(sc.call("keys", TOKEN, script()));
+    for _ in 0..100 {
+        if sc
+            .health
+            .active_calls
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_second, second_log) = emu.place_call(sc.call("keys", TOKEN, script()));
+    for _ in 0..100 {
+        if second_log.lock().unwrap().transferred_to.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        second_log.lock().unwrap().transferred_to.as_deref(),
+        Some("s XML overflow")
+    );
+    assert_eq!(
+        first_log.lock().unwrap().transferred_to,
+        None,
+        "the first call goes on"
+    );
+    emu.hangup(&first);
+    assert_nothing_left(&sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_then_sends_remaining_calls_to_overflow() {
+    let emu = FsEmulator::start(FsOptions::default()).await;
+    let flows = tempfile::tempdir().unwrap();
+    keys_flow(flows.path());
+    let sc = start(&emu, Some(flows.path()), None).await;
+    let (uuid, log) = emu.place_call(sc.call(
+        "keys",
+        TOKEN,
+        Script {
+            max_ms: 30_000,
+            ..Script::default()
+        },
+    ));
+    for _ in 0..100 {
+        if sc
+            .health
+            .active_calls
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sc.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        sc.health
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed),
+        "/ready turns 503 while draining"
+    );
+    assert_eq!(
+        log.lock().unwrap().transferred_to,
+        None,
+        "the grace period first"
+    );
+    // shutdown_grace_s = 2: then the caller goes to the overflow target, not left parked.
+    for _ in 0..200 {
+        if log.lock().unwrap().transferred_to.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let to = log.lock().unwrap().transferred_to.clone();
+    assert_eq!(to.as_deref(), Some("s XML overflow"));
+    let _ = tokio::time::timeout(Duration::from_secs(15), sc.task).await;
+    let recs: Vec<Value> = sc
+        .records
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r["call_id"] == uuid.as_str())
+        .cloned()
+        .collect();
+    let end = recs
+        .iter()
+        .rfind(|r| r["type"] == "call_end")
+        .expect("call_end");
+    assert_eq!(end["outcome"], "transferred", "{recs:#?}");
 }

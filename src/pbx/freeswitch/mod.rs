@@ -353,6 +353,7 @@ pub async fn run(
         sup.drain().await;
     };
     tokio::pin!(drain);
+    let mut listening = true;
     loop {
         tokio::select! {
             _ = &mut drain => break,
@@ -367,9 +368,12 @@ pub async fn run(
                     EslMsg::Event(ev) => on_event(&shared, &sup, ev),
                 }
             }
-            conn = conns.recv() => {
-                let Some(conn) = conn else { break };
-                on_media(&shared, &sup, conn);
+            // The listener stops taking connections at SIGTERM; calls in progress go on.
+            conn = conns.recv(), if listening => {
+                match conn {
+                    Some(conn) => on_media(&shared, &sup, conn),
+                    None => listening = false,
+                }
             }
         }
     }
