@@ -415,7 +415,8 @@ pub struct FreeSwitchConfig {
     /// The rate the dialplan starts the stream at: 16000 (`mono 16k`) or 8000 (`mono 8k`).
     pub stream_rate: u32,
     /// How agent audio is played: "stock" (stock mod_audio_stream: `streamAudio` files played
-    /// over the Event Socket).
+    /// over the Event Socket) or "audio_fork" (jambonz mod_audio_fork: audio back over the
+    /// stream's own WebSocket, marks and killAudio).
     pub playback: String,
     /// Most calls at once; more go to the overflow target.
     pub max_calls: usize,
@@ -710,10 +711,13 @@ impl Config {
                 format!("{} is not 8000 or 16000", f.stream_rate),
             ));
         }
-        if f.playback != "stock" {
+        if !["stock", "audio_fork"].contains(&f.playback.as_str()) {
             return Err(bad(
                 "freeswitch.playback",
-                format!("`{}` is not \"stock\"", f.playback),
+                format!(
+                    "`{}` is not \"stock\" (stock mod_audio_stream) or \"audio_fork\" (jambonz mod_audio_fork)",
+                    f.playback
+                ),
             ));
         }
         for (key, addr) in [

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Every event the adapter needs, CUSTOM subclasses last (every token after CUSTOM is one).
-const SUBSCRIPTION: &str = "CHANNEL_PARK CHANNEL_HANGUP_COMPLETE DTMF BACKGROUND_JOB PLAYBACK_START PLAYBACK_STOP HEARTBEAT CUSTOM mod_audio_stream::play mod_audio_stream::connect mod_audio_stream::disconnect mod_audio_stream::error mod_audio_stream::json";
+const SUBSCRIPTION: &str = "CHANNEL_PARK CHANNEL_HANGUP_COMPLETE DTMF BACKGROUND_JOB PLAYBACK_START PLAYBACK_STOP HEARTBEAT CUSTOM mod_audio_stream::play mod_audio_stream::connect mod_audio_stream::disconnect mod_audio_stream::error mod_audio_stream::json mod_audio_fork::connect mod_audio_fork::connect_failed mod_audio_fork::disconnect mod_audio_fork::error mod_audio_fork::buffer_overrun mod_audio_fork::json";
 /// Results that came before their reply was read, kept this long at most.
 const EARLY_KEEP: Duration = Duration::from_secs(60);
 const EARLY_MAX: usize = 4_096;
@@ -366,21 +366,31 @@ fn read_event(esl: &Esl, ev: &EslEvent) -> Option<FsEvent> {
                         None
                     }
                 },
-                "mod_audio_stream::connect" => Some(FsEvent::StreamConnected { uuid }),
-                "mod_audio_stream::error" | "mod_audio_stream::disconnect" => {
-                    Some(FsEvent::StreamFailed {
+                "mod_audio_stream::connect" | "mod_audio_fork::connect" => {
+                    Some(FsEvent::StreamConnected { uuid })
+                }
+                "mod_audio_fork::buffer_overrun" => {
+                    tracing::warn!(%uuid, "mod_audio_fork: buffer overrun");
+                    None
+                }
+                "mod_audio_stream::error"
+                | "mod_audio_stream::disconnect"
+                | "mod_audio_fork::connect_failed"
+                | "mod_audio_fork::error"
+                | "mod_audio_fork::disconnect" => Some(FsEvent::StreamFailed {
+                    uuid,
+                    why: format!(
+                        "{}: {}",
+                        header(ev, "Event-Subclass"),
+                        body.chars().take(200).collect::<String>()
+                    ),
+                }),
+                "mod_audio_stream::json" | "mod_audio_fork::json" => {
+                    Some(FsEvent::StreamRejected {
                         uuid,
-                        why: format!(
-                            "{}: {}",
-                            header(ev, "Event-Subclass"),
-                            body.chars().take(200).collect::<String>()
-                        ),
+                        body: body.chars().take(200).collect(),
                     })
                 }
-                "mod_audio_stream::json" => Some(FsEvent::StreamRejected {
-                    uuid,
-                    body: body.chars().take(200).collect(),
-                }),
                 _ => None,
             }
         }

@@ -21,11 +21,14 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_util::sync::CancellationToken;
 
+use super::fork::{Marks, WsOut};
 use crate::pbx::codec::{Transcoder, WireFormat};
 use crate::pbx::events::CallEvents;
 
 /// How long the metadata may take after the handshake.
 const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(2);
+/// The subprotocol jambonz mod_audio_fork asks for.
+const FORK_PROTOCOL: &str = "audio.drachtio.org";
 /// Largest message taken from the module (100 ms at 16 kHz is 3 200 B; STREAM_BUFFER_SIZE may
 /// make it larger, a little).
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -132,7 +135,22 @@ pub async fn accept(
                     return Err(refuse(StatusCode::UNAUTHORIZED, "wrong token"));
                 }
                 who = Some(uuid);
-                // No subprotocol and no extensions in the answer: the module asks for neither.
+                // Stock mod_audio_stream asks no subprotocol; jambonz mod_audio_fork asks
+                // `audio.drachtio.org` and needs it echoed. Never any extension.
+                let mut resp = resp;
+                let drachtio = req
+                    .headers()
+                    .get("Sec-WebSocket-Protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.split(',').any(|p| p.trim() == FORK_PROTOCOL));
+                if drachtio {
+                    resp.headers_mut().insert(
+                        "Sec-WebSocket-Protocol",
+                        tokio_tungstenite::tungstenite::http::HeaderValue::from_static(
+                            FORK_PROTOCOL,
+                        ),
+                    );
+                }
                 Ok(resp)
             };
             let accept =
@@ -175,15 +193,16 @@ pub async fn accept(
 }
 
 /// Carries one call's media until either side ends it: caller audio in (decoded, resampled,
-/// any message size), text messages out (streamAudio). Ends the call's events with a hangup
-/// when the socket closes.
+/// any message size), agent audio and commands out, and (audio_fork) marks in. Ends the call's
+/// events with a hangup when the socket closes.
 pub async fn pump(
     ws: WebSocketStream<TcpStream>,
     first_audio: Option<Vec<u8>>,
     wire: WireFormat,
     internal_rate: u32,
     events: CallEvents,
-    mut out: mpsc::Receiver<String>,
+    mut out: mpsc::Receiver<WsOut>,
+    marks: Option<std::sync::Arc<Marks>>,
 ) {
     let mut decoder = match Transcoder::new(wire, internal_rate) {
         Ok(t) => t,
@@ -218,14 +237,19 @@ pub async fn pump(
                 Some(Ok(Message::Close(c))) => {
                     break format!("media connection closed ({})", c.map(|c| u16::from(c.code)).unwrap_or(1005));
                 }
-                Some(Ok(Message::Text(t))) => {
-                    tracing::debug!(text = %t.chars().take(80).collect::<String>(), "text from mod_audio_stream ignored");
-                }
+                Some(Ok(Message::Text(t))) => match &marks {
+                    Some(m) => m.on_text(&t, &events),
+                    None => tracing::debug!(text = %t.chars().take(80).collect::<String>(), "text from mod_audio_stream ignored"),
+                },
                 Some(Ok(_)) => {}
             },
             m = out.recv() => match m {
-                Some(text) => {
-                    let send = sink.send(Message::text(text));
+                Some(m) => {
+                    let msg = match m {
+                        WsOut::Text(t) => Message::text(t),
+                        WsOut::Binary(b) => Message::binary(b),
+                    };
+                    let send = sink.send(msg);
                     match tokio::time::timeout(crate::pbx::paced::SEND_TIMEOUT, send).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => break format!("media send failed: {e}"),

@@ -6,6 +6,7 @@
 //! draining, overflow when a stream fails or never comes.
 
 pub mod esl;
+pub mod fork;
 pub mod media;
 pub mod playback;
 
@@ -196,7 +197,8 @@ fn control_error(e: EslError) -> ControlError {
 struct FsControl {
     esl: Arc<Esl>,
     uuid: String,
-    player: mpsc::Sender<PlayerCmd>,
+    /// Stock playback's player (None: audio_fork, whose link sends killAudio itself).
+    player: Option<mpsc::Sender<PlayerCmd>>,
 }
 
 #[async_trait]
@@ -237,10 +239,13 @@ impl CallControl for FsControl {
     /// Barge-in: `uuid_break all` through the call's player, so it comes after every playback
     /// already asked for and before any asked later.
     async fn stop_playback(&self) -> Result<(), ControlError> {
-        self.player
-            .send(PlayerCmd::Break)
-            .await
-            .map_err(|_| ControlError::NotFound)
+        match &self.player {
+            Some(p) => p
+                .send(PlayerCmd::Break)
+                .await
+                .map_err(|_| ControlError::NotFound),
+            None => Ok(()),
+        }
     }
 }
 
@@ -571,7 +576,7 @@ fn start_call(
 }
 
 type Pipes = (
-    mpsc::Receiver<String>,
+    mpsc::Receiver<fork::WsOut>,
     mpsc::Sender<PlayerCmd>,
     mpsc::Receiver<PlayerCmd>,
 );
@@ -618,6 +623,9 @@ async fn run_one(
             return;
         }
     };
+    let fork_mode = cfg.freeswitch.playback == "audio_fork";
+    let marks = fork_mode.then(|| Arc::new(fork::Marks::default()));
+    let ws_tx = playback.ws();
     let media = tokio::spawn(media::pump(
         conn.ws,
         conn.first_audio,
@@ -625,6 +633,7 @@ async fn run_one(
         rate,
         events.clone(),
         ws_rx,
+        marks.clone(),
     ));
     let player_task = tokio::spawn(player(
         shared.esl.clone(),
@@ -635,8 +644,12 @@ async fn run_one(
     let control = Arc::new(FsControl {
         esl: shared.esl.clone(),
         uuid: uuid.clone(),
-        player: player_tx,
+        player: (!fork_mode).then_some(player_tx),
     });
+    let link: Box<dyn crate::call::MediaLink> = match marks {
+        Some(marks) => Box::new(fork::ForkLink::new(ws_tx, out, marks, events.clone())),
+        None => Box::new(StockLink { playback, out }),
+    };
     let call = run_call(CallSetup {
         call_id: uuid.clone(),
         flow_name: parts.flow_name,
@@ -644,7 +657,7 @@ async fn run_one(
         dialog: parts.dialog,
         asr: parts.asr,
         tts: parts.tts,
-        link: Box::new(StockLink { playback, out }),
+        link,
         control,
         events: rx,
         recorder,
@@ -674,10 +687,12 @@ async fn run_one(
     }
     // Detach the stream (it survives a transfer; a stream left attached refuses a new start).
     if !events.caller_gone() {
-        let _ = shared
-            .esl
-            .bgapi(&format!("uuid_audio_stream {uuid} stop"))
-            .await;
+        let api = if fork_mode {
+            "uuid_audio_fork"
+        } else {
+            "uuid_audio_stream"
+        };
+        let _ = shared.esl.bgapi(&format!("{api} {uuid} stop")).await;
     }
     player_task.abort();
     media.abort();

@@ -16,6 +16,7 @@ use base64::Engine;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::fork::WsOut;
 use crate::call::link::{LinkError, MediaLink};
 use crate::pbx::codec::Transcoder;
 use crate::pbx::events::CallEvents;
@@ -56,7 +57,7 @@ pub struct Playback {
     state: Mutex<State>,
     rate: u32,
     frame_bytes: usize,
-    ws: mpsc::Sender<String>,
+    ws: mpsc::Sender<WsOut>,
     player: mpsc::Sender<PlayerCmd>,
     events: CallEvents,
 }
@@ -65,7 +66,7 @@ impl Playback {
     /// `ws`: text messages to the media socket; `player`: the call's playback commands.
     pub fn new(
         rate: u32,
-        ws: mpsc::Sender<String>,
+        ws: mpsc::Sender<WsOut>,
         player: mpsc::Sender<PlayerCmd>,
         events: CallEvents,
     ) -> Arc<Self> {
@@ -83,6 +84,11 @@ impl Playback {
             player,
             events,
         })
+    }
+
+    /// The call's media socket, for a link that sends there itself.
+    pub fn ws(&self) -> mpsc::Sender<WsOut> {
+        self.ws.clone()
     }
 
     /// The epoch now (a flush starts a new one; files of older epochs are never played).
@@ -107,7 +113,7 @@ impl Playback {
             }
         })
         .to_string();
-        self.ws.try_send(msg).map_err(|e| match e {
+        self.ws.try_send(WsOut::Text(msg)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => LinkError::Congested,
             mpsc::error::TrySendError::Closed(_) => LinkError::Closed,
         })?;
