@@ -20,6 +20,8 @@ pub mod names {
     pub const RECORDS_DROPPED: &str = "sidecall_records_dropped_total";
     /// Callers, bridges and media channels an earlier sidecall left behind, found on (re)connect.
     pub const ORPHANS: &str = "sidecall_orphans_total";
+    /// 1 while the PBX control connection (ARI events, Event Socket) is up, by `pbx`.
+    pub const CONTROL_CONNECTED: &str = "sidecall_control_connected";
 }
 
 /// Describes every metric once at start-up.
@@ -36,6 +38,10 @@ pub fn describe_metrics() {
     );
     metrics::describe_counter!(names::BARGE_INS, "Times a caller interrupted the agent");
     metrics::describe_counter!(names::ERRORS, "Errors, by stage");
+    metrics::describe_gauge!(
+        names::CONTROL_CONNECTED,
+        "1 while the PBX control connection (ARI events, Event Socket) is up"
+    );
     metrics::describe_counter!(
         names::RECORDS_DROPPED,
         "Call records dropped because the writer lagged"

@@ -77,6 +77,7 @@ pub fn spawn(
                     backoff = Duration::from_millis(250);
                     connected.store(true, Ordering::Relaxed);
                     metrics::gauge!(ARI_CONNECTED).set(1.0);
+                    metrics::gauge!(crate::telemetry::names::CONTROL_CONNECTED, "pbx" => "asterisk").set(1.0);
                     tracing::info!(url = %shown, "ARI events connected");
                     if tx.send(EventMsg::Connected).await.is_err() {
                         return;
@@ -121,6 +122,7 @@ pub fn spawn(
                     };
                     connected.store(false, Ordering::Relaxed);
                     metrics::gauge!(ARI_CONNECTED).set(0.0);
+                    metrics::gauge!(crate::telemetry::names::CONTROL_CONNECTED, "pbx" => "asterisk").set(0.0);
                     if stop.is_cancelled() {
                         // A close frame, so Asterisk does not log an abrupt close.
                         let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;

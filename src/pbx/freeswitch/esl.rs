@@ -269,6 +269,7 @@ async fn run(
                             *c = Some(client.clone());
                         }
                         connected.store(true, Ordering::Relaxed);
+                        metrics::gauge!(crate::telemetry::names::CONTROL_CONNECTED, "pbx" => "freeswitch").set(1.0);
                         backoff = Duration::from_millis(500);
                         tracing::info!(address = %s.address, "Event Socket connected");
                         let _ = tx.send(EslMsg::Connected).await;
@@ -298,6 +299,7 @@ async fn run(
                             }
                         };
                         connected.store(false, Ordering::Relaxed);
+                        metrics::gauge!(crate::telemetry::names::CONTROL_CONNECTED, "pbx" => "freeswitch").set(0.0);
                         esl.connection_lost();
                         why
                     }
