@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use freeswitch_emu::{FsCall, FsCallLog, FsEmulator, FsOptions, Script};
+use freeswitch_emu::{FsCall, FsCallLog, FsEmulator, FsOptions, Module, Script};
 use serde_json::Value;
 use sidecall::app::{Engines, parts_factory};
 use sidecall::config::{Config, Overrides};
@@ -63,7 +63,18 @@ impl Sidecall {
                 ("sidecall_flow".into(), flow.into()),
             ],
             script,
+            module: Module::AudioStream,
         }
+    }
+
+    /// The same call through jambonz mod_audio_fork (the dialplan writes silence while parked).
+    fn fork_call(&self, flow: &str, script: Script) -> FsCall {
+        let mut call = self.call(flow, TOKEN, script);
+        call.module = Module::AudioFork;
+        call.metadata = Some(format!("{{\"flow\":\"{flow}\"}}"));
+        call.variables
+            .push(("send_silence_when_idle".into(), "-1".into()));
+        call
     }
 
     async fn shutdown(self) {
@@ -767,4 +778,150 @@ async fn shutdown_drains_then_sends_remaining_calls_to_overflow() {
         .rfind(|r| r["type"] == "call_end")
         .expect("call_end");
     assert_eq!(end["outcome"], "transferred", "{recs:#?}");
+}
+
+/// Sidecall with `playback = "audio_fork"` (jambonz mod_audio_fork).
+async fn start_fork(emu: &FsEmulator, flows: Option<&Path>) -> Sidecall {
+    start_tweaked(emu, flows, None, |c| {
+        c.freeswitch.playback = "audio_fork".into()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_status_call_through_mod_audio_fork() {
+    let _ = common::asr_url();
+    let emu = FsEmulator::start(FsOptions::default()).await;
+    let sc = start_fork(&emu, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = Script {
+        turns: vec![
+            voice(dir.path(), "order", "five five four two one"),
+            voice(dir.path(), "yes", "yes"),
+            voice(dir.path(), "no", "no thank you"),
+        ],
+        max_ms: 90_000,
+        ..Script::default()
+    };
+    let (uuid, log) = emu.place_call(sc.fork_call("order_status", script));
+    let l = wait_ended(&log, 95).await;
+    let said = sc.said(&uuid);
+    assert!(
+        said.iter()
+            .any(|s| s.contains("Order 5, 5, 4, 2, 1 shipped yesterday and will arrive tomorrow.")),
+        "{said:#?}"
+    );
+    assert!(
+        said.last().is_some_and(|s| s.contains("Goodbye")),
+        "{said:#?}"
+    );
+    assert_eq!(
+        l.killed.as_deref(),
+        Some("NORMAL_CLEARING"),
+        "{:#?}",
+        l.commands
+    );
+    // No ESL playback at all: the audio went back over the WebSocket.
+    assert!(l.playbacks.is_empty(), "{:#?}", l.playbacks);
+    assert!(l.fork_bytes_received > 100_000);
+    // Every reply's marks came back played (none cleared: nobody interrupted), and the goodbye
+    // was heard to its end before the hangup.
+    assert!(
+        l.marks_answered.iter().all(|(_, _, ev)| ev == "playout"),
+        "{:#?}",
+        l.marks_answered
+    );
+    let recs = sc.records_of(&uuid);
+    let last_end = recs.iter().rfind(|r| r["type"] == "playout_end").unwrap();
+    assert_eq!(last_end["complete"], true, "{recs:#?}");
+    assert!(
+        l.heard.iter().filter(|s| s.unsigned_abs() > 500).count() > 16_000,
+        "the caller heard the agent"
+    );
+    assert_nothing_left(&sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barge_in_through_mod_audio_fork_kills_its_audio_at_once() {
+    let emu = FsEmulator::start(FsOptions::default()).await;
+    let sc = start_fork(&emu, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = Script {
+        at: vec![(2_000, voice(dir.path(), "over", "five five four two one"))],
+        max_ms: 6_000,
+        ..Script::default()
+    };
+    let (uuid, log) = emu.place_call(sc.fork_call("order_status", script));
+    let l = wait_ended(&log, 15).await;
+    let recs = sc.records_of(&uuid);
+    assert!(recs.iter().any(|r| r["type"] == "barge_in"), "{recs:#?}");
+    let spoke = l.caller_spoke_at[0];
+    let killed_at = *l
+        .kills
+        .iter()
+        .find(|t| **t >= spoke)
+        .expect("killAudio sent");
+    println!(
+        "barge-in (audio_fork): killAudio {} ms after the caller began speaking",
+        killed_at - spoke
+    );
+    assert!(
+        killed_at.saturating_sub(spoke) <= 120 + 100,
+        "killAudio {} ms after the caller began",
+        killed_at - spoke
+    );
+    // The fork's play-out buffer was emptied: the caller hears nothing more of the greeting
+    // (the next reply cannot start while the caller is still talking).
+    let from = ((killed_at + 60) * 16) as usize;
+    let to = ((killed_at + 400) * 16) as usize;
+    let after = &l.heard[from.min(l.heard.len())..to.min(l.heard.len())];
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|s| s.unsigned_abs() < 200),
+        "agent audio went on after killAudio"
+    );
+    let cut = recs.iter().find(|r| r["type"] == "playout_end").unwrap();
+    assert_eq!(cut["complete"], false);
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtmf_and_transfer_through_mod_audio_fork() {
+    let emu = FsEmulator::start(FsOptions::default()).await;
+    let flows = tempfile::tempdir().unwrap();
+    keys_flow(flows.path());
+    let sc = start_fork(&emu, Some(flows.path())).await;
+    let script = Script {
+        dtmf: vec![(1_500, "55421".into())],
+        max_ms: 20_000,
+        ..Script::default()
+    };
+    let (uuid, log) = emu.place_call(sc.fork_call("keys", script));
+    for _ in 0..300 {
+        if log.lock().unwrap().transferred_to.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let l = log.lock().unwrap().clone();
+    assert_eq!(l.dtmf_sent_by_app, vec!["12#".to_string()]);
+    assert_eq!(
+        l.transferred_to.as_deref(),
+        Some("support XML agents"),
+        "{:#?}",
+        sc.records_of(&uuid)
+    );
+    let farewell = sc
+        .records_of(&uuid)
+        .into_iter()
+        .rfind(|r| r["type"] == "playout_end")
+        .unwrap();
+    assert_eq!(
+        farewell["complete"], true,
+        "the farewell's mark came back played"
+    );
+    emu.hangup(&uuid);
+    assert_nothing_left(&sc).await;
+    sc.shutdown().await;
 }

@@ -6,7 +6,7 @@ mod freeswitch_emu;
 use std::time::Duration;
 
 use base64::Engine;
-use freeswitch_emu::{FsCall, FsEmulator, FsOptions, Script};
+use freeswitch_emu::{FsCall, FsCallLog, FsEmulator, FsOptions, Module, Script};
 use freeswitch_esl_tokio::{EslClient, EslEvent, EslEventStream, EventFormat};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -330,6 +330,7 @@ async fn media_stream_play_json_and_kill() {
             max_ms: 20_000,
             ..Script::default()
         },
+        ..FsCall::default()
     });
     let mut peer = timeout(Duration::from_secs(3), peers.recv())
         .await
@@ -888,5 +889,479 @@ async fn garbage_job_uuid_and_dropped_connections() {
             .contains("ready")
     );
     assert_eq!(emu.esl_connections(), before + 1);
+    emu.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// jambonz mod_audio_fork (bidirectional)
+
+const FORK_EVENTS: &str = "CHANNEL_HANGUP_COMPLETE PLAYBACK_START PLAYBACK_STOP CUSTOM mod_audio_fork::connect mod_audio_fork::connect_failed mod_audio_fork::disconnect mod_audio_fork::kill_audio mod_audio_fork::transcription mod_audio_fork::json";
+
+/// A server like `ws_server` whose 101 echoes `proto` in Sec-WebSocket-Protocol when set.
+#[allow(clippy::result_large_err)] // tungstenite's callback signature
+async fn fork_server(proto: Option<&'static str>) -> (u16, mpsc::UnboundedReceiver<Peer>) {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let head = loop {
+                    let n = sock.peek(&mut buf).await.unwrap_or(0);
+                    let s = String::from_utf8_lossy(&buf[..n]).to_string();
+                    if s.contains("\r\n\r\n") || n == 0 {
+                        break s;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                };
+                let cb = move |_: &Request, mut r: Response| {
+                    if let Some(p) = proto {
+                        r.headers_mut()
+                            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+                    }
+                    Ok(r)
+                };
+                let Ok(ws) = tokio_tungstenite::accept_hdr_async(sock, cb).await else {
+                    return;
+                };
+                let (mut sink, mut src) = ws.split();
+                let (in_tx, in_rx) = mpsc::unbounded_channel();
+                let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
+                tokio::spawn(async move {
+                    while let Some(m) = out_rx.recv().await {
+                        if sink.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let _ = tx.send(Peer {
+                    head,
+                    rx: in_rx,
+                    tx: out_tx,
+                });
+                while let Some(Ok(m)) = src.next().await {
+                    if in_tx.send(m).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+impl Peer {
+    /// TEXT messages received within `ms` (binary frames skipped), with their arrival time.
+    async fn texts(&mut self, ms: u64) -> Vec<(Instant, String)> {
+        let deadline = Instant::now() + Duration::from_millis(ms);
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            if let Message::Text(t) = m {
+                out.push((Instant::now(), t.to_string()));
+            }
+        }
+        out
+    }
+
+    /// The next TEXT message within `ms`.
+    async fn text(&mut self, ms: u64) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_millis(ms);
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(Message::Text(t))) => return Some(t.to_string()),
+                Ok(Some(_)) => {}
+                _ => return None,
+            }
+        }
+    }
+
+    fn audio(&self, samples: &[i16]) {
+        let b: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+        self.tx.send(Message::binary(b)).unwrap();
+    }
+
+    fn mark(&self, name: &str) {
+        let m = json!({"type": "mark", "data": {"name": name}});
+        self.tx.send(Message::text(m.to_string())).unwrap();
+    }
+}
+
+fn mark_reply(name: &str, ev: &str) -> String {
+    format!("{{\"type\": \"mark\", \"data\": {{\"name\":\"{name}\", \"event\": \"{ev}\"}}}}")
+}
+
+fn fork_call(port: u16, rate: u32, silence: bool) -> FsCall {
+    FsCall {
+        url: format!("ws://127.0.0.1:{port}/fork/{{uuid}}"),
+        rate,
+        metadata: Some(r#"{"lab":400}"#.into()),
+        variables: if silence {
+            vec![("send_silence_when_idle".into(), "-1".into())]
+        } else {
+            Vec::new()
+        },
+        script: Script {
+            max_ms: 60_000,
+            ..Script::default()
+        },
+        module: Module::AudioFork,
+    }
+}
+
+async fn wait_played(log: &std::sync::Arc<std::sync::Mutex<FsCallLog>>, n: u64, ms: u64) {
+    let deadline = Instant::now() + Duration::from_millis(ms);
+    while log.lock().unwrap().fork_samples_played < n {
+        assert!(
+            Instant::now() < deadline,
+            "played {} < {n}",
+            log.lock().unwrap().fork_samples_played
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_handshake_prebuffer_marks_kill_and_collision() {
+    let (ws_port, mut peers) = ws_server().await; // its 101 does not echo the subprotocol
+    let emu = FsEmulator::start(FsOptions::default()).await;
+    let (c, mut ev) = esl(&emu, FORK_EVENTS).await;
+    emu.add_file("/tmp/loud.r8", 8000, vec![30000; 16000]);
+    let (uuid, log) = emu.place_call(fork_call(ws_port, 8000, true));
+    let mut peer = timeout(Duration::from_secs(3), peers.recv())
+        .await
+        .expect("mod_audio_fork connects")
+        .unwrap();
+    // libwebsockets' handshake: Host and Origin without the port, the subprotocol, nothing else.
+    assert!(
+        peer.head
+            .starts_with(&format!("GET /fork/{uuid} HTTP/1.1\r\n")),
+        "{}",
+        peer.head
+    );
+    for h in [
+        "\r\nHost: 127.0.0.1\r\n",
+        "\r\nOrigin: http://127.0.0.1\r\n",
+        "\r\nSec-WebSocket-Protocol: audio.drachtio.org\r\n",
+        "\r\nConnection: Upgrade\r\n",
+    ] {
+        assert!(peer.head.contains(h), "{h} in {}", peer.head);
+    }
+    assert!(
+        !peer
+            .head
+            .to_ascii_lowercase()
+            .contains("sec-websocket-extensions")
+    );
+    assert_eq!(peer.next(2000).await, Some(Message::text(r#"{"lab":400}"#)));
+    match peer.next(2000).await {
+        Some(Message::Binary(b)) => assert_eq!(b.len(), 320),
+        other => panic!("{other:?}"),
+    }
+    let conn = wait_for(&mut ev, 2000, "::connect", |e| {
+        name(e) == "CUSTOM/mod_audio_fork::connect"
+    })
+    .await;
+    assert_eq!(h(&conn, "Unique-ID"), uuid);
+    assert_eq!(conn.body(), None);
+
+    // Pre-buffer: nothing plays below 1280 samples (8k, f = 1); an odd byte waits for the next
+    // message.
+    let mut b: Vec<u8> = [1000i16; 1000]
+        .iter()
+        .flat_map(|s| s.to_le_bytes())
+        .collect();
+    b.push(0xe8); // the low byte of a 1000 sample
+    peer.tx.send(Message::binary(b)).unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(log.lock().unwrap().fork_samples_played, 0);
+    let mut b = vec![0x03u8]; // ...and its high byte
+    b.extend([1000i16; 399].iter().flat_map(|s| s.to_le_bytes()));
+    peer.tx.send(Message::binary(b)).unwrap();
+    wait_played(&log, 1400, 1000).await;
+    // Then each batch needs 640 samples: 600 wait, 100 more release all 700.
+    peer.audio(&[1000; 600]);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(log.lock().unwrap().fork_samples_played, 1400);
+    peer.audio(&[1000; 100]);
+    wait_played(&log, 2100, 1000).await;
+    assert_eq!(log.lock().unwrap().fork_bytes_received, 4200);
+    {
+        let l = log.lock().unwrap();
+        assert_eq!(l.heard.iter().filter(|&&s| s == 1000).count(), 2100);
+    }
+
+    // A mark behind 1 s of audio: answered when the play-out buffer runs dry.
+    let t_sent = Instant::now();
+    for _ in 0..10 {
+        peer.audio(&[2000; 800]);
+    }
+    peer.mark("M1");
+    let r = peer.text(3000).await.expect("M1 answered");
+    assert_eq!(r, mark_reply("M1", "playout"));
+    let waited = t_sent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(850) && waited < Duration::from_millis(1500),
+        "{waited:?}"
+    );
+
+    // Mixed into what FreeSWITCH plays (i16 wrap-around), not substituted; killAudio breaks the
+    // playback, fires ::kill_audio, empties the play-out buffer on the next frame and answers
+    // the pending mark `cleared`.
+    c.sendmsg(Some(&uuid), playback_msg("/tmp/loud.r8", false, "p1"))
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    for _ in 0..30 {
+        peer.audio(&[10000; 800]);
+    }
+    peer.mark("K1");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        log.lock()
+            .unwrap()
+            .heard
+            .contains(&30000i16.wrapping_add(10000)),
+        "30000 + 10000 wraps"
+    );
+    let before = log.lock().unwrap().fork_samples_played;
+    peer.tx
+        .send(Message::text(r#"{"type":"killAudio"}"#))
+        .unwrap();
+    let k = wait_for(&mut ev, 2000, "::kill_audio", |e| {
+        name(e) == "CUSTOM/mod_audio_fork::kill_audio"
+    })
+    .await;
+    assert_eq!(k.body(), None);
+    assert_eq!(h(&k, "Unique-ID"), uuid);
+    let stop = wait_for(&mut ev, 2000, "PLAYBACK_STOP", |e| {
+        name(e) == "PLAYBACK_STOP"
+    })
+    .await;
+    assert_eq!(h(&stop, "Playback-Status"), "break");
+    assert_eq!(
+        peer.text(1000).await.as_deref(),
+        Some(mark_reply("K1", "cleared").as_str())
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = log.lock().unwrap().fork_samples_played;
+    assert!(after - before < 5 * 160, "{before} -> {after}");
+    {
+        let l = log.lock().unwrap();
+        assert_eq!(l.kills.len(), 1);
+        assert_eq!(l.marks_answered.last().unwrap().2, "cleared");
+    }
+
+    // -1 samples are taken for markers: D2 (behind 1 s of -1) comes with D1, 1 s early; D3
+    // comes when the buffer runs dry.
+    let t0 = Instant::now();
+    peer.mark("D1");
+    peer.audio(&[-1; 8000]);
+    peer.mark("D2");
+    peer.audio(&[3000; 8000]);
+    peer.mark("D3");
+    let got = peer.texts(3000).await;
+    let names: Vec<&str> = got.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            mark_reply("D1", "playout"),
+            mark_reply("D2", "playout"),
+            mark_reply("D3", "playout")
+        ]
+    );
+    assert!(got[1].0 - t0 < Duration::from_millis(300), "D2 early");
+    assert!(got[2].0 - t0 > Duration::from_millis(1700), "D3 at the end");
+
+    // Text messages: transcription -> its data; no type -> ::json with the whole message.
+    peer.tx
+        .send(Message::text(
+            r#"{"type": "transcription", "data": {"text": "hi there", "final": true}}"#,
+        ))
+        .unwrap();
+    let tr = wait_for(&mut ev, 2000, "::transcription", |e| {
+        name(e) == "CUSTOM/mod_audio_fork::transcription"
+    })
+    .await;
+    assert_eq!(tr.body(), Some(r#"{"text":"hi there","final":true}"#));
+    peer.tx.send(Message::text(r#"{"foo": 1}"#)).unwrap();
+    let js = wait_for(&mut ev, 2000, "::json", |e| {
+        name(e) == "CUSTOM/mod_audio_fork::json"
+    })
+    .await;
+    assert_eq!(js.body(), Some(r#"{"foo":1}"#));
+
+    // 30 outstanding marks at most: behind 1 s of audio, X's marker goes to the pre-buffer with
+    // 100 samples (< 640) and stays there, so the inventory never drains; the 31st is dropped;
+    // clearMarks forgets them all without events.
+    peer.audio(&[500; 8000]);
+    peer.mark("X");
+    peer.audio(&[500; 100]);
+    for i in 1..=30 {
+        peer.mark(&format!("Y{i}"));
+    }
+    assert!(peer.texts(1600).await.is_empty());
+    assert_eq!(log.lock().unwrap().marks_dropped, 1);
+    peer.tx
+        .send(Message::text(r#"{"type":"clearMarks"}"#))
+        .unwrap();
+    assert!(peer.texts(300).await.is_empty());
+
+    // stop_play via the API; hangup: CHANNEL_HANGUP_COMPLETE, then close 1000.
+    let r = c
+        .api(&format!("uuid_audio_fork {uuid} stop_play"))
+        .await
+        .unwrap();
+    assert_eq!(r.body(), Some("+OK Success\n"));
+    emu.hangup(&uuid);
+    wait_for(&mut ev, 2000, "HANGUP", |e| {
+        name(e) == "CHANNEL_HANGUP_COMPLETE"
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match tokio::time::timeout_at(deadline, peer.rx.recv()).await {
+            Ok(Some(Message::Close(f))) => {
+                let f = f.expect("a close frame");
+                assert_eq!(u16::from(f.code), 1000);
+                assert_eq!(f.reason.as_str(), "");
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no close: {other:?}"),
+        }
+    }
+    assert_eq!(log.lock().unwrap().stop_plays.len(), 1);
+    emu.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_without_silence_plays_nothing_and_api() {
+    let (ws_port, mut peers) = fork_server(Some("audio.drachtio.org")).await;
+    let emu = FsEmulator::start(FsOptions::default()).await;
+    let (c, mut ev) = esl(&emu, FORK_EVENTS).await;
+    let (uuid, log) = emu.place_call(fork_call(ws_port, 16000, false));
+    let mut peer = timeout(Duration::from_secs(3), peers.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(peer.next(2000).await, Some(Message::text(r#"{"lab":400}"#)));
+    match peer.next(2000).await {
+        Some(Message::Binary(b)) => assert_eq!(b.len(), 640),
+        other => panic!("{other:?}"),
+    }
+    wait_for(&mut ev, 2000, "::connect", |e| {
+        name(e) == "CUSTOM/mod_audio_fork::connect"
+    })
+    .await;
+    // Parked without send_silence_when_idle: no frame is written, so nothing is heard and no
+    // mark comes back.
+    peer.mark("A0");
+    for _ in 0..10 {
+        peer.audio(&[4000; 1600]);
+    }
+    peer.mark("A");
+    assert!(peer.texts(1500).await.is_empty());
+    {
+        let l = log.lock().unwrap();
+        assert!(l.marks_answered.is_empty());
+        assert_eq!(l.fork_samples_played, 0);
+        assert!(l.heard.iter().all(|&s| s == 0));
+        assert_eq!(l.fork_bytes_received, 32000);
+    }
+
+    // The API: usage, attach checks, stop then start again.
+    let api = |cmd: String| {
+        let c = c.clone();
+        async move { c.api(&cmd).await.unwrap().body().unwrap_or("").to_string() }
+    };
+    assert!(
+        api(format!("uuid_audio_fork {uuid}"))
+            .await
+            .starts_with("-USAGE: ")
+    );
+    assert_eq!(
+        api(format!("uuid_audio_fork {uuid} pause")).await,
+        "+OK Success\n"
+    );
+    assert_eq!(
+        api(format!("uuid_audio_fork {uuid} pause otherbug")).await,
+        "-ERR Operation Failed\n"
+    );
+    let start = format!(
+        "uuid_audio_fork {uuid} start ws://127.0.0.1:{ws_port}/again mono 8k audio_fork {{\"n\":2}} true true 8000"
+    );
+    assert_eq!(
+        api(start.clone()).await,
+        "-ERR Operation Failed\n",
+        "attached"
+    );
+    assert_eq!(
+        api(format!("uuid_audio_fork {uuid} stop {{\"bye\":1}}")).await,
+        "+OK Success\n"
+    );
+    assert_eq!(peer.text(1000).await.as_deref(), Some(r#"{"bye":1}"#));
+    assert_eq!(
+        api(format!("uuid_audio_fork {uuid} stop")).await,
+        "-ERR Operation Failed\n"
+    );
+    assert_eq!(api(start).await, "+OK Success\n");
+    let mut peer2 = timeout(Duration::from_secs(3), peers.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(peer2.head.starts_with("GET /again HTTP/1.1\r\n"));
+    assert_eq!(peer2.next(2000).await, Some(Message::text(r#"{"n":2}"#)));
+    match peer2.next(2000).await {
+        Some(Message::Binary(b)) => assert_eq!(b.len(), 320, "8k requested on a 16k call"),
+        other => panic!("{other:?}"),
+    }
+    // The server closes: ::disconnect without a body.
+    peer2.tx.send(Message::Close(None)).unwrap();
+    let d = wait_for(&mut ev, 2000, "::disconnect", |e| {
+        name(e) == "CUSTOM/mod_audio_fork::disconnect"
+    })
+    .await;
+    assert_eq!(d.body(), None);
+    emu.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_connect_failed() {
+    let emu = FsEmulator::start(FsOptions::default()).await;
+    let (c, mut ev) = esl(&emu, FORK_EVENTS).await;
+    let dead = refused_port().await;
+    let (uuid, log) = emu.place_call(fork_call(dead, 8000, true));
+    let e = wait_for(&mut ev, 3000, "::connect_failed", |e| {
+        name(e) == "CUSTOM/mod_audio_fork::connect_failed"
+    })
+    .await;
+    assert_eq!(h(&e, "Unique-ID"), uuid);
+    let body: Value = serde_json::from_str(e.body().unwrap()).unwrap();
+    assert!(!body["reason"].as_str().unwrap().is_empty(), "{body}");
+    assert!(!log.lock().unwrap().stream_connected);
+    assert!(log.lock().unwrap().stream_error.is_some());
+    // The bug stays attached: stop works, then a server answering another subprotocol fails.
+    let r = c
+        .api(&format!("uuid_audio_fork {uuid} stop"))
+        .await
+        .unwrap();
+    assert_eq!(r.body(), Some("+OK Success\n"));
+    let (port, _peers) = fork_server(Some("other.proto")).await;
+    let r = c
+        .api(&format!(
+            "uuid_audio_fork {uuid} start ws://127.0.0.1:{port}/x mono 8k audio_fork {{}} true true 8000"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.body(), Some("+OK Success\n"));
+    let e = wait_for(&mut ev, 3000, "::connect_failed", |e| {
+        name(e) == "CUSTOM/mod_audio_fork::connect_failed"
+    })
+    .await;
+    assert_eq!(e.body(), Some(r#"{"reason":"HS: PROTOCOL malformed"}"#));
     emu.stop();
 }

@@ -21,6 +21,14 @@
 //! streamAudio -> `::play` (file kept in memory, playable), anything else -> `::json`, binary from
 //! the server ignored, close 1000 ~15 ms after hangup with no `::disconnect`.
 //!
+//! jambonz mod_audio_fork (freeswitch-modules 30f2189, /opt/fslab/FORKS.md), beside it:
+//! `uuid_audio_fork` start|stop|pause|resume|graceful-shutdown|send_text|stop_play; an lws-style
+//! handshake (`Host`/`Origin` without the port, subprotocol audio.drachtio.org, a 101 without it
+//! accepted); binary L16 back through the pre-buffer (1280×f then 640×f samples) into the play-out
+//! buffer, mixed (i16 wrap) into `heard` only on frames FreeSWITCH writes (a playback, or the park
+//! with `send_silence_when_idle`); marks as -1 sentinels (so real -1 samples answer marks),
+//! killAudio, clearMarks, and the CUSTOM `mod_audio_fork::*` events.
+//!
 //! Choices where the page is silent:
 //! - An unknown playback file fires no PLAYBACK_START/STOP, only CHANNEL_EXECUTE and
 //!   CHANNEL_EXECUTE_COMPLETE with `Application-Response: FILE NOT FOUND` (what switch_ivr_play_file
@@ -105,6 +113,20 @@ pub struct FsCall {
     /// default 15) and STREAM_EXTRA_HEADERS (a JSON object) are honoured.
     pub variables: Vec<(String, String)>,
     pub script: Script,
+    /// Which module the dialplan starts after CHANNEL_PARK.
+    pub module: Module,
+}
+
+/// The media module the dialplan uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Module {
+    /// amigniter/mod_audio_stream: `uuid_audio_stream <uuid> start <url> mono <rate> [metadata]`.
+    #[default]
+    AudioStream,
+    /// jambonz mod_audio_fork, bidirectional: `uuid_audio_fork <uuid> start <url> mono 16k|8k
+    /// audio_fork <metadata> true true <rate>` (audio back at the call rate). Set the channel
+    /// variable `send_silence_when_idle` (e.g. -1) or nothing is played while parked.
+    AudioFork,
 }
 
 impl Default for FsCall {
@@ -115,6 +137,7 @@ impl Default for FsCall {
             metadata: None,
             variables: Vec::new(),
             script: Script::default(),
+            module: Module::AudioStream,
         }
     }
 }
@@ -149,6 +172,20 @@ pub struct FsCallLog {
     pub ended: bool,
     /// Every ESL command about this uuid (ms since the call started, command line).
     pub commands: Vec<(u64, String)>,
+    /// mod_audio_fork: ms of each `killAudio` received.
+    pub kills: Vec<u64>,
+    /// mod_audio_fork: (ms, name, "playout"|"cleared") of each mark event sent to the server.
+    pub marks_answered: Vec<(u64, String, String)>,
+    /// mod_audio_fork: marks dropped because 30 were outstanding.
+    pub marks_dropped: u32,
+    /// mod_audio_fork: bytes of BINARY messages received from the server.
+    pub fork_bytes_received: u64,
+    /// mod_audio_fork: samples of server audio mixed into `heard` (markers excluded).
+    pub fork_samples_played: u64,
+    /// mod_audio_fork: ms of each `uuid_audio_fork <uuid> stop_play`.
+    pub stop_plays: Vec<u64>,
+    /// mod_audio_fork: the CUSTOM subclasses fired, in order (ms, subclass).
+    pub fork_events: Vec<(u64, String)>,
 }
 
 #[derive(Clone)]
@@ -173,6 +210,8 @@ struct State {
     esl_connections: u32,
     next_id: u64,
     seq: u64,
+    /// mod_audio_fork's playCount (global).
+    fork_play_count: u32,
 }
 
 struct EslConn {
@@ -209,6 +248,8 @@ struct Chan {
     number: u64,
     rate: u32,
     stream: StreamSt,
+    /// mod_audio_fork's media bug name while one is attached (one fork per channel here).
+    fork_bug: Option<String>,
     start: Instant,
 }
 
@@ -231,6 +272,13 @@ enum Ctl {
     StreamStop(Option<String>),
     Pause(bool),
     SendText(String),
+    ForkStart(ForkParams),
+    /// stop, with the text sent before the close.
+    ForkStop(Option<String>),
+    ForkPause(bool),
+    ForkGraceful,
+    ForkSendText(Option<String>),
+    ForkStopPlay,
 }
 
 struct Ev {
@@ -299,7 +347,12 @@ impl FsEmulator {
                 name: format!("sofia/external/caller-{n}@127.0.0.1"),
                 number: n,
                 rate,
-                stream: StreamSt::Attached,
+                stream: if call.module == Module::AudioStream {
+                    StreamSt::Attached
+                } else {
+                    StreamSt::Detached
+                },
+                fork_bug: (call.module == Module::AudioFork).then(|| MY_BUG_NAME.to_string()),
                 start: Instant::now(),
             },
         );
@@ -323,13 +376,24 @@ impl FsEmulator {
         );
         drop(st);
         let url = call.url.replace("{uuid}", &uuid);
-        let _ = self.inner.state.lock().unwrap().chans[&uuid]
-            .ctl
-            .send(Ctl::StreamStart {
+        let ctl = match call.module {
+            Module::AudioStream => Ctl::StreamStart {
                 url,
                 rate,
                 metadata: call.metadata.clone(),
-            });
+            },
+            Module::AudioFork => Ctl::ForkStart(ForkParams {
+                url,
+                mix: Mix::Mono,
+                rate,
+                bug: MY_BUG_NAME.into(),
+                metadata: call.metadata.clone(),
+                enable: true,
+                stream: true,
+                back_rate: rate,
+            }),
+        };
+        let _ = self.inner.state.lock().unwrap().chans[&uuid].ctl.send(ctl);
         tokio::spawn(channel_task(
             self.inner.clone(),
             uuid.clone(),
@@ -509,6 +573,15 @@ fn fire_chan_h(
         headers.push(("Event-Subclass".to_string(), s.to_string()));
     }
     headers.extend(std_headers(inner, st, name));
+    if subclass.is_some_and(|s| s.starts_with("mod_audio_fork::")) {
+        for (k, v) in headers.iter_mut() {
+            match k.as_str() {
+                "Event-Calling-File" => *v = "mod_audio_fork.c".into(),
+                "Event-Calling-Line-Number" => *v = "22".into(),
+                _ => {}
+            }
+        }
+    }
     headers.extend(ch);
     headers.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
     deliver(st, &Ev { headers, body });
@@ -1024,6 +1097,7 @@ fn api_exec(inner: &Arc<Inner>, line: &str) -> String {
         }
         "uuid_exists" => if chan.is_some() { "true" } else { "false" }.into(),
         "uuid_audio_stream" => audio_stream_api(&mut st, &args),
+        "uuid_audio_fork" => audio_fork_api(&mut st, &args),
         "" => "-ERR  Command not found!\n".into(),
         _ => format!("-ERR {cmd} Command not found!\n"),
     }
@@ -1097,6 +1171,204 @@ fn audio_stream_api(st: &mut State, args: &str) -> String {
     }
 }
 
+/// mod_audio_fork's media bug name (MY_BUG_NAME).
+const MY_BUG_NAME: &str = "audio_fork";
+/// The subprotocol mod_audio_fork asks for (MOD_AUDIO_FORK_SUBPROTOCOL_NAME unset).
+const FORK_SUBPROTOCOL: &str = "audio.drachtio.org";
+/// AUDIO_MARKER: a mark is a 0xFFFF sample in the audio queues.
+const AUDIO_MARKER: i16 = -1;
+/// MAX_MARKS: marks in inventory + in use.
+const MAX_MARKS: usize = 30;
+
+/// mod_audio_fork's `start` arguments.
+#[derive(Clone, Debug)]
+struct ForkParams {
+    url: String,
+    mix: Mix,
+    /// The rate sent to the server.
+    rate: u32,
+    bug: String,
+    metadata: Option<String>,
+    /// bidirectionalAudio_enabled (playAudio handled) and _stream_enabled (binary back).
+    enable: bool,
+    stream: bool,
+    /// bidirectionalAudio_stream_samplerate (0: none).
+    back_rate: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mix {
+    Mono,
+    Mixed,
+    Stereo,
+}
+
+/// `atoi`: leading blanks, an optional sign, digits; 0 otherwise.
+fn atoi(s: &str) -> i64 {
+    let s = s.trim_start();
+    let (neg, rest) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let v = digits.parse::<i64>().unwrap_or(0);
+    if neg { -v } else { v }
+}
+
+/// mod_audio_fork's API (fork_function): argv split on blanks into at most 10 parts (the last
+/// keeps the rest), `+OK Success` / `-ERR Operation Failed`.
+fn audio_fork_api(st: &mut State, args: &str) -> String {
+    const OK: &str = "+OK Success\n";
+    const ERR: &str = "-ERR Operation Failed\n";
+    const USAGE: &str = "-USAGE: <uuid> [start | stop | send_text | pause | resume | graceful-shutdown | stop_play ] [wss-url | path] [mono | mixed | stereo] [8000 | 16000 | 24000 | 32000 | 64000] [bugname] [metadata] [bidirectionalAudio_enabled] [bidirectionalAudio_stream_enabled] [bidirectionalAudio_stream_samplerate]\n";
+    let mut argv: Vec<String> = Vec::new();
+    let mut rest = args.trim_start_matches(' ');
+    while !rest.is_empty() {
+        if argv.len() == 9 {
+            argv.push(rest.to_string());
+            break;
+        }
+        match rest.split_once(' ') {
+            Some((a, b)) => {
+                argv.push(a.to_string());
+                rest = b.trim_start_matches(' ');
+            }
+            None => {
+                argv.push(rest.to_string());
+                rest = "";
+            }
+        }
+    }
+    let argc = argv.len();
+    if argc < 2 || (argv[1] == "start" && argc < 4) {
+        return USAGE.into();
+    }
+    let Some(c) = st.chans.get_mut(&argv[0]) else {
+        return ERR.into();
+    };
+    let is_json = |s: &str| s.starts_with('{') || s.starts_with('[');
+    let mut bug = MY_BUG_NAME.to_string();
+    let attached = |c: &Chan, b: &str| c.fork_bug.as_deref() == Some(b);
+    match argv[1].to_ascii_lowercase().as_str() {
+        "stop" => {
+            let mut text = None;
+            if argc > 3 {
+                bug = argv[2].clone();
+                text = Some(argv[3].clone());
+            } else if argc > 2 {
+                if is_json(&argv[2]) {
+                    text = Some(argv[2].clone());
+                } else {
+                    bug = argv[2].clone();
+                }
+            }
+            if !attached(c, &bug) {
+                return ERR.into();
+            }
+            c.fork_bug = None;
+            let _ = c.ctl.send(Ctl::ForkStop(text));
+            OK.into()
+        }
+        "stop_play" => {
+            if !attached(c, &bug) {
+                return ERR.into();
+            }
+            let _ = c.ctl.send(Ctl::ForkStopPlay);
+            OK.into()
+        }
+        v @ ("pause" | "resume" | "graceful-shutdown") => {
+            if argc > 2 {
+                bug = argv[2].clone();
+            }
+            if !attached(c, &bug) {
+                return ERR.into();
+            }
+            let _ = c.ctl.send(match v {
+                "pause" => Ctl::ForkPause(true),
+                "resume" => Ctl::ForkPause(false),
+                _ => Ctl::ForkGraceful,
+            });
+            OK.into()
+        }
+        "send_text" => {
+            if argc < 3 {
+                return String::new(); // the module writes nothing at all here
+            }
+            let mut text = None;
+            if argc > 3 {
+                bug = argv[2].clone();
+                text = Some(argv[3].clone());
+            } else if is_json(&argv[2]) {
+                text = Some(argv[2].clone());
+            } else {
+                bug = argv[2].clone();
+            }
+            if !attached(c, &bug) {
+                return ERR.into();
+            }
+            let _ = c.ctl.send(Ctl::ForkSendText(text));
+            OK.into()
+        }
+        "start" => {
+            let mut metadata = None;
+            let (mut enable, mut stream, mut back_rate) = (true, false, 0u32);
+            if argc > 9 {
+                bug = argv[5].clone();
+                metadata = Some(argv[6].clone());
+                enable = argv[7] == "true";
+                stream = argv[8] == "true";
+                back_rate = atoi(&argv[9]).max(0) as u32;
+            } else if argc > 6 {
+                bug = argv[5].clone();
+                metadata = Some(argv[6].clone());
+            } else if argc > 5 {
+                if is_json(&argv[5]) {
+                    metadata = Some(argv[5].clone());
+                } else {
+                    bug = argv[5].clone();
+                }
+            }
+            let mix = match argv[3].as_str() {
+                "mono" => Mix::Mono,
+                "mixed" => Mix::Mixed,
+                "stereo" => Mix::Stereo,
+                _ => return ERR.into(),
+            };
+            // (The module reads argv[4] even when absent and crashes; here: -ERR.)
+            let rate = match argv.get(4).map(String::as_str) {
+                Some("16k") => 16000,
+                Some("8k") => 8000,
+                Some(r) => atoi(r).max(0) as u32,
+                None => 0,
+            };
+            let url_ok = ["ws://", "wss://", "http://", "https://"]
+                .iter()
+                .any(|p| argv[2].to_ascii_lowercase().starts_with(p));
+            // (The module logs a bad URL or rate and goes on with garbage; here: -ERR.)
+            if !url_ok || rate == 0 || rate % 8000 != 0 {
+                return ERR.into();
+            }
+            if c.fork_bug.is_some() {
+                return ERR.into(); // already attached (one fork per channel here)
+            }
+            c.fork_bug = Some(bug.clone());
+            let _ = c.ctl.send(Ctl::ForkStart(ForkParams {
+                url: argv[2].clone(),
+                mix,
+                rate,
+                bug,
+                metadata,
+                enable,
+                stream,
+                back_rate,
+            }));
+            OK.into()
+        }
+        _ => ERR.into(),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The channel: playback, caller, media stream
 
@@ -1145,6 +1417,13 @@ struct ChanTask {
     heart_beat_s: u64,
     extra_headers: Vec<(String, String)>,
     noise: u32,
+    fork: Option<Fork>,
+    fork_gen: u64,
+    fork_conn_tx: mpsc::UnboundedSender<(u64, ForkConn)>,
+    /// MOD_AUDIO_BASIC_AUTH_USERNAME / _PASSWORD.
+    fork_auth: Option<(String, String)>,
+    /// send_silence_when_idle (read once when the park starts): the park loop writes frames.
+    send_silence: bool,
 }
 
 impl ChanTask {
@@ -1284,10 +1563,11 @@ impl ChanTask {
             .push((ms, p.file, status.to_string()));
     }
 
-    /// One 20 ms slot of what the channel plays to the caller.
-    fn play_tick(&mut self, per_frame: usize) -> Vec<i16> {
+    /// One 20 ms slot of what the channel plays to the caller, and whether a playback wrote it.
+    fn play_tick(&mut self, per_frame: usize) -> (Vec<i16>, bool) {
         self.start_queued();
         let mut out = vec![0i16; per_frame];
+        let wrote = !self.stack.is_empty();
         if let Some(p) = self.stack.last_mut() {
             let end = (p.pos + per_frame).min(p.samples.len());
             out[..end - p.pos].copy_from_slice(&p.samples[p.pos..end]);
@@ -1296,7 +1576,7 @@ impl ChanTask {
                 self.finish_top("done");
             }
         }
-        out
+        (out, wrote)
     }
 
     fn connect(&mut self, url: String, rate: u32, metadata: Option<String>) {
@@ -1556,11 +1836,601 @@ impl ChanTask {
             st.files.retain(|k, _| !k.starts_with(&prefix));
         }
         self.log.lock().unwrap().ended = true;
-        if self.media.sink.is_some() {
+        if self.media.sink.is_some() || self.fork.as_ref().is_some_and(|f| f.sink.is_some()) {
             tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        if self.media.sink.is_some() {
             self.close_stream(None).await;
         }
+        // SWITCH_ABC_TYPE_CLOSE: fork_session_cleanup, close 1000 without a reason.
+        self.fork_close(None).await;
     }
+}
+
+/// A mod_audio_fork connection attempt's outcome: the socket, or libwebsockets' reason.
+type ForkConn = Result<WebSocketStream<TcpStream>, String>;
+
+/// mod_audio_fork's per-bug state (private_t).
+struct Fork {
+    p: ForkParams,
+    generation: u64,
+    sink: Option<WsSink>,
+    src: Option<WsSrc>,
+    paused: bool,
+    graceful: bool,
+    /// downscale_factor: back_rate / native rate when above it, else 1.
+    f: usize,
+    prebuf: Vec<i16>,
+    prebuf_size: usize,
+    playout: VecDeque<i16>,
+    /// pVecMarksInInventory / InUse / Cleared (created by the first mark accepted).
+    marks: Option<[VecDeque<String>; 3]>,
+    aside: Option<u8>,
+    clear: bool,
+    /// SMBF_WRITE_REPLACE: enable && stream && back_rate.
+    write_replace: bool,
+}
+
+const INVENTORY: usize = 0;
+const IN_USE: usize = 1;
+const CLEARED: usize = 2;
+
+impl ChanTask {
+    fn fork_event(&self, sub: &str, body: Option<String>) {
+        let ms = self.ms();
+        self.log
+            .lock()
+            .unwrap()
+            .fork_events
+            .push((ms, sub.to_string()));
+        self.fire("CUSTOM", Some(sub), vec![], body);
+    }
+
+    fn fork_start(&mut self, p: ForkParams) {
+        self.fork_gen += 1;
+        let f = if p.back_rate > self.rate {
+            (p.back_rate / self.rate) as usize
+        } else {
+            1
+        };
+        let generation = self.fork_gen;
+        let tx = self.fork_conn_tx.clone();
+        let url = p.url.clone();
+        let auth = self.fork_auth.clone();
+        tokio::spawn(async move {
+            let r = fork_ws_connect(&url, auth).await;
+            let _ = tx.send((generation, r));
+        });
+        self.fork = Some(Fork {
+            write_replace: p.enable && p.stream && p.back_rate > 0,
+            p,
+            generation,
+            sink: None,
+            src: None,
+            paused: false,
+            graceful: false,
+            f,
+            prebuf: Vec::new(),
+            prebuf_size: 320 * f * 4,
+            playout: VecDeque::new(),
+            marks: None,
+            aside: None,
+            clear: false,
+        });
+    }
+
+    async fn on_fork_connect(&mut self, generation: u64, r: ForkConn) {
+        let Some(fk) = self.fork.as_mut().filter(|f| f.generation == generation) else {
+            return; // stopped meanwhile
+        };
+        match r {
+            Ok(ws) => {
+                let (sink, src) = ws.split();
+                fk.sink = Some(sink);
+                fk.src = Some(src);
+                let meta = fk.p.metadata.clone().filter(|m| !m.is_empty());
+                self.log.lock().unwrap().stream_connected = true;
+                self.fork_event("mod_audio_fork::connect", None);
+                if let Some(m) = meta {
+                    if self.fork_send_text(m).await {
+                        self.log.lock().unwrap().metadata_sent = true;
+                    }
+                }
+            }
+            Err(reason) => {
+                // The bug stays attached; the pipe is gone.
+                let body = format!("{{\"reason\":\"{reason}\"}}");
+                self.log.lock().unwrap().stream_error = Some(body.clone());
+                self.fork_event("mod_audio_fork::connect_failed", Some(body));
+            }
+        }
+    }
+
+    /// bufferForSending: only while connected; after graceful-shutdown every write is a
+    /// zero-length binary frame instead.
+    async fn fork_send_text(&mut self, text: String) -> bool {
+        let Some(fk) = self.fork.as_mut() else {
+            return false;
+        };
+        let graceful = fk.graceful;
+        let Some(sink) = fk.sink.as_mut() else {
+            return false;
+        };
+        let m = if graceful {
+            Message::binary(Vec::new())
+        } else {
+            Message::text(text)
+        };
+        sink.send(m).await.is_ok()
+    }
+
+    /// Stop (API or hangup): optional final text, close 1000 without a reason, state freed.
+    async fn fork_close(&mut self, text: Option<String>) {
+        if let Some(t) = text {
+            self.fork_send_text(t).await;
+        }
+        let Some(mut fk) = self.fork.take() else {
+            return;
+        };
+        if let Some(mut sink) = fk.sink.take() {
+            let _ = sink
+                .send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "".into(),
+                })))
+                .await;
+            let src = fk.src.take();
+            tokio::spawn(async move {
+                if let Some(mut src) = src {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                        while let Some(Ok(m)) = src.next().await {
+                            if matches!(m, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                }
+                drop(sink);
+            });
+        }
+    }
+
+    /// The server closed or the TCP connection dropped: `::disconnect`, the bug stays.
+    fn fork_dropped(&mut self, code: Option<u16>) {
+        if let Some(fk) = self.fork.as_mut() {
+            fk.sink = None;
+            fk.src = None;
+        }
+        if let Some(c) = code {
+            self.log.lock().unwrap().stream_closed_by_app = Some(c);
+        }
+        self.fork_event("mod_audio_fork::disconnect", None);
+    }
+
+    async fn on_fork_ws(
+        &mut self,
+        m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) {
+        match m {
+            Some(Ok(Message::Binary(b))) => {
+                self.log.lock().unwrap().fork_bytes_received += b.len() as u64;
+                let native = self.rate;
+                if let Some(fk) = self.fork.as_mut() {
+                    if fk.p.enable || fk.p.stream {
+                        fork_binary(fk, &b, native);
+                    }
+                }
+            }
+            Some(Ok(Message::Text(t))) => self.on_fork_text(t.as_str()).await,
+            Some(Ok(Message::Close(f))) => {
+                let code = f.map(|f| u16::from(f.code)).unwrap_or(1005);
+                if let Some(sink) = self.fork.as_mut().and_then(|f| f.sink.as_mut()) {
+                    let _ = sink.flush().await;
+                }
+                self.fork_dropped(Some(code));
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => self.fork_dropped(None),
+        }
+    }
+
+    /// processIncomingMessage.
+    async fn on_fork_text(&mut self, text: &str) {
+        let Ok(root) = serde_json::from_str::<Value>(text) else {
+            return; // "could not parse message"
+        };
+        let compact = json_compact(text);
+        let ty = get_ci(&root, "type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("json")
+            .to_string();
+        let data_raw = raw_member(&compact, "data");
+        let Some((enable, stream)) = self.fork.as_ref().map(|f| (f.p.enable, f.p.stream)) else {
+            return;
+        };
+        match ty.as_str() {
+            "playAudio" if enable && !stream => {
+                if data_raw.is_none() {
+                    return;
+                }
+                let body = self.fork_play_audio(&root, &compact);
+                self.fork_event("mod_audio_fork::play_audio", Some(body));
+            }
+            "killAudio" => {
+                let ms = self.ms();
+                self.log.lock().unwrap().kills.push(ms);
+                self.fork_event("mod_audio_fork::kill_audio", None);
+                // CF_BREAK: the running playback stops (as uuid_break).
+                self.finish_top("break");
+                if let Some(fk) = self.fork.as_mut() {
+                    fk.clear = true;
+                }
+            }
+            "mark" => {
+                let name = get_ci(&root, "data")
+                    .and_then(|d| get_ci(d, "name"))
+                    .and_then(|n| n.as_str());
+                let Some(name) = name else { return };
+                let fk = self.fork.as_mut().unwrap();
+                let full = fk
+                    .marks
+                    .as_ref()
+                    .is_some_and(|m| m[IN_USE].len() + m[INVENTORY].len() >= MAX_MARKS);
+                if full {
+                    self.log.lock().unwrap().marks_dropped += 1;
+                } else {
+                    fk.marks.get_or_insert_with(Default::default)[INVENTORY]
+                        .push_back(name.to_string());
+                }
+            }
+            "clearMarks" => {
+                if let Some(m) = self.fork.as_mut().unwrap().marks.as_mut() {
+                    let mut moved: Vec<String> = m[IN_USE].drain(..).collect();
+                    moved.extend(m[INVENTORY].drain(..));
+                    m[CLEARED].extend(moved);
+                }
+            }
+            "transcription" | "transfer" | "disconnect" | "error" => {
+                let sub = format!("mod_audio_fork::{ty}");
+                self.fork_event(&sub, data_raw);
+            }
+            "json" => self.fork_event("mod_audio_fork::json", Some(compact)),
+            _ => {} // "unsupported msg type"
+        }
+    }
+
+    /// playAudio (bidirectional stream off): the audio to a temp file, `::play_audio` with
+    /// `data` minus audioContent plus `file`.
+    fn fork_play_audio(&mut self, root: &Value, compact: &str) -> String {
+        let data = get_ci(root, "data");
+        let audio = data
+            .and_then(|d| get_ci(d, "audioContent"))
+            .and_then(|a| a.as_str())
+            .map(str::to_string);
+        let ctype = data
+            .and_then(|d| get_ci(d, "audioContentType"))
+            .and_then(|a| a.as_str())
+            .unwrap_or("");
+        let sr = data
+            .and_then(|d| get_ci(d, "sampleRate"))
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0);
+        let ext = match ctype {
+            "raw" => match sr {
+                8000 => Some(".r8"),
+                24000 => Some(".r24"),
+                32000 => Some(".r32"),
+                48000 => Some(".r48"),
+                64000 => Some(".r64"),
+                _ => Some(".r16"),
+            },
+            "wave" | "wav" => Some(".wav"),
+            _ => None,
+        };
+        let mut members: Vec<(String, String)> = raw_member(compact, "data")
+            .map(|d| raw_members(&d))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case("audioContent"))
+            .collect();
+        if let (Some(ext), Some(audio)) = (ext, audio) {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(audio.as_bytes())
+                .unwrap_or_default();
+            let mut st = self.inner.state.lock().unwrap();
+            let n = st.fork_play_count;
+            st.fork_play_count += 1;
+            let path = format!("/tmp/{}_{n}.tmp{ext}", self.uuid);
+            let (rate, samples) = match ext {
+                ".wav" => parse_wav(&bytes).unwrap_or((self.rate, Vec::new())),
+                ".r8" => (8000, l16_decode(&bytes)),
+                ".r16" => (16000, l16_decode(&bytes)),
+                e => (
+                    e[2..].parse::<u32>().unwrap_or(16) * 1000,
+                    l16_decode(&bytes),
+                ),
+            };
+            st.files.insert(path.clone(), (rate, Arc::new(samples)));
+            members.push(("file".into(), Value::from(path).to_string()));
+        }
+        format!(
+            "{{{}}}",
+            members
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", Value::from(k.as_str())))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    }
+
+    /// dub_speech_frame (SWITCH_ABC_TYPE_WRITE_REPLACE), run only when a frame is written.
+    async fn fork_dub(&mut self, out: &mut [i16]) {
+        let Some(fk) = self.fork.as_mut().filter(|f| f.write_replace) else {
+            return;
+        };
+        let mut events: Vec<(String, &str)> = Vec::new();
+        let mut played = 0u64;
+        if fk.clear {
+            fk.playout.clear();
+            fk.clear = false;
+            if let Some(m) = fk.marks.as_mut() {
+                for n in m[IN_USE].iter().chain(m[INVENTORY].iter()) {
+                    events.push((n.clone(), "cleared"));
+                }
+                let in_use: Vec<String> = m[IN_USE].drain(..).collect();
+                m[CLEARED].extend(in_use);
+                m[INVENTORY].clear();
+            }
+        } else {
+            let n = fk.playout.len().min(out.len());
+            let has_markers = fk
+                .marks
+                .as_ref()
+                .is_some_and(|m| m[IN_USE].len() + m[CLEARED].len() > 0);
+            if has_markers {
+                let m = fk.marks.as_mut().unwrap();
+                let mut data = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let s = fk.playout.pop_front().unwrap();
+                    if s == AUDIO_MARKER {
+                        if m[CLEARED].pop_front().is_none() {
+                            if let Some(name) = m[IN_USE].pop_front() {
+                                events.push((name, "playout"));
+                            }
+                        }
+                    } else {
+                        data.push(s);
+                    }
+                }
+                for (o, d) in out.iter_mut().zip(&data) {
+                    *o = o.wrapping_add(*d);
+                }
+                played = data.len() as u64;
+            } else if n > 0 {
+                for o in out.iter_mut().take(n) {
+                    *o = o.wrapping_add(fk.playout.pop_front().unwrap());
+                }
+                played = n as u64;
+            } else if let Some(name) = fk.marks.as_mut().and_then(|m| m[INVENTORY].pop_front()) {
+                events.push((name, "playout"));
+            }
+        }
+        let connected = fk.sink.is_some();
+        self.log.lock().unwrap().fork_samples_played += played;
+        for (name, ev) in events {
+            let text = format!(
+                "{{\"type\": \"mark\", \"data\": {{\"name\":\"{name}\", \"event\": \"{ev}\"}}}}"
+            );
+            if connected && self.fork_send_text(text).await {
+                let ms = self.ms();
+                self.log
+                    .lock()
+                    .unwrap()
+                    .marks_answered
+                    .push((ms, name, ev.to_string()));
+            }
+        }
+    }
+
+    /// fork_frame (SWITCH_ABC_TYPE_READ): the caller's frame (and what it heard for
+    /// mixed/stereo) as one binary message at the requested rate.
+    async fn fork_send_frame(&mut self, caller: &[i16], heard: &[i16]) {
+        let rate = self.rate;
+        let Some(fk) = self.fork.as_mut() else { return };
+        if fk.paused || fk.graceful || fk.sink.is_none() {
+            return;
+        }
+        let conv = |s: &[i16]| {
+            if fk.p.rate == rate {
+                s.to_vec()
+            } else {
+                resample(s, rate, fk.p.rate)
+            }
+        };
+        let samples: Vec<i16> = match fk.p.mix {
+            Mix::Mono => conv(caller),
+            Mix::Mixed => conv(
+                &caller
+                    .iter()
+                    .zip(heard)
+                    .map(|(a, b)| a.saturating_add(*b))
+                    .collect::<Vec<_>>(),
+            ),
+            Mix::Stereo => {
+                let (a, b) = (conv(caller), conv(heard));
+                a.iter().zip(&b).flat_map(|(x, y)| [*x, *y]).collect()
+            }
+        };
+        let bytes: Vec<u8> = samples.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let sink = fk.sink.as_mut().unwrap();
+        if sink.send(Message::binary(bytes)).await.is_err() {
+            self.fork_dropped(None);
+        }
+    }
+
+    async fn on_fork_ctl(&mut self, c: Ctl) {
+        match c {
+            Ctl::ForkStart(p) => {
+                if self.fork.is_some() {
+                    self.fork_close(None).await;
+                }
+                self.fork_start(p);
+            }
+            Ctl::ForkStop(text) => self.fork_close(text).await,
+            Ctl::ForkPause(p) => {
+                if let Some(fk) = self.fork.as_mut() {
+                    fk.paused = p;
+                }
+            }
+            Ctl::ForkGraceful => {
+                if let Some(fk) = self.fork.as_mut() {
+                    fk.graceful = true;
+                }
+                self.fork_send_text(String::new()).await;
+            }
+            Ctl::ForkSendText(Some(t)) => {
+                self.fork_send_text(t).await;
+            }
+            Ctl::ForkStopPlay => {
+                let ms = self.ms();
+                self.log.lock().unwrap().stop_plays.push(ms);
+                if let Some(fk) = self.fork.as_mut() {
+                    fk.playout.clear();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// processIncomingBinary: odd byte set aside, outstanding inventory marks prepended as
+/// markers, pre-buffered until 1280×f then 640×f samples, moved (resampled to the channel's
+/// rate, in multiples of f) to the play-out buffer.
+fn fork_binary(fk: &mut Fork, msg: &[u8], native: u32) {
+    let mut data: Vec<u8> = Vec::with_capacity(msg.len() + 1);
+    if let Some(b) = fk.aside.take() {
+        data.push(b);
+    }
+    data.extend_from_slice(msg);
+    if data.len() % 2 == 1 {
+        fk.aside = data.pop();
+    }
+    if let Some(m) = fk.marks.as_mut() {
+        let inv: Vec<String> = m[INVENTORY].drain(..).collect();
+        fk.prebuf
+            .extend(std::iter::repeat_n(AUDIO_MARKER, inv.len()));
+        m[IN_USE].extend(inv);
+    }
+    fk.prebuf.extend(l16_decode(&data));
+    if fk.prebuf.len() < fk.prebuf_size {
+        return;
+    }
+    fk.prebuf_size = 320 * fk.f * 2;
+    let complete = fk.prebuf.len() / fk.f * fk.f;
+    let leftover = fk.prebuf.split_off(complete);
+    let batch = std::mem::replace(&mut fk.prebuf, leftover);
+    let back = fk.p.back_rate;
+    if back != 0 && back != native {
+        fk.playout.extend(resample(&batch, back, native));
+    } else {
+        fk.playout.extend(batch);
+    }
+}
+
+/// cJSON_GetObjectItem: case-insensitive.
+fn get_ci<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v)
+}
+
+/// The JSON text without whitespace outside strings (about cJSON_PrintUnformatted).
+fn json_compact(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let (mut in_str, mut esc) = (false, false);
+    for c in s.chars() {
+        if in_str {
+            out.push(c);
+            if esc {
+                esc = false;
+            } else if c == '\\' {
+                esc = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+            out.push(c);
+        } else if !c.is_whitespace() {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The members of a compact JSON object: (key, raw value text), in order.
+fn raw_members(obj: &str) -> Vec<(String, String)> {
+    let b = obj.as_bytes();
+    if b.first() != Some(&b'{') {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut i = 1;
+    while i < b.len() && b[i] == b'"' {
+        // key
+        let ks = i + 1;
+        let mut j = ks;
+        while j < b.len() && b[j] != b'"' {
+            if b[j] == b'\\' {
+                j += 1;
+            }
+            j += 1;
+        }
+        let key =
+            serde_json::from_str::<String>(&obj[ks - 1..=j.min(b.len() - 1)]).unwrap_or_default();
+        i = j + 2; // past the quote and the colon
+        let vs = i;
+        let (mut depth, mut in_str, mut esc) = (0i32, false, false);
+        while i < b.len() {
+            let c = b[i];
+            if in_str {
+                if esc {
+                    esc = false;
+                } else if c == b'\\' {
+                    esc = true;
+                } else if c == b'"' {
+                    in_str = false;
+                }
+            } else {
+                match c {
+                    b'"' => in_str = true,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' if depth == 0 => break,
+                    b'}' | b']' => depth -= 1,
+                    b',' if depth == 0 => break,
+                    _ => {}
+                }
+            }
+            i += 1;
+        }
+        out.push((key, obj[vs..i.min(b.len())].to_string()));
+        if i < b.len() && b[i] == b',' {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    out
+}
+
+/// A top-level member's raw value (case-insensitive key, first match).
+fn raw_member(obj: &str, key: &str) -> Option<String> {
+    raw_members(obj)
+        .into_iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v)
 }
 
 /// streamAudio's root, keeping `data`'s key order (cJSON keeps it; `file` is appended).
@@ -1683,6 +2553,10 @@ async fn channel_task(
         })
         .unwrap_or_default();
     let (conn_tx, mut conn_rx) = mpsc::unbounded_channel();
+    let (fork_conn_tx, mut fork_conn_rx) = mpsc::unbounded_channel();
+    let fork_auth = var("MOD_AUDIO_BASIC_AUTH_USERNAME")
+        .and_then(|u| Some((u, var("MOD_AUDIO_BASIC_AUTH_PASSWORD")?)));
+    let send_silence = var("send_silence_when_idle").is_some_and(|v| atoi(&v) != 0);
     let start = inner
         .state
         .lock()
@@ -1715,6 +2589,11 @@ async fn channel_task(
         heart_beat_s,
         extra_headers,
         noise: rand_u64() as u32,
+        fork: None,
+        fork_gen: 0,
+        fork_conn_tx,
+        fork_auth,
+        send_silence,
     };
     let per_frame = (rate / 50) as usize;
     let mut sim = CallerSim::new(&mut call.script, per_frame, log.clone());
@@ -1765,8 +2644,20 @@ async fn channel_task(
                     Ctl::SendText(s) => {
                         t.send(Message::text(s)).await;
                     }
+                    c => t.on_fork_ctl(c).await,
                 }
             }
+            r = fork_conn_rx.recv() => {
+                if let Some((generation, r)) = r {
+                    t.on_fork_connect(generation, r).await;
+                }
+            }
+            m = async {
+                match t.fork.as_mut().and_then(|f| f.src.as_mut()) {
+                    Some(s) => s.next().await,
+                    None => std::future::pending().await,
+                }
+            } => t.on_fork_ws(m).await,
             r = conn_rx.recv() => {
                 let Some((generation, r)) = r else { continue };
                 if generation != t.media.generation {
@@ -1807,7 +2698,11 @@ async fn channel_task(
             }
             _ = ticker.tick() => {
                 let now = t.ms();
-                let heard = t.play_tick(per_frame);
+                let (mut heard, wrote) = t.play_tick(per_frame);
+                // WRITE_REPLACE runs only for frames written: a playback or the park's silence.
+                if wrote || t.send_silence {
+                    t.fork_dub(&mut heard).await;
+                }
                 let tick = sim.tick(now, &heard);
                 if tick.hang_up {
                     t.hang_up("NORMAL_CLEARING").await;
@@ -1825,6 +2720,7 @@ async fn channel_task(
                     None => t.noise_frame(per_frame),
                 };
                 t.send_frame(&frame).await;
+                t.fork_send_frame(&frame, &heard).await;
                 if garbage_at.is_some_and(|g| g <= now) && t.media.sink.is_some() {
                     garbage_at = None;
                     for n in [1usize, 7, 641, 3] {
@@ -1911,6 +2807,117 @@ async fn ws_connect(
     match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
         Ok(r) => r,
         Err(_) => Err((10, "Timeout".into())),
+    }
+}
+
+/// mod_audio_fork's client (libwebsockets 4.1.6): `Host` and `Origin` without the port, the
+/// subprotocol asked for, no extensions. The 101 may omit the subprotocol (lws then keeps its
+/// own); any other subprotocol, a bad accept or a non-101 fails with lws' reason.
+async fn fork_ws_connect(url: &str, auth: Option<(String, String)>) -> ForkConn {
+    let lower = url.to_ascii_lowercase();
+    let (tls, rest) = if lower.starts_with("wss://") || lower.starts_with("https://") {
+        (true, &url[url.find("://").unwrap() + 3..])
+    } else {
+        (false, &url[url.find("://").map(|i| i + 3).unwrap_or(0)..])
+    };
+    if tls {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        return Err("emulator: TLS is not emulated".into());
+    }
+    let hcut = rest.find([':', '/']).unwrap_or(rest.len());
+    let host = &rest[..hcut];
+    let mut after = &rest[hcut..];
+    let mut port = 80u16;
+    if let Some(p) = after.strip_prefix(':') {
+        let d = p.find(|c: char| !c.is_ascii_digit()).unwrap_or(p.len());
+        if d > 0 {
+            port = p[..d].parse().unwrap_or(80);
+        }
+        after = &p[d..];
+    }
+    let path = if after.starts_with('/') { after } else { "/" };
+    let fut = async {
+        let Ok(mut s) = TcpStream::connect((host, port)).await else {
+            return Err("Closed before conn".to_string());
+        };
+        let _ = s.set_nodelay(true);
+        let key_bytes: Vec<u8> = rand_u64()
+            .to_le_bytes()
+            .into_iter()
+            .chain(rand_u64().to_le_bytes())
+            .collect();
+        let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
+        let mut req = format!(
+            "GET {path} HTTP/1.1\r\nPragma: no-cache\r\nCache-Control: no-cache\r\nHost: {host}\r\nOrigin: http://{host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {FORK_SUBPROTOCOL}\r\nSec-WebSocket-Version: 13\r\n"
+        );
+        if let Some((u, p)) = auth {
+            let b = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            req.push_str(&format!("Authorization: Basic {b}\r\n"));
+        }
+        req.push_str("\r\n");
+        if s.write_all(req.as_bytes()).await.is_err() {
+            return Err("closed before established".to_string());
+        }
+        let mut resp = Vec::new();
+        let mut b = [0u8; 1];
+        while !resp.ends_with(b"\r\n\r\n") {
+            match s.read(&mut b).await {
+                Ok(1) => resp.push(b[0]),
+                _ => return Err("closed before established".to_string()),
+            }
+            if resp.len() > 16 * 1024 {
+                return Err("HS: OOM".to_string());
+            }
+        }
+        let head = String::from_utf8_lossy(&resp).to_string();
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap_or("").split(' ').nth(1).unwrap_or("");
+        let hdrs: Vec<(String, String)> = lines
+            .filter_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                Some((k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            })
+            .collect();
+        let hdr = |k: &str| hdrs.iter().find(|(h, _)| h == k).map(|(_, v)| v.as_str());
+        if status == "401" {
+            return Err("HS: ws upgrade unauthorized".to_string());
+        }
+        if status != "101" {
+            return Err("HS: ws upgrade response not 101".to_string());
+        }
+        match hdr("upgrade") {
+            None => return Err("HS: UPGRADE missing".to_string()),
+            Some(u) if !u.eq_ignore_ascii_case("websocket") => {
+                return Err("HS: Upgrade to something other than websocket".to_string());
+            }
+            _ => {}
+        }
+        if !hdr("connection").is_some_and(|c| {
+            c.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        }) {
+            return Err("HS: UPGRADE malformed".to_string());
+        }
+        if let Some(p) = hdr("sec-websocket-protocol").filter(|p| !p.is_empty()) {
+            if p != FORK_SUBPROTOCOL {
+                return Err("HS: PROTOCOL malformed".to_string());
+            }
+        }
+        let Some(accept) = hdr("sec-websocket-accept") else {
+            return Err("HS: ACCEPT missing".to_string());
+        };
+        if accept != tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()) {
+            return Err("HS: Accept hash wrong".to_string());
+        }
+        if hdr("sec-websocket-extensions").is_some_and(|e| !e.is_empty()) {
+            return Err("HS: EXT: unknown ext".to_string());
+        }
+        Ok(WebSocketStream::from_raw_socket(s, Role::Client, None).await)
+    };
+    // lws timeout_secs = 10.
+    match tokio::time::timeout(Duration::from_secs(10), fut).await {
+        Ok(r) => r,
+        Err(_) => Err("closed before established".into()),
     }
 }
 
