@@ -849,7 +849,7 @@ async fn barge_in_through_mod_audio_fork_kills_its_audio_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let script = Script {
         at: vec![(2_000, voice(dir.path(), "over", "five five four two one"))],
-        max_ms: 6_000,
+        max_ms: 12_000,
         ..Script::default()
     };
     let (uuid, log) = emu.place_call(sc.fork_call("order_status", script));
@@ -883,6 +883,18 @@ async fn barge_in_through_mod_audio_fork_kills_its_audio_at_once() {
     );
     let cut = recs.iter().find(|r| r["type"] == "playout_end").unwrap();
     assert_eq!(cut["complete"], false);
+    // After a killAudio the module loses track of its marks (later ones never come back): the
+    // next reply still ends when its audio has played, by sidecall's clock, not by the call's
+    // lost-mark deadline.
+    let ends: Vec<&Value> = recs.iter().filter(|r| r["type"] == "playout_end").collect();
+    assert!(ends.len() >= 2, "{recs:#?}");
+    assert_eq!(ends[1]["complete"], true, "{recs:#?}");
+    assert!(
+        !recs
+            .iter()
+            .any(|r| r["type"] == "error" && r["stage"] == "playout"),
+        "a mark was lost: {recs:#?}"
+    );
     sc.shutdown().await;
 }
 
@@ -923,5 +935,50 @@ async fn dtmf_and_transfer_through_mod_audio_fork() {
     );
     emu.hangup(&uuid);
     assert_nothing_left(&sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_while_the_event_socket_is_down_is_refused_and_the_caller_goes_to_overflow_when_it_is_back()
+ {
+    let emu = FsEmulator::start(FsOptions::default()).await;
+    let sc = start(&emu, None, None).await;
+    emu.drop_esl_connections();
+    for _ in 0..40 {
+        if !sc.health.control_up() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!sc.health.control_up());
+    // The stream connects during the reconnect backoff: nothing could be played or
+    // transferred, so the call is not taken; the caller goes to overflow once the Event
+    // Socket is back.
+    let (uuid, log) = emu.place_call(sc.call(
+        "order_status",
+        TOKEN,
+        Script {
+            max_ms: 15_000,
+            ..Script::default()
+        },
+    ));
+    for _ in 0..200 {
+        if log.lock().unwrap().transferred_to.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let l = log.lock().unwrap().clone();
+    assert_eq!(
+        l.transferred_to.as_deref(),
+        Some("s XML overflow"),
+        "{:#?}",
+        l.commands
+    );
+    assert!(
+        sc.said(&uuid).is_empty(),
+        "no call was run without its control plane"
+    );
+    emu.hangup(&uuid);
     sc.shutdown().await;
 }

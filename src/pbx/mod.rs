@@ -4,6 +4,7 @@
 //! FreeSWITCH next) live beside it.
 
 pub mod asterisk;
+pub mod clock;
 pub mod codec;
 pub mod events;
 pub mod freeswitch;

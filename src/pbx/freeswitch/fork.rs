@@ -8,16 +8,24 @@
 //! the audio as the sample value -1, so agent samples of -1 are sent as -2; audio waits in a
 //! pre-buffer until 80 ms (1280 samples at first) have come, so every segment ends with 100 ms of
 //! silence before its mark, or its tail would never play and its mark would come back at once;
-//! at most 30 marks may be outstanding (more are dropped without a word); and the channel must
-//! be written to for anything to play (`send_silence_when_idle=-1` before `park`).
+//! at most 30 marks may be outstanding (more are dropped without a word); the channel must be
+//! written to for anything to play (`send_silence_when_idle=-1` before `park`); and after a
+//! killAudio its mark bookkeeping goes wrong (the cleared marks are kept on a list that absorbs
+//! later markers, so later marks never come back: seen on a real FreeSWITCH). So sidecall keeps
+//! its own clock of the module's queue (`PlayoutClock`), and a mark counts as played when the
+//! module says so or when the clock says its audio has played, whichever comes first. Before
+//! killAudio, 100 ms of silence pushes the old tail out of the pre-buffer, where killAudio would
+//! leave it to play before the next reply.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::call::link::{LinkError, MediaLink};
+use crate::pbx::clock::PlayoutClock;
 use crate::pbx::codec::Transcoder;
 use crate::pbx::events::CallEvents;
 
@@ -30,6 +38,9 @@ const TAIL_MS: u32 = 100;
 pub const LEAD_FRAMES: usize = 10;
 /// Names of sidecall's marks.
 const PREFIX: &str = "sidecall-";
+/// How long after the clock says a mark's audio has played the module's answer is waited for:
+/// its pre-buffer holds up to 160 ms (8 kHz) before anything plays.
+pub const MARK_GRACE: Duration = Duration::from_millis(300);
 
 /// A message to the media socket.
 #[derive(Debug)]
@@ -39,12 +50,41 @@ pub enum WsOut {
 }
 
 /// The marks of one call, shared by its link and its media pump.
-#[derive(Default)]
 pub struct Marks {
     outstanding: AtomicUsize,
+    clock: Mutex<PlayoutClock>,
+}
+
+impl Default for Marks {
+    fn default() -> Self {
+        Self {
+            outstanding: AtomicUsize::new(0),
+            clock: Mutex::new(PlayoutClock::new(20, tokio::time::Instant::now())),
+        }
+    }
 }
 
 impl Marks {
+    /// When the next mark falls due by the clock.
+    pub fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.clock.lock().ok()?.next_due(MARK_GRACE)
+    }
+
+    /// Marks whose audio has played by the clock and that the module did not answer.
+    pub fn due(&self, events: &CallEvents) {
+        let due = match self.clock.lock() {
+            Ok(mut c) => c.due(tokio::time::Instant::now(), MARK_GRACE),
+            Err(_) => return,
+        };
+        for (id, _) in due {
+            tracing::debug!(
+                id,
+                "mod_audio_fork did not answer a mark; its audio has played"
+            );
+            events.mark_played(id);
+        }
+    }
+
     /// A text message from the module: a mark that played is the call's playout mark.
     pub fn on_text(&self, text: &str, events: &CallEvents) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
@@ -67,6 +107,9 @@ impl Marks {
             .outstanding
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         if event == Some("playout") {
+            if let Ok(mut c) = self.clock.lock() {
+                c.confirmed(id);
+            }
             events.mark_played(id);
         }
     }
@@ -127,17 +170,29 @@ impl MediaLink for ForkLink {
             }
         };
         avoid_mark_sample(&mut bytes);
-        self.send(WsOut::Binary(bytes))
+        self.send(WsOut::Binary(bytes))?;
+        if let Ok(mut c) = self.marks.clock.lock() {
+            c.frame_sent(tokio::time::Instant::now());
+        }
+        Ok(())
     }
 
     fn mark(&mut self, id: u64) -> Result<(), LinkError> {
         // The segment's tail must leave the module's pre-buffer before the mark can be reached.
         self.send(WsOut::Binary(self.tail.clone()))?;
-        if self.marks.outstanding.load(Ordering::Relaxed) >= MAX_MARKS {
-            // The module would drop it: the call's own mark deadline takes it as played.
-            tracing::warn!(
+        let now = tokio::time::Instant::now();
+        let asked = self.marks.outstanding.load(Ordering::Relaxed) < MAX_MARKS;
+        if let Ok(mut c) = self.marks.clock.lock() {
+            for _ in 0..TAIL_MS / 20 {
+                c.frame_sent(now);
+            }
+            c.mark(id, now, asked);
+        }
+        if !asked {
+            // The module would drop it: the clock answers it.
+            tracing::debug!(
                 id,
-                "30 marks outstanding at mod_audio_fork; this one is not sent"
+                "30 marks outstanding at mod_audio_fork; the clock answers this one"
             );
             return Ok(());
         }
@@ -147,8 +202,15 @@ impl MediaLink for ForkLink {
     }
 
     fn flush(&mut self) -> Result<(), LinkError> {
-        // Pending marks come back `cleared`; the count goes down as they do.
-        self.send(WsOut::Text(json!({"type": "killAudio"}).to_string()))
+        // Silence first pushes the old tail out of the pre-buffer into the play-out buffer,
+        // which killAudio empties; else it would play before the next reply.
+        self.send(WsOut::Binary(self.tail.clone()))?;
+        self.send(WsOut::Text(json!({"type": "killAudio"}).to_string()))?;
+        self.marks.outstanding.store(0, Ordering::Relaxed);
+        if let Ok(mut c) = self.marks.clock.lock() {
+            c.flush(tokio::time::Instant::now());
+        }
+        Ok(())
     }
 
     fn lead_frames(&self) -> Option<usize> {
@@ -172,6 +234,36 @@ mod tests {
             .map(|c| i16::from_le_bytes([c[0], c[1]]))
             .collect();
         assert_eq!(back, vec![-2, 5, -2, -2]);
+    }
+
+    /// A mark the module never answers (its bookkeeping after a killAudio) is answered by the
+    /// clock once its audio has played, plus the grace; not before.
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_answers_a_mark_the_module_lost() {
+        let (events, mut rx) = CallEvents::channel(8);
+        let (ws, mut out) = mpsc::channel(64);
+        let marks = Arc::new(Marks::default());
+        let t = Transcoder::new(crate::pbx::codec::WireFormat::SlinLe(16_000), 16_000).unwrap();
+        let mut link = ForkLink::new(ws, t, marks.clone(), events.clone());
+        for _ in 0..10 {
+            link.send_audio(&[100; 320]).unwrap();
+        }
+        link.mark(5).unwrap();
+        let mut texts = 0;
+        while let Ok(m) = out.try_recv() {
+            texts += usize::from(matches!(m, WsOut::Text(_)));
+        }
+        assert_eq!(texts, 1, "the mark went to the module");
+        // 200 ms of audio + 100 ms of tail + one frame of margin, then the grace.
+        tokio::time::advance(Duration::from_millis(300 + 20 + 250)).await;
+        marks.due(&events);
+        assert!(rx.try_recv().is_err(), "not before its time");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        marks.due(&events);
+        assert_eq!(
+            rx.try_recv().ok(),
+            Some(crate::call::MediaEvent::MarkPlayed(5))
+        );
     }
 
     #[tokio::test]

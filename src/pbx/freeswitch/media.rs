@@ -262,6 +262,17 @@ pub async fn pump(
                     return;
                 }
             },
+            // jambonz mod_audio_fork: marks its clock says have played, when it did not say so.
+            _ = async {
+                match marks.as_ref().and_then(|m| m.next_due()) {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }, if marks.is_some() => {
+                if let Some(m) = &marks {
+                    m.due(&events);
+                }
+            }
             _ = events.closed() => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
                 return;

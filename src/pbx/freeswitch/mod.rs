@@ -82,6 +82,8 @@ impl crate::pbx::Adapter for FreeSwitch {
 struct Live {
     events: CallEvents,
     playback: Arc<Playback>,
+    /// The `sidecall` marker of the entry this call serves (learnt from the park).
+    marker: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 struct Shared {
@@ -96,7 +98,12 @@ struct Shared {
     /// transfer, so a transfer target that parks the caller again (a human's queue) would
     /// otherwise look like a new call whose media never came.
     served: std::sync::Mutex<HashMap<String, (std::time::Instant, String)>>,
+    /// Callers to send to overflow once the Event Socket is back.
+    retry: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// Callers kept for an overflow retry at most.
+const RETRY_MAX: usize = 10_000;
 
 /// A channel that parked for sidecall: the media deadline's cancel, its `sidecall_flow`, and
 /// its `sidecall` marker.
@@ -150,13 +157,23 @@ impl Shared {
         let target = &self.cfg.freeswitch.overflow_target;
         tracing::warn!(%uuid, why, %target, "sending caller to the overflow target");
         let sent = match self.cfg.transfers.get(target) {
-            Some(t) => transfer(&self.esl, uuid, &Target::from(t)).await,
+            Some(t) => transfer(&self.esl, stream_api(&self.cfg), uuid, &Target::from(t)).await,
             None => Err(EslError::Refused(format!(
                 "no [transfers] entry `{target}`"
             ))),
         };
         match sent {
             Ok(()) | Err(EslError::NoSuchChannel) => {}
+            Err(EslError::NotConnected) => {
+                // Nothing can reach FreeSWITCH now: tried again as soon as it is back (and the
+                // dialplan's backstop transfer covers the time until then).
+                tracing::warn!(%uuid, "Event Socket down; the caller goes to overflow when it is back");
+                if let Ok(mut r) = self.retry.lock() {
+                    if r.len() < RETRY_MAX {
+                        r.insert(uuid.to_string());
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(%uuid, error = %e, "overflow transfer failed; hanging up");
                 let _ = self
@@ -166,14 +183,55 @@ impl Shared {
             }
         }
     }
+
+    /// Replaces the dialplan's `sched_transfer` backstop by one after `max_duration_s` (and a
+    /// minute): sidecall holds the call now, but should it die, the caller still reaches the
+    /// overflow target.
+    async fn backstop(&self, uuid: &str) {
+        let _ = self.esl.bgapi(&format!("sched_del {uuid}")).await;
+        let target = self.cfg.transfers.get(&self.cfg.freeswitch.overflow_target);
+        if let Some(Target::Dialplan {
+            context, extension, ..
+        }) = target.map(Target::from)
+        {
+            let secs = self.cfg.call.max_duration_s.saturating_add(60);
+            let cmd = format!("sched_transfer +{secs} {uuid} {extension} XML {context}");
+            if let Err(e) = self.esl.bgapi(&cmd).await {
+                tracing::debug!(%uuid, error = %e, "backstop not scheduled");
+            }
+        }
+    }
+
+    /// After a media close: did the caller hang up? The close often comes before
+    /// CHANNEL_HANGUP_COMPLETE; wait for it a moment, then ask FreeSWITCH.
+    async fn caller_left(&self, events: &CallEvents, uuid: &str) -> bool {
+        for _ in 0..50 {
+            if events.caller_gone() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        matches!(
+            self.esl
+                .bgapi(&format!("uuid_exists {uuid}"))
+                .await
+                .as_deref(),
+            Ok("false")
+        )
+    }
 }
 
 /// `uuid_transfer` to a dialplan extension, or to a dial string through `bridge`. The dialplan's
 /// backstop (`sched_transfer`, group = the channel's uuid) is cancelled first: it would take the
 /// caller away from wherever they were sent.
-async fn transfer(esl: &Esl, uuid: &str, t: &Target) -> Result<(), EslError> {
+/// The media stream is stopped first too: it would survive the transfer, and a target that
+/// hands the caller back to sidecall must be able to start a new one.
+async fn transfer(esl: &Esl, api: &str, uuid: &str, t: &Target) -> Result<(), EslError> {
     if let Err(e) = esl.bgapi(&format!("sched_del {uuid}")).await {
         tracing::debug!(%uuid, error = %e, "sched_del (no backstop scheduled?)");
+    }
+    if let Err(e) = esl.bgapi(&format!("{api} {uuid} stop")).await {
+        tracing::debug!(%uuid, error = %e, "stopping the stream before the transfer");
     }
     let cmd = match t {
         Target::Dialplan {
@@ -199,6 +257,17 @@ struct FsControl {
     uuid: String,
     /// Stock playback's player (None: audio_fork, whose link sends killAudio itself).
     player: Option<mpsc::Sender<PlayerCmd>>,
+    /// The stream's API (`uuid_audio_stream` or `uuid_audio_fork`).
+    api: &'static str,
+}
+
+/// The API that controls the media stream in the configured playback mode.
+fn stream_api(cfg: &Config) -> &'static str {
+    if cfg.freeswitch.playback == "audio_fork" {
+        "uuid_audio_fork"
+    } else {
+        "uuid_audio_stream"
+    }
 }
 
 #[async_trait]
@@ -223,7 +292,7 @@ impl CallControl for FsControl {
 
     async fn transfer(&self, name: &str, target: &Target) -> Result<(), ControlError> {
         tracing::info!(uuid = %self.uuid, target = name, "transferring");
-        transfer(&self.esl, &self.uuid, target)
+        transfer(&self.esl, self.api, &self.uuid, target)
             .await
             .map_err(control_error)
     }
@@ -352,6 +421,7 @@ pub async fn run(
         calls: Default::default(),
         expected: Default::default(),
         served: Default::default(),
+        retry: Default::default(),
     });
     let drain = async {
         stop.cancelled().await;
@@ -365,7 +435,19 @@ pub async fn run(
             msg = esl_msgs.recv() => {
                 let Some(msg) = msg else { break };
                 match msg {
-                    EslMsg::Connected => {}
+                    EslMsg::Connected => {
+                        let waiting: Vec<String> = shared
+                            .retry
+                            .lock()
+                            .map(|mut r| r.drain().collect())
+                            .unwrap_or_default();
+                        for uuid in waiting {
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                shared.to_overflow(&uuid, "Event Socket back").await;
+                            });
+                        }
+                    }
                     EslMsg::Disconnected(why) => {
                         let active = shared.calls.lock().map(|c| c.len()).unwrap_or(0);
                         tracing::warn!(%why, active, "Event Socket lost; calls in progress go on");
@@ -394,10 +476,22 @@ fn on_event(shared: &Arc<Shared>, sup: &Arc<Supervisor>, ev: FsEvent) {
             if !ours || shared.stale_park(&uuid, &marker) {
                 return;
             }
-            if shared.call(&uuid).is_some() {
-                // The media came first (the stream starts before the dialplan parks).
-                shared.note_served(&uuid, &marker);
-                return;
+            if let Some(live) = shared.call(&uuid) {
+                let Ok(mut m) = live.marker.lock() else {
+                    return;
+                };
+                match m.as_deref() {
+                    // The media came first (the stream starts before the dialplan parks).
+                    None => {
+                        *m = Some(marker.clone());
+                        shared.note_served(&uuid, &marker);
+                        return;
+                    }
+                    Some(seen) if seen == marker => return,
+                    // A new entry into sidecall while the last call on this channel ends (a
+                    // transfer back into sidecall): its media deadline runs as for any.
+                    Some(_) => {}
+                }
             }
             let _ = sup;
             // The media must come within the deadline, or the caller goes to a human.
@@ -498,7 +592,34 @@ fn on_event(shared: &Arc<Shared>, sup: &Arc<Supervisor>, ev: FsEvent) {
 
 fn on_media(shared: &Arc<Shared>, sup: &Arc<Supervisor>, conn: media::MediaConn) {
     let uuid = conn.uuid.clone();
+    if shared.call(&uuid).is_some() {
+        // The last call on this channel is still ending (a transfer back into sidecall): this
+        // connection waits for it, a little.
+        let (shared, sup) = (shared.clone(), sup.clone());
+        tokio::spawn(async move {
+            for _ in 0..150 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if shared.call(&uuid).is_none() {
+                    return on_media(&shared, &sup, conn);
+                }
+            }
+            tracing::warn!(%uuid, "a second media connection for a live call; closed");
+        });
+        return;
+    }
+    if !sup.health().control_up() {
+        // Nothing could be played, keyed or transferred: refused, and the caller goes to a
+        // human as soon as the Event Socket is back (the dialplan's backstop until then).
+        tracing::warn!(%uuid, "Event Socket down: media connection refused");
+        if let Ok(mut r) = shared.retry.lock() {
+            if r.len() < RETRY_MAX {
+                r.insert(uuid);
+            }
+        }
+        return;
+    }
     let mut flow_var = None;
+    let mut marker = None;
     if let Some(e) = shared
         .expected
         .lock()
@@ -508,10 +629,7 @@ fn on_media(shared: &Arc<Shared>, sup: &Arc<Supervisor>, conn: media::MediaConn)
         e.cancel.cancel();
         flow_var = e.flow;
         shared.note_served(&uuid, &e.marker);
-    }
-    if shared.call(&uuid).is_some() {
-        tracing::warn!(%uuid, "a second media connection for a live call; closed");
-        return;
+        marker = Some(e.marker);
     }
     match sup.admit() {
         Err(why) => {
@@ -521,7 +639,7 @@ fn on_media(shared: &Arc<Shared>, sup: &Arc<Supervisor>, conn: media::MediaConn)
                 shared.to_overflow(&uuid, &why.to_string()).await;
             });
         }
-        Ok(slot) => start_call(shared, sup, slot, conn, flow_var),
+        Ok(slot) => start_call(shared, sup, slot, conn, flow_var, marker),
     }
 }
 
@@ -533,6 +651,7 @@ fn start_call(
     slot: Slot,
     conn: media::MediaConn,
     flow_var: Option<String>,
+    marker: Option<String>,
 ) {
     let uuid = conn.uuid.clone();
     let (events, rx) = CallEvents::channel(512);
@@ -550,6 +669,7 @@ fn start_call(
             Live {
                 events: events.clone(),
                 playback: playback.clone(),
+                marker: Arc::new(std::sync::Mutex::new(marker)),
             },
         );
     }
@@ -612,6 +732,9 @@ async fn run_one(
             return;
         }
     };
+    // The dialplan's short backstop (a human, should sidecall never take the call) becomes one
+    // for the call's whole length.
+    shared.backstop(&uuid).await;
     let rate = cfg.call.sample_rate;
     // The stream's rate, as the dialplan starts it (`mono 16k` or `mono 8k`).
     let wire = WireFormat::SlinLe(cfg.freeswitch.stream_rate);
@@ -645,6 +768,7 @@ async fn run_one(
         esl: shared.esl.clone(),
         uuid: uuid.clone(),
         player: (!fork_mode).then_some(player_tx),
+        api: stream_api(&cfg),
     });
     let link: Box<dyn crate::call::MediaLink> = match marks {
         Some(marks) => Box::new(fork::ForkLink::new(ws_tx, out, marks, events.clone())),
@@ -675,7 +799,7 @@ async fn run_one(
     };
     tracing::info!(%uuid, outcome = outcome.label(), "call finished");
     match outcome {
-        crate::call::CallOutcome::CallerHungUp if !events.caller_gone() => {
+        crate::call::CallOutcome::CallerHungUp if !shared.caller_left(&events, &uuid).await => {
             shared
                 .to_overflow(&uuid, "media ended under a live caller")
                 .await;
@@ -687,11 +811,7 @@ async fn run_one(
     }
     // Detach the stream (it survives a transfer; a stream left attached refuses a new start).
     if !events.caller_gone() {
-        let api = if fork_mode {
-            "uuid_audio_fork"
-        } else {
-            "uuid_audio_stream"
-        };
+        let api = stream_api(&cfg);
         let _ = shared.esl.bgapi(&format!("{api} {uuid} stop")).await;
     }
     player_task.abort();
