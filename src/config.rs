@@ -734,17 +734,18 @@ impl Config {
                 format!("`{}` is not a [transfers] entry", f.overflow_target),
             ));
         }
-        // Targets become Event Socket command arguments: nothing that splits or quotes them.
+        // Targets become Event Socket command arguments: nothing that splits or quotes them (a
+        // comma would split FreeSWITCH's inline application list).
         for (name, t) in &self.transfers {
             let parts = [&t.context, &t.extension, &t.endpoint];
             let bad_char = |v: &String| {
                 v.chars()
-                    .any(|c| c.is_whitespace() || "'\"\\{}".contains(c))
+                    .any(|c| c.is_whitespace() || "'\"\\{},".contains(c))
             };
             if parts.into_iter().flatten().any(bad_char) {
                 return Err(bad(
                     &format!("transfers.{name}"),
-                    "context, extension and endpoint may not hold spaces, quotes, backslashes or braces".into(),
+                    "context, extension and endpoint may not hold spaces, quotes, backslashes, braces or commas".into(),
                 ));
             }
         }
@@ -1172,6 +1173,48 @@ mod tests {
             assert!(!shown.contains(s), "{s} printed");
         }
         assert!(shown.contains("[redacted]"));
+    }
+
+    #[test]
+    fn freeswitch_settings_are_checked() {
+        let flows = format!("{}/examples/flows", env!("CARGO_MANIFEST_DIR"));
+        let check = |text: &str| {
+            let text = format!("[dialog]\nflows_dir = \"{flows}\"\n{text}");
+            let path = Path::new("/tmp/sidecall-test.toml");
+            Config::parse(path, &text).and_then(|c| c.validate(path, &text).map(|_| c))
+        };
+        let base = "[transfers.agent]\ncontext = \"agents\"\nextension = \"support\"\n[freeswitch]\nenabled = true\n";
+        if let Err(e) = check(base) {
+            panic!("{e}");
+        }
+        // A comma would split FreeSWITCH's inline application list (`bridge:a,b`).
+        let comma =
+            "[transfers.agent]\nendpoint = \"user/1000,user/1001\"\n[freeswitch]\nenabled = true\n";
+        let e = check(comma).unwrap_err().to_string();
+        assert!(e.contains("commas") && e.contains("transfers.agent"), "{e}");
+        let both = format!("{base}[asterisk]\nenabled = true\n");
+        assert!(
+            check(&both)
+                .unwrap_err()
+                .to_string()
+                .contains("one PBX per process")
+        );
+        let mode = format!("{base}playback = \"fancy\"\n");
+        assert!(check(&mode).unwrap_err().to_string().contains("audio_fork"));
+        let rate = format!("{base}stream_rate = 11025\n");
+        assert!(
+            check(&rate)
+                .unwrap_err()
+                .to_string()
+                .contains("8000 or 16000")
+        );
+        let overflow = format!("{base}overflow_target = \"nobody\"\n");
+        assert!(
+            check(&overflow)
+                .unwrap_err()
+                .to_string()
+                .contains("[transfers]")
+        );
     }
 
     #[test]

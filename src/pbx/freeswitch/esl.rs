@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Every event the adapter needs, CUSTOM subclasses last (every token after CUSTOM is one).
 const SUBSCRIPTION: &str = "CHANNEL_PARK CHANNEL_HANGUP_COMPLETE DTMF BACKGROUND_JOB PLAYBACK_START PLAYBACK_STOP HEARTBEAT CUSTOM mod_audio_stream::play mod_audio_stream::connect mod_audio_stream::disconnect mod_audio_stream::error mod_audio_stream::json mod_audio_fork::connect mod_audio_fork::connect_failed mod_audio_fork::disconnect mod_audio_fork::error mod_audio_fork::buffer_overrun mod_audio_fork::json";
-/// Results that came before their reply was read, kept this long at most.
-const EARLY_KEEP: Duration = Duration::from_secs(60);
+/// Results that came before their reply was read, kept this long at most (ours are waited for
+/// within microseconds; other clients' jobs, which every subscriber sees, must not crowd them out).
+const EARLY_KEEP: Duration = Duration::from_secs(5);
 const EARLY_MAX: usize = 4_096;
 
 /// Why an Event Socket command failed.

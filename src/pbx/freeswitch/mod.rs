@@ -174,6 +174,11 @@ impl Shared {
                     }
                 }
             }
+            // No answer: the transfer may have happened; a hangup could cut off a caller who
+            // already reached the human (the dialplan's backstop covers the rest).
+            Err(e @ EslError::Timeout(_)) => {
+                tracing::warn!(%uuid, error = %e, "overflow transfer not confirmed");
+            }
             Err(e) => {
                 tracing::warn!(%uuid, error = %e, "overflow transfer failed; hanging up");
                 let _ = self
@@ -226,12 +231,20 @@ impl Shared {
 /// caller away from wherever they were sent.
 /// The media stream is stopped first too: it would survive the transfer, and a target that
 /// hands the caller back to sidecall must be able to start a new one.
+/// Both go out at once with a short limit, so the whole transfer stays within the call's
+/// control deadline.
 async fn transfer(esl: &Esl, api: &str, uuid: &str, t: &Target) -> Result<(), EslError> {
-    if let Err(e) = esl.bgapi(&format!("sched_del {uuid}")).await {
-        tracing::debug!(%uuid, error = %e, "sched_del (no backstop scheduled?)");
+    let (del, stop) = (format!("sched_del {uuid}"), format!("{api} {uuid} stop"));
+    let first = Duration::from_millis(1_000);
+    let (d, s) = tokio::join!(
+        tokio::time::timeout(first, esl.bgapi(&del)),
+        tokio::time::timeout(first, esl.bgapi(&stop))
+    );
+    if !matches!(d, Ok(Ok(_))) {
+        tracing::debug!(%uuid, "sched_del did not succeed (no backstop scheduled?)");
     }
-    if let Err(e) = esl.bgapi(&format!("{api} {uuid} stop")).await {
-        tracing::debug!(%uuid, error = %e, "stopping the stream before the transfer");
+    if !matches!(s, Ok(Ok(_))) {
+        tracing::debug!(%uuid, "stopping the stream before the transfer did not succeed");
     }
     let cmd = match t {
         Target::Dialplan {
