@@ -154,3 +154,107 @@ async fn no_asr_request_outlives_its_call() {
         "the ASR request was still running after the call ended"
     );
 }
+
+/// A dialog that streams its reply the way an LLM does: a first sentence, then (after three
+/// seconds of "thinking") the rest.
+struct Streamer;
+
+#[async_trait::async_trait]
+impl sidecall::engines::dialog::Dialog for Streamer {
+    async fn start(
+        &mut self,
+    ) -> Result<sidecall::engines::dialog::Turn, sidecall::engines::dialog::DialogError> {
+        Err(sidecall::engines::dialog::DialogError::Engine(
+            "this engine only streams".into(),
+        ))
+    }
+    async fn input(
+        &mut self,
+        _input: sidecall::engines::dialog::Input,
+    ) -> Result<sidecall::engines::dialog::Turn, sidecall::engines::dialog::DialogError> {
+        self.start().await
+    }
+    fn heard(&mut self, _heard: &sidecall::engines::dialog::Heard) {}
+    async fn respond(
+        &mut self,
+        _ask: sidecall::engines::dialog::Ask,
+        out: &sidecall::engines::dialog::ReplySink,
+    ) -> Result<(), sidecall::engines::dialog::DialogError> {
+        use sidecall::engines::dialog::{Next, ReplyPart, Segment};
+        let seg = |t: &str| {
+            ReplyPart::Say(Segment {
+                text: t.into(),
+                pause_after_ms: 0,
+            })
+        };
+        out.send(ReplyPart::Begin { barge_in: false }).await?;
+        out.send(seg("Thanks for calling. Let me check your account."))
+            .await?;
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        out.send(seg("Your balance is ten dollars.")).await?;
+        out.send(ReplyPart::End {
+            send_dtmf: None,
+            next: Next::Hangup {
+                reason: "done".into(),
+            },
+        })
+        .await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streamed_reply_is_heard_while_the_dialog_is_still_making_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Arc::new(config(dir.path(), "", "http://127.0.0.1:9/v1"));
+    let pbx = sidecall::pbx::simulated::start(
+        sidecall::pbx::simulated::Script {
+            max_ms: 20_000,
+            ..Default::default()
+        },
+        cfg.call.sample_rate,
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1_024);
+    let engines = instant_engines();
+    let outcome = sidecall::call::run_call(sidecall::call::CallSetup {
+        call_id: "stream".into(),
+        flow_name: "streamer".into(),
+        config: cfg.clone(),
+        dialog: Box::new(Streamer),
+        asr: engines.asr.clone(),
+        tts: engines.tts.clone(),
+        link: Box::new(pbx.link),
+        control: pbx.control,
+        events: pbx.events,
+        recorder: sidecall::telemetry::Recorder::to_channel("stream", tx),
+        tick_stats: None,
+        origin: Some(pbx.origin),
+    })
+    .await;
+    let mut recs = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        recs.push(r);
+    }
+    let at = |kind: &str| {
+        recs.iter()
+            .find(|r| r["type"] == kind)
+            .and_then(|r| r["t_ms"].as_u64())
+            .unwrap_or_else(|| panic!("no {kind}: {recs:#?}"))
+    };
+    // The first sentence played long before the dialog had the second.
+    assert!(at("playout_start") < 1_000, "{recs:#?}");
+    let said = recs.iter().find(|r| r["type"] == "agent_say").unwrap();
+    assert_eq!(
+        said["text"],
+        "Thanks for calling. Let me check your account. Your balance is ten dollars."
+    );
+    // Both sentences were heard, and the hangup waited for the second.
+    let end = recs.iter().find(|r| r["type"] == "playout_end").unwrap();
+    assert_eq!(end["complete"], true, "{recs:#?}");
+    assert!(at("playout_end") > 3_000);
+    assert_eq!(
+        outcome,
+        CallOutcome::AgentHungUp {
+            reason: "done".into()
+        }
+    );
+}

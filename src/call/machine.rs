@@ -23,7 +23,9 @@ use super::vad::Vad;
 use crate::audio::samples_per_frame;
 use crate::config::Config;
 use crate::engines::asr::{AsrError, Transcript};
-use crate::engines::dialog::{DialogError, Expectation, Heard, Input, Next, Turn, prompt};
+use crate::engines::dialog::{
+    DialogError, Expectation, Heard, Input, Next, ReplyPart, Turn, prompt,
+};
 use crate::telemetry::names;
 
 /// Inbound frames buffered at most (1 s); older ones are dropped with a log line.
@@ -98,10 +100,18 @@ pub enum Event {
         result: Result<Transcript, AsrError>,
         ms: u64,
     },
-    /// The dialog's reply to ask `seq`.
+    /// A whole reply to ask `seq` at once (the same as its parts, then `DialogDone`).
     Dialog {
         seq: u64,
         result: Result<Turn, DialogError>,
+        ms: u64,
+    },
+    /// One part of the reply to ask `seq`, as the dialog streams it.
+    DialogPart { seq: u64, part: ReplyPart },
+    /// The dialog is done with ask `seq` (`ms`: how long it took in all).
+    DialogDone {
+        seq: u64,
+        result: Result<(), DialogError>,
         ms: u64,
     },
     /// Audio of segment `seg` of reply `reply`; `first_ms` on its first chunk (time to it).
@@ -201,6 +211,12 @@ struct TurnTimes {
 /// A reply being synthesized and played.
 struct Reply {
     id: u64,
+    /// The ask this reply answers, while the dialog streams it (None: a reply of the call's own).
+    dialog_seq: Option<u64>,
+    /// More parts may come from the dialog.
+    open: bool,
+    /// Its `agent_say` record went out.
+    said: bool,
     playout: Playout,
     turn: Turn,
     next_to_synth: usize,
@@ -247,10 +263,11 @@ enum Phase {
     Answering {
         since: u64,
     },
-    /// Waiting for the dialog's reply to ask `seq`.
+    /// Waiting for the dialog's reply to ask `seq` (`barge_in`: as its Begin said).
     Thinking {
         seq: u64,
         since: u64,
+        barge_in: bool,
     },
     /// Playing a reply.
     Speaking(Box<Reply>),
@@ -466,7 +483,21 @@ impl CallCore {
             Event::Media(m) => self.on_media(now, m),
             Event::Answered(r) => self.on_answered(now, r),
             Event::Asr { seq, result, ms } => self.on_asr(now, seq, result, ms),
-            Event::Dialog { seq, result, ms } => self.on_dialog(now, seq, result, ms),
+            Event::Dialog { seq, result, ms } => match result {
+                Ok(turn) => {
+                    let barge_in = turn.barge_in;
+                    self.on_part(now, seq, ReplyPart::Begin { barge_in });
+                    for s in turn.say {
+                        self.on_part(now, seq, ReplyPart::Say(s));
+                    }
+                    let (send_dtmf, next) = (turn.send_dtmf, turn.next);
+                    self.on_part(now, seq, ReplyPart::End { send_dtmf, next });
+                    self.on_dialog_done(now, seq, Ok(()), ms);
+                }
+                Err(e) => self.on_dialog_done(now, seq, Err(e), ms),
+            },
+            Event::DialogPart { seq, part } => self.on_part(now, seq, part),
+            Event::DialogDone { seq, result, ms } => self.on_dialog_done(now, seq, result, ms),
             Event::TtsAudio {
                 reply,
                 seg,
@@ -544,7 +575,11 @@ impl CallCore {
         self.dialog_seq += 1;
         let seq = self.dialog_seq;
         self.actions.push_back(Action::Dialog { seq, cmd });
-        self.phase = Phase::Thinking { seq, since: now };
+        self.phase = Phase::Thinking {
+            seq,
+            since: now,
+            barge_in: true,
+        };
     }
 
     fn tell_heard(&mut self, heard: Heard) {
@@ -594,6 +629,9 @@ impl CallCore {
         let empty = turn.say.is_empty();
         let mut reply = Box::new(Reply {
             id: self.reply_seq,
+            dialog_seq: None,
+            open: false,
+            said: true,
             playout,
             turn,
             next_to_synth: 0,
@@ -640,6 +678,19 @@ impl CallCore {
             return None;
         };
         self.actions.push_back(Action::CancelTts { reply: r.id });
+        // A streamed reply's marks were numbered as its parts came: the next reply's start after.
+        self.next_mark = self
+            .next_mark
+            .max(r.playout.mark_range().end.saturating_add(1));
+        let text = r.playout.text();
+        if !r.said && !text.is_empty() {
+            // Cut before the dialog finished it: what it had said so far.
+            self.actions.push_back(Action::Record {
+                at_ms: r.progress_at,
+                kind: "agent_say",
+                fields: json!({"text": text, "barge_in": r.turn.barge_in, "partial": true}),
+            });
+        }
         Some(r)
     }
 
@@ -947,15 +998,133 @@ impl CallCore {
         }
     }
 
-    fn on_dialog(&mut self, now: u64, seq: u64, result: Result<Turn, DialogError>, ms: u64) {
-        if !matches!(self.phase, Phase::Thinking { seq: s, .. } if s == seq) {
+    /// A part of the dialog's reply: the first thing to say starts the reply, the rest join it
+    /// as they come (each goes to TTS at once), the end says what follows it.
+    fn on_part(&mut self, now: u64, seq: u64, part: ReplyPart) {
+        if let Phase::Thinking {
+            seq: s, barge_in, ..
+        } = &mut self.phase
+        {
+            if *s != seq {
+                return;
+            }
+            match part {
+                ReplyPart::Begin { barge_in: b } => *barge_in = b,
+                ReplyPart::Say(segment) => {
+                    let b = *barge_in;
+                    self.play_streaming(now, seq, b, segment);
+                }
+                ReplyPart::End { send_dtmf, next } => {
+                    let b = *barge_in;
+                    self.play(
+                        now,
+                        Turn {
+                            say: Vec::new(),
+                            barge_in: b,
+                            send_dtmf,
+                            next,
+                        },
+                    );
+                }
+            }
+            return;
+        }
+        let Phase::Speaking(r) = &mut self.phase else {
+            return;
+        };
+        if !r.open || r.dialog_seq != Some(seq) {
+            return;
+        }
+        match part {
+            ReplyPart::Begin { .. } => {}
+            ReplyPart::Say(segment) => {
+                r.playout.push(&segment);
+                r.turn.say.push(segment);
+                r.progress_at = now;
+                Self::pump_tts(r, &mut self.actions);
+            }
+            ReplyPart::End { send_dtmf, next } => {
+                r.open = false;
+                r.said = true;
+                r.playout.close();
+                r.turn.send_dtmf = send_dtmf;
+                r.turn.next = next;
+                let (text, barge_in) = (r.playout.text(), r.turn.barge_in);
+                let done = r.playout.finished();
+                if !text.is_empty() {
+                    self.record(
+                        now,
+                        "agent_say",
+                        json!({"text": text, "barge_in": barge_in}),
+                    );
+                }
+                // Everything said so far may have played already.
+                if done {
+                    self.reply_finished(now, true);
+                }
+            }
+        }
+    }
+
+    /// Starts a reply the dialog is still streaming, with its first segment.
+    fn play_streaming(&mut self, now: u64, seq: u64, barge_in: bool, first: prompt::Segment) {
+        self.take_reply();
+        self.reply_seq += 1;
+        let mut playout =
+            Playout::new(&[], self.next_mark, self.frame_len, self.lead_frames).streaming();
+        playout.push(&first);
+        let mut reply = Box::new(Reply {
+            id: self.reply_seq,
+            dialog_seq: Some(seq),
+            open: true,
+            said: false,
+            playout,
+            turn: Turn {
+                say: vec![first],
+                barge_in,
+                send_dtmf: None,
+                // Until the dialog says otherwise: wait for the caller.
+                next: Next::Listen(self.expect.clone()),
+            },
+            next_to_synth: 0,
+            in_flight: 0,
+            requested_at: now,
+            progress_at: now,
+            marks_due_at: None,
+        });
+        Self::pump_tts(&mut reply, &mut self.actions);
+        self.phase = Phase::Speaking(reply);
+    }
+
+    /// The dialog is done with an ask: its time is the turn's dialog time; a failure (or a
+    /// reply that never came) gets the error prompt.
+    fn on_dialog_done(&mut self, now: u64, seq: u64, result: Result<(), DialogError>, ms: u64) {
+        let thinking = matches!(self.phase, Phase::Thinking { seq: s, .. } if s == seq);
+        let streaming =
+            matches!(&self.phase, Phase::Speaking(r) if r.open && r.dialog_seq == Some(seq));
+        let answered = matches!(&self.phase, Phase::Speaking(r) if r.dialog_seq == Some(seq));
+        if !(thinking || answered) {
             return;
         }
         self.times.dialog_ms = ms;
         metrics::histogram!(names::STAGE_SECONDS, "stage" => "dialog").record(ms as f64 / 1000.0);
         match result {
-            Ok(turn) => self.play(now, turn),
-            Err(e) => self.fail(now, "dialog", e.to_string()),
+            Err(e) if thinking || streaming => self.fail(now, "dialog", e.to_string()),
+            Err(_) => {}
+            Ok(()) if thinking => self.fail(now, "dialog", "the dialog gave no reply".into()),
+            Ok(()) if streaming => {
+                tracing::warn!("the dialog ended its reply without saying what follows; listening");
+                let next = Next::Listen(self.expect.clone());
+                self.on_part(
+                    now,
+                    seq,
+                    ReplyPart::End {
+                        send_dtmf: None,
+                        next,
+                    },
+                );
+            }
+            Ok(()) => {}
         }
     }
 

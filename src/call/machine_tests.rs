@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::config::{Config, TransferTarget};
-use crate::engines::dialog::{DigitSpec, Segment};
+use crate::engines::dialog::{DigitSpec, ReplyPart, Segment};
 
 /// A scripted VAD: frames whose first sample is not zero are voice.
 struct Scripted;
@@ -1239,4 +1239,184 @@ fn two_key_sends_both_go_out_before_the_transfer() {
     );
     c.send(Event::DtmfSent(Ok(())));
     assert!(c.has(|a| matches!(a, Action::Transfer { .. })));
+}
+
+// ---- a reply streamed part by part (the dialog seam an LLM uses) ----
+
+fn part(c: &mut Call, part: ReplyPart) -> Vec<Action> {
+    let (seq, _) = c.last_ask();
+    c.send(Event::DialogPart { seq, part })
+}
+
+fn seg(text: &str) -> Segment {
+    Segment {
+        text: text.into(),
+        pause_after_ms: 0,
+    }
+}
+
+#[test]
+fn a_streamed_reply_is_spoken_from_its_first_piece() {
+    let mut c = Call::answered(config());
+    part(&mut c, ReplyPart::Begin { barge_in: true });
+    assert_eq!(c.core.phase(), PhaseName::Thinking);
+    let first = part(&mut c, ReplyPart::Say(seg("Let me look that up.")));
+    assert_eq!(c.core.phase(), PhaseName::Speaking);
+    let reply = first
+        .iter()
+        .find_map(|a| match a {
+            Action::Synthesize { reply, seg: 0, .. } => Some(*reply),
+            _ => None,
+        })
+        .expect("the first piece goes to TTS at once");
+    c.send(Event::TtsAudio {
+        reply,
+        seg: 0,
+        samples: vec![500; FRAME * 10],
+        first_ms: Some(20),
+    });
+    c.send(Event::TtsDone { reply, seg: 0 });
+    assert!(
+        c.has(|a| matches!(a, Action::SendAudio(_))),
+        "speaking while it thinks"
+    );
+    c.wait(100);
+    let second = part(&mut c, ReplyPart::Say(seg("Your order shipped.")));
+    assert!(
+        second
+            .iter()
+            .any(|a| matches!(a, Action::Synthesize { seg: 1, .. })),
+        "{second:?}"
+    );
+    c.send(Event::TtsAudio {
+        reply,
+        seg: 1,
+        samples: vec![500; FRAME * 10],
+        first_ms: None,
+    });
+    c.send(Event::TtsDone { reply, seg: 1 });
+    part(
+        &mut c,
+        ReplyPart::End {
+            send_dtmf: None,
+            next: listen(),
+        },
+    );
+    let said = c.records("agent_say");
+    assert_eq!(said.len(), 1);
+    assert_eq!(
+        said[0].1["text"],
+        "Let me look that up. Your order shipped."
+    );
+    c.wait(600);
+    c.play_marks();
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    assert_eq!(c.records("playout_end")[0].1["complete"], true);
+}
+
+#[test]
+fn a_streamed_reply_is_not_over_until_the_dialog_says_so() {
+    let mut c = Call::answered(config());
+    part(&mut c, ReplyPart::Say(seg("One moment.")));
+    let reply = c
+        .log
+        .iter()
+        .find_map(|(_, a)| match a {
+            Action::Synthesize { reply, .. } => Some(*reply),
+            _ => None,
+        })
+        .unwrap();
+    c.send(Event::TtsAudio {
+        reply,
+        seg: 0,
+        samples: vec![500; FRAME * 5],
+        first_ms: None,
+    });
+    c.send(Event::TtsDone { reply, seg: 0 });
+    c.wait(400);
+    c.play_marks();
+    // Everything said so far has played, and no lost-mark deadline runs: more may come.
+    assert_eq!(c.core.phase(), PhaseName::Speaking);
+    c.wait(5_000);
+    assert_eq!(c.core.phase(), PhaseName::Speaking);
+    assert!(c.records("error").is_empty(), "{:?}", c.records("error"));
+    part(
+        &mut c,
+        ReplyPart::End {
+            send_dtmf: None,
+            next: Next::Hangup {
+                reason: "done".into(),
+            },
+        },
+    );
+    assert!(
+        c.has(|a| matches!(a, Action::Hangup { .. })),
+        "ends at once: all was heard"
+    );
+}
+
+#[test]
+fn a_barge_in_mid_stream_drops_the_rest_of_the_reply() {
+    let mut c = Call::answered(config());
+    part(
+        &mut c,
+        ReplyPart::Say(seg("Here is a long answer about your order.")),
+    );
+    let reply = c
+        .log
+        .iter()
+        .find_map(|(_, a)| match a {
+            Action::Synthesize { reply, .. } => Some(*reply),
+            _ => None,
+        })
+        .unwrap();
+    c.send(Event::TtsAudio {
+        reply,
+        seg: 0,
+        samples: vec![500; FRAME * 150],
+        first_ms: None,
+    });
+    c.wait(400);
+    c.speak(140);
+    assert!(c.has(|a| matches!(a, Action::Flush)));
+    let said = c.records("agent_say");
+    assert_eq!(said[0].1["partial"], true, "{said:?}");
+    // The dialog goes on for a moment: none of it is spoken.
+    let late = part(&mut c, ReplyPart::Say(seg("And another thing.")));
+    assert!(
+        !late.iter().any(|a| matches!(a, Action::Synthesize { .. })),
+        "{late:?}"
+    );
+    let (seq, _) = c.last_ask();
+    c.send(Event::DialogDone {
+        seq,
+        result: Ok(()),
+        ms: 900,
+    });
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+}
+
+#[test]
+fn a_dialog_failing_mid_stream_gets_the_error_prompt() {
+    let mut c = Call::answered(config());
+    part(&mut c, ReplyPart::Say(seg("Let me check.")));
+    let (seq, _) = c.last_ask();
+    c.send(Event::DialogDone {
+        seq,
+        result: Err(DialogError::Timeout(8_000)),
+        ms: 8_000,
+    });
+    let said = c.records("agent_say");
+    assert!(
+        said.last().is_some_and(|(_, v)| v["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("technical trouble")),
+        "{said:?}"
+    );
+    let errors = c.records("error");
+    assert!(
+        errors.iter().any(|(_, e)| e["stage"] == "dialog"),
+        "{errors:?}"
+    );
 }

@@ -21,6 +21,22 @@ struct SegPlay {
     played: bool,
 }
 
+impl SegPlay {
+    fn new(mark: u64, s: &Segment) -> Self {
+        Self {
+            mark,
+            text: s.text.clone(),
+            audio: VecDeque::new(),
+            synth_done: s.text.trim().is_empty(),
+            received: 0,
+            sent: 0,
+            pause_frames: s.pause_after_ms / 20,
+            marked: false,
+            played: false,
+        }
+    }
+}
+
 /// What one tick did.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Tick {
@@ -41,6 +57,9 @@ pub struct Playout {
     frames_sent: u64,
     ticks_since_start: u64,
     stopped: bool,
+    /// More segments may come (a reply still streaming from the dialog).
+    open: bool,
+    first_mark: u64,
     full_text: String,
     /// The frame being assembled, reused every tick.
     frame: Vec<i16>,
@@ -52,17 +71,7 @@ impl Playout {
         let segs = segments
             .iter()
             .enumerate()
-            .map(|(i, s)| SegPlay {
-                mark: first_mark + i as u64,
-                text: s.text.clone(),
-                audio: VecDeque::new(),
-                synth_done: s.text.trim().is_empty(),
-                received: 0,
-                sent: 0,
-                pause_frames: s.pause_after_ms / 20,
-                marked: false,
-                played: false,
-            })
+            .map(|(i, s)| SegPlay::new(first_mark.saturating_add(i as u64), s))
             .collect();
         Self {
             frame_len,
@@ -73,12 +82,37 @@ impl Playout {
             frames_sent: 0,
             ticks_since_start: 0,
             stopped: false,
+            open: false,
+            first_mark,
             full_text: crate::engines::dialog::prompt::joined(segments),
             frame: vec![0; frame_len],
         }
     }
 
-    /// Mark ids this reply uses.
+    /// A reply still streaming: segments are added with `push`, and it is not over (all
+    /// sent, finished) until `close`.
+    pub fn streaming(mut self) -> Self {
+        self.open = true;
+        self
+    }
+
+    /// One more segment of a streaming reply.
+    pub fn push(&mut self, segment: &Segment) {
+        let mark = self.first_mark.saturating_add(self.segs.len() as u64);
+        self.segs.push(SegPlay::new(mark, segment));
+        self.full_text = match (self.full_text.is_empty(), segment.text.trim().is_empty()) {
+            (_, true) => std::mem::take(&mut self.full_text),
+            (true, false) => segment.text.trim().to_string(),
+            (false, false) => format!("{} {}", self.full_text, segment.text.trim()),
+        };
+    }
+
+    /// No more segments will come.
+    pub fn close(&mut self) {
+        self.open = false;
+    }
+
+    /// Mark ids this reply uses (so far, while it streams).
     pub fn mark_range(&self) -> std::ops::Range<u64> {
         match (self.segs.first(), self.segs.last()) {
             (Some(a), Some(b)) => a.mark..b.mark + 1,
@@ -174,7 +208,7 @@ impl Playout {
 
     /// Every segment has been sent and marked: only the PBX's confirmation is outstanding.
     pub fn all_sent(&self) -> bool {
-        self.cur >= self.segs.len()
+        !self.open && self.cur >= self.segs.len()
     }
 
     /// Audio sent ahead of real time (still queued at the PBX), in ms.
@@ -196,7 +230,7 @@ impl Playout {
 
     /// Every segment has been heard.
     pub fn finished(&self) -> bool {
-        self.segs.iter().all(|s| s.played)
+        !self.open && self.segs.iter().all(|s| s.played)
     }
 
     /// Stops sending (barge-in) and says what the caller heard: whole segments whose marks came

@@ -19,7 +19,7 @@ use super::machine::{
 use super::vad;
 use crate::config::Config;
 use crate::engines::asr::{Asr, AsrError};
-use crate::engines::dialog::{Dialog, DialogError};
+use crate::engines::dialog::{Ask, Dialog, DialogError, ReplyPart, ReplySink};
 use crate::engines::tts::Tts;
 use crate::telemetry::{Recorder, TickStats, names};
 
@@ -407,9 +407,9 @@ async fn dialog_task(
     let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
     while let Some((seq, cmd)) = rx.recv().await {
         let t0 = start.elapsed();
-        let turn = match cmd {
-            DialogCmd::Start => dialog.start(),
-            DialogCmd::Input(i) => dialog.input(i),
+        let ask = match cmd {
+            DialogCmd::Start => Ask::Start,
+            DialogCmd::Input(i) => Ask::Input(i),
             DialogCmd::Heard(h) => {
                 if std::panic::catch_unwind(AssertUnwindSafe(|| dialog.heard(&h))).is_err() {
                     tracing::error!("dialog engine panicked on `heard`; no more turns from it");
@@ -418,8 +418,23 @@ async fn dialog_task(
                 continue;
             }
         };
-        let result = match tokio::time::timeout(limit, AssertUnwindSafe(turn).catch_unwind()).await
-        {
+        // The reply streams to the call part by part while the engine makes it.
+        let (parts_tx, mut parts) = mpsc::channel::<ReplyPart>(64);
+        let sink = ReplySink::new(parts_tx);
+        let turn = async {
+            let sink = sink;
+            dialog.respond(ask, &sink).await
+        };
+        let forward = async {
+            while let Some(part) = parts.recv().await {
+                if tx.send(Event::DialogPart { seq, part }).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let guarded = tokio::time::timeout(limit, AssertUnwindSafe(turn).catch_unwind());
+        let (result, ()) = tokio::join!(guarded, forward);
+        let result = match result {
             Err(_) => Err(DialogError::Timeout(limit_ms)),
             Ok(Err(_)) => Err(DialogError::Panicked),
             Ok(Ok(r)) => r,
@@ -429,7 +444,12 @@ async fn dialog_task(
             tracing::error!("dialog engine panicked; the caller gets the error prompt");
         }
         let ms = u64::try_from(start.elapsed().saturating_sub(t0).as_millis()).unwrap_or(0);
-        if tx.send(Event::Dialog { seq, result, ms }).await.is_err() || panicked {
+        if tx
+            .send(Event::DialogDone { seq, result, ms })
+            .await
+            .is_err()
+            || panicked
+        {
             break;
         }
     }

@@ -1,6 +1,8 @@
 //! The dialog seam: what the agent says next and what it does (listen, transfer, hang up),
-//! given what the caller said or typed. Scripted flows live here; the LLM agent joins later
-//! behind the same trait.
+//! given what the caller said or typed. A reply streams to the call part by part
+//! (`Dialog::respond` into a `ReplySink`), so speech starts with its first piece; scripted flows
+//! live here and answer in whole turns (a stream of one); the LLM agent joins behind the same
+//! trait.
 
 pub mod entities;
 pub mod flow;
@@ -82,6 +84,66 @@ pub struct Heard {
     pub complete: bool,
 }
 
+/// One piece of a reply as a dialog engine produces it: the call sends each `Say` to TTS as
+/// soon as it arrives, so the caller hears the first sentence while the rest is made.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyPart {
+    /// A reply begins; `barge_in`: the caller may interrupt it.
+    Begin { barge_in: bool },
+    /// Something to say (a sentence or clause).
+    Say(Segment),
+    /// The reply is complete: keys to send once it has played, then what happens.
+    End {
+        send_dtmf: Option<String>,
+        next: Next,
+    },
+}
+
+/// Where a dialog engine puts the parts of its reply (bounded: an engine faster than the call
+/// waits).
+pub struct ReplySink {
+    tx: tokio::sync::mpsc::Sender<ReplyPart>,
+}
+
+impl ReplySink {
+    pub fn new(tx: tokio::sync::mpsc::Sender<ReplyPart>) -> Self {
+        Self { tx }
+    }
+
+    /// Sends one part; fails when the call no longer listens.
+    pub async fn send(&self, part: ReplyPart) -> Result<(), DialogError> {
+        self.tx
+            .send(part)
+            .await
+            .map_err(|_| DialogError::Engine("the call is gone".into()))
+    }
+
+    /// A whole turn at once: a stream of one (scripted flows).
+    pub async fn turn(&self, turn: Turn) -> Result<(), DialogError> {
+        self.send(ReplyPart::Begin {
+            barge_in: turn.barge_in,
+        })
+        .await?;
+        for s in turn.say {
+            self.send(ReplyPart::Say(s)).await?;
+        }
+        self.send(ReplyPart::End {
+            send_dtmf: turn.send_dtmf,
+            next: turn.next,
+        })
+        .await
+    }
+}
+
+/// What the call asks the dialog for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ask {
+    /// The opening reply.
+    Start,
+    /// The reply to the caller's input.
+    Input(Input),
+}
+
 /// A conversation engine for one call.
 #[async_trait]
 pub trait Dialog: Send {
@@ -91,4 +153,14 @@ pub trait Dialog: Send {
     async fn input(&mut self, input: Input) -> Result<Turn, DialogError>;
     /// Tells the dialog what the caller actually heard of its last reply.
     fn heard(&mut self, heard: &Heard);
+    /// The seam the call uses: the reply to `ask`, streamed into `out` part by part. Engines
+    /// that think in whole turns (scripted flows) keep this default, a stream of one; engines
+    /// that generate (an LLM) send each speakable piece as soon as they have it.
+    async fn respond(&mut self, ask: Ask, out: &ReplySink) -> Result<(), DialogError> {
+        let turn = match ask {
+            Ask::Start => self.start().await?,
+            Ask::Input(i) => self.input(i).await?,
+        };
+        out.turn(turn).await
+    }
 }
