@@ -258,3 +258,128 @@ async fn a_streamed_reply_is_heard_while_the_dialog_is_still_making_it() {
         }
     );
 }
+
+/// Sets its flag when dropped: a turn's future that was dropped before it finished.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Streams one sentence, then "thinks" for a minute before the rest.
+struct SlowStreamer {
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl sidecall::engines::dialog::Dialog for SlowStreamer {
+    async fn start(
+        &mut self,
+    ) -> Result<sidecall::engines::dialog::Turn, sidecall::engines::dialog::DialogError> {
+        Err(sidecall::engines::dialog::DialogError::Engine(
+            "this engine only streams".into(),
+        ))
+    }
+    async fn input(
+        &mut self,
+        _input: sidecall::engines::dialog::Input,
+    ) -> Result<sidecall::engines::dialog::Turn, sidecall::engines::dialog::DialogError> {
+        self.start().await
+    }
+    fn heard(&mut self, _heard: &sidecall::engines::dialog::Heard) {}
+    async fn respond(
+        &mut self,
+        ask: sidecall::engines::dialog::Ask,
+        out: &sidecall::engines::dialog::ReplySink,
+    ) -> Result<(), sidecall::engines::dialog::DialogError> {
+        use sidecall::engines::dialog::{Ask, Expectation, Next, ReplyPart, Segment};
+        if ask != Ask::Start {
+            return out
+                .send(ReplyPart::End {
+                    send_dtmf: None,
+                    next: Next::Hangup {
+                        reason: "done".into(),
+                    },
+                })
+                .await;
+        }
+        let _guard = DropFlag(self.dropped.clone());
+        out.send(ReplyPart::Begin { barge_in: true }).await?;
+        out.send(ReplyPart::Say(Segment {
+            text: "Welcome to a very long introduction about everything we offer.".into(),
+            pause_after_ms: 0,
+        }))
+        .await?;
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        self.finished
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        out.send(ReplyPart::End {
+            send_dtmf: None,
+            next: Next::Listen(Expectation::default()),
+        })
+        .await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_barge_in_ends_the_dialog_turn_still_being_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Arc::new(config(dir.path(), "", "http://127.0.0.1:9/v1"));
+    let rate = cfg.call.sample_rate;
+    let clip = sidecall::audio::wav::read_file_at(
+        &speak(dir.path(), "hi", "hello there, I need help"),
+        rate,
+    )
+    .unwrap();
+    let pbx = sidecall::pbx::simulated::start(
+        sidecall::pbx::simulated::Script {
+            at: vec![(1_500, clip)],
+            max_ms: 15_000,
+            ..Default::default()
+        },
+        rate,
+    );
+    let (dropped, finished) = (Arc::default(), Arc::default());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1_024);
+    let engines = Engines {
+        asr: Arc::new(InstantAsr("I need help".into())),
+        ..instant_engines()
+    };
+    let _ = sidecall::call::run_call(sidecall::call::CallSetup {
+        call_id: "cut".into(),
+        flow_name: "slow".into(),
+        config: cfg.clone(),
+        dialog: Box::new(SlowStreamer {
+            dropped: Arc::clone(&dropped),
+            finished: Arc::clone(&finished),
+        }),
+        asr: engines.asr.clone(),
+        tts: engines.tts.clone(),
+        link: Box::new(pbx.link),
+        control: pbx.control,
+        events: pbx.events,
+        recorder: sidecall::telemetry::Recorder::to_channel("cut", tx),
+        tick_stats: None,
+        origin: Some(pbx.origin),
+    })
+    .await;
+    let mut recs = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        recs.push(r);
+    }
+    assert!(recs.iter().any(|r| r["type"] == "barge_in"), "{recs:#?}");
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst)
+            && !finished.load(std::sync::atomic::Ordering::SeqCst),
+        "the turn in flight was dropped at the barge-in, not left to run: {recs:#?}"
+    );
+    // The caller's words were answered at once (not after the minute the old turn wanted).
+    let hangup = recs
+        .iter()
+        .find(|r| r["type"] == "hangup")
+        .and_then(|r| r["t_ms"].as_u64())
+        .unwrap_or_else(|| panic!("{recs:#?}"));
+    assert!(hangup < 10_000, "{recs:#?}");
+}

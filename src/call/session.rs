@@ -405,7 +405,15 @@ async fn dialog_task(
 ) {
     use std::panic::AssertUnwindSafe;
     let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
-    while let Some((seq, cmd)) = rx.recv().await {
+    let mut pending: Option<(u64, DialogCmd)> = None;
+    loop {
+        let (seq, cmd) = match pending.take() {
+            Some(c) => c,
+            None => match rx.recv().await {
+                Some(c) => c,
+                None => break,
+            },
+        };
         let t0 = start.elapsed();
         let ask = match cmd {
             DialogCmd::Start => Ask::Start,
@@ -433,7 +441,23 @@ async fn dialog_task(
             }
         };
         let guarded = tokio::time::timeout(limit, AssertUnwindSafe(turn).catch_unwind());
-        let (result, ()) = tokio::join!(guarded, forward);
+        let run = async { tokio::join!(guarded, forward).0 };
+        tokio::pin!(run);
+        // Anything newer from the call (what was heard of a reply cut by barge-in, the next
+        // input) ends the turn in flight: its work is dropped, not finished for nobody.
+        let result = tokio::select! {
+            r = &mut run => r,
+            newer = rx.recv() => {
+                match newer {
+                    Some(c) => {
+                        tracing::debug!(seq, "dialog turn dropped for a newer ask");
+                        pending = Some(c);
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+        };
         let result = match result {
             Err(_) => Err(DialogError::Timeout(limit_ms)),
             Ok(Err(_)) => Err(DialogError::Panicked),
