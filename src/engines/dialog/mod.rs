@@ -7,6 +7,7 @@
 pub mod entities;
 pub mod flow;
 pub mod lookup;
+pub mod pieces;
 pub mod prompt;
 
 use async_trait::async_trait;
