@@ -4,6 +4,7 @@
 //! live here and answer in whole turns (a stream of one); the LLM agent joins behind the same
 //! trait.
 
+pub mod chat_stream;
 pub mod entities;
 pub mod flow;
 pub mod lookup;
