@@ -12,8 +12,60 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::call::{CallOutcome, CallSetup, run_call};
 use crate::engines::asr::EngineLoad;
+use crate::pbx::events::CallEvents;
 use crate::telemetry::names;
+
+/// What an adapter does for a call the supervisor runs: send the caller to its overflow target,
+/// and tell whether a caller whose media ended has really hung up.
+#[async_trait::async_trait]
+pub trait CallerRoute: Send + Sync {
+    /// Sends the caller to the overflow target (a human); hangs up if that fails.
+    async fn to_overflow(&self, why: &str);
+    /// The media side ended the call: did the caller hang up (else they are still there, in
+    /// silence)?
+    async fn caller_left(&self) -> bool;
+}
+
+/// Runs one call to its end, the same for every PBX: when the grace period after SIGTERM is
+/// over the caller goes to the overflow target (the call ends as transferred there); a call
+/// whose media ended under a live caller, or that could not end as it should (`Failed`), also
+/// sends its caller to the overflow target. Nobody is left in silence.
+pub async fn run_routed_call(
+    setup: CallSetup,
+    events: &CallEvents,
+    overflow_target: &str,
+    grace_over: CancellationToken,
+    route: &dyn CallerRoute,
+) -> CallOutcome {
+    let call_id = setup.call_id.clone();
+    let call = run_call(setup);
+    tokio::pin!(call);
+    let outcome = tokio::select! {
+        o = &mut call => o,
+        _ = grace_over.cancelled() => {
+            // Told first, so the call ends as transferred to the overflow target, not as the
+            // caller hanging up when the PBX reports them gone.
+            events.taken_away(overflow_target, "grace period over").await;
+            route.to_overflow("grace period over").await;
+            call.await
+        }
+    };
+    tracing::info!(%call_id, outcome = outcome.label(), "call finished");
+    match &outcome {
+        CallOutcome::CallerHungUp if !route.caller_left().await => {
+            // The media side failed, not the caller.
+            route.to_overflow("media ended under a live caller").await;
+        }
+        CallOutcome::Failed { stage } => {
+            // No answer, no transfer, no hangup: a human, at least.
+            route.to_overflow(&format!("{stage} failed")).await;
+        }
+        _ => {}
+    }
+    outcome
+}
 
 /// What `/health` and `/ready` report.
 #[derive(Debug, Default)]

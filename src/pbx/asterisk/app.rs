@@ -21,7 +21,7 @@ use super::ari_events::{self, EventMsg};
 use super::chan_ws::{self, ControlFormat, MarkSupport, MediaStart};
 use super::{audiosocket, rtp};
 use crate::call::link::Target;
-use crate::call::{CallControl, CallSetup, ControlError, MediaLink, run_call};
+use crate::call::{CallControl, CallSetup, ControlError, MediaLink};
 use crate::config::Config;
 use crate::pbx::events::{CallEvents, DtmfSource};
 use crate::pbx::supervisor::{Slot, Supervisor};
@@ -618,7 +618,7 @@ async fn run_one(
         channel: caller.clone(),
         handed_off: shared.handed_off.clone(),
     });
-    let call = run_call(CallSetup {
+    let setup = CallSetup {
         call_id: caller.clone(),
         flow_name: parts.flow_name,
         config: cfg.clone(),
@@ -631,33 +631,34 @@ async fn run_one(
         recorder,
         tick_stats: None,
         origin: None,
-    });
-    tokio::pin!(call);
-    // After SIGTERM's grace period the caller goes to the overflow target; the call ends
-    // when the caller has left Stasis.
-    let outcome = tokio::select! {
-        o = &mut call => o,
-        _ = grace_over.cancelled() => {
-            // The call ends as transferred to the overflow target, not as the caller hanging
-            // up when Asterisk reports it leaving Stasis (told first, so it comes first).
-            events.taken_away(&cfg.asterisk.overflow_target, "grace period over").await;
-            to_overflow(&shared, &caller, "grace period over").await;
-            call.await
-        }
     };
-    tracing::info!(%caller, outcome = outcome.label(), "call finished");
-    match outcome {
-        crate::call::CallOutcome::CallerHungUp if !events.caller_gone() => {
-            // The media side failed, not the caller: never leave a caller in silence.
-            to_overflow(&shared, &caller, "media ended under a live caller").await;
-        }
-        crate::call::CallOutcome::Failed { stage } => {
-            // The call could not end as it should (no answer, no transfer, no hangup).
-            to_overflow(&shared, &caller, &format!("{stage} failed")).await;
-        }
-        _ => {}
-    }
+    let route = AriRoute {
+        shared: &shared,
+        caller: &caller,
+        events: &events,
+    };
+    let target = &cfg.asterisk.overflow_target;
+    crate::pbx::supervisor::run_routed_call(setup, &events, target, grace_over, &route).await;
     teardown(ari, &media_id, &bridge_id).await;
+}
+
+/// Where an Asterisk caller goes at the end of a call.
+struct AriRoute<'a> {
+    shared: &'a Shared,
+    caller: &'a str,
+    events: &'a CallEvents,
+}
+
+#[async_trait]
+impl crate::pbx::supervisor::CallerRoute for AriRoute<'_> {
+    async fn to_overflow(&self, why: &str) {
+        to_overflow(self.shared, self.caller, why).await;
+    }
+
+    async fn caller_left(&self) -> bool {
+        // Asterisk tells StasisEnd before the media channel goes.
+        self.events.caller_gone()
+    }
 }
 
 /// Finds what an earlier sidecall (killed, or cut off from ARI) left behind: callers still in

@@ -19,8 +19,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::call::CallSetup;
 use crate::call::link::{CallControl, ControlError, Target};
-use crate::call::{CallSetup, run_call};
 use crate::config::Config;
 use crate::pbx::codec::WireFormat;
 use crate::pbx::events::{CallEvents, DtmfSource};
@@ -261,6 +261,24 @@ fn control_error(e: EslError) -> ControlError {
         EslError::Timeout(ms) => ControlError::Timeout(ms),
         EslError::NotConnected => ControlError::Unreachable(e.to_string()),
         EslError::Refused(m) | EslError::Protocol(m) => ControlError::Refused(m),
+    }
+}
+
+/// Where a FreeSWITCH caller goes at the end of a call.
+struct FsRoute<'a> {
+    shared: &'a Shared,
+    uuid: &'a str,
+    events: &'a CallEvents,
+}
+
+#[async_trait]
+impl crate::pbx::supervisor::CallerRoute for FsRoute<'_> {
+    async fn to_overflow(&self, why: &str) {
+        self.shared.to_overflow(self.uuid, why).await;
+    }
+
+    async fn caller_left(&self) -> bool {
+        self.shared.caller_left(self.events, self.uuid).await
     }
 }
 
@@ -787,7 +805,7 @@ async fn run_one(
         Some(marks) => Box::new(fork::ForkLink::new(ws_tx, out, marks, events.clone())),
         None => Box::new(StockLink { playback, out }),
     };
-    let call = run_call(CallSetup {
+    let setup = CallSetup {
         call_id: uuid.clone(),
         flow_name: parts.flow_name,
         config: cfg.clone(),
@@ -800,28 +818,14 @@ async fn run_one(
         recorder,
         tick_stats: None,
         origin: None,
-    });
-    tokio::pin!(call);
-    let outcome = tokio::select! {
-        o = &mut call => o,
-        _ = grace_over.cancelled() => {
-            events.taken_away(&cfg.freeswitch.overflow_target, "grace period over").await;
-            shared.to_overflow(&uuid, "grace period over").await;
-            call.await
-        }
     };
-    tracing::info!(%uuid, outcome = outcome.label(), "call finished");
-    match outcome {
-        crate::call::CallOutcome::CallerHungUp if !shared.caller_left(&events, &uuid).await => {
-            shared
-                .to_overflow(&uuid, "media ended under a live caller")
-                .await;
-        }
-        crate::call::CallOutcome::Failed { stage } => {
-            shared.to_overflow(&uuid, &format!("{stage} failed")).await;
-        }
-        _ => {}
-    }
+    let route = FsRoute {
+        shared: &shared,
+        uuid: &uuid,
+        events: &events,
+    };
+    let target = &cfg.freeswitch.overflow_target;
+    crate::pbx::supervisor::run_routed_call(setup, &events, target, grace_over, &route).await;
     // Detach the stream (it survives a transfer; a stream left attached refuses a new start).
     if !events.caller_gone() {
         let api = stream_api(&cfg);
