@@ -167,7 +167,8 @@ impl OpenAiAsr {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|v| v.is_finite() && *v >= 0.0 && *v < 3_600_000.0)
-            .map(|v| v as u64);
+            // In range (checked just above): the conversion cannot wrap.
+            .map(|v| v.round() as u64);
         let body = resp.text().await.map_err(|e| {
             if e.is_timeout() {
                 AsrError::Timeout(ms)

@@ -133,7 +133,8 @@ impl ForkLink {
         events: CallEvents,
     ) -> Self {
         let rate = out.wire.rate();
-        let tail = vec![0u8; (rate / 1000 * TAIL_MS) as usize * 2];
+        let samples = usize::try_from(rate / 1000 * TAIL_MS).unwrap_or(0);
+        let tail = vec![0u8; samples.saturating_mul(2)];
         Self {
             ws,
             out,

@@ -79,7 +79,7 @@ impl Playback {
                 chunks: VecDeque::new(),
             }),
             rate,
-            frame_bytes: (rate / 50) as usize * 2,
+            frame_bytes: usize::try_from(rate / 50).unwrap_or(0).saturating_mul(2),
             ws,
             player,
             events,
