@@ -212,6 +212,43 @@ async fn wait_ended(log: &Arc<Mutex<FsCallLog>>, secs: u64) -> FsCallLog {
     );
 }
 
+/// Waits (up to `secs`) until the caller has been transferred somewhere.
+async fn wait_transferred(log: &Arc<Mutex<FsCallLog>>, secs: u64) {
+    for _ in 0..secs * 20 {
+        if log.lock().unwrap().transferred_to.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A caller who gives an order number, confirms, and has nothing else.
+fn order_status_script(dir: &Path) -> Script {
+    Script {
+        turns: vec![
+            voice(dir, "order", "five five four two one"),
+            voice(dir, "yes", "yes"),
+            voice(dir, "no", "no thank you"),
+        ],
+        max_ms: 90_000,
+        ..Script::default()
+    }
+}
+
+/// The order status was read out and the call said goodbye last.
+fn assert_order_status_said(sc: &Sidecall, uuid: &str) {
+    let said = sc.said(uuid);
+    assert!(
+        said.iter()
+            .any(|s| s.contains("Order 5, 5, 4, 2, 1 shipped yesterday and will arrive tomorrow.")),
+        "{said:#?}"
+    );
+    assert!(
+        said.last().is_some_and(|s| s.contains("Goodbye")),
+        "{said:#?}"
+    );
+}
+
 /// No call is left in sidecall's books once the calls are over.
 async fn assert_nothing_left(sc: &Sidecall) {
     for _ in 0..100 {
@@ -234,27 +271,10 @@ async fn order_status_call_with_stock_playback() {
     let emu = FsEmulator::start(FsOptions::default()).await;
     let sc = start(&emu, None, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let script = Script {
-        turns: vec![
-            voice(dir.path(), "order", "five five four two one"),
-            voice(dir.path(), "yes", "yes"),
-            voice(dir.path(), "no", "no thank you"),
-        ],
-        max_ms: 90_000,
-        ..Script::default()
-    };
+    let script = order_status_script(dir.path());
     let (uuid, log) = emu.place_call(sc.call("order_status", TOKEN, script));
     let l = wait_ended(&log, 95).await;
-    let said = sc.said(&uuid);
-    assert!(
-        said.iter()
-            .any(|s| s.contains("Order 5, 5, 4, 2, 1 shipped yesterday and will arrive tomorrow.")),
-        "{said:#?}"
-    );
-    assert!(
-        said.last().is_some_and(|s| s.contains("Goodbye")),
-        "{said:#?}"
-    );
+    assert_order_status_said(&sc, &uuid);
     assert_eq!(
         l.killed.as_deref(),
         Some("NORMAL_CLEARING"),
@@ -373,12 +393,7 @@ async fn dtmf_both_ways_then_an_allow_listed_transfer() {
         ..Script::default()
     };
     let (uuid, log) = emu.place_call(sc.call("keys", TOKEN, script));
-    for _ in 0..300 {
-        if log.lock().unwrap().transferred_to.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_transferred(&log, 15).await;
     let l = log.lock().unwrap().clone();
     let recs = sc.records_of(&uuid);
     let entries: Vec<&str> = recs
@@ -463,12 +478,7 @@ async fn a_target_not_allow_listed_is_refused_and_the_caller_reaches_a_human() {
             ..Script::default()
         },
     ));
-    for _ in 0..200 {
-        if log.lock().unwrap().transferred_to.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_transferred(&log, 10).await;
     let l = log.lock().unwrap().clone();
     assert_eq!(l.transferred_to.as_deref(), Some("support XML agents"));
     let recs = sc.records_of(&uuid);
@@ -515,12 +525,7 @@ async fn the_event_socket_dropped_and_restored() {
     }
     assert!(sc.health.control_up(), "reconnected");
     assert!(emu.esl_connections() >= 2);
-    for _ in 0..400 {
-        if log.lock().unwrap().transferred_to.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_transferred(&log, 20).await;
     let l = log.lock().unwrap().clone();
     assert_eq!(
         l.transferred_to.as_deref(),
@@ -546,12 +551,7 @@ async fn a_stream_without_the_token_is_refused_and_the_caller_goes_to_overflow()
             ..Script::default()
         },
     ));
-    for _ in 0..200 {
-        if log.lock().unwrap().transferred_to.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_transferred(&log, 10).await;
     let l = log.lock().unwrap().clone();
     assert!(!l.stream_connected);
     assert!(l.stream_error.is_some(), "the module saw the refusal");
@@ -586,12 +586,7 @@ async fn a_stream_that_never_connects_sends_the_caller_to_overflow() {
     );
     call.url = format!("ws://127.0.0.1:{}/fs/{{uuid}}?token={TOKEN}", free_port());
     let (_uuid, log) = emu.place_call(call);
-    for _ in 0..200 {
-        if log.lock().unwrap().transferred_to.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_transferred(&log, 10).await;
     let l = log.lock().unwrap().clone();
     assert_eq!(
         l.transferred_to.as_deref(),
@@ -620,12 +615,7 @@ async fn garbage_on_one_stream_harms_no_other_call() {
     };
     let (_bad_uuid, _bad_log) = emu.place_call(sc.call("keys", TOKEN, bad));
     let (good_uuid, good_log) = emu.place_call(sc.call("keys", TOKEN, good));
-    for _ in 0..400 {
-        if good_log.lock().unwrap().transferred_to.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_transferred(&good_log, 20).await;
     let l = good_log.lock().unwrap().clone();
     assert_eq!(
         l.transferred_to.as_deref(),
@@ -697,12 +687,7 @@ async fn over_capacity_goes_to_overflow_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (_second, second_log) = emu.place_call(sc.call("keys", TOKEN, script()));
-    for _ in 0..100 {
-        if second_log.lock().unwrap().transferred_to.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_transferred(&second_log, 2).await;
     assert_eq!(
         second_log.lock().unwrap().transferred_to.as_deref(),
         Some("s XML overflow")
@@ -756,12 +741,7 @@ async fn shutdown_drains_then_sends_remaining_calls_to_overflow() {
         "the grace period first"
     );
     // shutdown_grace_s = 2: then the caller goes to the overflow target, not left parked.
-    for _ in 0..200 {
-        if log.lock().unwrap().transferred_to.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_transferred(&log, 10).await;
     let to = log.lock().unwrap().transferred_to.clone();
     assert_eq!(to.as_deref(), Some("s XML overflow"));
     let _ = tokio::time::timeout(Duration::from_secs(15), sc.task).await;
@@ -794,27 +774,10 @@ async fn order_status_call_through_mod_audio_fork() {
     let emu = FsEmulator::start(FsOptions::default()).await;
     let sc = start_fork(&emu, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let script = Script {
-        turns: vec![
-            voice(dir.path(), "order", "five five four two one"),
-            voice(dir.path(), "yes", "yes"),
-            voice(dir.path(), "no", "no thank you"),
-        ],
-        max_ms: 90_000,
-        ..Script::default()
-    };
+    let script = order_status_script(dir.path());
     let (uuid, log) = emu.place_call(sc.fork_call("order_status", script));
     let l = wait_ended(&log, 95).await;
-    let said = sc.said(&uuid);
-    assert!(
-        said.iter()
-            .any(|s| s.contains("Order 5, 5, 4, 2, 1 shipped yesterday and will arrive tomorrow.")),
-        "{said:#?}"
-    );
-    assert!(
-        said.last().is_some_and(|s| s.contains("Goodbye")),
-        "{said:#?}"
-    );
+    assert_order_status_said(&sc, &uuid);
     assert_eq!(
         l.killed.as_deref(),
         Some("NORMAL_CLEARING"),
@@ -910,12 +873,7 @@ async fn dtmf_and_transfer_through_mod_audio_fork() {
         ..Script::default()
     };
     let (uuid, log) = emu.place_call(sc.fork_call("keys", script));
-    for _ in 0..300 {
-        if log.lock().unwrap().transferred_to.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_transferred(&log, 15).await;
     let l = log.lock().unwrap().clone();
     assert_eq!(l.dtmf_sent_by_app, vec!["12#".to_string()]);
     assert_eq!(
@@ -962,12 +920,7 @@ async fn media_while_the_event_socket_is_down_is_refused_and_the_caller_goes_to_
             ..Script::default()
         },
     ));
-    for _ in 0..200 {
-        if log.lock().unwrap().transferred_to.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_transferred(&log, 10).await;
     let l = log.lock().unwrap().clone();
     assert_eq!(
         l.transferred_to.as_deref(),

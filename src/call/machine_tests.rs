@@ -105,6 +105,29 @@ impl Call {
         out
     }
 
+    /// The id of the first reply synthesized in the call.
+    fn first_reply(&self) -> u64 {
+        self.log
+            .iter()
+            .find_map(|(_, a)| match a {
+                Action::Synthesize { reply, .. } => Some(*reply),
+                _ => None,
+            })
+            .expect("a reply was synthesized")
+    }
+
+    /// The id of the latest reply synthesized.
+    fn latest_reply(&self) -> u64 {
+        self.log
+            .iter()
+            .rev()
+            .find_map(|(_, a)| match a {
+                Action::Synthesize { reply, .. } => Some(*reply),
+                _ => None,
+            })
+            .expect("a reply was synthesized")
+    }
+
     fn has(&self, f: impl Fn(&Action) -> bool) -> bool {
         self.log.iter().any(|(_, a)| f(a))
     }
@@ -436,11 +459,7 @@ fn a_dialog_that_never_answers_gets_the_error_prompt_then_a_human() {
         ms: 5_000,
     });
     assert_eq!(c.records("agent_say").len(), 1);
-    let reply = c.log.iter().find_map(|(_, a)| match a {
-        Action::Synthesize { reply, .. } => Some(*reply),
-        _ => None,
-    });
-    let reply = reply.unwrap();
+    let reply = c.first_reply();
     c.send(Event::TtsAudio {
         reply,
         seg: 0,
@@ -739,15 +758,7 @@ fn the_human_key_cuts_the_reply_and_transfers_after_the_announcement() {
         said.last().unwrap().1["text"],
         "Connecting you to an agent."
     );
-    let reply = c
-        .log
-        .iter()
-        .rev()
-        .find_map(|(_, a)| match a {
-            Action::Synthesize { reply, .. } => Some(*reply),
-            _ => None,
-        })
-        .unwrap();
+    let reply = c.latest_reply();
     c.send(Event::TtsAudio {
         reply,
         seg: 0,
@@ -1318,14 +1329,7 @@ fn a_streamed_reply_is_spoken_from_its_first_piece() {
 fn a_streamed_reply_is_not_over_until_the_dialog_says_so() {
     let mut c = Call::answered(config());
     part(&mut c, ReplyPart::Say(seg("One moment.")));
-    let reply = c
-        .log
-        .iter()
-        .find_map(|(_, a)| match a {
-            Action::Synthesize { reply, .. } => Some(*reply),
-            _ => None,
-        })
-        .unwrap();
+    let reply = c.first_reply();
     c.send(Event::TtsAudio {
         reply,
         seg: 0,
@@ -1362,14 +1366,7 @@ fn a_barge_in_mid_stream_drops_the_rest_of_the_reply() {
         &mut c,
         ReplyPart::Say(seg("Here is a long answer about your order.")),
     );
-    let reply = c
-        .log
-        .iter()
-        .find_map(|(_, a)| match a {
-            Action::Synthesize { reply, .. } => Some(*reply),
-            _ => None,
-        })
-        .unwrap();
+    let reply = c.first_reply();
     c.send(Event::TtsAudio {
         reply,
         seg: 0,
