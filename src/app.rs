@@ -9,6 +9,10 @@ use std::time::Duration;
 use crate::audio::wav;
 use crate::call::{CallOutcome, CallSetup, run_call};
 use crate::config::Config;
+use crate::engines::agent::conversation::{Conversation, MakeAgent};
+use crate::engines::agent::llm::ChatClient;
+use crate::engines::agent::profile::AgentProfile;
+use crate::engines::agent::{Agent, AgentDialog, AgentEngines};
 use crate::engines::asr::{Asr, OpenAiAsr};
 use crate::engines::dialog::flow::{Flow, ScriptedDialog};
 use crate::engines::dialog::{Dialog, DialogError};
@@ -16,6 +20,7 @@ use crate::engines::tts::Tts;
 use crate::engines::tts::cache::CachedTts;
 use crate::engines::tts::espeak::Espeak;
 use crate::engines::tts::openai::OpenAiTts;
+use crate::pbx::CallArgs;
 use crate::pbx::simulated::{self, Script, SimReport};
 use crate::telemetry::{self, Recorder};
 
@@ -78,7 +83,7 @@ pub fn load_config(
 }
 
 /// Loads the flow `name` (a name in flows_dir or a path) and checks its transfer targets
-/// against the allow-list.
+/// against the allow-list and the agents it hands calls to.
 pub fn load_flow(cfg: &Config, name: &str) -> Result<Flow, AppError> {
     let path = cfg.flow_path(name);
     let flow = Flow::load(&path)?;
@@ -92,7 +97,23 @@ pub fn load_flow(cfg: &Config, name: &str) -> Result<Flow, AppError> {
             }));
         }
     }
+    for a in flow.agents() {
+        load_agent(cfg, &a).map_err(|e| {
+            AppError::Dialog(DialogError::Flow {
+                path: path.display().to_string(),
+                message: format!("hands calls to agent `{a}`, which does not load: {e}"),
+            })
+        })?;
+    }
     Ok(flow)
+}
+
+/// Loads the agent profile `name` (a name in agents_dir or a path), its transfer targets
+/// checked against the allow-list.
+pub fn load_agent(cfg: &Config, name: &str) -> Result<AgentProfile, AppError> {
+    let path = cfg.agent_path(name);
+    AgentProfile::load(&path, &|t| cfg.transfers.contains_key(t))
+        .map_err(|e| AppError::Usage(e.to_string()))
 }
 
 /// A dialog for one call running `flow`; webhooks go through the process's `http` client.
@@ -106,39 +127,158 @@ pub fn dialog_for(cfg: &Config, flow: Flow, http: reqwest::Client) -> Box<dyn Di
     ))
 }
 
-/// Builds each call's dialog and engines from its PBX arguments (`flow=NAME`). Each flow is read
-/// and compiled once, on first use (the default flow at once), never again per call.
-pub fn parts_factory(cfg: Arc<Config>, engines: Engines) -> crate::pbx::PartsFactory {
-    let flows: std::sync::Mutex<HashMap<String, Flow>> = std::sync::Mutex::default();
-    let default = cfg.dialog.flow.get_ref().clone();
-    if let Ok(f) = load_flow(&cfg, &default) {
-        if let Ok(mut m) = flows.lock() {
-            m.insert(default, f);
+/// Only plain names from the dialplan: never a path chosen by whoever controls its arguments.
+fn plain_name(kind: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains('/') || name.contains("..") || name.ends_with(".toml") {
+        return Err(format!("{kind} `{name}` is not a {kind} name"));
+    }
+    Ok(())
+}
+
+/// Makes each call's dialog: a flow (`flow=NAME`), an LLM agent (`agent=NAME`), or a flow that
+/// hands calls to agents. Flows and profiles are read and checked once, on first use.
+pub struct Dialogs {
+    cfg: Arc<Config>,
+    http: reqwest::Client,
+    agents: AgentEngines,
+    flows: std::sync::Mutex<HashMap<String, Flow>>,
+    profiles: std::sync::Mutex<HashMap<String, Arc<AgentProfile>>>,
+    /// Names may be paths (the command line), not only names (the dialplan).
+    paths: bool,
+}
+
+impl Dialogs {
+    /// For `simulate`: flows and agents may be given by path.
+    pub fn for_cli(cfg: Arc<Config>, http: reqwest::Client) -> Arc<Self> {
+        let mut d = Self::build(cfg, http);
+        d.paths = true;
+        Arc::new(d)
+    }
+
+    /// For calls from a PBX: plain names only.
+    pub fn new(cfg: Arc<Config>, http: reqwest::Client) -> Arc<Self> {
+        Arc::new(Self::build(cfg, http))
+    }
+
+    fn build(cfg: Arc<Config>, http: reqwest::Client) -> Self {
+        let agents = AgentEngines {
+            chat: ChatClient::new(crate::engines::agent::llm::client(Duration::from_millis(
+                cfg.llm.connect_timeout_ms,
+            ))),
+            http: http.clone(),
+        };
+        Self {
+            cfg,
+            http,
+            agents,
+            flows: Default::default(),
+            profiles: Default::default(),
+            paths: false,
         }
     }
-    Arc::new(move |args: &crate::pbx::CallArgs| {
+
+    fn flow(&self, name: &str) -> Result<Flow, String> {
+        if let Some(f) = self.flows.lock().ok().and_then(|m| m.get(name).cloned()) {
+            return Ok(f);
+        }
+        let f = load_flow(&self.cfg, name).map_err(|e| e.to_string())?;
+        if let Ok(mut m) = self.flows.lock() {
+            m.insert(name.to_string(), f.clone());
+        }
+        Ok(f)
+    }
+
+    fn profile(&self, name: &str) -> Result<Arc<AgentProfile>, String> {
+        if !self.paths {
+            plain_name("agent", name)?;
+        }
+        if let Some(p) = self.profiles.lock().ok().and_then(|m| m.get(name).cloned()) {
+            return Ok(p);
+        }
+        let p = Arc::new(load_agent(&self.cfg, name).map_err(|e| e.to_string())?);
+        if let Ok(mut m) = self.profiles.lock() {
+            m.insert(name.to_string(), p.clone());
+        }
+        Ok(p)
+    }
+
+    /// An agent for one call.
+    pub fn agent(
+        self: &Arc<Self>,
+        name: &str,
+        args: &CallArgs,
+        slots: &std::collections::BTreeMap<String, String>,
+        can_hand_back: bool,
+    ) -> Result<Agent, String> {
+        let profile = self.profile(name)?;
+        let call_id = args
+            .call_id
+            .clone()
+            .unwrap_or_else(crate::net::random_hex128);
+        Ok(Agent::new(
+            &self.cfg,
+            profile,
+            self.agents.clone(),
+            &call_id,
+            args,
+            slots,
+            can_hand_back,
+        ))
+    }
+
+    /// The dialog for a call with these arguments, and its name for records.
+    pub fn dialog(self: &Arc<Self>, args: &CallArgs) -> Result<(String, Box<dyn Dialog>), String> {
+        let agent = match (&args.agent, &args.flow) {
+            (Some(a), _) => Some(a.clone()),
+            (None, None) => self.cfg.dialog.agent.clone(),
+            (None, Some(_)) => None,
+        };
+        if let Some(name) = agent {
+            let a = self.agent(&name, args, &Default::default(), false)?;
+            return Ok((format!("agent:{name}"), Box::new(AgentDialog::new(a))));
+        }
         let name = args
             .flow
             .clone()
-            .unwrap_or_else(|| cfg.dialog.flow.get_ref().clone());
-        // Only plain names from the dialplan: never a path chosen by whoever controls the dialplan args.
-        if name.contains('/') || name.contains("..") || name.ends_with(".toml") {
-            return Err(format!("flow `{name}` is not a flow name"));
+            .unwrap_or_else(|| self.cfg.dialog.flow.get_ref().clone());
+        if !self.paths {
+            plain_name("flow", &name)?;
         }
-        let cached = flows.lock().ok().and_then(|m| m.get(&name).cloned());
-        let flow = match cached {
-            Some(f) => f,
-            None => {
-                let f = load_flow(&cfg, &name).map_err(|e| e.to_string())?;
-                if let Ok(mut m) = flows.lock() {
-                    m.insert(name.clone(), f.clone());
-                }
-                f
-            }
-        };
+        let flow = self.flow(&name)?;
+        let agents = flow.agents();
+        let scripted = ScriptedDialog::new(
+            flow,
+            &self.cfg.call.disclosure,
+            &self.cfg.call.human_target,
+            Duration::from_millis(self.cfg.dialog.webhook_timeout_ms),
+            self.http.clone(),
+        );
+        if agents.is_empty() {
+            return Ok((name, Box::new(scripted)));
+        }
+        // The longest turn of any agent the flow may hand the call to.
+        let mut limit = Duration::from_millis(self.cfg.dialog.timeout_ms);
+        for a in &agents {
+            limit = limit.max(self.agent(a, args, &Default::default(), true)?.turn_limit());
+        }
+        let (me, args2) = (self.clone(), args.clone());
+        let make: MakeAgent =
+            Arc::new(move |name, slots, back| me.agent(name, &args2, slots, back));
+        Ok((name, Box::new(Conversation::new(scripted, make, limit))))
+    }
+}
+
+/// Builds each call's dialog and engines from its PBX arguments (`flow=NAME`, `agent=NAME`).
+/// Each flow and agent profile is read and checked once, on first use (the default flow at
+/// once), never again per call.
+pub fn parts_factory(cfg: Arc<Config>, engines: Engines) -> crate::pbx::PartsFactory {
+    let dialogs = Dialogs::new(cfg.clone(), engines.http.clone());
+    let _ = dialogs.flow(cfg.dialog.flow.get_ref());
+    Arc::new(move |args: &crate::pbx::CallArgs| {
+        let (flow_name, dialog) = dialogs.dialog(args)?;
         Ok(crate::pbx::CallParts {
-            flow_name: name,
-            dialog: dialog_for(&cfg, flow, engines.http.clone()),
+            flow_name,
+            dialog,
             asr: engines.asr.clone(),
             tts: engines.tts.clone(),
         })
@@ -168,6 +308,10 @@ pub async fn warm_cache(cfg: &Config, engines: &Engines, flow: &Flow) {
 #[derive(Debug, Clone, Default)]
 pub struct SimulateArgs {
     pub flow: Option<String>,
+    /// Run this LLM agent instead of a flow.
+    pub agent: Option<String>,
+    /// The caller's number, as a PBX would give it.
+    pub caller_number: Option<String>,
     pub callers: Vec<PathBuf>,
     pub caller_at: Vec<(u64, PathBuf)>,
     pub dtmf: Vec<(u64, String)>,
@@ -200,11 +344,16 @@ pub async fn simulate(
     args: SimulateArgs,
 ) -> Result<(CallOutcome, SimReport), AppError> {
     let rate = cfg.call.sample_rate;
-    let flow_name = args
-        .flow
-        .clone()
-        .unwrap_or_else(|| cfg.dialog.flow.get_ref().clone());
-    let flow = load_flow(&cfg, &flow_name)?;
+    let call_id = format!("sim-{}", std::process::id());
+    let call_args = CallArgs {
+        flow: args.flow.clone(),
+        agent: args.agent.clone(),
+        caller: args.caller_number.clone(),
+        call_id: Some(call_id.clone()),
+        ..CallArgs::default()
+    };
+    let dialogs = Dialogs::for_cli(cfg.clone(), engines.http.clone());
+    let (flow_name, dialog) = dialogs.dialog(&call_args).map_err(AppError::Usage)?;
     for (_, d) in &args.dtmf {
         if let Some(bad) = d.chars().find(|c| !"0123456789*#ABCD".contains(*c)) {
             return Err(AppError::Usage(format!(
@@ -234,7 +383,11 @@ pub async fn simulate(
     for (t, p) in &args.caller_at {
         script.at.push((*t, read(p)?));
     }
-    warm_cache(&cfg, &engines, &flow).await;
+    if args.agent.is_none() {
+        if let Ok(flow) = dialogs.flow(&flow_name) {
+            warm_cache(&cfg, &engines, &flow).await;
+        }
+    }
     let (rec_tx, writer) = telemetry::spawn_writer(args.record.as_deref(), false, args.print)
         .map_err(|source| AppError::Io {
             path: args
@@ -244,14 +397,13 @@ pub async fn simulate(
                 .unwrap_or_default(),
             source,
         })?;
-    let call_id = format!("sim-{}", std::process::id());
     let recorder = Recorder::to_channel(&call_id, rec_tx);
     let pbx = simulated::start(script, rate);
     let setup = CallSetup {
         call_id,
         flow_name,
         config: cfg.clone(),
-        dialog: dialog_for(&cfg, flow, engines.http.clone()),
+        dialog,
         asr: engines.asr.clone(),
         tts: engines.tts.clone(),
         link: Box::new(pbx.link),

@@ -234,13 +234,35 @@ impl Default for TtsConfig {
     }
 }
 
-/// The LLM agent (OpenAI-compatible chat completions); used by agent profiles.
+/// The LLM agent's model endpoint (OpenAI-compatible chat completions, streamed) and how the
+/// agent behaves when it is slow or failing; agent profiles may override model and sampling.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LlmConfig {
+    /// Base URL: `POST {url}/chat/completions` (OpenAI, vLLM, llama.cpp, Ollama's `/v1`, Groq).
     pub url: String,
     pub model: String,
+    pub temperature: f32,
+    pub max_tokens: u32,
+    /// Connecting to the server.
+    pub connect_timeout_ms: u64,
+    /// From the request to the first streamed token (content or tool call).
+    pub first_token_timeout_ms: u64,
+    /// One whole streamed completion.
     pub timeout_ms: u64,
+    /// Without a first token by then, the agent says `filler` (once a turn).
+    pub filler_after_ms: u64,
+    pub filler: String,
+    /// Said when a model request fails; the caller may try again.
+    pub fallback_prompt: String,
+    /// Failed turns in a row before the caller goes to `call.human_target`.
+    pub max_failures: u32,
+    /// Said before that transfer.
+    pub escalate_prompt: String,
+    /// Messages of history kept (besides the system prompt); older turns drop out whole.
+    pub history_messages: usize,
+    /// Model requests in one turn (each tool result asks again).
+    pub max_rounds: u32,
     pub api_key_env: String,
     #[serde(skip)]
     pub api_key: Option<Secret>,
@@ -251,7 +273,19 @@ impl Default for LlmConfig {
         Self {
             url: "https://api.openai.com/v1".into(),
             model: "gpt-4o-mini".into(),
+            temperature: 0.3,
+            max_tokens: 300,
+            connect_timeout_ms: 2_000,
+            first_token_timeout_ms: 5_000,
             timeout_ms: 15_000,
+            filler_after_ms: 1_200,
+            filler: "One moment.".into(),
+            fallback_prompt: "Sorry, I'm having trouble right now. Could you say that again?"
+                .into(),
+            max_failures: 2,
+            escalate_prompt: "Let me connect you with someone who can help.".into(),
+            history_messages: 40,
+            max_rounds: 5,
             api_key_env: "SIDECALL_LLM_API_KEY".into(),
             api_key: None,
         }
@@ -269,8 +303,13 @@ pub struct DialogConfig {
     /// Timeout for webhook lookups made by flows.
     pub webhook_timeout_ms: u64,
     /// Longest a dialog engine may take to answer one turn; then the call says the error prompt
-    /// and goes to a human (`call.on_error`).
+    /// and goes to a human (`call.on_error`). An LLM agent's turn (model rounds and tools) has
+    /// the longer of this and its own limits.
     pub timeout_ms: u64,
+    /// Folder of LLM agent profiles (`agent=NAME` in the dialplan, `next = "agent:NAME"` in a flow).
+    pub agents_dir: String,
+    /// Run this agent when the dialplan names neither a flow nor an agent (instead of `flow`).
+    pub agent: Option<String>,
 }
 
 impl Default for DialogConfig {
@@ -280,6 +319,8 @@ impl Default for DialogConfig {
             flows_dir: Spanned::new(0..0, "examples/flows".into()),
             webhook_timeout_ms: 3_000,
             timeout_ms: 10_000,
+            agents_dir: "examples/agents".into(),
+            agent: None,
         }
     }
 }
@@ -685,6 +726,15 @@ impl Config {
         }
     }
 
+    /// The file of an agent profile given by name (`agents_dir/NAME.toml`) or by path.
+    pub fn agent_path(&self, name: &str) -> PathBuf {
+        if name.ends_with(".toml") || name.contains('/') {
+            return self.resolve(name);
+        }
+        self.resolve(&self.dialog.agents_dir)
+            .join(format!("{name}.toml"))
+    }
+
     /// The file of a flow given by name (`flows_dir/NAME.toml`) or by path.
     pub fn flow_path(&self, name: &str) -> PathBuf {
         if name.ends_with(".toml") || name.contains('/') {
@@ -1049,11 +1099,26 @@ impl Config {
             ("asr.timeout_ms", self.asr.timeout_ms),
             ("tts.timeout_ms", self.tts.timeout_ms),
             ("llm.timeout_ms", self.llm.timeout_ms),
+            ("llm.connect_timeout_ms", self.llm.connect_timeout_ms),
+            (
+                "llm.first_token_timeout_ms",
+                self.llm.first_token_timeout_ms,
+            ),
+            ("llm.filler_after_ms", self.llm.filler_after_ms),
             ("dialog.webhook_timeout_ms", self.dialog.webhook_timeout_ms),
         ] {
             if ms == 0 || ms > 120_000 {
                 return Err(bad(key, "must be 1..120000 ms".into()));
             }
+        }
+        if !(0.0..=2.0).contains(&self.llm.temperature) {
+            return Err(bad("llm.temperature", "must be 0.0..2.0".into()));
+        }
+        if self.llm.max_tokens == 0 || self.llm.max_rounds == 0 || self.llm.history_messages < 2 {
+            return Err(bad(
+                "llm",
+                "max_tokens and max_rounds must be at least 1, history_messages at least 2".into(),
+            ));
         }
         for (name, t) in &self.transfers {
             let dialplan = t.context.is_some() || t.extension.is_some();

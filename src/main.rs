@@ -57,8 +57,14 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
         /// Flow to run (name in flows_dir or path); default from config.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "agent")]
         flow: Option<String>,
+        /// LLM agent profile to run instead of a flow (name in agents_dir or path).
+        #[arg(long)]
+        agent: Option<String>,
+        /// The caller's number, as a PBX would give it (the agent's `{caller_number}`).
+        #[arg(long)]
+        caller_number: Option<String>,
         /// Caller speech, one file per turn, each 700 ms after the agent stops.
         #[arg(long)]
         caller: Vec<PathBuf>,
@@ -167,6 +173,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Simulate {
             common,
             flow,
+            agent,
+            caller_number,
             caller,
             caller_at,
             dtmf,
@@ -180,6 +188,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let engines = Engines::from_config(&cfg);
             let args = SimulateArgs {
                 flow,
+                agent,
+                caller_number,
                 callers: caller,
                 caller_at: caller_at
                     .into_iter()

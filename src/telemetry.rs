@@ -16,6 +16,12 @@ pub mod names {
     pub const STAGE_SECONDS: &str = "sidecall_stage_latency_seconds";
     pub const TURN_SECONDS: &str = "sidecall_turn_latency_seconds";
     pub const BARGE_INS: &str = "sidecall_barge_ins_total";
+    /// The LLM agent: request to first token, to the stream's end, and ask to first piece.
+    pub const LLM_TTFT_SECONDS: &str = "sidecall_llm_ttft_seconds";
+    pub const LLM_TOTAL_SECONDS: &str = "sidecall_llm_total_seconds";
+    pub const FIRST_PIECE_SECONDS: &str = "sidecall_first_piece_seconds";
+    /// Agent tool calls, by tool kind (`webhook` or the built-in's name) and result.
+    pub const TOOL_CALLS: &str = "sidecall_tool_calls_total";
     pub const ERRORS: &str = "sidecall_errors_total";
     pub const RECORDS_DROPPED: &str = "sidecall_records_dropped_total";
     /// Callers, bridges and media channels an earlier sidecall left behind, found on (re)connect.
@@ -37,6 +43,22 @@ pub fn describe_metrics() {
         "End of caller speech to first agent audio"
     );
     metrics::describe_counter!(names::BARGE_INS, "Times a caller interrupted the agent");
+    metrics::describe_histogram!(
+        names::LLM_TTFT_SECONDS,
+        "LLM agent: first model request of a turn to its first token"
+    );
+    metrics::describe_histogram!(
+        names::LLM_TOTAL_SECONDS,
+        "LLM agent: first model request of a turn to the end of its last stream"
+    );
+    metrics::describe_histogram!(
+        names::FIRST_PIECE_SECONDS,
+        "Dialog asked to the first speakable piece of its reply"
+    );
+    metrics::describe_counter!(
+        names::TOOL_CALLS,
+        "LLM agent tool calls, by tool and result"
+    );
     metrics::describe_counter!(names::ERRORS, "Errors, by stage");
     metrics::describe_gauge!(
         names::CONTROL_CONNECTED,

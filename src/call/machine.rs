@@ -206,6 +206,15 @@ struct TurnTimes {
     asr_queue_ms: u64,
     dialog_ms: u64,
     tts_ms: Option<u64>,
+    /// From the ask to the reply's first piece to say.
+    first_piece_ms: Option<u64>,
+    /// The model behind the reply (LLM agents).
+    llm: Option<crate::engines::dialog::LlmStats>,
+    /// The dialog is done with the ask (its time is known).
+    dialog_done: bool,
+    /// The `turn` record, waiting for the dialog to finish (a streamed reply plays before
+    /// its model has finished): when its audio started, and its fields so far.
+    pending: Option<(u64, u64, serde_json::Map<String, Value>)>,
 }
 
 /// A reply being synthesized and played.
@@ -307,6 +316,7 @@ pub struct CallCore {
     last_inbound_ms: Option<u64>,
     dropped_inbound: u64,
     times: TurnTimes,
+    dialog_limit_ms: u64,
     reply_seq: u64,
     next_mark: u64,
     dialog_seq: u64,
@@ -348,6 +358,7 @@ impl CallCore {
     pub fn new(cfg: Arc<Config>, vad: Box<dyn Vad>) -> Self {
         let rate = cfg.call.sample_rate;
         let frame_len = samples_per_frame(rate);
+        let dialog_limit_ms = cfg.dialog.timeout_ms;
         let detector = TurnDetector::new(&cfg.vad, rate, vad);
         let digits = DigitCollector::new(
             cfg.dtmf.inter_digit_timeout_ms,
@@ -372,6 +383,7 @@ impl CallCore {
             last_inbound_ms: None,
             dropped_inbound: 0,
             times: TurnTimes::default(),
+            dialog_limit_ms,
             reply_seq: 0,
             next_mark: 1,
             dialog_seq: 0,
@@ -385,6 +397,13 @@ impl CallCore {
     /// Keeps `frames` of agent audio sent ahead of real time (a link that plays in chunks).
     pub fn with_lead_frames(mut self, frames: usize) -> Self {
         self.lead_frames = frames;
+        self
+    }
+
+    /// The dialog's limit for one turn, when its engine needs longer than `dialog.timeout_ms`
+    /// (an LLM agent's model rounds and tools); never shorter.
+    pub fn with_dialog_limit(mut self, ms: u64) -> Self {
+        self.dialog_limit_ms = self.dialog_limit_ms.max(ms);
         self
     }
 
@@ -432,7 +451,7 @@ impl CallCore {
             |since: u64, limit: u64| since.saturating_add(limit).saturating_add(BACKSTOP_MS);
         let own = match &self.phase {
             Phase::Answering { since } => Some(backstop(*since, CONTROL_TIMEOUT_MS)),
-            Phase::Thinking { since, .. } => Some(backstop(*since, self.cfg.dialog.timeout_ms)),
+            Phase::Thinking { since, .. } => Some(backstop(*since, self.dialog_limit_ms)),
             Phase::Recognizing { texts } => {
                 // The oldest transcript still out; with all in, the caller still talking (the
                 // detector ends an utterance at max_utterance_ms).
@@ -572,6 +591,10 @@ impl CallCore {
 
     /// Asks the dialog for a turn; the call thinks until it answers.
     fn ask(&mut self, now: u64, cmd: DialogCmd) {
+        self.flush_turn(true);
+        self.times.first_piece_ms = None;
+        self.times.llm = None;
+        self.times.dialog_done = false;
         self.dialog_seq += 1;
         let seq = self.dialog_seq;
         self.actions.push_back(Action::Dialog { seq, cmd });
@@ -682,6 +705,7 @@ impl CallCore {
         self.next_mark = self
             .next_mark
             .max(r.playout.mark_range().end.saturating_add(1));
+        self.flush_turn(true);
         let text = r.playout.text();
         if !r.said && !text.is_empty() {
             // Cut before the dialog finished it: what it had said so far.
@@ -745,7 +769,8 @@ impl CallCore {
         if !tick.first_audio {
             return;
         }
-        let tts_wait = now.saturating_sub(r.requested_at);
+        let requested_at = r.requested_at;
+        let tts_wait = now.saturating_sub(requested_at);
         self.record(now, "playout_start", json!({}));
         if let Some(end) = self.times.speech_end.take() {
             let total = now.saturating_sub(end);
@@ -754,16 +779,63 @@ impl CallCore {
             metrics::histogram!(names::STAGE_SECONDS, "stage" => "endpoint")
                 .record(self.times.endpoint_ms as f64 / 1000.0);
             let t = &self.times;
-            let fields = json!({
-                "endpoint_ms": t.endpoint_ms,
-                "asr_ms": t.asr_ms,
-                "asr_queue_ms": t.asr_queue_ms,
-                "dialog_ms": t.dialog_ms,
-                "tts_ms": tts_ms,
-                "total_ms": total,
-            });
-            self.record(now, "turn", fields);
+            let mut fields = serde_json::Map::new();
+            for (k, v) in [
+                ("endpoint_ms", t.endpoint_ms),
+                ("asr_ms", t.asr_ms),
+                ("asr_queue_ms", t.asr_queue_ms),
+                ("tts_ms", tts_ms),
+                ("total_ms", total),
+            ] {
+                fields.insert(k.into(), json!(v));
+            }
+            self.times.pending = Some((now, requested_at, fields));
+            self.flush_turn(false);
         }
+    }
+
+    /// Writes the `turn` record once the dialog is done with the ask (or at once when
+    /// `force`: the reply was cut or the call moves on), with the model's times when a model
+    /// made the reply.
+    fn flush_turn(&mut self, force: bool) {
+        if !force && !self.times.dialog_done {
+            return;
+        }
+        let Some((at, tts_requested_at, mut fields)) = self.times.pending.take() else {
+            return;
+        };
+        let t = &self.times;
+        fields.insert("dialog_ms".into(), json!(t.dialog_ms));
+        if let Some(ms) = t.first_piece_ms {
+            fields.insert("first_piece_ms".into(), json!(ms));
+            metrics::histogram!(names::FIRST_PIECE_SECONDS).record(ms as f64 / 1000.0);
+        }
+        if let Some(l) = t.llm {
+            fields.insert("llm_ttft_ms".into(), json!(l.ttft_ms));
+            fields.insert("llm_total_ms".into(), json!(l.total_ms));
+            fields.insert("llm_rounds".into(), json!(l.rounds));
+            if let Some(ms) = l.ttft_ms {
+                metrics::histogram!(names::LLM_TTFT_SECONDS).record(ms as f64 / 1000.0);
+            }
+            if let Some(ms) = l.total_ms {
+                metrics::histogram!(names::LLM_TOTAL_SECONDS).record(ms as f64 / 1000.0);
+            }
+            // sidecall's own share: from the first token to the first TTS request and audio.
+            if let Some(tok) = l.first_token_at_ms {
+                fields.insert(
+                    "token_to_tts_ms".into(),
+                    json!(tts_requested_at.saturating_sub(tok)),
+                );
+                fields.insert("token_to_audio_ms".into(), json!(at.saturating_sub(tok)));
+            }
+            if let Some(piece) = l.first_piece_at_ms {
+                fields.insert(
+                    "piece_to_tts_ms".into(),
+                    json!(tts_requested_at.saturating_sub(piece)),
+                );
+            }
+        }
+        self.record(at, "turn", Value::Object(fields));
     }
 
     /// The reply has played (or is taken as played): the dialog hears what was said, keys go
@@ -893,6 +965,7 @@ impl CallCore {
                     }
                     return;
                 }
+                self.flush_turn(true);
                 self.times = TurnTimes {
                     speech_end: Some(now.saturating_sub(endpoint_ms)),
                     endpoint_ms,
@@ -1001,6 +1074,31 @@ impl CallCore {
     /// A part of the dialog's reply: the first thing to say starts the reply, the rest join it
     /// as they come (each goes to TTS at once), the end says what follows it.
     fn on_part(&mut self, now: u64, seq: u64, part: ReplyPart) {
+        let current = match &self.phase {
+            Phase::Thinking { seq: s, .. } => *s == seq,
+            Phase::Speaking(r) => r.dialog_seq == Some(seq),
+            _ => false,
+        };
+        let part = match part {
+            ReplyPart::Note { kind, fields } => {
+                // What the engine did is recorded even when its reply is gone.
+                self.record(now, kind, fields);
+                return;
+            }
+            ReplyPart::Stats(stats) => {
+                if current {
+                    self.times.llm = Some(stats);
+                }
+                return;
+            }
+            ReplyPart::Say(s) if current && self.times.first_piece_ms.is_none() => {
+                if let Phase::Thinking { since, .. } = &self.phase {
+                    self.times.first_piece_ms = Some(now.saturating_sub(*since));
+                }
+                ReplyPart::Say(s)
+            }
+            other => other,
+        };
         if let Phase::Thinking {
             seq: s, barge_in, ..
         } = &mut self.phase
@@ -1014,6 +1112,7 @@ impl CallCore {
                     let b = *barge_in;
                     self.play_streaming(now, seq, b, segment);
                 }
+                ReplyPart::Note { .. } | ReplyPart::Stats(_) => {}
                 ReplyPart::End { send_dtmf, next } => {
                     let b = *barge_in;
                     self.play(
@@ -1036,7 +1135,7 @@ impl CallCore {
             return;
         }
         match part {
-            ReplyPart::Begin { .. } => {}
+            ReplyPart::Begin { .. } | ReplyPart::Note { .. } | ReplyPart::Stats(_) => {}
             ReplyPart::Say(segment) => {
                 r.playout.push(&segment);
                 r.turn.say.push(segment);
@@ -1107,6 +1206,8 @@ impl CallCore {
             return;
         }
         self.times.dialog_ms = ms;
+        self.times.dialog_done = true;
+        self.flush_turn(false);
         metrics::histogram!(names::STAGE_SECONDS, "stage" => "dialog").record(ms as f64 / 1000.0);
         match result {
             Err(e) if thinking || streaming => self.fail(now, "dialog", e.to_string()),
@@ -1198,6 +1299,7 @@ impl CallCore {
             }
             _ => return,
         }
+        self.flush_turn(true);
         self.times = TurnTimes {
             speech_end: Some(now),
             ..TurnTimes::default()
@@ -1564,7 +1666,7 @@ impl CallCore {
                 Err(ControlError::Timeout(CONTROL_TIMEOUT_MS + BACKSTOP_MS)),
             ),
             Phase::Thinking { .. } => {
-                let ms = self.cfg.dialog.timeout_ms;
+                let ms = self.dialog_limit_ms;
                 self.fail(now, "dialog", format!("no reply within {ms} ms"));
             }
             Phase::Recognizing { texts } => {
@@ -1584,6 +1686,7 @@ impl CallCore {
                     return;
                 }
                 self.record(now, "no_input", json!({}));
+                self.flush_turn(true);
                 self.times = TurnTimes::default();
                 self.ask(now, DialogCmd::Input(Input::NoInput));
             }

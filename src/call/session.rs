@@ -320,8 +320,14 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
     let lead = link
         .lead_frames()
         .unwrap_or(config.call.playout_lead_frames);
-    let mut core =
-        CallCore::new(config.clone(), vad::from_config(&config.vad, rate)).with_lead_frames(lead);
+    // An engine that needs longer per turn (an LLM agent) gets it, never less than configured.
+    let dialog_limit = dialog
+        .turn_limit()
+        .unwrap_or_default()
+        .max(Duration::from_millis(config.dialog.timeout_ms));
+    let mut core = CallCore::new(config.clone(), vad::from_config(&config.vad, rate))
+        .with_lead_frames(lead)
+        .with_dialog_limit(u64::try_from(dialog_limit.as_millis()).unwrap_or(u64::MAX));
     let mut d = Driver {
         start,
         rate,
@@ -337,13 +343,8 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         asr_tasks: Vec::new(),
         tts_tasks: Vec::new(),
     };
-    d.tasks.spawn(dialog_task(
-        dialog,
-        dialog_rx,
-        work_tx,
-        start,
-        Duration::from_millis(config.dialog.timeout_ms),
-    ));
+    d.tasks
+        .spawn(dialog_task(dialog, dialog_rx, work_tx, start, dialog_limit));
     tracing::info!(call_id, flow = %flow_name, "call started");
     core.start(d.now(), &call_id, &flow_name);
     d.perform_all(&mut core);
@@ -428,7 +429,7 @@ async fn dialog_task(
         };
         // The reply streams to the call part by part while the engine makes it.
         let (parts_tx, mut parts) = mpsc::channel::<ReplyPart>(64);
-        let sink = ReplySink::new(parts_tx);
+        let sink = ReplySink::with_origin(parts_tx, start);
         let turn = async {
             let sink = sink;
             dialog.respond(ask, &sink).await

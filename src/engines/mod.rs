@@ -1,6 +1,7 @@
 //! The speech and language engines behind small traits: ASR (speech to text), TTS (text to
 //! speech) and dialog (what to say and do next). Each has a timeout and a typed error.
 
+pub mod agent;
 pub mod asr;
 pub mod dialog;
 pub mod instant;

@@ -92,11 +92,19 @@ pub struct CallParts {
 /// Builds a call's parts from its arguments (`flow=NAME`, `lang=xx`); an error names what is wrong.
 pub type PartsFactory = Arc<dyn Fn(&CallArgs) -> Result<CallParts, String> + Send + Sync>;
 
-/// Arguments a dialplan passes to sidecall.
+/// Arguments a dialplan passes to sidecall, and what the PBX says of the caller.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CallArgs {
     pub flow: Option<String>,
+    /// An LLM agent profile to run instead of a flow (`agent=support`).
+    pub agent: Option<String>,
     pub lang: Option<String>,
+    /// The caller's number as the PBX has it.
+    pub caller: Option<String>,
+    /// The PBX's id of the call (the channel).
+    pub call_id: Option<String>,
+    /// Every `key=value` argument, for the agent's prompt (`{args.key}`).
+    pub vars: std::collections::BTreeMap<String, String>,
 }
 
 impl CallArgs {
@@ -112,14 +120,26 @@ impl CallArgs {
             .enumerate()
         {
             match a.split_once('=') {
-                Some(("flow", v)) => out.flow = Some(v.to_string()),
-                Some(("lang", v)) => out.lang = Some(v.to_string()),
-                Some(_) => {}
+                Some((k, v)) => out.set(k.trim(), v.trim()),
                 None if i == 0 => out.flow = Some(a.to_string()),
                 None => {}
             }
         }
         out
+    }
+
+    /// One `key=value` argument.
+    pub fn set(&mut self, key: &str, value: &str) {
+        match key {
+            "flow" => self.flow = Some(value.to_string()),
+            "agent" => self.agent = Some(value.to_string()),
+            "lang" => self.lang = Some(value.to_string()),
+            _ => {}
+        }
+        // Bounded: a dialplan cannot grow a prompt without limit.
+        if self.vars.len() < 32 && key.len() <= 64 && value.len() <= 256 {
+            self.vars.insert(key.to_string(), value.to_string());
+        }
     }
 }
 
@@ -134,9 +154,18 @@ mod tests {
             CallArgs::parse(&s(&["flow=order_status", "lang=en"])),
             CallArgs {
                 flow: Some("order_status".into()),
-                lang: Some("en".into())
+                lang: Some("en".into()),
+                vars: [("flow", "order_status"), ("lang", "en")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..CallArgs::default()
             }
         );
+        let a = CallArgs::parse(&s(&["agent=support,account=77"]));
+        assert_eq!(a.agent.as_deref(), Some("support"));
+        assert_eq!(a.flow, None);
+        assert_eq!(a.vars.get("account").map(String::as_str), Some("77"));
         assert_eq!(
             CallArgs::parse(&s(&["flow=payment,lang=en"]))
                 .flow

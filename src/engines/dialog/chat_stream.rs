@@ -51,6 +51,7 @@ struct Partial {
 #[derive(Debug, Default)]
 pub struct ChatStream {
     calls: BTreeMap<usize, Partial>,
+    fragments: usize,
 }
 
 impl ChatStream {
@@ -91,6 +92,7 @@ impl ChatStream {
             .map(str::to_string);
         if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
             for (pos, call) in calls.iter().enumerate() {
+                self.fragments = self.fragments.saturating_add(1);
                 let index = call
                     .get("index")
                     .and_then(Value::as_u64)
@@ -119,6 +121,11 @@ impl ChatStream {
             }
         }
         Ok(out)
+    }
+
+    /// Tool-call fragments seen so far (a token, even without text).
+    pub fn tool_fragments(&self) -> usize {
+        self.fragments
     }
 
     /// Whether the reply asked for tools.

@@ -117,6 +117,9 @@ pub struct StateDef {
     /// Whether the caller may interrupt this state's speech (off for legal disclosures).
     #[serde(default = "default_true")]
     pub barge_in: bool,
+    /// When this state hands the call to an LLM agent (`next = "agent:NAME"`), the state the
+    /// flow goes on at once the agent hands it back; without it the agent keeps the call.
+    pub return_to: Option<String>,
 }
 
 /// A slot to fill in a state.
@@ -198,8 +201,16 @@ impl Flow {
             path: p.clone(),
             message: format!("line {}: {message}", line_of_name(text, name)),
         };
-        let has = |s: &str| file.states.contains_key(s);
-        if !has(&file.start) {
+        // A state, or an LLM agent to hand the call to (`agent:NAME`).
+        let has = |s: &str| {
+            file.states.contains_key(s)
+                || s.strip_prefix("agent:").is_some_and(|a| {
+                    !a.is_empty()
+                        && a.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                })
+        };
+        if !file.states.contains_key(&file.start) {
             return Err(err(
                 &file.start,
                 format!("start state `{}` is not defined", file.start),
@@ -310,6 +321,14 @@ impl Flow {
                     ));
                 }
             }
+            if let Some(r) = &st.return_to {
+                if !file.states.contains_key(r) {
+                    return Err(err(
+                        r,
+                        format!("state `{name}`: return_to = unknown state `{r}`"),
+                    ));
+                }
+            }
             if let Some(d) = &st.send_dtmf {
                 if d.is_empty() || !d.chars().all(|c| "0123456789*#ABCDwW".contains(c)) {
                     return Err(err(
@@ -345,6 +364,28 @@ impl Flow {
         let rel = file.data.get(name).map(String::as_str).unwrap_or(name);
         let base = flow_path.parent().unwrap_or(Path::new("."));
         base.join(rel)
+    }
+
+    /// Every LLM agent the flow can hand a call to.
+    pub fn agents(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .file
+            .states
+            .values()
+            .flat_map(|s| {
+                [&s.next, &s.found, &s.missing]
+                    .into_iter()
+                    .flatten()
+                    .chain(s.intents.values())
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .chain(self.file.intents.values().filter_map(|i| i.goto.clone()))
+            .filter_map(|t| t.strip_prefix("agent:").map(str::to_string))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// Every transfer target the flow can use (to check against the allow-list).
@@ -420,6 +461,8 @@ pub struct ScriptedDialog {
     webhook_timeout: Duration,
     last_heard: Option<Heard>,
     pending_dtmf: Option<String>,
+    /// The flow reached `agent:NAME`: the agent and the state to return to.
+    handover: Option<(String, Option<String>)>,
 }
 
 impl ScriptedDialog {
@@ -449,12 +492,24 @@ impl ScriptedDialog {
             webhook_timeout,
             last_heard: None,
             pending_dtmf: None,
+            handover: None,
         }
     }
 
     /// Slots filled so far (for records and tests).
     pub fn slots(&self) -> &BTreeMap<String, String> {
         &self.slots
+    }
+
+    /// The agent the last turn handed the call to (and the state to return to), once.
+    pub fn take_handover(&mut self) -> Option<(String, Option<String>)> {
+        self.handover.take()
+    }
+
+    /// Goes on at `state` (the start when `None`) after an agent handed the call back.
+    pub async fn resume(&mut self, state: Option<String>) -> Result<Turn, DialogError> {
+        let state = state.unwrap_or_else(|| self.flow.file.start.clone());
+        self.enter(&state, Vec::new()).await
     }
 
     /// What the caller heard of the last reply, as the session reported it.
@@ -566,6 +621,17 @@ impl ScriptedDialog {
         let mut name = state.to_string();
         let mut barge_in = true;
         for _ in 0..64 {
+            if let Some(agent) = name.strip_prefix("agent:") {
+                // The state that led here says where the agent hands the call back.
+                let back = self.st().return_to.clone();
+                self.handover = Some((agent.to_string(), back));
+                return Ok(Turn {
+                    say,
+                    barge_in,
+                    send_dtmf: None,
+                    next: Next::Listen(Expectation::default()),
+                });
+            }
             self.state = name.clone();
             self.retries = 0;
             self.pending_confirm = None;

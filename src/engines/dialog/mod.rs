@@ -99,17 +99,59 @@ pub enum ReplyPart {
         send_dtmf: Option<String>,
         next: Next,
     },
+    /// Something the engine did, for the call's record (`kind` and its fields; sensitive
+    /// values already redacted).
+    Note {
+        kind: &'static str,
+        fields: serde_json::Value,
+    },
+    /// Timing of the model behind this reply so far (cumulative; the last one counts).
+    Stats(LlmStats),
+}
+
+/// How the model behind a reply performed; times `*_at_ms` are on the call's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LlmStats {
+    /// From the turn's first model request to its first token.
+    pub ttft_ms: Option<u64>,
+    /// From the turn's first model request to the last chunk of its last stream.
+    pub total_ms: Option<u64>,
+    pub first_token_at_ms: Option<u64>,
+    /// When the first speakable piece was complete.
+    pub first_piece_at_ms: Option<u64>,
+    /// When the last stream of the turn ended.
+    pub stream_end_at_ms: Option<u64>,
+    /// Model requests in the turn.
+    pub rounds: u32,
 }
 
 /// Where a dialog engine puts the parts of its reply (bounded: an engine faster than the call
 /// waits).
 pub struct ReplySink {
     tx: tokio::sync::mpsc::Sender<ReplyPart>,
+    origin: Option<tokio::time::Instant>,
 }
 
 impl ReplySink {
     pub fn new(tx: tokio::sync::mpsc::Sender<ReplyPart>) -> Self {
-        Self { tx }
+        Self { tx, origin: None }
+    }
+
+    /// A sink that knows the call's time zero, so engines can stamp `LlmStats` on its clock.
+    pub fn with_origin(
+        tx: tokio::sync::mpsc::Sender<ReplyPart>,
+        origin: tokio::time::Instant,
+    ) -> Self {
+        Self {
+            tx,
+            origin: Some(origin),
+        }
+    }
+
+    /// Now on the call's clock (ms), when the sink knows it.
+    pub fn call_ms(&self) -> Option<u64> {
+        self.origin
+            .map(|o| u64::try_from(o.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
     /// Sends one part; fails when the call no longer listens.
@@ -155,6 +197,11 @@ pub trait Dialog: Send {
     async fn input(&mut self, input: Input) -> Result<Turn, DialogError>;
     /// Tells the dialog what the caller actually heard of its last reply.
     fn heard(&mut self, heard: &Heard);
+    /// The longest one turn may take, when the engine needs longer than `dialog.timeout_ms`
+    /// (an LLM agent's model rounds and tools).
+    fn turn_limit(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// The seam the call uses: the reply to `ask`, streamed into `out` part by part. Engines
     /// that think in whole turns (scripted flows) keep this default, a stream of one; engines
     /// that generate (an LLM) send each speakable piece as soon as they have it.

@@ -569,7 +569,12 @@ async fn run_one(
         media: media_id,
         bridge: bridge_id,
     } = ids;
-    tracing::info!(%caller, %number, flow = ?args.flow, "caller entered Stasis");
+    tracing::info!(%caller, %number, flow = ?args.flow, agent = ?args.agent, "caller entered Stasis");
+    let mut args = args;
+    if !number.is_empty() {
+        args.caller = Some(number.clone());
+    }
+    args.call_id = Some(caller.clone());
     let recorder = match &shared.records {
         Some(tx) => Recorder::to_channel(&caller, tx.clone()),
         None => Recorder::none(),

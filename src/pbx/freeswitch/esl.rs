@@ -339,11 +339,15 @@ fn read_event(esl: &Esl, ev: &EslEvent) -> Option<FsEvent> {
         "HEARTBEAT" | "PLAYBACK_START" => None,
         _ if uuid.is_empty() => None,
         "CHANNEL_PARK" => {
-            let vars = ev
+            let mut vars: HashMap<String, String> = ev
                 .headers()
                 .iter()
                 .filter_map(|(k, v)| Some((k.strip_prefix("variable_")?.to_string(), v.clone())))
                 .collect();
+            let number = header(ev, "Caller-Caller-ID-Number");
+            if !number.is_empty() {
+                vars.insert("Caller-Caller-ID-Number".into(), number.to_string());
+            }
             Some(FsEvent::Park { uuid, vars })
         }
         "DTMF" => {

@@ -109,7 +109,8 @@ const RETRY_MAX: usize = 10_000;
 /// its `sidecall` marker.
 struct Expected {
     cancel: CancellationToken,
-    flow: Option<String>,
+    /// `sidecall_flow`, `sidecall_agent` and the caller's number from the park.
+    park: CallArgs,
     marker: String,
 }
 
@@ -377,14 +378,27 @@ async fn player(
 }
 
 /// The call's arguments from the stream's metadata (JSON `{"flow": ..}` or `flow=..,lang=..`),
-/// else from the channel's `sidecall_flow` variable.
-fn call_args(metadata: Option<&str>, flow_var: Option<String>) -> CallArgs {
+/// else from the channel's `sidecall_flow` / `sidecall_agent` variables; the caller's number
+/// from the park.
+fn call_args(metadata: Option<&str>, park: CallArgs) -> CallArgs {
     let mut args = match metadata.map(str::trim) {
         Some(m) if m.starts_with('{') => match serde_json::from_str::<serde_json::Value>(m) {
-            Ok(v) => CallArgs {
-                flow: v.get("flow").and_then(|f| f.as_str()).map(str::to_string),
-                lang: v.get("lang").and_then(|f| f.as_str()).map(str::to_string),
-            },
+            Ok(serde_json::Value::Object(map)) => {
+                let mut args = CallArgs::default();
+                for (k, v) in &map {
+                    match v {
+                        serde_json::Value::String(s) => args.set(k, s),
+                        serde_json::Value::Number(n) => args.set(k, &n.to_string()),
+                        serde_json::Value::Bool(b) => args.set(k, &b.to_string()),
+                        _ => {}
+                    }
+                }
+                args
+            }
+            Ok(_) => {
+                tracing::warn!("stream metadata is not a JSON object; ignored");
+                CallArgs::default()
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "stream metadata is not JSON; ignored");
                 CallArgs::default()
@@ -393,9 +407,11 @@ fn call_args(metadata: Option<&str>, flow_var: Option<String>) -> CallArgs {
         Some(m) => CallArgs::parse(&[m.to_string()]),
         None => CallArgs::default(),
     };
-    if args.flow.is_none() {
-        args.flow = flow_var;
+    if args.flow.is_none() && args.agent.is_none() {
+        args.flow = park.flow;
+        args.agent = park.agent;
     }
+    args.caller = park.caller;
     args
 }
 
@@ -527,13 +543,18 @@ fn on_event(shared: &Arc<Shared>, sup: &Arc<Supervisor>, ev: FsEvent) {
             let _ = sup;
             // The media must come within the deadline, or the caller goes to a human.
             let cancel = CancellationToken::new();
-            let flow = vars.get("sidecall_flow").cloned();
+            let park = CallArgs {
+                flow: vars.get("sidecall_flow").cloned(),
+                agent: vars.get("sidecall_agent").cloned(),
+                caller: vars.get("Caller-Caller-ID-Number").cloned(),
+                ..CallArgs::default()
+            };
             if let Ok(mut e) = shared.expected.lock() {
                 e.insert(
                     uuid.clone(),
                     Expected {
                         cancel: cancel.clone(),
-                        flow,
+                        park,
                         marker,
                     },
                 );
@@ -649,7 +670,7 @@ fn on_media(shared: &Arc<Shared>, sup: &Arc<Supervisor>, conn: media::MediaConn)
         }
         return;
     }
-    let mut flow_var = None;
+    let mut park = CallArgs::default();
     let mut marker = None;
     if let Some(e) = shared
         .expected
@@ -658,7 +679,7 @@ fn on_media(shared: &Arc<Shared>, sup: &Arc<Supervisor>, conn: media::MediaConn)
         .and_then(|mut e| e.remove(&uuid))
     {
         e.cancel.cancel();
-        flow_var = e.flow;
+        park = e.park;
         shared.note_served(&uuid, &e.marker);
         marker = Some(e.marker);
     }
@@ -670,7 +691,7 @@ fn on_media(shared: &Arc<Shared>, sup: &Arc<Supervisor>, conn: media::MediaConn)
                 shared.to_overflow(&uuid, &why.to_string()).await;
             });
         }
-        Ok(slot) => start_call(shared, sup, slot, conn, flow_var, marker),
+        Ok(slot) => start_call(shared, sup, slot, conn, park, marker),
     }
 }
 
@@ -681,7 +702,7 @@ fn start_call(
     sup: &Arc<Supervisor>,
     slot: Slot,
     conn: media::MediaConn,
-    flow_var: Option<String>,
+    park: CallArgs,
     marker: Option<String>,
 ) {
     let uuid = conn.uuid.clone();
@@ -708,7 +729,7 @@ fn start_call(
         shared.clone(),
         uuid.clone(),
         conn,
-        flow_var,
+        park,
         events.clone(),
         rx,
         playback,
@@ -737,7 +758,7 @@ async fn run_one(
     shared: Arc<Shared>,
     uuid: String,
     conn: media::MediaConn,
-    flow_var: Option<String>,
+    park: CallArgs,
     events: CallEvents,
     rx: mpsc::Receiver<crate::call::MediaEvent>,
     playback: Arc<Playback>,
@@ -746,8 +767,9 @@ async fn run_one(
 ) {
     let cfg = shared.cfg.clone();
     let (ws_rx, player_tx, player_rx) = pipes;
-    let args = call_args(conn.metadata.as_deref(), flow_var);
-    tracing::info!(%uuid, flow = ?args.flow, "FreeSWITCH call");
+    let mut args = call_args(conn.metadata.as_deref(), park);
+    args.call_id = Some(uuid.clone());
+    tracing::info!(%uuid, flow = ?args.flow, agent = ?args.agent, "FreeSWITCH call");
     let recorder = shared.recorder(&uuid);
     let parts = match (shared.parts)(&args) {
         Ok(p) => p,

@@ -1,0 +1,1209 @@
+//! The LLM agent: a dialog engine that streams a model's reply into speakable pieces (the
+//! caller hears the first sentence while the rest is generated), runs the model's tool calls
+//! (transfers to allow-listed targets only, hang-up after the farewell, keys, keypad entry,
+//! HTTP webhooks, confirmed read-backs for money and account state), keeps the conversation
+//! (the system prompt with call variables, keys as user input, history cut to what the caller
+//! heard, a bounded window) and falls back safely: a filler when the model is slow, a fallback
+//! prompt when it fails, a human after repeated failures.
+
+pub mod conversation;
+pub mod llm;
+pub mod profile;
+pub mod tools;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::config::{Config, LlmConfig};
+use crate::engines::dialog::chat_stream::ToolCall;
+use crate::engines::dialog::entities::{self, YesNo};
+use crate::engines::dialog::pieces::PieceSplitter;
+use crate::engines::dialog::{
+    Ask, DialogError, DigitSpec, Expectation, Heard, Input, LlmStats, Next, ReplyPart, ReplySink,
+    Segment, prompt,
+};
+use crate::pbx::CallArgs;
+use llm::{ChatClient, LlmError, LlmSettings};
+use profile::AgentProfile;
+
+/// Errors of the agent layer (profiles).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent profile {path}: {message}")]
+    Profile { path: String, message: String },
+}
+
+/// Pieces shorter than this end only at a sentence end; longer ones also at a clause end.
+const CLAUSE_MIN: usize = 40;
+/// The longest piece sent to TTS at once.
+const PIECE_MAX: usize = 220;
+/// Consecutive silences before the caller goes to a human.
+const MAX_NO_INPUT: u32 = 3;
+/// Read-backs asked again when the answer is neither yes nor no.
+const CONFIRM_ASKS: u32 = 2;
+/// Words in a row shared with the system prompt that make a reply a leak of its instructions.
+const LEAK_WORDS: usize = 6;
+/// Said instead of a reply that reads out the agent's instructions.
+const LEAK_REFUSAL: &str = "Sorry, I can't share that.";
+
+/// Lowercase words (letters and digits only).
+fn words_of(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Every run of `LEAK_WORDS` words of `text`.
+fn shingles(words: &[String]) -> std::collections::HashSet<String> {
+    words.windows(LEAK_WORDS).map(|w| w.join(" ")).collect()
+}
+
+/// What the agent needs from the process: the model client and the webhook client.
+#[derive(Clone)]
+pub struct AgentEngines {
+    pub chat: ChatClient,
+    pub http: reqwest::Client,
+}
+
+/// How a turn of the agent ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The reply is complete: keys to send, then what happens.
+    End {
+        send_dtmf: Option<String>,
+        next: Next,
+    },
+    /// The model handed the call back to the flow it came from.
+    Handback,
+}
+
+/// A reply being streamed to the call, shared by engines that take turns in one reply (a flow
+/// handing over to the agent).
+pub struct ReplyOut<'a> {
+    pub sink: &'a ReplySink,
+    begun: bool,
+    barge_in: bool,
+    /// Words said in this reply so far.
+    pub words: usize,
+}
+
+impl<'a> ReplyOut<'a> {
+    pub fn new(sink: &'a ReplySink, barge_in: bool) -> Self {
+        Self {
+            sink,
+            begun: false,
+            barge_in,
+            words: 0,
+        }
+    }
+
+    /// Whether anything was said yet.
+    pub fn said(&self) -> bool {
+        self.words > 0
+    }
+
+    pub async fn say(&mut self, text: &str) -> Result<(), DialogError> {
+        for seg in prompt::segments(text) {
+            self.segment(seg).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn segment(&mut self, seg: Segment) -> Result<(), DialogError> {
+        if seg.text.trim().is_empty() && seg.pause_after_ms == 0 {
+            return Ok(());
+        }
+        if !self.begun {
+            self.begun = true;
+            self.sink
+                .send(ReplyPart::Begin {
+                    barge_in: self.barge_in,
+                })
+                .await?;
+        }
+        self.words = self
+            .words
+            .saturating_add(seg.text.split_whitespace().count());
+        self.sink.send(ReplyPart::Say(seg)).await
+    }
+
+    pub async fn end(&mut self, send_dtmf: Option<String>, next: Next) -> Result<(), DialogError> {
+        if !self.begun {
+            self.begun = true;
+            self.sink
+                .send(ReplyPart::Begin {
+                    barge_in: self.barge_in,
+                })
+                .await?;
+        }
+        self.sink.send(ReplyPart::End { send_dtmf, next }).await
+    }
+
+    pub async fn note(&self, kind: &'static str, fields: Value) {
+        let _ = self.sink.send(ReplyPart::Note { kind, fields }).await;
+    }
+}
+
+/// A tool call waiting for the caller.
+#[derive(Debug, Clone)]
+enum Pending {
+    /// `collect_digits`: the next keys are its result.
+    Digits { id: String },
+    /// A `confirm = true` webhook: runs only after a yes to the read-back.
+    Confirm { call: ToolCall, asked: u32 },
+}
+
+/// Marks a spoken entry as model text not yet committed to history.
+const UNCOMMITTED: usize = usize::MAX;
+
+/// The agent for one call.
+pub struct Agent {
+    profile: Arc<AgentProfile>,
+    llm: LlmConfig,
+    settings: LlmSettings,
+    engines: AgentEngines,
+    call_id: String,
+    human_target: String,
+    disclosure: String,
+    /// What the agent says before each allowed transfer when the model said nothing.
+    announce: BTreeMap<String, String>,
+    /// The system prompt, filled.
+    system: String,
+    tools: Arc<Vec<Value>>,
+    can_hand_back: bool,
+    history: Vec<Value>,
+    /// Model text streamed in this reply and not yet in history (a turn cut short).
+    inflight: String,
+    /// What the last reply said, in order: (history index of model text, words).
+    spoken: Vec<(Option<usize>, usize)>,
+    pending: Option<Pending>,
+    failures: u32,
+    no_inputs: u32,
+    tool_seq: u64,
+    /// Keys the model sent mid-turn, sent once this reply has played.
+    pending_dtmf: Option<String>,
+    /// Runs of words of the system prompt: a reply that repeats one is not spoken.
+    secret: std::collections::HashSet<String>,
+}
+
+/// The model's time in one turn.
+#[derive(Default)]
+struct TurnClock {
+    first_sent: Option<Instant>,
+    stats: LlmStats,
+    filler_said: bool,
+}
+
+impl Agent {
+    /// An agent for one call. `slots`: values a flow collected before handing the call over.
+    pub fn new(
+        cfg: &Config,
+        profile: Arc<AgentProfile>,
+        engines: AgentEngines,
+        call_id: &str,
+        args: &CallArgs,
+        slots: &BTreeMap<String, String>,
+        can_hand_back: bool,
+    ) -> Self {
+        let f = &profile.file;
+        let settings = LlmSettings {
+            url: cfg.llm.url.clone(),
+            model: f.model.clone().unwrap_or_else(|| cfg.llm.model.clone()),
+            temperature: f.temperature.unwrap_or(cfg.llm.temperature),
+            max_tokens: f.max_tokens.unwrap_or(cfg.llm.max_tokens),
+            api_key: cfg.llm.api_key.clone(),
+            first_token_timeout: Duration::from_millis(cfg.llm.first_token_timeout_ms),
+            total_timeout: Duration::from_millis(cfg.llm.timeout_ms),
+        };
+        let mut tools = tools::builtins(&f.transfers, can_hand_back);
+        for (name, t) in &f.tools {
+            tools.push(tools::webhook(name, t));
+        }
+        let announce = f
+            .transfers
+            .keys()
+            .map(|n| {
+                let a = cfg
+                    .transfers
+                    .get(n)
+                    .and_then(|t| t.announce.clone())
+                    .unwrap_or_else(|| "Transferring you now.".into());
+                (n.clone(), a)
+            })
+            .collect();
+        let system = render_system(&f.system_prompt, call_id, args, slots, &f.transfers);
+
+        Self {
+            disclosure: f
+                .disclosure
+                .clone()
+                .unwrap_or_else(|| cfg.call.disclosure.clone()),
+            llm: cfg.llm.clone(),
+            settings,
+            engines,
+            call_id: call_id.to_string(),
+            human_target: cfg.call.human_target.clone(),
+            announce,
+            system,
+            tools: Arc::new(tools),
+            can_hand_back,
+            history: Vec::new(),
+            inflight: String::new(),
+            spoken: Vec::new(),
+            pending: None,
+            failures: 0,
+            no_inputs: 0,
+            tool_seq: 0,
+            pending_dtmf: None,
+            secret: shingles(&words_of(&profile.file.system_prompt)),
+            profile,
+        }
+    }
+
+    /// The longest one turn may take: model rounds and webhook tries, with a margin.
+    pub fn turn_limit(&self) -> Duration {
+        let rounds = u64::from(self.llm.max_rounds);
+        let tools = self
+            .profile
+            .file
+            .tools
+            .values()
+            .map(|t| t.timeout_ms.saturating_mul(u64::from(t.retries) + 1))
+            .max()
+            .unwrap_or(0);
+        Duration::from_millis(
+            self.llm
+                .timeout_ms
+                .saturating_add(tools)
+                .saturating_mul(rounds)
+                .saturating_add(2_000),
+        )
+    }
+
+    /// The messages of the next request: the system prompt, then the newest history that fits
+    /// the window, starting at a caller's message (a tool result never loses its call).
+    fn messages(&self) -> Vec<Value> {
+        let max = self.llm.history_messages;
+        let mut start = self.history.len().saturating_sub(max);
+        while start < self.history.len() && self.history[start]["role"] != "user" {
+            start += 1;
+        }
+        if start >= self.history.len() {
+            // No caller message fits: keep from the last one.
+            start = self
+                .history
+                .iter()
+                .rposition(|m| m["role"] == "user")
+                .unwrap_or(0);
+        }
+        let mut out = Vec::with_capacity(self.history.len() - start + 1);
+        out.push(json!({"role": "system", "content": self.system}));
+        out.extend(self.history[start..].iter().cloned());
+        out
+    }
+
+    /// Every tool call in history gets a result before the next request (a turn cut short by
+    /// the caller left some without one).
+    fn repair(&mut self) {
+        let mut i = 0;
+        while i < self.history.len() {
+            let ids: Vec<String> = self.history[i]
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c.get("id").and_then(Value::as_str).map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut j = i + 1;
+            let mut answered = Vec::new();
+            while j < self.history.len() && self.history[j]["role"] == "tool" {
+                if let Some(id) = self.history[j].get("tool_call_id").and_then(Value::as_str) {
+                    answered.push(id.to_string());
+                }
+                j += 1;
+            }
+            for id in ids.iter().filter(|id| !answered.contains(id)) {
+                let waiting = match &self.pending {
+                    Some(Pending::Digits { id: p }) => p == id,
+                    Some(Pending::Confirm { call, .. }) => &call.id == id,
+                    None => false,
+                };
+                if waiting {
+                    continue;
+                }
+                self.history.insert(
+                    j,
+                    json!({"role": "tool", "tool_call_id": id,
+                           "content": json!({"error": "not done: the caller interrupted"}).to_string()}),
+                );
+                j += 1;
+            }
+            i = j.max(i + 1);
+        }
+    }
+
+    fn tool_result(&mut self, id: &str, content: &Value) {
+        self.history.push(json!({
+            "role": "tool",
+            "tool_call_id": id,
+            "content": content.to_string(),
+        }));
+    }
+
+    /// Says something that is not model text (a filler, a prompt of the agent's own).
+    async fn say(&mut self, out: &mut ReplyOut<'_>, text: &str) -> Result<(), DialogError> {
+        let before = out.words;
+        out.say(text).await?;
+        self.spoken.push((None, out.words - before));
+        Ok(())
+    }
+
+    /// One turn: the reply to `ask`, streamed into `out`.
+    pub async fn turn(
+        &mut self,
+        ask: AgentAsk,
+        out: &mut ReplyOut<'_>,
+    ) -> Result<Outcome, DialogError> {
+        self.commit_inflight();
+        self.spoken.clear();
+        if out.words > 0 {
+            self.spoken.push((None, out.words));
+        }
+        let mut clock = TurnClock::default();
+        match ask {
+            AgentAsk::Open => {
+                let disclosure = self.disclosure.clone();
+                if !disclosure.trim().is_empty() {
+                    self.say(out, &disclosure).await?;
+                }
+                if let Some(g) = self.profile.file.greeting.clone() {
+                    self.say(out, &g).await?;
+                    self.history
+                        .push(json!({"role": "assistant", "content": g}));
+                    return Ok(Outcome::End {
+                        send_dtmf: None,
+                        next: Next::Listen(Expectation::default()),
+                    });
+                }
+                self.history.push(json!({"role": "user", "content": "[The call has just been answered. Greet the caller.]"}));
+            }
+            AgentAsk::HandedOver => {
+                self.history.push(json!({"role": "user", "content": "[The automated menu has handed the call to you. Carry on helping the caller.]"}));
+            }
+            AgentAsk::Input(input) => {
+                if let Some(p) = self.pending.take() {
+                    if let Some(o) = self.resolve(p, input, out, &mut clock).await? {
+                        return Ok(o);
+                    }
+                } else {
+                    match input {
+                        Input::Speech(t) => {
+                            self.no_inputs = 0;
+                            self.history.push(json!({"role": "user", "content": t}));
+                        }
+                        Input::Digits(d) => {
+                            self.no_inputs = 0;
+                            self.history.push(json!({"role": "user",
+                                "content": format!("[The caller typed on the keypad: {d}]")}));
+                        }
+                        Input::NoInput => {
+                            self.no_inputs += 1;
+                            if self.no_inputs >= MAX_NO_INPUT {
+                                let p = self.llm.escalate_prompt.clone();
+                                self.say(out, &p).await?;
+                                return Ok(self.to_human());
+                            }
+                            self.history.push(json!({"role": "user",
+                                "content": "[The caller said nothing for a while.]"}));
+                        }
+                    }
+                }
+            }
+        }
+        self.rounds(out, &mut clock).await
+    }
+
+    fn to_human(&self) -> Outcome {
+        Outcome::End {
+            send_dtmf: None,
+            next: Next::Transfer {
+                target: self.human_target.clone(),
+            },
+        }
+    }
+
+    /// The caller's answer to a tool that waited for them. `Some` ends the turn here.
+    async fn resolve(
+        &mut self,
+        p: Pending,
+        input: Input,
+        out: &mut ReplyOut<'_>,
+        clock: &mut TurnClock,
+    ) -> Result<Option<Outcome>, DialogError> {
+        match p {
+            Pending::Digits { id } => {
+                let content = match input {
+                    Input::Digits(d) => json!({"digits": d}),
+                    Input::Speech(t) => {
+                        json!({"error": "the caller spoke instead of typing", "caller_said": t})
+                    }
+                    Input::NoInput => json!({"error": "no keys were pressed"}),
+                };
+                self.tool_result(&id, &content);
+                Ok(None)
+            }
+            Pending::Confirm { call, asked } => {
+                let answer = match &input {
+                    Input::Speech(t) => entities::yes_no(t).map(|(v, _)| v),
+                    Input::Digits(d) if d == "1" => Some(YesNo::Yes),
+                    Input::Digits(d) if d == "2" => Some(YesNo::No),
+                    _ => None,
+                };
+                let said = match &input {
+                    Input::Speech(t) => t.clone(),
+                    Input::Digits(d) => format!("[keys {d}]"),
+                    Input::NoInput => String::new(),
+                };
+                match answer {
+                    Some(YesNo::Yes) => {
+                        let result = self.run_webhook(&call, out, clock).await?;
+                        let mut content = result;
+                        content["confirmed_by_caller"] = json!(true);
+                        self.tool_result(&call.id, &content);
+                        Ok(None)
+                    }
+                    None if asked + 1 < CONFIRM_ASKS => {
+                        let text = format!("{} Please say yes or no.", self.read_back(&call));
+                        self.say(out, &text).await?;
+                        self.pending = Some(Pending::Confirm {
+                            call,
+                            asked: asked + 1,
+                        });
+                        Ok(Some(Outcome::End {
+                            send_dtmf: None,
+                            next: Next::Listen(yes_no()),
+                        }))
+                    }
+                    _ => {
+                        out.note(
+                            "tool_call",
+                            json!({"name": call.name, "ok": false, "declined": true}),
+                        )
+                        .await;
+                        self.tool_result(
+                            &call.id,
+                            &json!({"error": "not done: the caller did not confirm", "caller_said": said}),
+                        );
+                        Ok(None)
+                    }
+                }
+            }
+        }
+    }
+
+    fn read_back(&self, call: &ToolCall) -> String {
+        let t = self.profile.file.tools.get(&call.name);
+        match t.and_then(|t| t.confirm_prompt.as_deref()) {
+            Some(p) => tools::fill(p, &call.arguments, false),
+            None => {
+                let what = t.map(|t| t.description.clone()).unwrap_or_default();
+                let args = call
+                    .arguments
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{}: {}", k.replace('_', " "), tools::text_of(v)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                format!("To confirm: {what} With {args}. Shall I go ahead?")
+            }
+        }
+    }
+
+    /// Asks the model until it answers without tools, ends the call, or waits for the caller.
+    async fn rounds(
+        &mut self,
+        out: &mut ReplyOut<'_>,
+        clock: &mut TurnClock,
+    ) -> Result<Outcome, DialogError> {
+        for _ in 0..self.llm.max_rounds {
+            self.repair();
+            let messages = self.messages();
+            let (text, calls) = match self.stream_round(&messages, out, clock).await {
+                Ok(r) => r,
+                Err(e) => return self.failed(out, e.to_string()).await,
+            };
+            if calls.is_empty() {
+                self.failures = 0;
+                return Ok(Outcome::End {
+                    send_dtmf: None,
+                    next: Next::Listen(Expectation::default()),
+                });
+            }
+            let _ = text;
+            if let Some(o) = self.run_tools(calls, out, clock).await? {
+                self.failures = 0;
+                return Ok(o);
+            }
+        }
+        self.failed(
+            out,
+            format!("no answer after {} model requests", self.llm.max_rounds),
+        )
+        .await
+    }
+
+    /// A model request failed: the fallback prompt, or a human after repeated failures.
+    async fn failed(
+        &mut self,
+        out: &mut ReplyOut<'_>,
+        message: String,
+    ) -> Result<Outcome, DialogError> {
+        self.failures += 1;
+        tracing::warn!(call_id = %self.call_id, error = %message, failures = self.failures, "LLM turn failed");
+        out.note("error", json!({"stage": "llm", "message": message}))
+            .await;
+        metrics::counter!(crate::telemetry::names::ERRORS, "stage" => "llm").increment(1);
+        self.commit_inflight();
+        if self.failures >= self.llm.max_failures {
+            let p = self.llm.escalate_prompt.clone();
+            self.say(out, &p).await?;
+            return Ok(self.to_human());
+        }
+        let p = self.llm.fallback_prompt.clone();
+        self.say(out, &p).await?;
+        Ok(Outcome::End {
+            send_dtmf: None,
+            next: Next::Listen(Expectation::default()),
+        })
+    }
+
+    /// One model request: its text goes out piece by piece as it streams; the whole text and
+    /// its tool calls come back. The assistant message is in history when this returns Ok.
+    async fn stream_round(
+        &mut self,
+        messages: &[Value],
+        out: &mut ReplyOut<'_>,
+        clock: &mut TurnClock,
+    ) -> Result<(String, Vec<ToolCall>), LlmError> {
+        let sent = Instant::now();
+        let first_sent = *clock.first_sent.get_or_insert(sent);
+        clock.stats.rounds += 1;
+        let (chat, settings, tools) = (
+            self.engines.chat.clone(),
+            self.settings.clone(),
+            self.tools.clone(),
+        );
+        let start = chat.start(&settings, messages, &tools);
+        tokio::pin!(start);
+        let filler_at = sent + Duration::from_millis(self.llm.filler_after_ms);
+        let mut streaming = loop {
+            tokio::select! {
+                r = &mut start => break r?,
+                _ = tokio::time::sleep_until(filler_at), if !clock.filler_said => {
+                    clock.filler_said = true;
+                    let f = self.llm.filler.clone();
+                    if self.say(out, &f).await.is_err() {
+                        return Err(LlmError::Request("the call is gone".into()));
+                    }
+                }
+            }
+        };
+        if clock.stats.ttft_ms.is_none() {
+            clock.stats.ttft_ms = Some(ms_between(first_sent, streaming.first_at));
+            clock.stats.first_token_at_ms = out
+                .sink
+                .call_ms()
+                .map(|now| now.saturating_sub(ms_between(streaming.first_at, Instant::now())));
+        }
+        let mut splitter = PieceSplitter::new(CLAUSE_MIN, PIECE_MAX);
+        let gone = |_| LlmError::Request("the call is gone".into());
+        // The last words spoken, so a leak split across pieces is still seen.
+        let mut tail: Vec<String> = Vec::new();
+        let mut leaked = false;
+        while let Some(delta) = streaming.next_text().await? {
+            self.inflight.push_str(&delta);
+            for piece in splitter.push(&delta) {
+                self.guarded_piece(out, piece, clock, &mut tail, &mut leaked)
+                    .await
+                    .map_err(gone)?;
+            }
+        }
+        if let Some(piece) = splitter.finish() {
+            self.guarded_piece(out, piece, clock, &mut tail, &mut leaked)
+                .await
+                .map_err(gone)?;
+        }
+        let completion = streaming.finish()?;
+        if leaked {
+            // History keeps what was said, not what the model wrote.
+            self.inflight = LEAK_REFUSAL.to_string();
+        }
+        clock.stats.total_ms = Some(ms_between(first_sent, Instant::now()));
+        clock.stats.stream_end_at_ms = out.sink.call_ms();
+        let _ = out.sink.send(ReplyPart::Stats(clock.stats)).await;
+        out.note(
+            "llm",
+            json!({
+                "ttft_ms": clock.stats.ttft_ms,
+                "total_ms": clock.stats.total_ms,
+                "round": clock.stats.rounds,
+                "stream_end_at_ms": clock.stats.stream_end_at_ms,
+                "finish_reason": completion.finish_reason,
+                "tool_calls": completion.tool_calls.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+                "usage": completion.usage,
+            }),
+        )
+        .await;
+        // The assistant message: its text (as streamed) and its tool calls.
+        let text = std::mem::take(&mut self.inflight);
+        let mut msg = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
+        if !completion.tool_calls.is_empty() {
+            msg["tool_calls"] = Value::Array(
+                completion
+                    .tool_calls
+                    .iter()
+                    .map(|c| {
+                        json!({"id": c.id, "type": "function",
+                               "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+                    })
+                    .collect(),
+            );
+        }
+        if !text.is_empty() || !completion.tool_calls.is_empty() {
+            self.history.push(msg);
+            let idx = self.history.len() - 1;
+            for e in &mut self.spoken {
+                if e.0 == Some(UNCOMMITTED) {
+                    e.0 = Some(idx);
+                }
+            }
+        }
+        Ok((text, completion.tool_calls))
+    }
+
+    /// A piece of model text, unless it reads out the instructions: then the refusal, once,
+    /// and nothing more of this reply.
+    async fn guarded_piece(
+        &mut self,
+        out: &mut ReplyOut<'_>,
+        piece: String,
+        clock: &mut TurnClock,
+        tail: &mut Vec<String>,
+        leaked: &mut bool,
+    ) -> Result<(), DialogError> {
+        if *leaked {
+            return Ok(());
+        }
+        let mut words = std::mem::take(tail);
+        words.extend(words_of(&piece));
+        if words
+            .windows(LEAK_WORDS)
+            .any(|w| self.secret.contains(&w.join(" ")))
+        {
+            *leaked = true;
+            tracing::warn!(call_id = %self.call_id, "the model read out its instructions; not spoken");
+            out.note(
+                "guard",
+                json!({"what": "instructions", "action": "not spoken"}),
+            )
+            .await;
+            let before = out.words;
+            out.say(LEAK_REFUSAL).await?;
+            self.spoken.push((Some(UNCOMMITTED), out.words - before));
+            return Ok(());
+        }
+        let keep = words.len().saturating_sub(LEAK_WORDS - 1);
+        *tail = words.split_off(keep);
+        self.model_piece(out, piece, clock).await
+    }
+
+    async fn model_piece(
+        &mut self,
+        out: &mut ReplyOut<'_>,
+        piece: String,
+        clock: &mut TurnClock,
+    ) -> Result<(), DialogError> {
+        if clock.stats.first_piece_at_ms.is_none() {
+            clock.stats.first_piece_at_ms = out.sink.call_ms();
+        }
+        let before = out.words;
+        out.segment(Segment {
+            text: piece,
+            pause_after_ms: 0,
+        })
+        .await?;
+        self.spoken.push((Some(UNCOMMITTED), out.words - before));
+        Ok(())
+    }
+
+    /// Model text streamed into a turn that was cut short goes into history as it was.
+    fn commit_inflight(&mut self) {
+        let text = std::mem::take(&mut self.inflight);
+        if text.trim().is_empty() {
+            return;
+        }
+        self.history
+            .push(json!({"role": "assistant", "content": text}));
+        let idx = self.history.len() - 1;
+        for e in &mut self.spoken {
+            if e.0 == Some(UNCOMMITTED) {
+                e.0 = Some(idx);
+            }
+        }
+    }
+
+    /// Runs the tool calls of one model reply in order. `Some` ends the turn (a transfer, a
+    /// hang-up, a hand-back, or a tool that waits for the caller).
+    async fn run_tools(
+        &mut self,
+        calls: Vec<ToolCall>,
+        out: &mut ReplyOut<'_>,
+        clock: &mut TurnClock,
+    ) -> Result<Option<Outcome>, DialogError> {
+        let mut end: Option<Outcome> = None;
+        let mut dtmf = String::new();
+        let mut listen: Option<Expectation> = None;
+        for call in calls {
+            if end.is_some() || listen.is_some() {
+                self.tool_result(
+                    &call.id,
+                    &json!({"error": "not run: one step at a time; call it again if still needed"}),
+                );
+                continue;
+            }
+            let args = &call.arguments;
+            match call.name.as_str() {
+                "transfer_call" => {
+                    let target = args.get("target").map(tools::text_of).unwrap_or_default();
+                    if let Some(announce) = self.announce.get(&target).cloned() {
+                        out.note(
+                            "tool_call",
+                            json!({"name": "transfer_call", "target": target, "ok": true}),
+                        )
+                        .await;
+                        metrics::counter!(crate::telemetry::names::TOOL_CALLS, "tool" => "transfer_call", "result" => "ok").increment(1);
+                        if !out.said() {
+                            self.say(out, &announce).await?;
+                        }
+                        self.tool_result(&call.id, &json!({"ok": true, "transferring_to": target}));
+                        end = Some(Outcome::End {
+                            send_dtmf: None,
+                            next: Next::Transfer { target },
+                        });
+                    } else {
+                        let allowed: Vec<&String> = self.announce.keys().collect();
+                        out.note("tool_call", json!({"name": "transfer_call", "target": target, "ok": false, "refused": true})).await;
+                        metrics::counter!(crate::telemetry::names::TOOL_CALLS, "tool" => "transfer_call", "result" => "refused").increment(1);
+                        self.tool_result(
+                            &call.id,
+                            &json!({"error": format!("refused: `{target}` is not a transfer target you may use; nothing was done. The only targets are: {}", allowed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
+                                    "allowed_targets": allowed}),
+                        );
+                    }
+                }
+                "end_call" => {
+                    out.note("tool_call", json!({"name": "end_call", "ok": true}))
+                        .await;
+                    if !out.said() {
+                        self.say(out, "Goodbye.").await?;
+                    }
+                    self.tool_result(&call.id, &json!({"ok": true}));
+                    end = Some(Outcome::End {
+                        send_dtmf: None,
+                        next: Next::Hangup {
+                            reason: "agent_end_call".into(),
+                        },
+                    });
+                }
+                "send_dtmf" => {
+                    let digits = args.get("digits").map(tools::text_of).unwrap_or_default();
+                    let ok = !digits.is_empty()
+                        && digits.len() <= 32
+                        && digits.chars().all(|c| "0123456789*#ABCDwW".contains(c));
+                    out.note("tool_call", json!({"name": "send_dtmf", "ok": ok}))
+                        .await;
+                    if ok {
+                        dtmf.push_str(&digits);
+                        self.tool_result(
+                            &call.id,
+                            &json!({"ok": true, "note": "sent once what you say now has played"}),
+                        );
+                    } else {
+                        self.tool_result(
+                            &call.id,
+                            &json!({"error": "digits must be 1-32 of 0-9 * # A-D w"}),
+                        );
+                    }
+                }
+                "collect_digits" => {
+                    let max = args
+                        .get("max_digits")
+                        .and_then(Value::as_u64)
+                        .and_then(|m| usize::try_from(m).ok())
+                        .unwrap_or(20)
+                        .clamp(1, 32);
+                    let terminator = match args.get("terminator").and_then(Value::as_str) {
+                        Some("") => None,
+                        Some("*") => Some('*'),
+                        _ => Some('#'),
+                    };
+                    let p = args
+                        .get("prompt")
+                        .map(tools::text_of)
+                        .filter(|p| !p.trim().is_empty())
+                        .or_else(|| self.profile.file.keypad_prompt.clone())
+                        .unwrap_or_else(|| {
+                            "Please type it on your keypad, then press pound.".into()
+                        });
+                    out.note(
+                        "tool_call",
+                        json!({"name": "collect_digits", "max_digits": max}),
+                    )
+                    .await;
+                    self.say(out, &p).await?;
+                    self.pending = Some(Pending::Digits {
+                        id: call.id.clone(),
+                    });
+                    listen = Some(Expectation {
+                        asr_hint: None,
+                        digits: Some(DigitSpec { max, terminator }),
+                    });
+                }
+                "return_to_flow" if self.can_hand_back => {
+                    out.note("tool_call", json!({"name": "return_to_flow", "ok": true}))
+                        .await;
+                    self.tool_result(&call.id, &json!({"ok": true}));
+                    end = Some(Outcome::Handback);
+                }
+                name => match self.profile.file.tools.get(name).cloned() {
+                    Some(t) if t.confirm => {
+                        let text = self.read_back(&call);
+                        out.note("tool_call", json!({"name": name, "arguments": tools::redact(&call.arguments, &t.sensitive), "awaiting_confirmation": true})).await;
+                        self.say(out, &text).await?;
+                        self.pending = Some(Pending::Confirm {
+                            call: call.clone(),
+                            asked: 0,
+                        });
+                        listen = Some(yes_no());
+                    }
+                    Some(_) => {
+                        let content = self.run_webhook(&call, out, clock).await?;
+                        self.tool_result(&call.id, &content);
+                    }
+                    None => {
+                        out.note(
+                            "tool_call",
+                            json!({"name": name, "ok": false, "unknown": true}),
+                        )
+                        .await;
+                        self.tool_result(
+                            &call.id,
+                            &json!({"error": format!("there is no tool `{name}`")}),
+                        );
+                    }
+                },
+            }
+        }
+        let send_dtmf = (!dtmf.is_empty()).then_some(dtmf);
+        if let Some(e) = listen {
+            return Ok(Some(Outcome::End {
+                send_dtmf,
+                next: Next::Listen(e),
+            }));
+        }
+        match end {
+            Some(Outcome::End { next, .. }) => Ok(Some(Outcome::End { send_dtmf, next })),
+            Some(Outcome::Handback) => Ok(Some(Outcome::Handback)),
+            // Keys asked for without an end: sent after this reply; the model goes on.
+            None if send_dtmf.is_some() => {
+                let mut keys = self.pending_dtmf.take().unwrap_or_default();
+                keys.push_str(send_dtmf.as_deref().unwrap_or_default());
+                self.pending_dtmf = Some(keys);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Runs a webhook (a filler if it is slow and nothing was said); its result for the model.
+    async fn run_webhook(
+        &mut self,
+        call: &ToolCall,
+        out: &mut ReplyOut<'_>,
+        clock: &mut TurnClock,
+    ) -> Result<Value, DialogError> {
+        let Some(t) = self.profile.file.tools.get(&call.name).cloned() else {
+            return Ok(json!({"error": "no such tool"}));
+        };
+        self.tool_seq += 1;
+        let key = format!("{}-{}-{}", self.call_id, self.tool_seq, call.id);
+        let http = self.engines.http.clone();
+        let work = tools::call_webhook(&http, &t, &call.arguments, &key);
+        tokio::pin!(work);
+        let filler_at = Instant::now() + Duration::from_millis(self.llm.filler_after_ms);
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                _ = tokio::time::sleep_until(filler_at), if !clock.filler_said && !out.said() => {
+                    clock.filler_said = true;
+                    let f = self.llm.filler.clone();
+                    self.say(out, &f).await?;
+                }
+            }
+        };
+        let args = tools::redact(&call.arguments, &t.sensitive);
+        tracing::info!(call_id = %self.call_id, tool = %call.name, arguments = %args, ok = result.ok, tries = result.tries, ms = result.ms, "webhook tool");
+        out.note(
+            "tool_call",
+            json!({"name": call.name, "arguments": args, "ok": result.ok, "tries": result.tries, "ms": result.ms}),
+        )
+        .await;
+        metrics::counter!(crate::telemetry::names::TOOL_CALLS, "tool" => "webhook", "result" => if result.ok { "ok" } else { "error" }).increment(1);
+        Ok(result.content)
+    }
+
+    /// What the caller heard of the last reply: model text they did not hear leaves history.
+    pub fn heard(&mut self, heard: &Heard) {
+        self.commit_inflight();
+        if heard.complete {
+            return;
+        }
+        let mut left = heard.text.split_whitespace().count();
+        let mut kept: BTreeMap<usize, usize> = BTreeMap::new();
+        for (msg, n) in &self.spoken {
+            let keep = left.min(*n);
+            left -= keep;
+            if let Some(i) = msg {
+                *kept.entry(*i).or_default() += keep;
+            }
+        }
+        let mut remove = Vec::new();
+        for (i, keep) in kept {
+            let Some(m) = self.history.get_mut(i) else {
+                continue;
+            };
+            let content = m
+                .get("content")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let words: Vec<&str> = content.split_whitespace().collect();
+            if keep >= words.len() {
+                continue;
+            }
+            let cut = words[..keep].join(" ");
+            if cut.is_empty() && m.get("tool_calls").is_none() {
+                remove.push(i);
+            } else {
+                m["content"] = if cut.is_empty() {
+                    Value::Null
+                } else {
+                    json!(cut)
+                };
+            }
+        }
+        for i in remove.into_iter().rev() {
+            self.history.remove(i);
+        }
+        self.spoken.clear();
+    }
+
+    /// The history so far (tests and records).
+    pub fn history(&self) -> &[Value] {
+        &self.history
+    }
+}
+
+/// What the agent is asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentAsk {
+    /// The call opens with the agent.
+    Open,
+    /// A flow handed the call over (its words are already said in this reply).
+    HandedOver,
+    Input(Input),
+}
+
+fn yes_no() -> Expectation {
+    Expectation {
+        asr_hint: Some("The caller answers yes or no.".into()),
+        digits: Some(DigitSpec {
+            max: 1,
+            terminator: None,
+        }),
+    }
+}
+
+fn ms_between(a: Instant, b: Instant) -> u64 {
+    u64::try_from(b.saturating_duration_since(a).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The system prompt with the call's variables filled; unknown names stay as written.
+fn render_system(
+    template: &str,
+    call_id: &str,
+    args: &CallArgs,
+    slots: &BTreeMap<String, String>,
+    transfers: &BTreeMap<String, profile::TransferUse>,
+) -> String {
+    let now = local_now();
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('}') else {
+            out.push_str(&rest[open..]);
+            rest = "";
+            break;
+        };
+        let key = &rest[open + 1..open + close];
+        let value = match key {
+            "caller_number" => Some(args.caller.clone().unwrap_or_else(|| "unknown".into())),
+            "call_id" => Some(call_id.to_string()),
+            "date" => Some(now.0.clone()),
+            "time" => Some(now.1.clone()),
+            "weekday" => Some(now.2.clone()),
+            "slots" => Some(
+                slots
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            "transfers" => Some(
+                transfers
+                    .iter()
+                    .map(|(k, t)| format!("{k}: {}", t.description))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            k => k
+                .strip_prefix("args.")
+                .map(|a| args.vars.get(a).cloned().unwrap_or_default())
+                .or_else(|| {
+                    k.strip_prefix("slots.")
+                        .map(|s| slots.get(s).cloned().unwrap_or_default())
+                }),
+        };
+        match value {
+            Some(v) => out.push_str(&v),
+            None => out.push_str(&rest[open..open + close + 1]),
+        }
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Today's date, the time and the weekday (UTC: the sidecar has no time zone database).
+fn local_now() -> (String, String, String) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let (y, m, d) = civil_from_days(days);
+    let rem = secs % 86_400;
+    let weekday = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ][usize::try_from(days.rem_euclid(7)).unwrap_or(0)];
+    (
+        format!("{y:04}-{m:02}-{d:02}"),
+        format!("{:02}:{:02} UTC", rem / 3600, (rem % 3600) / 60),
+        weekday.to_string(),
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// The agent as a dialog of its own (a call that runs an agent from the start).
+pub struct AgentDialog {
+    pub agent: Agent,
+    opened: bool,
+}
+
+impl AgentDialog {
+    pub fn new(agent: Agent) -> Self {
+        Self {
+            agent,
+            opened: false,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::engines::dialog::Dialog for AgentDialog {
+    async fn start(&mut self) -> Result<crate::engines::dialog::Turn, DialogError> {
+        Err(DialogError::Engine("the agent only streams".into()))
+    }
+    async fn input(&mut self, _: Input) -> Result<crate::engines::dialog::Turn, DialogError> {
+        Err(DialogError::Engine("the agent only streams".into()))
+    }
+    fn heard(&mut self, heard: &Heard) {
+        self.agent.heard(heard);
+    }
+    fn turn_limit(&self) -> Option<Duration> {
+        Some(self.agent.turn_limit())
+    }
+    async fn respond(&mut self, ask: Ask, sink: &ReplySink) -> Result<(), DialogError> {
+        let ask = match ask {
+            Ask::Start => {
+                self.opened = true;
+                AgentAsk::Open
+            }
+            Ask::Input(i) => AgentAsk::Input(i),
+        };
+        // The opening (the disclosure) cannot be interrupted; the agent's replies can.
+        let mut out = ReplyOut::new(sink, ask != AgentAsk::Open);
+        let outcome = self.agent.turn(ask, &mut out).await?;
+        finish(&mut self.agent, &mut out, outcome).await
+    }
+}
+
+/// Ends a reply with the agent's outcome (a hand-back with no flow to return to listens).
+pub async fn finish(
+    agent: &mut Agent,
+    out: &mut ReplyOut<'_>,
+    outcome: Outcome,
+) -> Result<(), DialogError> {
+    let (send_dtmf, next) = match outcome {
+        Outcome::End { send_dtmf, next } => (send_dtmf, next),
+        Outcome::Handback => (None, Next::Listen(Expectation::default())),
+    };
+    let send_dtmf = match (agent.pending_dtmf.take(), send_dtmf) {
+        (Some(mut a), Some(b)) => {
+            a.push_str(&b);
+            Some(a)
+        }
+        (a, b) => a.or(b),
+    };
+    out.end(send_dtmf, next).await
+}
