@@ -162,11 +162,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .unwrap_or_default(),
                 );
             }
+            // Agent profiles too, when their folder exists.
+            let mut agents = Vec::new();
+            let dir = cfg.resolve(&cfg.dialog.agents_dir);
+            if let Ok(read) = std::fs::read_dir(&dir) {
+                let mut entries: Vec<_> = read
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                    .collect();
+                entries.sort();
+                for p in entries {
+                    app::load_agent(&cfg, &p.display().to_string())?;
+                    agents.push(
+                        p.file_stem()
+                            .map(|s| s.to_string_lossy().to_string())
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+            if let Some(a) = &cfg.dialog.agent {
+                app::load_agent(&cfg, a).context("dialog.agent")?;
+            }
             println!(
-                "{}: OK ({} flows: {})",
+                "{}: OK ({} flows: {}; {} agents: {})",
                 common.config.display(),
                 flows.len(),
-                flows.join(", ")
+                flows.join(", "),
+                agents.len(),
+                agents.join(", ")
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -45,7 +45,38 @@ fn example_config_and_all_flows_check_ok() {
     let (ok, text) = sidecall(&["check", "--config", example.to_str().unwrap()]);
     assert!(ok, "{text}");
     assert!(
-        text.contains("OK (5 flows: appointment, balance, order_status, payment, support)"),
+        text.contains(
+            "OK (5 flows: appointment, balance, order_status, payment, support; 1 agents: support)"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_refuses_an_agent_with_a_target_outside_the_allow_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let flows = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/flows");
+    std::fs::create_dir(dir.path().join("agents")).unwrap();
+    std::fs::write(
+        dir.path().join("agents/a.toml"),
+        "system_prompt = \"Help.\"\n[transfers.sales]\ndescription = \"sales\"\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        base(flows.to_str().unwrap()).replacen(
+            "[dialog]\n",
+            "[dialog]\nagents_dir = \"agents\"\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let (ok, text) = sidecall(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("a.toml")
+            && text.contains("`sales` is not in the config's [transfers] allow-list"),
         "{text}"
     );
 }
