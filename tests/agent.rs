@@ -690,3 +690,61 @@ hangup = true
             .any(|h| h["to"] == "agent:support")
     );
 }
+
+/// Percentile of sorted values.
+fn pct(v: &[u64], p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// Figures for the note, not an assertion on time: 20 turns against the scripted model at a
+/// realistic pace (first token after 30 ms, then 40 tokens a second). Run with
+/// `cargo test --release --test agent -- --ignored --nocapture llm_latency_figures`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: prints figures, takes about two minutes"]
+async fn llm_latency_figures() {
+    const TURNS: usize = 20;
+    let llm = LlmEmu::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = agent_config(dir.path(), &llm.base_url(), "http://127.0.0.1:9", "");
+    for _ in 0..TURNS {
+        llm.push(text_reply(
+            "Your order shipped yesterday and arrives tomorrow before noon. Is there anything else I can help with?",
+            30,
+            25,
+        ));
+    }
+    let clip = speak(dir.path(), "q", "and what about my other order");
+    let mut args = agent_args(vec![clip; TURNS]);
+    args.max_seconds = 400;
+    let call = simulate(cfg, dir.path(), args).await;
+    let mut fig: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+    for t in call.of_type("turn") {
+        for k in [
+            "llm_ttft_ms",
+            "first_piece_ms",
+            "piece_to_tts_ms",
+            "token_to_tts_ms",
+            "token_to_audio_ms",
+            "tts_ms",
+            "total_ms",
+        ] {
+            if let Some(v) = t[k].as_u64() {
+                fig.entry(k).or_default().push(v);
+            }
+        }
+    }
+    println!("turns measured: {}", call.of_type("turn").len());
+    for (k, mut v) in fig {
+        v.sort_unstable();
+        println!(
+            "{k:>18}: p50 {:>5} ms  p95 {:>5} ms  (n={})",
+            pct(&v, 0.5),
+            pct(&v, 0.95),
+            v.len()
+        );
+    }
+}

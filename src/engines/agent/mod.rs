@@ -1207,3 +1207,130 @@ pub async fn finish(
     };
     out.end(send_dtmf, next).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(history_messages: usize) -> Agent {
+        let mut cfg = Config::defaults(&crate::config::Overrides::default()).unwrap_or_default();
+        cfg.llm.history_messages = history_messages;
+        let profile = AgentProfile::parse(
+            std::path::Path::new("support.toml"),
+            "system_prompt = \"You help callers of ShopEasy. Number {caller_number}, order {slots.order_id}, account {args.account}.\"\n",
+            &|_| true,
+        )
+        .map(Arc::new)
+        .unwrap_or_else(|e| panic!("{e}"));
+        let args = CallArgs {
+            caller: Some("+15550100".into()),
+            vars: [("account".to_string(), "77".to_string())].into(),
+            ..CallArgs::default()
+        };
+        let slots = [("order_id".to_string(), "55421".to_string())].into();
+        let engines = AgentEngines {
+            chat: ChatClient::new(crate::net::http_client()),
+            http: crate::net::http_client(),
+        };
+        Agent::new(&cfg, profile, engines, "c1", &args, &slots, false)
+    }
+
+    #[test]
+    fn the_system_prompt_carries_the_call_variables() {
+        let a = agent(40);
+        assert_eq!(
+            a.system,
+            "You help callers of ShopEasy. Number +15550100, order 55421, account 77."
+        );
+    }
+
+    #[test]
+    fn a_cut_reply_keeps_only_the_words_heard_across_its_messages() {
+        let mut a = agent(40);
+        a.history.push(json!({"role": "user", "content": "hi"}));
+        // A filler, then round one (text and a tool call), then round two streaming when cut.
+        a.spoken.push((None, 2));
+        a.history.push(json!({"role": "assistant", "content": "Let me look that up.",
+            "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "x", "arguments": "{}"}}]}));
+        a.spoken.push((Some(2), 5));
+        a.history
+            .push(json!({"role": "tool", "tool_call_id": "t1", "content": "{}"}));
+        a.inflight = "Your order shipped yesterday and arrives tomorrow.".into();
+        a.spoken.push((Some(UNCOMMITTED), 7));
+        a.heard(&Heard {
+            text: "One moment. Let me look that up. Your order shipped".into(),
+            complete: false,
+        });
+        assert_eq!(a.history[1]["content"], "Let me look that up.");
+        assert_eq!(a.history[3]["content"], "Your order shipped");
+        // Heard nothing of a message: it leaves history (its tool call stays, its text goes).
+        a.spoken = vec![(Some(1), 5), (Some(3), 3)];
+        a.heard(&Heard {
+            text: String::new(),
+            complete: false,
+        });
+        assert_eq!(a.history.len(), 3, "{:#?}", a.history);
+        assert_eq!(a.history[1]["content"], Value::Null);
+        assert!(a.history[1].get("tool_calls").is_some());
+    }
+
+    #[test]
+    fn the_window_starts_at_a_caller_message_and_tool_calls_keep_their_results() {
+        let mut a = agent(4);
+        for i in 0..3 {
+            a.history
+                .push(json!({"role": "user", "content": format!("q{i}")}));
+            a.history.push(json!({"role": "assistant", "content": null,
+                "tool_calls": [{"id": format!("t{i}"), "type": "function", "function": {"name": "x", "arguments": "{}"}}]}));
+            a.history
+                .push(json!({"role": "tool", "tool_call_id": format!("t{i}"), "content": "{}"}));
+            a.history
+                .push(json!({"role": "assistant", "content": format!("a{i}")}));
+        }
+        let m = a.messages();
+        assert_eq!(m[0]["role"], "system");
+        assert_eq!(m[1]["content"], "q2");
+        assert_eq!(m.len(), 5);
+        // A window that would open on a tool message moves on to the next caller message.
+        let mut b = agent(3);
+        b.history = a.history.clone();
+        let m = b.messages();
+        assert_eq!(m[1]["role"], "user", "{m:#?}");
+    }
+
+    #[test]
+    fn a_turn_cut_before_its_tools_ran_still_answers_every_tool_call() {
+        let mut a = agent(40);
+        a.history.push(json!({"role": "user", "content": "q"}));
+        a.history
+            .push(json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "t1", "type": "function", "function": {"name": "x", "arguments": "{}"}},
+            {"id": "t2", "type": "function", "function": {"name": "y", "arguments": "{}"}}]}));
+        a.history
+            .push(json!({"role": "tool", "tool_call_id": "t1", "content": "{}"}));
+        a.history.push(json!({"role": "user", "content": "next"}));
+        a.repair();
+        assert_eq!(a.history[3]["tool_call_id"], "t2");
+        assert!(
+            a.history[3]["content"]
+                .as_str()
+                .unwrap_or("")
+                .contains("interrupted")
+        );
+        assert_eq!(a.history[4]["content"], "next");
+        // A call waiting for the caller is left alone.
+        a.history.push(json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "t3", "type": "function", "function": {"name": "collect_digits", "arguments": "{}"}}]}));
+        a.pending = Some(Pending::Digits { id: "t3".into() });
+        let before = a.history.len();
+        a.repair();
+        assert_eq!(a.history.len(), before);
+    }
+
+    #[test]
+    fn dates_are_civil() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_422), (2025, 11, 30));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+}
