@@ -525,12 +525,26 @@ async fn a_slow_model_gets_a_filler_then_the_fallback_and_the_call_goes_on() {
 async fn a_failing_model_sends_the_caller_to_a_human() {
     let llm = LlmEmu::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = agent_config(dir.path(), &llm.base_url(), "http://127.0.0.1:9", "");
+    let cfg = agent_config(
+        dir.path(),
+        &llm.base_url(),
+        "http://127.0.0.1:9",
+        "max_failures = 4",
+    );
     llm.push(Reply::Status {
         code: 429,
         body: error_body("Rate limit reached", "requests", "rate_limit_exceeded"),
     });
-    // A stream cut mid-reply, then a malformed chunk: each a failure.
+    // A malformed chunk, a 500, a stream cut mid-reply: each a failure.
+    llm.push(Reply::Stream(vec![
+        Step::Role,
+        Step::Raw("{\"choices\": [{\"delta\": {\"content\": \"We".into()),
+        Step::Done,
+    ]));
+    llm.push(Reply::Status {
+        code: 500,
+        body: error_body("The server had an error", "server_error", ""),
+    });
     llm.push(Reply::Stream(vec![
         Step::Role,
         Step::Content("We open".into()),
@@ -539,6 +553,8 @@ async fn a_failing_model_sends_the_caller_to_a_human() {
     let callers = vec![
         speak(dir.path(), "hours", "when are you open"),
         speak(dir.path(), "again", "when do you open"),
+        speak(dir.path(), "third", "what are your hours"),
+        speak(dir.path(), "fourth", "hello"),
     ];
     let call = simulate(cfg, dir.path(), agent_args(callers)).await;
     let said = call.said().join(" | ");
@@ -559,6 +575,19 @@ async fn a_failing_model_sends_the_caller_to_a_human() {
         .map(|e| e["message"].as_str().unwrap_or("").to_string())
         .collect();
     assert!(errors.iter().any(|e| e.contains("429")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("500")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("not a chat completion chunk")),
+        "{errors:?}"
+    );
+    assert!(errors.iter().any(|e| e.contains("broke")), "{errors:?}");
+    assert_eq!(
+        said.matches("Sorry, I'm having trouble").count(),
+        3,
+        "{said}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -710,9 +739,15 @@ async fn llm_latency_figures() {
     let llm = LlmEmu::start().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = agent_config(dir.path(), &llm.base_url(), "http://127.0.0.1:9", "");
-    for _ in 0..TURNS {
+    // A different first sentence each turn: none comes from the prompt cache.
+    let towns = [
+        "Austin", "Boston", "Chicago", "Denver", "El Paso", "Fresno", "Houston", "Irvine",
+        "Jackson", "Kent", "Lansing", "Miami", "Newark", "Omaha", "Phoenix", "Quincy", "Reno",
+        "Salem", "Tampa", "Utica",
+    ];
+    for town in towns.iter().take(TURNS) {
         llm.push(text_reply(
-            "Your order shipped yesterday and arrives tomorrow before noon. Is there anything else I can help with?",
+            &format!("Your order left our {town} warehouse yesterday and arrives tomorrow. Is there anything else I can help with?"),
             30,
             25,
         ));

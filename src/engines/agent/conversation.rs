@@ -93,7 +93,9 @@ impl Dialog for Conversation {
                 if !self.flow_turn(turn, &mut out).await? {
                     return Ok(());
                 }
-                AgentAsk::HandedOver
+                AgentAsk::HandedOver {
+                    disclosed: self.flow.disclosed(),
+                }
             }
             (None, Ask::Input(i)) => {
                 let turn = self.flow.input(i).await?;
@@ -101,7 +103,9 @@ impl Dialog for Conversation {
                 if !self.flow_turn(turn, &mut out).await? {
                     return Ok(());
                 }
-                AgentAsk::HandedOver
+                AgentAsk::HandedOver {
+                    disclosed: self.flow.disclosed(),
+                }
             }
             (Some(_), Ask::Start) => AgentAsk::Open,
             (Some(_), Ask::Input(i)) => AgentAsk::Input(i),
@@ -110,7 +114,7 @@ impl Dialog for Conversation {
             let Some(agent) = self.agent.as_mut() else {
                 break;
             };
-            let ask = std::mem::replace(&mut agent_ask, AgentAsk::HandedOver);
+            let ask = std::mem::replace(&mut agent_ask, AgentAsk::HandedOver { disclosed: true });
             match agent.turn(ask, &mut out).await? {
                 Outcome::Handback => {
                     tracing::info!("the agent hands the call back to the flow");

@@ -46,7 +46,7 @@ const MAX_NO_INPUT: u32 = 3;
 /// Read-backs asked again when the answer is neither yes nor no.
 const CONFIRM_ASKS: u32 = 2;
 /// Words in a row shared with the system prompt that make a reply a leak of its instructions.
-const LEAK_WORDS: usize = 6;
+const LEAK_WORDS: usize = 10;
 /// Said instead of a reply that reads out the agent's instructions.
 const LEAK_REFUSAL: &str = "Sorry, I can't share that.";
 
@@ -56,6 +56,32 @@ fn words_of(text: &str) -> Vec<String> {
         .filter(|w| !w.is_empty())
         .map(str::to_lowercase)
         .collect()
+}
+
+/// The text without its quoted passages: lines the prompt gives the model to say are not
+/// secret.
+fn unquoted(text: &str) -> String {
+    let mut out = String::new();
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                out.push(' ');
+            }
+            '“' => {
+                quoted = true;
+                out.push(' ');
+            }
+            '”' => {
+                quoted = false;
+                out.push(' ');
+            }
+            c if !quoted => out.push(c),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Every run of `LEAK_WORDS` words of `text`.
@@ -158,6 +184,22 @@ enum Pending {
     Confirm { call: ToolCall, asked: u32 },
 }
 
+/// A webhook request in flight.
+struct Running {
+    id: String,
+    name: String,
+    arguments: Value,
+    task: tokio::task::JoinHandle<tools::WebhookResult>,
+    limit_ms: u64,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // The call is over (the agent dropped): nothing will read the result.
+        self.task.abort();
+    }
+}
+
 /// Marks a spoken entry as model text not yet committed to history.
 const UNCOMMITTED: usize = usize::MAX;
 
@@ -187,6 +229,12 @@ pub struct Agent {
     tool_seq: u64,
     /// Keys the model sent mid-turn, sent once this reply has played.
     pending_dtmf: Option<String>,
+    /// A webhook request in flight (kept across a turn cut short).
+    running: Option<Running>,
+    /// Confirmed tool calls whose request is in flight.
+    confirmed: std::collections::HashSet<String>,
+    /// Tool records from a turn cut short, written with the next reply.
+    late_notes: Vec<Value>,
     /// Runs of words of the system prompt: a reply that repeats one is not spoken.
     secret: std::collections::HashSet<String>,
 }
@@ -197,6 +245,8 @@ struct TurnClock {
     first_sent: Option<Instant>,
     stats: LlmStats,
     filler_said: bool,
+    /// The model's own words were said this turn (a filler does not count).
+    model_said: bool,
 }
 
 impl Agent {
@@ -260,7 +310,10 @@ impl Agent {
             no_inputs: 0,
             tool_seq: 0,
             pending_dtmf: None,
-            secret: shingles(&words_of(&profile.file.system_prompt)),
+            running: None,
+            confirmed: Default::default(),
+            late_notes: Vec::new(),
+            secret: shingles(&words_of(&unquoted(&profile.file.system_prompt))),
             profile,
         }
     }
@@ -290,7 +343,8 @@ impl Agent {
     fn messages(&self) -> Vec<Value> {
         let max = self.llm.history_messages;
         let mut start = self.history.len().saturating_sub(max);
-        while start < self.history.len() && self.history[start]["role"] != "user" {
+        // A caller's message, or the very first message (the greeting).
+        while start > 0 && start < self.history.len() && self.history[start]["role"] != "user" {
             start += 1;
         }
         if start >= self.history.len() {
@@ -371,6 +425,10 @@ impl Agent {
         ask: AgentAsk,
         out: &mut ReplyOut<'_>,
     ) -> Result<Outcome, DialogError> {
+        self.settle_running(out).await;
+        for note in std::mem::take(&mut self.late_notes) {
+            out.note("tool_call", note).await;
+        }
         self.commit_inflight();
         self.spoken.clear();
         if out.words > 0 {
@@ -394,7 +452,16 @@ impl Agent {
                 }
                 self.history.push(json!({"role": "user", "content": "[The call has just been answered. Greet the caller.]"}));
             }
-            AgentAsk::HandedOver => {
+            AgentAsk::HandedOver { disclosed } => {
+                // The caller learns they speak with an AI before the model's first words.
+                let disclosure = match &self.profile.file.disclosure {
+                    Some(d) => Some(d.clone()),
+                    None if !disclosed => Some(self.disclosure.clone()),
+                    None => None,
+                };
+                if let Some(d) = disclosure.filter(|d| !d.trim().is_empty()) {
+                    self.say(out, &d).await?;
+                }
                 self.history.push(json!({"role": "user", "content": "[The automated menu has handed the call to you. Carry on helping the caller.]"}));
             }
             AgentAsk::Input(input) => {
@@ -473,7 +540,9 @@ impl Agent {
                 };
                 match answer {
                     Some(YesNo::Yes) => {
+                        self.confirmed.insert(call.id.clone());
                         let result = self.run_webhook(&call, out, clock).await?;
+                        self.confirmed.remove(&call.id);
                         let mut content = result;
                         content["confirmed_by_caller"] = json!(true);
                         self.tool_result(&call.id, &content);
@@ -631,7 +700,6 @@ impl Agent {
         let mut tail: Vec<String> = Vec::new();
         let mut leaked = false;
         while let Some(delta) = streaming.next_text().await? {
-            self.inflight.push_str(&delta);
             for piece in splitter.push(&delta) {
                 self.guarded_piece(out, piece, clock, &mut tail, &mut leaked)
                     .await
@@ -644,10 +712,7 @@ impl Agent {
                 .map_err(gone)?;
         }
         let completion = streaming.finish()?;
-        if leaked {
-            // History keeps what was said, not what the model wrote.
-            self.inflight = LEAK_REFUSAL.to_string();
-        }
+        let _ = leaked;
         clock.stats.total_ms = Some(ms_between(first_sent, Instant::now()));
         clock.stats.stream_end_at_ms = out.sink.call_ms();
         let _ = out.sink.send(ReplyPart::Stats(clock.stats)).await;
@@ -718,6 +783,10 @@ impl Agent {
             )
             .await;
             let before = out.words;
+            if !self.inflight.is_empty() {
+                self.inflight.push(' ');
+            }
+            self.inflight.push_str(LEAK_REFUSAL);
             out.say(LEAK_REFUSAL).await?;
             self.spoken.push((Some(UNCOMMITTED), out.words - before));
             return Ok(());
@@ -737,6 +806,12 @@ impl Agent {
             clock.stats.first_piece_at_ms = out.sink.call_ms();
         }
         let before = out.words;
+        // History holds what was said, piece by piece, not what the model wrote past it.
+        if !self.inflight.is_empty() {
+            self.inflight.push(' ');
+        }
+        self.inflight.push_str(&piece);
+        clock.model_said = true;
         out.segment(Segment {
             text: piece,
             pause_after_ms: 0,
@@ -792,7 +867,7 @@ impl Agent {
                         )
                         .await;
                         metrics::counter!(crate::telemetry::names::TOOL_CALLS, "tool" => "transfer_call", "result" => "ok").increment(1);
-                        if !out.said() {
+                        if !clock.model_said {
                             self.say(out, &announce).await?;
                         }
                         self.tool_result(&call.id, &json!({"ok": true, "transferring_to": target}));
@@ -814,7 +889,7 @@ impl Agent {
                 "end_call" => {
                     out.note("tool_call", json!({"name": "end_call", "ok": true}))
                         .await;
-                    if !out.said() {
+                    if !clock.model_said {
                         self.say(out, "Goodbye.").await?;
                     }
                     self.tool_result(&call.id, &json!({"ok": true}));
@@ -947,29 +1022,100 @@ impl Agent {
         };
         self.tool_seq += 1;
         let key = format!("{}-{}-{}", self.call_id, self.tool_seq, call.id);
-        let http = self.engines.http.clone();
-        let work = tools::call_webhook(&http, &t, &call.arguments, &key);
-        tokio::pin!(work);
+        let (http, args) = (self.engines.http.clone(), call.arguments.clone());
+        let limit = t.timeout_ms.saturating_mul(u64::from(t.retries) + 1);
+        // On its own task, owned by the agent: a turn the caller cuts short does not cancel a
+        // request that may already have changed something (a refund); the next turn waits for
+        // its result and tells the model what really happened.
+        let task = tokio::spawn(async move { tools::call_webhook(&http, &t, &args, &key).await });
+        self.running = Some(Running {
+            id: call.id.clone(),
+            name: call.name.clone(),
+            arguments: call.arguments.clone(),
+            task,
+            limit_ms: limit.saturating_add(2_000),
+        });
         let filler_at = Instant::now() + Duration::from_millis(self.llm.filler_after_ms);
-        let result = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                _ = tokio::time::sleep_until(filler_at), if !clock.filler_said && !out.said() => {
-                    clock.filler_said = true;
-                    let f = self.llm.filler.clone();
-                    self.say(out, &f).await?;
+        loop {
+            let Some(r) = self.running.as_mut() else {
+                return Ok(json!({"error": "lost"}));
+            };
+            let filler = tokio::select! {
+                done = &mut r.task => {
+                    let r = self.running.take();
+                    let result = done.unwrap_or_else(|_| tools::WebhookResult {
+                        content: json!({"error": "the tool failed inside sidecall"}),
+                        ok: false,
+                        tries: 0,
+                        ms: 0,
+                    });
+                    return Ok(self.webhook_done(r, result, Some(out)).await);
+                }
+                _ = tokio::time::sleep_until(filler_at), if !clock.filler_said && !clock.model_said => true,
+            };
+            if filler {
+                clock.filler_said = true;
+                let f = self.llm.filler.clone();
+                self.say(out, &f).await?;
+            }
+        }
+    }
+
+    /// A webhook's result: logged and recorded (sensitive arguments redacted), for the model.
+    async fn webhook_done(
+        &mut self,
+        running: Option<Running>,
+        result: tools::WebhookResult,
+        out: Option<&mut ReplyOut<'_>>,
+    ) -> Value {
+        let Some(r) = running else {
+            return result.content;
+        };
+        let sensitive = self
+            .profile
+            .file
+            .tools
+            .get(&r.name)
+            .map(|t| t.sensitive.clone())
+            .unwrap_or_default();
+        let args = tools::redact(&r.arguments, &sensitive);
+        tracing::info!(call_id = %self.call_id, tool = %r.name, arguments = %args, ok = result.ok, tries = result.tries, ms = result.ms, "webhook tool");
+        let note = json!({"name": r.name, "arguments": args, "ok": result.ok, "tries": result.tries, "ms": result.ms});
+        match out {
+            Some(out) => out.note("tool_call", note).await,
+            None => self.late_notes.push(note),
+        }
+        metrics::counter!(crate::telemetry::names::TOOL_CALLS, "tool" => "webhook", "result" => if result.ok { "ok" } else { "error" }).increment(1);
+        result.content
+    }
+
+    /// A webhook a cut-short turn left running: its real result goes into history (waited for,
+    /// within its own limit) before anything else.
+    async fn settle_running(&mut self, out: &mut ReplyOut<'_>) {
+        let Some(mut r) = self.running.take() else {
+            return;
+        };
+        let result = match tokio::time::timeout(Duration::from_millis(r.limit_ms), &mut r.task)
+            .await
+        {
+            Ok(Ok(result)) => result,
+            _ => {
+                r.task.abort();
+                tools::WebhookResult {
+                    content: json!({"error": "outcome unknown: the request did not finish; do not assume it was done or not done"}),
+                    ok: false,
+                    tries: 0,
+                    ms: 0,
                 }
             }
         };
-        let args = tools::redact(&call.arguments, &t.sensitive);
-        tracing::info!(call_id = %self.call_id, tool = %call.name, arguments = %args, ok = result.ok, tries = result.tries, ms = result.ms, "webhook tool");
-        out.note(
-            "tool_call",
-            json!({"name": call.name, "arguments": args, "ok": result.ok, "tries": result.tries, "ms": result.ms}),
-        )
-        .await;
-        metrics::counter!(crate::telemetry::names::TOOL_CALLS, "tool" => "webhook", "result" => if result.ok { "ok" } else { "error" }).increment(1);
-        Ok(result.content)
+        let id = r.id.clone();
+        let confirmed = self.confirmed.remove(&id);
+        let mut content = self.webhook_done(Some(r), result, Some(out)).await;
+        if confirmed {
+            content["confirmed_by_caller"] = json!(true);
+        }
+        self.tool_result(&id, &content);
     }
 
     /// What the caller heard of the last reply: model text they did not hear leaves history.
@@ -1029,8 +1175,11 @@ impl Agent {
 pub enum AgentAsk {
     /// The call opens with the agent.
     Open,
-    /// A flow handed the call over (its words are already said in this reply).
-    HandedOver,
+    /// A flow handed the call over (its words are already said in this reply); `disclosed`:
+    /// the flow played an AI disclosure.
+    HandedOver {
+        disclosed: bool,
+    },
     Input(Input),
 }
 

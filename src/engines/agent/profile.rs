@@ -170,6 +170,13 @@ impl AgentProfile {
             if t.parameters.get("type").and_then(Value::as_str) != Some("object") {
                 return Err(tool("parameters must be a JSON schema of type \"object\""));
             }
+            if let Some(p) = &t.confirm_prompt {
+                if let Some(s) = t.sensitive.iter().find(|s| p.contains(&format!("{{{s}}}"))) {
+                    return Err(tool(&format!(
+                        "confirm_prompt reads out `{s}`, which is sensitive (it would be spoken and recorded)"
+                    )));
+                }
+            }
             if t.timeout_ms == 0 || t.timeout_ms > 60_000 || t.retries > 5 {
                 return Err(tool("timeout_ms must be 1..60000 and retries at most 5"));
             }

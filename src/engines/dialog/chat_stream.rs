@@ -93,11 +93,23 @@ impl ChatStream {
         if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
             for (pos, call) in calls.iter().enumerate() {
                 self.fragments = self.fragments.saturating_add(1);
-                let index = call
+                let id = call.get("id").and_then(Value::as_str).unwrap_or_default();
+                let index = match call
                     .get("index")
                     .and_then(Value::as_u64)
                     .and_then(|i| usize::try_from(i).ok())
-                    .unwrap_or(pos);
+                {
+                    Some(i) => i,
+                    // No index: a new id starts a new call; a fragment without one goes on
+                    // the last call.
+                    None => match self.calls.iter().next_back() {
+                        Some((&last, p)) if !id.is_empty() && !p.id.is_empty() && p.id != id => {
+                            last.saturating_add(1)
+                        }
+                        Some((&last, _)) if id.is_empty() => last,
+                        _ => pos,
+                    },
+                };
                 let p = self.calls.entry(index).or_default();
                 if let Some(id) = call.get("id").and_then(Value::as_str) {
                     if !id.is_empty() && p.id != id {
@@ -173,6 +185,25 @@ fn clip(s: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn calls_without_an_index_are_told_apart_by_their_ids() {
+        let mut s = ChatStream::new();
+        for c in [
+            json!({"choices": [{"delta": {"tool_calls": [{"id": "a", "function": {"name": "x", "arguments": "{\"n\":"}}]}}]}),
+            json!({"choices": [{"delta": {"tool_calls": [{"function": {"arguments": "1}"}}]}}]}),
+            json!({"choices": [{"delta": {"tool_calls": [{"id": "b", "function": {"name": "y", "arguments": "{}"}}]}}]}),
+        ] {
+            s.push(&c.to_string()).unwrap_or_default();
+        }
+        let calls = s.finish().unwrap_or_default();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(
+            (calls[0].name.as_str(), &calls[0].arguments),
+            ("x", &json!({"n": 1}))
+        );
+        assert_eq!(calls[1].name, "y");
+    }
 
     fn chunk(delta: Value, finish: Option<&str>) -> String {
         json!({

@@ -501,6 +501,11 @@ impl ScriptedDialog {
         &self.slots
     }
 
+    /// Whether the flow's opening plays an AI disclosure.
+    pub fn disclosed(&self) -> bool {
+        !self.disclosure.trim().is_empty()
+    }
+
     /// The agent the last turn handed the call to (and the state to return to), once.
     pub fn take_handover(&mut self) -> Option<(String, Option<String>)> {
         self.handover.take()

@@ -7,9 +7,9 @@
 /// Words whose trailing period does not end a sentence (compared without case and dots).
 const ABBREVIATIONS: &[&str] = &[
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "ft", "vs", "etc", "eg", "ie", "inc",
-    "ltd", "co", "corp", "no", "nos", "approx", "dept", "est", "fig", "vol", "am", "pm", "us",
-    "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "mon",
-    "tue", "tues", "wed", "thu", "thurs", "fri", "sat", "sun", "ave", "blvd", "rd", "apt", "ext",
+    "ltd", "co", "corp", "no", "nos", "approx", "dept", "est", "fig", "vol", "am", "pm", "jan",
+    "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "mon", "tue",
+    "tues", "wed", "thu", "thurs", "fri", "sat", "sun", "ave", "blvd", "rd", "apt", "ext",
 ];
 
 /// Cuts streamed text into speakable pieces.
@@ -81,6 +81,14 @@ impl PieceSplitter {
                 continue;
             }
             let piece_len = k.saturating_sub(lead);
+            // "5, 5, 4, 2, 1": digits read one by one are one number; wait for what follows.
+            if c == ',' && k > 0 && chars[k - 1].1.is_ascii_digit() {
+                match chars[j..].iter().find(|(_, q)| !q.is_whitespace()) {
+                    None => return None,
+                    Some((_, q)) if q.is_ascii_digit() => continue,
+                    Some(_) => {}
+                }
+            }
             let ends = match c {
                 '!' | '?' => true,
                 '.' => !self.period_is_not_an_end(&b[..i]),
@@ -110,9 +118,49 @@ impl PieceSplitter {
         if ABBREVIATIONS.contains(&bare.as_str()) {
             return true;
         }
+        // Dotted abbreviations: "U.S.", "e.g.", "a.m.".
+        if word.trim_end_matches('.').contains('.')
+            && word.chars().filter(|c| c.is_alphabetic()).count() <= 4
+        {
+            return true;
+        }
         // An initial: one capital letter ("J. Smith").
         let mut letters = word.chars();
         matches!((letters.next(), letters.next()), (Some(l), None) if l.is_uppercase())
+    }
+}
+
+#[cfg(test)]
+mod digit_tests {
+    use super::*;
+
+    fn all(text: &str) -> Vec<String> {
+        let mut s = PieceSplitter::new(10, 200);
+        let mut out = Vec::new();
+        for c in text.chars() {
+            out.extend(s.push(&c.to_string()));
+        }
+        out.extend(s.finish());
+        out
+    }
+
+    #[test]
+    fn digits_read_one_by_one_stay_together_and_us_ends_a_sentence() {
+        assert_eq!(
+            all("Thanks, your order number is 5, 5, 4, 2, 1, and it shipped."),
+            [
+                "Thanks, your order number is 5, 5, 4, 2, 1,",
+                "and it shipped."
+            ]
+        );
+        assert_eq!(
+            all("Thank you for calling us. Your order is here. We ship to the U.S. and Canada."),
+            [
+                "Thank you for calling us.",
+                "Your order is here.",
+                "We ship to the U.S. and Canada."
+            ]
+        );
     }
 }
 
