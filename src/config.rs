@@ -263,6 +263,12 @@ pub struct LlmConfig {
     pub history_messages: usize,
     /// Model requests in one turn (each tool result asks again).
     pub max_rounds: u32,
+    /// Send the tools (built-ins and webhooks). Off for a server that rejects tools (vLLM
+    /// without `--enable-auto-tool-choice`): the agent then only talks.
+    pub tools: bool,
+    /// The request field for the reply's length: "max_tokens" (most servers) or
+    /// "max_completion_tokens" (OpenAI's reasoning models, which refuse the other).
+    pub max_tokens_field: String,
     pub api_key_env: String,
     #[serde(skip)]
     pub api_key: Option<Secret>,
@@ -286,6 +292,8 @@ impl Default for LlmConfig {
             escalate_prompt: "Let me connect you with someone who can help.".into(),
             history_messages: 40,
             max_rounds: 5,
+            tools: true,
+            max_tokens_field: "max_tokens".into(),
             api_key_env: "SIDECALL_LLM_API_KEY".into(),
             api_key: None,
         }
@@ -1110,6 +1118,12 @@ impl Config {
             if ms == 0 || ms > 120_000 {
                 return Err(bad(key, "must be 1..120000 ms".into()));
             }
+        }
+        if !["max_tokens", "max_completion_tokens"].contains(&self.llm.max_tokens_field.as_str()) {
+            return Err(bad(
+                "llm.max_tokens_field",
+                "must be \"max_tokens\" or \"max_completion_tokens\"".into(),
+            ));
         }
         if !(0.0..=2.0).contains(&self.llm.temperature) {
             return Err(bad("llm.temperature", "must be 0.0..2.0".into()));

@@ -676,7 +676,10 @@ hangup = true
     ));
     llm.push(tool_reply(
         Some("Your PIN is verified."),
-        &[("call_h", "return_to_flow", json!({"summary": "verified"}))],
+        &[
+            ("call_d", "send_dtmf", json!({"digits": "12#"})),
+            ("call_h", "return_to_flow", json!({"summary": "verified"})),
+        ],
         20,
     ));
     let args = SimulateArgs {
@@ -718,6 +721,71 @@ hangup = true
             .iter()
             .any(|h| h["to"] == "agent:support")
     );
+    // The keys the model sent went out on the call.
+    assert_eq!(call.report.dtmf_sent_by_agent, vec!["12#".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_refund_cut_short_by_the_caller_still_reports_its_real_result() {
+    let llm = LlmEmu::start().await;
+    let hook = HookEmu::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = agent_config(dir.path(), &llm.base_url(), &hook.url(""), "");
+    // A slow refund service: the caller speaks over the filler while it works.
+    hook.push(HookReply::Json {
+        status: 200,
+        body: json!({"refund": "R-88", "state": "issued"}),
+        delay_ms: 3_000,
+    });
+    llm.push(tool_reply(
+        None,
+        &[(
+            "call_r",
+            "refund_order",
+            json!({"order_id": "55421", "amount": 20}),
+        )],
+        20,
+    ));
+    llm.push(text_reply("Your refund R-88 is issued.", 30, 25));
+    let callers = vec![
+        speak(dir.path(), "refund", "please refund my order"),
+        speak(dir.path(), "yes", "yes"),
+        speak(dir.path(), "hello", "hello, can you hear me"),
+    ];
+    let mut args = agent_args(callers);
+    args.max_seconds = 30;
+    let call = simulate(cfg, dir.path(), args).await;
+    // The filler was cut by the caller while the refund ran.
+    assert!(
+        call.of_type("playout_end")
+            .iter()
+            .any(|p| p["complete"] == false && p["heard"].as_str().unwrap_or("").contains("One")),
+        "{}",
+        call.dump()
+    );
+    assert_eq!(hook.requests().len(), 1);
+    assert!(
+        llm.wait_requests(2, Duration::from_secs(1)).await,
+        "{}",
+        call.dump()
+    );
+    let second = messages(&llm, 1);
+    let tool = second
+        .iter()
+        .find(|m| m["role"] == "tool" && m["tool_call_id"] == "call_r")
+        .unwrap_or_else(|| panic!("{second:#?}"))["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        tool.contains("R-88") && tool.contains("confirmed_by_caller") && !tool.contains("not done"),
+        "{tool}"
+    );
+    let user = last_of_role(&second, "user").unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(user.contains("hello") || user.contains("hear"), "{user}");
 }
 
 /// Percentile of sorted values.

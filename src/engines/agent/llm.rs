@@ -41,6 +41,8 @@ pub struct LlmSettings {
     pub model: String,
     pub temperature: f32,
     pub max_tokens: u32,
+    /// "max_tokens" or "max_completion_tokens".
+    pub max_tokens_field: String,
     pub api_key: Option<Secret>,
     pub first_token_timeout: Duration,
     pub total_timeout: Duration,
@@ -125,8 +127,8 @@ impl ChatClient {
             "stream": true,
             "stream_options": {"include_usage": true},
             "temperature": s.temperature,
-            "max_tokens": s.max_tokens,
         });
+        body[s.max_tokens_field.as_str()] = json!(s.max_tokens);
         if !tools.is_empty() {
             body["tools"] = Value::Array(tools.to_vec());
             body["tool_choice"] = json!("auto");

@@ -266,13 +266,17 @@ impl Agent {
             model: f.model.clone().unwrap_or_else(|| cfg.llm.model.clone()),
             temperature: f.temperature.unwrap_or(cfg.llm.temperature),
             max_tokens: f.max_tokens.unwrap_or(cfg.llm.max_tokens),
+            max_tokens_field: cfg.llm.max_tokens_field.clone(),
             api_key: cfg.llm.api_key.clone(),
             first_token_timeout: Duration::from_millis(cfg.llm.first_token_timeout_ms),
             total_timeout: Duration::from_millis(cfg.llm.timeout_ms),
         };
-        let mut tools = tools::builtins(&f.transfers, can_hand_back);
-        for (name, t) in &f.tools {
-            tools.push(tools::webhook(name, t));
+        let mut tools = Vec::new();
+        if cfg.llm.tools {
+            tools = tools::builtins(&f.transfers, can_hand_back);
+            for (name, t) in &f.tools {
+                tools.push(tools::webhook(name, t));
+            }
         }
         let announce = f
             .transfers
@@ -998,7 +1002,15 @@ impl Agent {
         }
         match end {
             Some(Outcome::End { next, .. }) => Ok(Some(Outcome::End { send_dtmf, next })),
-            Some(Outcome::Handback) => Ok(Some(Outcome::Handback)),
+            Some(Outcome::Handback) => {
+                // Keys go out with the reply the flow goes on with.
+                if let Some(k) = send_dtmf {
+                    self.pending_dtmf
+                        .get_or_insert_with(String::new)
+                        .push_str(&k);
+                }
+                Ok(Some(Outcome::Handback))
+            }
             // Keys asked for without an end: sent after this reply; the model goes on.
             None if send_dtmf.is_some() => {
                 let mut keys = self.pending_dtmf.take().unwrap_or_default();
@@ -1474,6 +1486,25 @@ mod tests {
         let before = a.history.len();
         a.repair();
         assert_eq!(a.history.len(), before);
+    }
+
+    #[test]
+    fn lines_the_prompt_quotes_are_not_secret_but_its_rules_are() {
+        let prompt = "Never give refunds above fifty dollars without a supervisor approving it first. \
+            When done, say \"Thank you for calling ShopEasy, have a wonderful day and goodbye now.\"";
+        let secret = shingles(&words_of(&unquoted(prompt)));
+        let leaks = |text: &str| {
+            words_of(text)
+                .windows(LEAK_WORDS)
+                .any(|w| secret.contains(&w.join(" ")))
+        };
+        assert!(!leaks(
+            "Thank you for calling ShopEasy, have a wonderful day and goodbye now."
+        ));
+        assert!(leaks(
+            "My rules: never give refunds above fifty dollars without a supervisor approving it."
+        ));
+        assert!(!leaks("I can refund up to fifty dollars today."));
     }
 
     #[test]
