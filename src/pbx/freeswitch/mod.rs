@@ -856,3 +856,35 @@ async fn run_one(
     player_task.abort();
     media.abort();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_metadata_chooses_before_the_channel_variables() {
+        let park = CallArgs {
+            flow: Some("order_status".into()),
+            agent: Some("support".into()),
+            caller: Some("5550100".into()),
+            ..CallArgs::default()
+        };
+        // Only the variables: the park's choice (an agent wins over a flow) and number.
+        let a = call_args(None, park.clone());
+        assert_eq!(a.agent.as_deref(), Some("support"));
+        assert_eq!(a.caller.as_deref(), Some("5550100"));
+        // The metadata names a flow: the variables' agent is not used.
+        let a = call_args(Some(r#"{"flow": "payment", "account": 77}"#), park.clone());
+        assert_eq!(
+            (a.flow.as_deref(), a.agent.as_deref()),
+            (Some("payment"), None)
+        );
+        assert_eq!(a.vars.get("account").map(String::as_str), Some("77"));
+        assert_eq!(a.caller.as_deref(), Some("5550100"));
+        let a = call_args(Some("agent=billing_bot,lang=en"), park.clone());
+        assert_eq!(a.agent.as_deref(), Some("billing_bot"));
+        // Garbage metadata is ignored, not fatal.
+        let a = call_args(Some("{not json"), park);
+        assert_eq!(a.agent.as_deref(), Some("support"));
+    }
+}
