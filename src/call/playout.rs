@@ -152,6 +152,10 @@ impl Playout {
         }
         if self.started {
             self.ticks_since_start += 1;
+            // The PBX played all it had and then silence (TTS or the dialog was behind): that
+            // time is not owed. Without this the gap would go out as a burst and sit queued
+            // at the PBX, far past the lead.
+            self.ticks_since_start = self.ticks_since_start.min(self.frames_sent);
         }
         // Keep `lead` frames queued at the PBX ahead of what is playing.
         let outstanding = self.frames_sent.saturating_sub(self.ticks_since_start) as usize;
@@ -342,6 +346,26 @@ mod tests {
         }
         assert_eq!(link.marks, vec![10, 11]);
         assert!(p.on_mark(11));
+    }
+
+    #[test]
+    fn after_an_underrun_the_pbx_queue_is_refilled_to_the_lead_not_by_the_gap() {
+        // A streamed reply: the next sentence comes a second after the first one played.
+        let mut p = Playout::new(&segs()[..1], 0, 160, 2).streaming();
+        let mut link = Rec::default();
+        p.add_audio(0, &[1; 160 * 5]);
+        p.synth_done(0);
+        for _ in 0..60 {
+            p.tick(&mut link).unwrap();
+        }
+        p.push(&segs()[1]);
+        p.add_audio(1, &[1; 160 * 40]);
+        p.synth_done(1);
+        let sent: Vec<usize> = (0..10).map(|_| p.tick(&mut link).unwrap().frames).collect();
+        // The lead again at once, then one frame a tick: never the second of gap as a burst.
+        assert_eq!(sent, [3, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
+        // As at the start of a reply: the frame playing and the lead of two.
+        assert_eq!(p.queued_ms(), 60);
     }
 
     #[test]
