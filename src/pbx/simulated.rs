@@ -198,7 +198,10 @@ async fn run(
                     queue.clear();
                     queued_frames = 0;
                 }
-                None => break,
+                None => {
+                    settle_ctl(&mut ctl_rx, &mut report);
+                    break;
+                }
             },
             _ = ticker.tick() => {
                 if tick == 0 {
@@ -265,6 +268,7 @@ async fn run(
                     && ev_tx.try_send(MediaEvent::Audio(caller)).is_err()
                     && ev_tx.is_closed()
                 {
+                    settle_ctl(&mut ctl_rx, &mut report);
                     break;
                 }
                 if tick >= max_ticks {
@@ -276,4 +280,16 @@ async fn run(
         }
     }
     report
+}
+
+/// The call went away: a transfer or hangup it sent just before (while this loop was busy with
+/// a tick) still takes effect, as on a real PBX.
+fn settle_ctl(ctl_rx: &mut mpsc::Receiver<Ctl>, report: &mut SimReport) {
+    while let Ok(ctl) = ctl_rx.try_recv() {
+        match ctl {
+            Ctl::Hangup(r) => report.end = SimEnd::AgentHangup(r),
+            Ctl::Transfer(t) => report.end = SimEnd::Transfer(t),
+            Ctl::Dtmf(d) => report.dtmf_sent_by_agent.push(d),
+        }
+    }
 }
