@@ -113,6 +113,16 @@ pub struct VadConfig {
     pub barge_in: bool,
     /// Caller speech needed during playout before the agent stops.
     pub barge_in_min_ms: u64,
+    /// At the first voiced frame over a reply the caller may interrupt, stop sending it at
+    /// once (the PBX plays out only its lead); a cough, a click or a backchannel resumes it.
+    pub pause_on_voice: bool,
+    /// A sound that stopped this long before it became speech (a cough, a click) resumes the
+    /// paused reply.
+    pub resume_after_ms: u64,
+    /// Speech shorter than this over a reply is transcribed before it cuts: a backchannel
+    /// ("mm-hm", "okay", "right") resumes the reply, anything else is a barge-in and the
+    /// caller's input. Longer speech cuts at once. 0: every speech past `barge_in_min_ms` cuts.
+    pub backchannel_max_ms: u64,
 }
 
 impl Default for VadConfig {
@@ -127,6 +137,9 @@ impl Default for VadConfig {
             min_level_dbfs: -50.0,
             barge_in: true,
             barge_in_min_ms: 120,
+            pause_on_voice: true,
+            resume_after_ms: 240,
+            backchannel_max_ms: 700,
         }
     }
 }
@@ -986,6 +999,13 @@ impl Config {
                 120_000,
             ),
             ("vad.barge_in_min_ms", self.vad.barge_in_min_ms, 0, 5_000),
+            ("vad.resume_after_ms", self.vad.resume_after_ms, 20, 5_000),
+            (
+                "vad.backchannel_max_ms",
+                self.vad.backchannel_max_ms,
+                0,
+                5_000,
+            ),
             (
                 "dtmf.inter_digit_timeout_ms",
                 self.dtmf.inter_digit_timeout_ms,

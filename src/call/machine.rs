@@ -236,6 +236,45 @@ struct Reply {
     /// When everything was sent: by then plus the queued audio plus MARK_TIMEOUT_MS the last
     /// mark must be back.
     marks_due_at: Option<u64>,
+    /// Paused by the caller's voice, until it proves to be a cough or a backchannel (resume)
+    /// or a turn (barge-in).
+    pause: Option<Pause>,
+}
+
+/// A reply paused by a sound from the caller.
+#[derive(Debug, Clone, Copy)]
+struct Pause {
+    since: u64,
+    /// The caller has been quiet since then.
+    quiet_since: Option<u64>,
+    /// The short utterance is being transcribed (ASR seq) to tell a backchannel from a turn.
+    checking: Option<u64>,
+}
+
+/// Most agent audio queued at the PBX (20 ms frames) for a pause to silence the caller's ear
+/// in time (the PBX plays out what it has).
+const PAUSE_MAX_LEAD_FRAMES: usize = 4;
+
+/// Words that acknowledge without taking the turn.
+const BACKCHANNELS: &[&str] = &[
+    "mm", "mmm", "hmm", "mhm", "hm", "uh", "huh", "um", "ah", "oh", "okay", "ok", "yeah", "yep",
+    "yes", "right", "sure", "alright", "i", "see", "got", "it", "cool", "great", "fine", "aha",
+    "uhhuh", "mmhm", "mmhmm", "hmhm",
+];
+
+/// The transcript is only acknowledgement ("mm-hm", "okay", "right", "I see").
+fn is_backchannel(text: &str) -> bool {
+    let words: Vec<String> = text
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '.' || c == '!' || c == '?')
+        .map(|w| {
+            w.chars()
+                .filter(|c| c.is_alphanumeric())
+                .flat_map(char::to_lowercase)
+                .collect::<String>()
+        })
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.len() <= 3 && words.iter().all(|w| BACKCHANNELS.contains(&w.as_str()))
 }
 
 /// One utterance of the input being recognized.
@@ -662,6 +701,7 @@ impl CallCore {
             requested_at: now,
             progress_at: now,
             marks_due_at: None,
+            pause: None,
         });
         Self::pump_tts(&mut reply, &mut self.actions);
         self.phase = Phase::Speaking(reply);
@@ -956,6 +996,29 @@ impl CallCore {
                     json!({"speech_ms": speech_ms, "endpoint_ms": endpoint_ms, "cut": cut}),
                 );
                 let ignored = std::mem::take(&mut self.ignore_speech);
+                // A short utterance over a paused reply: a backchannel, or the caller's turn?
+                // Its transcript says; the reply stays paused meanwhile.
+                let short = speech_ms < self.cfg.vad.backchannel_max_ms;
+                if let Phase::Speaking(r) = &mut self.phase {
+                    if let Some(p) = r.pause.as_mut().filter(|p| p.checking.is_none()) {
+                        if !ignored && short {
+                            self.asr_seq += 1;
+                            p.checking = Some(self.asr_seq);
+                            let seq = self.asr_seq;
+                            self.times = TurnTimes {
+                                speech_end: Some(now.saturating_sub(endpoint_ms)),
+                                endpoint_ms,
+                                ..TurnTimes::default()
+                            };
+                            self.actions.push_back(Action::Transcribe {
+                                seq,
+                                audio,
+                                hint: None,
+                            });
+                            return;
+                        }
+                    }
+                }
                 let listening = matches!(self.phase, Phase::Listening { .. });
                 let recognizing = matches!(self.phase, Phase::Recognizing { .. });
                 if ignored || !(listening || recognizing) {
@@ -994,6 +1057,11 @@ impl CallCore {
     }
 
     fn on_asr(&mut self, now: u64, seq: u64, result: Result<Transcript, AsrError>, ms: u64) {
+        if let Phase::Speaking(r) = &self.phase {
+            if r.pause.is_some_and(|p| p.checking == Some(seq)) {
+                return self.on_backchannel_check(now, result, ms);
+            }
+        }
         let Phase::Recognizing { texts, .. } = &mut self.phase else {
             return;
         };
@@ -1036,6 +1104,37 @@ impl CallCore {
             texts.insert(seq, piece);
         }
         self.check_recognized(now, false);
+    }
+
+    /// The transcript of a short utterance over a paused reply: acknowledgement (or nothing
+    /// to understand) resumes the reply; anything else was the caller taking the turn: the
+    /// reply is cut and the words go to the dialog.
+    fn on_backchannel_check(&mut self, now: u64, result: Result<Transcript, AsrError>, ms: u64) {
+        let (text, asr_ms, queue_ms) = match result {
+            Ok(t) => (
+                t.text.trim().to_string(),
+                t.process_ms.min(ms),
+                t.queue_ms.min(ms),
+            ),
+            Err(_) => (String::new(), ms, 0),
+        };
+        let backchannel = text.is_empty() || is_noise_transcript(&text) || is_backchannel(&text);
+        self.record(
+            now,
+            "transcript",
+            json!({"text": text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms, "backchannel": backchannel}),
+        );
+        if backchannel {
+            return self.resume(now, "backchannel");
+        }
+        self.times.asr_ms = asr_ms;
+        self.times.asr_queue_ms = queue_ms;
+        let times = std::mem::take(&mut self.times);
+        self.barge_in(now, "speech");
+        if matches!(self.phase, Phase::Listening { .. }) {
+            self.times = times;
+            self.ask(now, DialogCmd::Input(Input::Speech(text)));
+        }
     }
 
     /// Every transcript is in and the caller is not speaking again (or `force`: the wait for
@@ -1190,6 +1289,7 @@ impl CallCore {
             requested_at: now,
             progress_at: now,
             marks_due_at: None,
+            pause: None,
         });
         Self::pump_tts(&mut reply, &mut self.actions);
         self.phase = Phase::Speaking(reply);
@@ -1626,6 +1726,8 @@ impl CallCore {
         if self.detector.in_speech() && !self.ignore_speech {
             self.check_barge_in(now);
         }
+        // Before this tick's audio goes out: a voice pauses the reply now, not next tick.
+        self.check_pause(now);
         if let Some(entry) = self.digits.tick(now) {
             self.digits_done(now, entry.digits);
         }
@@ -1634,7 +1736,8 @@ impl CallCore {
         self.check_deadline(now);
     }
 
-    /// Barge-in check, run every tick while the caller speaks over the agent.
+    /// Barge-in check, run every tick while the caller speaks over the agent. With
+    /// backchannels on, speech short enough to be one waits (paused) for its transcript.
     fn check_barge_in(&mut self, now: u64) {
         let Phase::Speaking(r) = &self.phase else {
             return;
@@ -1642,9 +1745,90 @@ impl CallCore {
         if !r.playout.started() || !self.interruptible() {
             return;
         }
-        if self.detector.voiced_ms() >= self.cfg.vad.barge_in_min_ms {
+        let v = &self.cfg.vad;
+        let min = if self.pausable() && v.backchannel_max_ms > 0 {
+            v.barge_in_min_ms.max(v.backchannel_max_ms)
+        } else {
+            v.barge_in_min_ms
+        };
+        if self.detector.voiced_ms() >= min {
             self.barge_in(now, "speech");
         }
+    }
+
+    /// Pauses an interruptible reply at the caller's first voiced frame; resumes it when the
+    /// sound stopped before it became speech (a cough, a click); gives up on a pause that
+    /// lasts (the caller took the turn).
+    fn check_pause(&mut self, now: u64) {
+        if !self.pausable() || self.ignore_speech {
+            return;
+        }
+        let interruptible = self.interruptible();
+        let voice = self.detector.in_speech() || self.detector.voiced_ms() > 0;
+        let limit = self
+            .cfg
+            .vad
+            .end_silence_ms
+            .saturating_add(self.cfg.vad.backchannel_max_ms)
+            .saturating_add(self.asr_limit_ms());
+        let resume_after = self.cfg.vad.resume_after_ms;
+        let Phase::Speaking(r) = &mut self.phase else {
+            return;
+        };
+        if !r.playout.started() || !interruptible {
+            return;
+        }
+        let Some(p) = &mut r.pause else {
+            if voice {
+                r.pause = Some(Pause {
+                    since: now,
+                    quiet_since: None,
+                    checking: None,
+                });
+                r.playout.hold(true);
+                // What the PBX still has queued is dropped now (silent at the ear in this
+                // tick) and sent again if the reply resumes.
+                let resend = r.playout.unsend_queued();
+                if resend > 0 {
+                    self.actions.push_back(Action::Flush);
+                }
+                self.record(now, "pause", json!({"resend_frames": resend}));
+            }
+            return;
+        };
+        if now.saturating_sub(p.since) > limit {
+            return self.barge_in(now, "speech");
+        }
+        if voice {
+            p.quiet_since = None;
+            return;
+        }
+        let quiet = *p.quiet_since.get_or_insert(now);
+        if p.checking.is_none() && now.saturating_sub(quiet) >= resume_after {
+            self.resume(now, "noise");
+        }
+    }
+
+    /// Whether a pause silences the caller's ear: only when the PBX holds little of the reply
+    /// (chan_websocket, AudioSocket, RTP, mod_audio_fork). FreeSWITCH's stock playback has
+    /// over a second of files queued that only a cut (`uuid_break`) stops: there the caller's
+    /// speech cuts at `barge_in_min_ms` as before.
+    fn pausable(&self) -> bool {
+        self.cfg.vad.pause_on_voice && self.lead_frames <= PAUSE_MAX_LEAD_FRAMES
+    }
+
+    /// The paused reply goes on from where it stopped.
+    fn resume(&mut self, now: u64, why: &str) {
+        let Phase::Speaking(r) = &mut self.phase else {
+            return;
+        };
+        let Some(p) = r.pause.take() else {
+            return;
+        };
+        r.playout.hold(false);
+        r.progress_at = now;
+        let paused_ms = now.saturating_sub(p.since);
+        self.record(now, "resume", json!({"paused_ms": paused_ms, "by": why}));
     }
 
     /// What happens when the current phase's deadline has passed.

@@ -27,6 +27,9 @@ fn config() -> Config {
     cfg.vad.min_speech_ms = 100;
     cfg.vad.end_silence_ms = 600;
     cfg.vad.barge_in_min_ms = 120;
+    // The classic cut at barge_in_min_ms; pausing and backchannels have their own scenarios.
+    cfg.vad.pause_on_voice = false;
+    cfg.vad.backchannel_max_ms = 0;
     let dialplan = |ctx: &str, ext: &str| TransferTarget {
         context: Some(ctx.into()),
         extension: Some(ext.into()),
@@ -827,9 +830,10 @@ impl Lcg {
 /// end takes: no phase waits for ever.
 #[test]
 fn from_any_state_a_silent_world_still_ends_the_call() {
-    for seed in 0..300u64 {
+    for seed in 0..600u64 {
         let mut rng = Lcg(seed);
-        let mut cfg = config();
+        // Half the histories with pausing and backchannels on (the default configuration).
+        let mut cfg = if seed % 2 == 0 { config() } else { pausing() };
         cfg.call.max_duration_s = 120;
         let mut c = Call::new(cfg);
         let steps = rng.next(400);
@@ -1416,4 +1420,228 @@ fn a_dialog_failing_mid_stream_gets_the_error_prompt() {
         errors.iter().any(|(_, e)| e["stage"] == "dialog"),
         "{errors:?}"
     );
+}
+
+// ---- pause, resume, backchannels (the default configuration) ----
+
+fn pausing() -> Config {
+    let mut cfg = config();
+    cfg.vad.pause_on_voice = true;
+    cfg.vad.resume_after_ms = 240;
+    cfg.vad.backchannel_max_ms = 700;
+    cfg
+}
+
+/// The frames sent between two times (exclusive, inclusive).
+fn frames_between(c: &Call, from: u64, to: u64) -> usize {
+    c.log
+        .iter()
+        .filter(|(at, a)| *at > from && *at <= to && matches!(a, Action::SendAudio(_)))
+        .count()
+}
+
+/// The caller makes a sound for `ms` (voiced frames below min_speech_ms are a cough).
+fn pause_then(c: &mut Call, ms: u64) -> u64 {
+    let onset = c.now + 20;
+    c.speak(ms);
+    onset
+}
+
+#[test]
+fn a_cough_pauses_the_reply_in_its_tick_and_it_resumes_to_the_end() {
+    let mut c = Call::answered(pausing());
+    let text = "Thank you for calling, let me tell you about our offers.";
+    c.reply(say(text, true, listen()), 3_000);
+    c.wait(400);
+    let onset = pause_then(&mut c, 60); // 60 ms: never speech (min_speech_ms is 100)
+    let paused = c.records("pause");
+    assert_eq!(paused.len(), 1);
+    assert_eq!(
+        paused[0].0, onset,
+        "paused in the tick of the first voiced frame"
+    );
+    assert_eq!(
+        frames_between(&c, onset - 20, c.now),
+        0,
+        "nothing sent from the voiced frame on"
+    );
+    c.wait(200);
+    assert!(c.records("resume").is_empty(), "too soon to resume");
+    c.wait(100);
+    let resumed = c.records("resume");
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].1["by"], "noise");
+    // The rest of the reply plays; nothing was flushed, the caller hears all of it.
+    c.wait(3_200);
+    c.play_marks();
+    // One flush, at the pause (the PBX's queue, sent again on resume); no cut.
+    let flushes: Vec<u64> = c
+        .log
+        .iter()
+        .filter(|(_, a)| matches!(a, Action::Flush))
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(flushes, vec![onset]);
+    assert!(paused[0].1["resend_frames"].as_u64() > Some(0));
+    assert!(c.records("barge_in").is_empty());
+    let end = c.records("playout_end");
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0].1["complete"], true);
+    assert_eq!(end[0].1["heard"], text);
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+}
+
+#[test]
+fn a_backchannel_is_transcribed_and_the_reply_resumes_without_asking_the_dialog() {
+    let mut c = Call::answered(pausing());
+    let text = "Your order left the warehouse yesterday and will arrive tomorrow morning.";
+    c.reply(say(text, true, listen()), 4_000);
+    let asks_before = c
+        .log
+        .iter()
+        .filter(|(_, a)| matches!(a, Action::Dialog { .. }))
+        .count();
+    c.wait(600);
+    pause_then(&mut c, 300); // "mm-hm"
+    c.wait(700); // the utterance ends (600 ms of silence)
+    let (seq, _) = c
+        .log
+        .iter()
+        .find_map(|(_, a)| match a {
+            Action::Transcribe { seq, audio, .. } => Some((*seq, audio.len())),
+            _ => None,
+        })
+        .expect("the short utterance went to ASR");
+    assert_eq!(c.core.phase(), PhaseName::Speaking, "still paused, not cut");
+    c.send(Event::Asr {
+        seq,
+        result: Ok(Transcript {
+            text: " Mm-hmm. ".into(),
+            ..Transcript::default()
+        }),
+        ms: 250,
+    });
+    assert_eq!(c.records("resume")[0].1["by"], "backchannel");
+    c.wait(4_000);
+    c.play_marks();
+    let end = c.records("playout_end");
+    assert_eq!(end[0].1["complete"], true);
+    assert_eq!(end[0].1["heard"], text);
+    let asks_after = c
+        .log
+        .iter()
+        .filter(|(_, a)| matches!(a, Action::Dialog { .. }))
+        .count();
+    // Only the heard report of the finished reply: no input from the backchannel.
+    assert_eq!(asks_after, asks_before + 1);
+    assert!(c.records("barge_in").is_empty());
+}
+
+#[test]
+fn a_short_interruption_is_a_barge_in_and_its_words_are_the_callers_input() {
+    let mut c = Call::answered(pausing());
+    c.reply(
+        say(
+            "Our offers this week include phones, tablets and watches.",
+            true,
+            listen(),
+        ),
+        4_000,
+    );
+    c.wait(600);
+    pause_then(&mut c, 400); // "No, stop."
+    c.wait(700);
+    let seq = transcribe_seqs(&c)[0];
+    c.send(Event::Asr {
+        seq,
+        result: Ok(Transcript {
+            text: "No, stop.".into(),
+            ..Transcript::default()
+        }),
+        ms: 250,
+    });
+    assert!(c.has(|a| matches!(a, Action::Flush)));
+    let end = c.records("playout_end");
+    assert_eq!(end[0].1["complete"], false);
+    assert_eq!(
+        c.last_ask().1,
+        DialogCmd::Input(Input::Speech("No, stop.".into()))
+    );
+    assert_eq!(c.core.phase(), PhaseName::Thinking);
+}
+
+#[test]
+fn long_speech_over_a_paused_reply_cuts_it_at_the_backchannel_limit() {
+    let mut c = Call::answered(pausing());
+    c.reply(
+        say("Let me tell you about our offers.", true, listen()),
+        4_000,
+    );
+    c.wait(400);
+    let onset = pause_then(&mut c, 900);
+    let flush_at = c.records("barge_in").first().map(|(t, _)| *t).expect("cut");
+    // The detector counts voice from its first frame: the cut comes at 700 ms of it.
+    assert!(
+        flush_at >= onset + 680 && flush_at <= onset + 720,
+        "{flush_at} vs {onset}"
+    );
+    assert_eq!(
+        frames_between(&c, onset - 20, c.now),
+        0,
+        "silent since the onset"
+    );
+    c.wait(700);
+    assert_eq!(c.core.phase(), PhaseName::Recognizing);
+}
+
+#[test]
+fn an_answer_at_the_end_of_a_question_is_heard_with_pausing_on() {
+    let mut c = Call::answered(pausing());
+    c.reply(say("What is your order number?", true, listen()), 1_000);
+    c.wait(800);
+    c.speak(200);
+    c.play_marks();
+    c.speak(1_500);
+    c.wait(700);
+    let seqs = transcribe_seqs(&c);
+    assert!(
+        !seqs.is_empty(),
+        "the answer was dropped; phase {:?}",
+        c.core.phase()
+    );
+    c.send(Event::Asr {
+        seq: *seqs.last().unwrap_or(&0),
+        result: Ok(Transcript {
+            text: "five five four two one".into(),
+            ..Transcript::default()
+        }),
+        ms: 300,
+    });
+    assert_eq!(
+        c.last_ask().1,
+        DialogCmd::Input(Input::Speech("five five four two one".into()))
+    );
+}
+
+#[test]
+fn backchannel_words_are_told_from_answers() {
+    for t in [
+        "Mm-hmm.",
+        "okay",
+        "Yeah, right.",
+        "I see.",
+        "uh-huh",
+        "Got it.",
+    ] {
+        assert!(is_backchannel(t), "{t}");
+    }
+    for t in [
+        "No.",
+        "Stop.",
+        "Wait, what?",
+        "okay so my order is late",
+        "agent",
+    ] {
+        assert!(!is_backchannel(t), "{t}");
+    }
 }

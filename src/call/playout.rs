@@ -63,6 +63,11 @@ pub struct Playout {
     full_text: String,
     /// The frame being assembled, reused every tick.
     frame: Vec<i16>,
+    /// Paused: nothing is sent, nothing is lost.
+    held: bool,
+    /// The last frames sent (segment, samples; empty for a pause frame), so what the PBX
+    /// still had queued when it was flushed for a pause can be sent again on resume.
+    recent: VecDeque<(usize, Vec<i16>)>,
 }
 
 impl Playout {
@@ -86,6 +91,8 @@ impl Playout {
             first_mark,
             full_text: crate::engines::dialog::prompt::joined(segments),
             frame: vec![0; frame_len],
+            held: false,
+            recent: VecDeque::new(),
         }
     }
 
@@ -139,6 +146,46 @@ impl Playout {
         }
     }
 
+    /// Pauses (`true`) or resumes sending; what was not sent stays for the resume.
+    pub fn hold(&mut self, on: bool) {
+        self.held = on;
+    }
+
+    /// The PBX dropped what it had queued (a flush at a pause): those frames count as not
+    /// sent and go out again on resume, with the marks they passed. Returns how many.
+    pub fn unsend_queued(&mut self) -> usize {
+        let queued = self.frames_sent.saturating_sub(self.ticks_since_start) as usize;
+        let mut n = 0;
+        while n < queued {
+            let Some((idx, samples)) = self.recent.pop_back() else {
+                break;
+            };
+            let Some(seg) = self.segs.get_mut(idx) else {
+                break;
+            };
+            if samples.is_empty() {
+                seg.pause_frames += 1;
+            } else {
+                seg.sent = seg.sent.saturating_sub(samples.len());
+                for s in samples.into_iter().rev() {
+                    seg.audio.push_front(s);
+                }
+            }
+            // Its mark (if it went out) was dropped with the queue.
+            seg.marked = false;
+            self.cur = self.cur.min(idx);
+            n += 1;
+        }
+        for s in self.segs.iter_mut().skip(self.cur + 1) {
+            if !s.played {
+                s.marked = false;
+            }
+        }
+        self.frames_sent = self.frames_sent.saturating_sub(n as u64);
+        self.ticks_since_start = self.ticks_since_start.min(self.frames_sent);
+        n
+    }
+
     /// Whether the first frame has gone out.
     pub fn started(&self) -> bool {
         self.started
@@ -152,10 +199,13 @@ impl Playout {
         }
         if self.started {
             self.ticks_since_start += 1;
-            // The PBX played all it had and then silence (TTS or the dialog was behind): that
-            // time is not owed. Without this the gap would go out as a burst and sit queued
-            // at the PBX, far past the lead.
+            // The PBX played all it had and then silence (TTS or the dialog was behind, or the
+            // reply was paused): that time is not owed. Without this the gap would go out as
+            // a burst and sit queued at the PBX, far past the lead.
             self.ticks_since_start = self.ticks_since_start.min(self.frames_sent);
+        }
+        if self.held {
+            return Ok(t);
         }
         // Keep `lead` frames queued at the PBX ahead of what is playing.
         let outstanding = self.frames_sent.saturating_sub(self.ticks_since_start) as usize;
@@ -167,27 +217,39 @@ impl Playout {
             let Some(seg) = self.segs.get_mut(self.cur) else {
                 break;
             };
-            if seg.audio.len() >= self.frame_len || (seg.synth_done && !seg.audio.is_empty()) {
-                let n = seg.audio.len().min(self.frame_len);
-                for (slot, s) in frame.iter_mut().zip(seg.audio.drain(..n)) {
-                    *slot = s;
-                }
-                frame[n..].fill(0);
-                seg.sent += n;
-            } else if seg.synth_done && seg.pause_frames > 0 {
-                seg.pause_frames -= 1;
-                frame.fill(0);
-            } else if seg.synth_done {
-                if !seg.marked {
-                    link.mark(seg.mark)?;
-                    seg.marked = true;
-                }
-                self.cur += 1;
-                continue;
-            } else {
-                break; // TTS has not caught up: the PBX plays silence meanwhile.
-            }
+            let kept =
+                if seg.audio.len() >= self.frame_len || (seg.synth_done && !seg.audio.is_empty()) {
+                    let n = seg.audio.len().min(self.frame_len);
+                    for (slot, s) in frame.iter_mut().zip(seg.audio.drain(..n)) {
+                        *slot = s;
+                    }
+                    frame[n..].fill(0);
+                    seg.sent += n;
+                    n
+                } else if seg.synth_done && seg.pause_frames > 0 {
+                    seg.pause_frames -= 1;
+                    frame.fill(0);
+                    0
+                } else if seg.synth_done {
+                    if !seg.marked {
+                        link.mark(seg.mark)?;
+                        seg.marked = true;
+                    }
+                    self.cur += 1;
+                    continue;
+                } else {
+                    break; // TTS has not caught up: the PBX plays silence meanwhile.
+                };
             link.send_audio(frame)?;
+            // Kept for a resend (the oldest buffer reused: no allocation once warm).
+            let mut buf = if self.recent.len() > self.lead + 2 {
+                self.recent.pop_front().map(|(_, b)| b).unwrap_or_default()
+            } else {
+                Vec::with_capacity(self.frame_len)
+            };
+            buf.clear();
+            buf.extend_from_slice(&frame[..kept]);
+            self.recent.push_back((self.cur, buf));
             if !self.started {
                 self.started = true;
                 t.first_audio = true;
@@ -366,6 +428,44 @@ mod tests {
         assert_eq!(sent, [3, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
         // As at the start of a reply: the frame playing and the lead of two.
         assert_eq!(p.queued_ms(), 60);
+    }
+
+    #[test]
+    fn a_flush_at_a_pause_sends_the_queued_frames_again_on_resume() {
+        let mut p = Playout::new(&segs(), 0, 160, 2);
+        let mut link = Rec::default();
+        // Frames numbered by their first sample, to see what is sent again.
+        let audio: Vec<i16> = (1..=10).flat_map(|i| [i as i16; 160]).collect();
+        p.add_audio(0, &audio);
+        p.synth_done(0);
+        p.add_audio(1, &[1; 1600]);
+        p.synth_done(1);
+        for _ in 0..3 {
+            p.tick(&mut link).unwrap();
+        }
+        // 5 frames sent (3, then 1, 1), 2 ticks played: 3 queued at the PBX.
+        assert_eq!(link.frames, 5);
+        p.hold(true);
+        assert_eq!(p.unsend_queued(), 3);
+        assert_eq!(p.queued_ms(), 0);
+        for _ in 0..5 {
+            assert_eq!(p.tick(&mut link).unwrap().frames, 0, "held");
+        }
+        p.hold(false);
+        let before = link.frames;
+        p.tick(&mut link).unwrap();
+        assert_eq!(
+            link.frames - before,
+            3,
+            "the lead refilled from frame 3 again"
+        );
+        // All of segment 0 (10 frames, 2 pause frames) then segment 1 goes out, each marked once.
+        for _ in 0..30 {
+            p.tick(&mut link).unwrap();
+        }
+        // 10 audio and 2 pause frames, 10 of segment 1, and the 3 sent again.
+        assert_eq!(link.frames, 22 + 3);
+        assert_eq!(link.marks, vec![0, 1]);
     }
 
     #[test]
