@@ -1786,6 +1786,8 @@ impl CallCore {
                     checking: None,
                 });
                 r.playout.hold(true);
+                // The last mark's deadline counts again from when the rest has been sent.
+                r.marks_due_at = None;
                 // What the PBX still has queued is dropped now (silent at the ear in this
                 // tick) and sent again if the reply resumes.
                 let resend = r.playout.unsend_queued();

@@ -1624,6 +1624,38 @@ fn an_answer_at_the_end_of_a_question_is_heard_with_pausing_on() {
 }
 
 #[test]
+fn a_pause_at_the_very_end_of_a_reply_waits_for_its_backchannel_check() {
+    let mut c = Call::answered(pausing());
+    let text = "Your order has shipped.";
+    c.reply(say(text, true, listen()), 600);
+    // Everything is sent; the caller says "okay" over its last words.
+    c.wait(560);
+    pause_then(&mut c, 300);
+    c.wait(700);
+    let seq = transcribe_seqs(&c)[0];
+    // The transcript takes its time: the reply is not taken as played meanwhile.
+    c.wait(4_000);
+    assert!(
+        c.records("playout_end").is_empty(),
+        "{:?}",
+        c.records("error")
+    );
+    c.send(Event::Asr {
+        seq,
+        result: Ok(Transcript {
+            text: "Okay.".into(),
+            ..Transcript::default()
+        }),
+        ms: 4_000,
+    });
+    c.wait(200);
+    c.play_marks();
+    let end = c.records("playout_end");
+    assert_eq!(end[0].1["complete"], true);
+    assert_eq!(end[0].1["heard"], text);
+}
+
+#[test]
 fn backchannel_words_are_told_from_answers() {
     for t in [
         "Mm-hmm.",
