@@ -45,6 +45,7 @@ parameters = {{ type = "object", properties = {{ order_id = {{ type = "string" }
 [tools.refund_order]
 description = "Refunds an order."
 url = "{hook}/refunds"
+timeout_ms = 8000
 confirm = true
 confirm_prompt = "I will refund {{amount}} dollars for order {{order_id}}. Shall I go ahead?"
 sensitive = ["card_last4"]
@@ -731,11 +732,12 @@ async fn a_confirmed_refund_cut_short_by_the_caller_still_reports_its_real_resul
     let hook = HookEmu::start().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = agent_config(dir.path(), &llm.base_url(), &hook.url(""), "");
-    // A slow refund service: the caller speaks over the filler while it works.
+    // A slow refund service: the caller speaks over the filler while it works (well before
+    // it answers, even on a busy machine).
     hook.push(HookReply::Json {
         status: 200,
         body: json!({"refund": "R-88", "state": "issued"}),
-        delay_ms: 3_000,
+        delay_ms: 6_000,
     });
     llm.push(tool_reply(
         None,

@@ -1746,7 +1746,8 @@ impl CallCore {
             return;
         }
         let v = &self.cfg.vad;
-        let min = if self.pausable() && v.backchannel_max_ms > 0 {
+        // Once the whole reply has gone out there is nothing to resume: speech is an answer.
+        let min = if self.pausable() && v.backchannel_max_ms > 0 && !r.playout.all_sent() {
             v.barge_in_min_ms.max(v.backchannel_max_ms)
         } else {
             v.barge_in_min_ms
@@ -1779,7 +1780,9 @@ impl CallCore {
             return;
         }
         let Some(p) = &mut r.pause else {
-            if voice {
+            // Everything has gone out (the PBX is playing the last of it, or its marks are
+            // late): there is nothing to resume, so the caller's voice is their answer.
+            if voice && !r.playout.all_sent() {
                 r.pause = Some(Pause {
                     since: now,
                     quiet_since: None,

@@ -1624,12 +1624,12 @@ fn an_answer_at_the_end_of_a_question_is_heard_with_pausing_on() {
 }
 
 #[test]
-fn a_pause_at_the_very_end_of_a_reply_waits_for_its_backchannel_check() {
+fn a_pause_with_little_left_waits_for_its_backchannel_check() {
     let mut c = Call::answered(pausing());
     let text = "Your order has shipped.";
     c.reply(say(text, true, listen()), 600);
-    // Everything is sent; the caller says "okay" over its last words.
-    c.wait(560);
+    // One frame is still to go out; the caller says "okay" over the last words.
+    c.wait(520);
     pause_then(&mut c, 300);
     c.wait(700);
     let seq = transcribe_seqs(&c)[0];
@@ -1653,6 +1653,32 @@ fn a_pause_at_the_very_end_of_a_reply_waits_for_its_backchannel_check() {
     let end = c.records("playout_end");
     assert_eq!(end[0].1["complete"], true);
     assert_eq!(end[0].1["heard"], text);
+}
+
+/// The question has gone out but its marks are late (lost): the caller's short "yes" is their
+/// answer, not a backchannel that resumes nothing.
+#[test]
+fn a_short_answer_after_the_whole_question_went_out_is_the_callers_input() {
+    let mut c = Call::answered(pausing());
+    c.reply(say("Did you say 5, 5, 4, 2, 1?", true, listen()), 600);
+    c.wait(1_000); // all sent and played; no marks come back
+    c.speak(300); // "yes"
+    assert!(c.records("pause").is_empty());
+    assert!(!c.records("barge_in").is_empty());
+    c.wait(700);
+    let seq = *transcribe_seqs(&c).last().expect("the answer went to ASR");
+    c.send(Event::Asr {
+        seq,
+        result: Ok(Transcript {
+            text: "Yes.".into(),
+            ..Transcript::default()
+        }),
+        ms: 300,
+    });
+    assert_eq!(
+        c.last_ask().1,
+        DialogCmd::Input(Input::Speech("Yes.".into()))
+    );
 }
 
 #[test]
