@@ -304,6 +304,65 @@ pub async fn warm_cache(cfg: &Config, engines: &Engines, flow: &Flow) {
     }
 }
 
+/// Synthesizes every fixed sentence of every flow and agent profile (and the call's own
+/// prompts) into the prompt cache, one at a time, so greetings and reprompts play from the
+/// first tick. Returns how many sentences were made.
+pub async fn warm_all(cfg: &Config, engines: &Engines) -> usize {
+    let Some(cache) = &engines.cache else {
+        return 0;
+    };
+    let mut texts: Vec<String> = vec![cfg.call.disclosure.clone(), cfg.call.error_prompt.clone()];
+    texts.extend(cfg.transfers.values().filter_map(|t| t.announce.clone()));
+    let files = |dir: &str| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(cfg.resolve(dir))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    for p in files(cfg.dialog.flows_dir.get_ref()) {
+        if let Ok(f) = Flow::load(&p) {
+            texts.extend(f.fixed_prompts());
+        }
+    }
+    for p in files(&cfg.dialog.agents_dir) {
+        if let Ok(a) = load_agent(cfg, &p.display().to_string()) {
+            let f = &a.file;
+            texts.extend(f.greeting.clone());
+            texts.extend(f.disclosure.clone());
+            texts.extend(f.keypad_prompt.clone());
+        }
+    }
+    if cfg.dialog.agent.is_some() || !files(&cfg.dialog.agents_dir).is_empty() {
+        texts.extend([
+            cfg.llm.filler.clone(),
+            cfg.llm.fallback_prompt.clone(),
+            cfg.llm.escalate_prompt.clone(),
+        ]);
+    }
+    let mut sentences: Vec<String> = texts
+        .iter()
+        .flat_map(|t| crate::engines::dialog::prompt::segments(t))
+        .map(|s| s.text)
+        .filter(|t| !t.trim().is_empty())
+        .collect();
+    sentences.sort();
+    sentences.dedup();
+    let mut made = 0;
+    for s in &sentences {
+        match cache.warm(s, cfg.call.sample_rate).await {
+            Ok(()) => made += 1,
+            Err(e) => tracing::warn!(error = %e, "could not pre-synthesize a prompt"),
+        }
+    }
+    made
+}
+
 /// One `simulate` run's inputs.
 #[derive(Debug, Clone, Default)]
 pub struct SimulateArgs {

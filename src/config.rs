@@ -239,7 +239,7 @@ impl Default for TtsConfig {
             model: "gpt-4o-mini-tts".into(),
             response_format: "pcm".into(),
             timeout_ms: 10_000,
-            cache_entries: 128,
+            cache_entries: 512,
             cache_mb: 32,
             api_key_env: "SIDECALL_TTS_API_KEY".into(),
             api_key: None,

@@ -272,6 +272,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ));
             let flow = app::load_flow(&cfg, cfg.dialog.flow.get_ref())?;
             app::warm_cache(&cfg, &engines, &flow).await;
+            // Every other fixed prompt, in the background: calls start meanwhile.
+            {
+                let (cfg, engines) = (cfg.clone(), engines.clone());
+                tokio::spawn(async move {
+                    let t0 = std::time::Instant::now();
+                    let made = app::warm_all(&cfg, &engines).await;
+                    tracing::info!(
+                        sentences = made,
+                        ms = t0.elapsed().as_millis() as u64,
+                        "every fixed prompt is in the prompt cache"
+                    );
+                });
+            }
             let stop = tokio_util::sync::CancellationToken::new();
             let records = if cfg.admin.records_dir.is_empty() {
                 None

@@ -367,3 +367,32 @@ async fn a_request_dropped_while_waiting_for_the_engine_is_not_counted_for_ever(
     busy.await.unwrap().unwrap();
     assert_eq!(load.in_flight.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
+
+/// `serve` makes every fixed sentence of every flow before calls need it: a reprompt of a flow
+/// that is not the default, and a retry's wording, come from the prompt cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fixed_prompt_of_every_flow_is_made_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::config(dir.path(), "", "http://127.0.0.1:9/v1");
+    let engines = sidecall::app::Engines::from_config(&cfg);
+    let made = sidecall::app::warm_all(&cfg, &engines).await;
+    let cache = engines.cache.clone().unwrap();
+    let (hits, misses) = cache.stats();
+    // The five example flows have 52 distinct fixed sentences.
+    assert!(made >= 45, "only {made} sentences made");
+    assert_eq!((hits, misses), (0, made as u64));
+    for text in [
+        "Please type your six digit account number on your keypad, then press pound.",
+        "Please say the amount in dollars, for example fifty dollars.",
+        "Sorry, I didn't catch that.",
+        "You can also type it on your keypad, then press pound.",
+    ] {
+        let mut s = cache.synthesize(text, cfg.call.sample_rate).await.unwrap();
+        let mut samples = 0;
+        while let Some(chunk) = s.recv().await {
+            samples += chunk.unwrap().len();
+        }
+        assert!(samples > 8_000, "{text}: {samples} samples");
+    }
+    assert_eq!(cache.stats(), (4, made as u64), "every one a cache hit");
+}

@@ -366,6 +366,33 @@ impl Flow {
         base.join(rel)
     }
 
+    /// Every fixed text the flow can say (no `{slot}` in it): the greeting, each state's
+    /// speech, prompts and reprompts, and the retry and escalation wording; made at start so
+    /// they play from the first tick.
+    pub fn fixed_prompts(&self) -> Vec<String> {
+        let f = &self.file;
+        let mut v: Vec<String> = Vec::new();
+        v.extend(f.greeting.clone());
+        v.extend(f.disclosure.clone());
+        for st in f.states.values() {
+            v.extend(st.say.clone());
+            v.extend(st.prompt.clone());
+            v.extend(st.reprompts.iter().cloned());
+        }
+        for i in f.intents.values() {
+            v.extend(i.say.clone());
+        }
+        v.push(f.escalate_prompt.clone());
+        v.push(f.keypad_offer.clone());
+        v.push(f.not_understood.clone());
+        v.push("Okay, let's try again.".into());
+        v.push("Please say yes or no.".into());
+        v.retain(|t| !t.contains('{') && !t.trim().is_empty());
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Every LLM agent the flow can hand a call to.
     pub fn agents(&self) -> Vec<String> {
         let mut v: Vec<String> = self
