@@ -100,12 +100,17 @@ fn compare_vads_on_speech_with_and_without_noise() {
         run(Command::new("espeak-ng").args(["-s", "150", "-w", &raw, s]));
         let padded = p(&format!("p{i}.wav"));
         // 16 kHz mono with a second of silence after each sentence.
-        run(Command::new("sox")
-            .args([&raw, "-r", "16000", "-c", "1", &padded, "pad", "0.5", "1.0"]));
+        run(Command::new("sox").args([
+            "-R", &raw, "-r", "16000", "-c", "1", &padded, "pad", "0.5", "1.0",
+        ]));
         parts.push(padded);
     }
     let clean = p("clean.wav");
-    run(Command::new("sox").args(parts.iter().map(String::as_str).chain([clean.as_str()])));
+    run(Command::new("sox").args(
+        std::iter::once("-R")
+            .chain(parts.iter().map(String::as_str))
+            .chain([clean.as_str()]),
+    ));
     let clean16 = wav::read_file_at(Path::new(&clean), 16_000).unwrap();
     let secs = format!("{:.2}", clean16.len() as f64 / 16_000.0);
     let mut conditions = vec![("clean".to_string(), clean.clone())];
@@ -116,11 +121,14 @@ fn compare_vads_on_speech_with_and_without_noise() {
         ("white-loud", "whitenoise", "0.06"),
     ] {
         let noise = p(&format!("{name}.wav"));
+        // -R: the same noise every run (a fresh random draw made the false-alarm rate on
+        // brown noise wander across the limit from run to run).
         run(Command::new("sox").args([
-            "-n", "-r", "16000", "-c", "1", "-b", "16", &noise, "synth", &secs, kind, "vol", vol,
+            "-R", "-n", "-r", "16000", "-c", "1", "-b", "16", &noise, "synth", &secs, kind, "vol",
+            vol,
         ]));
         let mixed = p(&format!("mixed-{name}.wav"));
-        run(Command::new("sox").args(["-m", "-v", "1", &clean, "-v", "1", &noise, &mixed]));
+        run(Command::new("sox").args(["-R", "-m", "-v", "1", &clean, "-v", "1", &noise, &mixed]));
         conditions.push((name.to_string(), mixed));
     }
     println!(
