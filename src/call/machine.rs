@@ -249,6 +249,9 @@ struct Pause {
     quiet_since: Option<u64>,
     /// The short utterance is being transcribed (ASR seq) to tell a backchannel from a turn.
     checking: Option<u64>,
+    /// When that utterance ended, and the silence that ended it (for its turn record).
+    speech_end: u64,
+    endpoint_ms: u64,
 }
 
 /// Most agent audio queued at the PBX (20 ms frames) for a pause to silence the caller's ear
@@ -883,6 +886,8 @@ impl CallCore {
     fn reply_finished(&mut self, now: u64, complete: bool) {
         let was_interruptible = self.interruptible();
         let Some(r) = self.take_reply() else { return };
+        // A short utterance over it still being transcribed is the caller's answer now.
+        let checking = r.pause.and_then(|p| p.checking.map(|seq| (seq, p)));
         let text = r.playout.text();
         self.record(
             now,
@@ -899,6 +904,20 @@ impl CallCore {
             self.actions.push_back(Action::SendDtmf(digits));
         }
         self.finish_next(now, next, was_interruptible);
+        if let Some((seq, p)) = checking {
+            if matches!(self.phase, Phase::Listening { .. }) {
+                self.times = TurnTimes {
+                    speech_end: Some(p.speech_end),
+                    endpoint_ms: p.endpoint_ms,
+                    ..TurnTimes::default()
+                };
+                self.phase = Phase::Recognizing {
+                    texts: BTreeMap::from([(seq, Piece::Pending { since: now })]),
+                };
+            } else {
+                self.actions.push_back(Action::CancelAsr);
+            }
+        }
     }
 
     /// Stops a reply at once (barge-in, the human key, the end of the call): nothing more is
@@ -908,6 +927,10 @@ impl CallCore {
         let mut r = self.take_reply()?;
         let heard = r.playout.stop();
         self.actions.push_back(Action::Flush);
+        if r.pause.is_some_and(|p| p.checking.is_some()) {
+            // A backchannel check nobody will read (keys, the human key, the end).
+            self.actions.push_back(Action::CancelAsr);
+        }
         Some((r, heard))
     }
 
@@ -998,26 +1021,29 @@ impl CallCore {
                 let ignored = std::mem::take(&mut self.ignore_speech);
                 // A short utterance over a paused reply: a backchannel, or the caller's turn?
                 // Its transcript says; the reply stays paused meanwhile.
-                let short = speech_ms < self.cfg.vad.backchannel_max_ms;
-                if let Phase::Speaking(r) = &mut self.phase {
-                    if let Some(p) = r.pause.as_mut().filter(|p| p.checking.is_none()) {
-                        if !ignored && short {
-                            self.asr_seq += 1;
-                            p.checking = Some(self.asr_seq);
-                            let seq = self.asr_seq;
-                            self.times = TurnTimes {
-                                speech_end: Some(now.saturating_sub(endpoint_ms)),
-                                endpoint_ms,
-                                ..TurnTimes::default()
-                            };
-                            self.actions.push_back(Action::Transcribe {
-                                seq,
-                                audio,
-                                hint: None,
-                            });
-                            return;
+                let paused = matches!(&self.phase, Phase::Speaking(r)
+                    if r.pause.is_some_and(|p| p.checking.is_none()));
+                if paused && !ignored {
+                    if speech_ms < self.cfg.vad.backchannel_max_ms {
+                        self.asr_seq += 1;
+                        let seq = self.asr_seq;
+                        if let Phase::Speaking(r) = &mut self.phase {
+                            if let Some(p) = r.pause.as_mut() {
+                                p.checking = Some(seq);
+                                p.speech_end = now.saturating_sub(endpoint_ms);
+                                p.endpoint_ms = endpoint_ms;
+                            }
                         }
+                        self.actions.push_back(Action::Transcribe {
+                            seq,
+                            audio,
+                            hint: None,
+                        });
+                        return;
                     }
+                    // Too long for a backchannel though with little voice (words with gaps):
+                    // the caller's turn, heard in full below.
+                    self.barge_in(now, "speech");
                 }
                 let listening = matches!(self.phase, Phase::Listening { .. });
                 let recognizing = matches!(self.phase, Phase::Recognizing { .. });
@@ -1110,14 +1136,31 @@ impl CallCore {
     /// to understand) resumes the reply; anything else was the caller taking the turn: the
     /// reply is cut and the words go to the dialog.
     fn on_backchannel_check(&mut self, now: u64, result: Result<Transcript, AsrError>, ms: u64) {
-        let (text, asr_ms, queue_ms) = match result {
-            Ok(t) => (
-                t.text.trim().to_string(),
-                t.process_ms.min(ms),
-                t.queue_ms.min(ms),
-            ),
-            Err(_) => (String::new(), ms, 0),
+        let Phase::Speaking(r) = &self.phase else {
+            return;
         };
+        let Some(p) = r.pause else { return };
+        let times = |asr_ms: u64, asr_queue_ms: u64| TurnTimes {
+            speech_end: Some(p.speech_end),
+            endpoint_ms: p.endpoint_ms,
+            asr_ms,
+            asr_queue_ms,
+            ..TurnTimes::default()
+        };
+        let t = match result {
+            Ok(t) => t,
+            // Not understood is not "mm-hm": the caller spoke; as on any turn whose ASR fails.
+            Err(e) => {
+                self.barge_in(now, "speech");
+                self.times = times(ms, 0);
+                return self.fail(now, "asr", e.to_string());
+            }
+        };
+        let (text, asr_ms, queue_ms) = (
+            t.text.trim().to_string(),
+            t.process_ms.min(ms),
+            t.queue_ms.min(ms),
+        );
         let backchannel = text.is_empty() || is_noise_transcript(&text) || is_backchannel(&text);
         self.record(
             now,
@@ -1127,12 +1170,9 @@ impl CallCore {
         if backchannel {
             return self.resume(now, "backchannel");
         }
-        self.times.asr_ms = asr_ms;
-        self.times.asr_queue_ms = queue_ms;
-        let times = std::mem::take(&mut self.times);
         self.barge_in(now, "speech");
         if matches!(self.phase, Phase::Listening { .. }) {
-            self.times = times;
+            self.times = times(asr_ms, queue_ms);
             self.ask(now, DialogCmd::Input(Input::Speech(text)));
         }
     }
@@ -1747,7 +1787,7 @@ impl CallCore {
         }
         let v = &self.cfg.vad;
         // Once the whole reply has gone out there is nothing to resume: speech is an answer.
-        let min = if self.pausable() && v.backchannel_max_ms > 0 && !r.playout.all_sent() {
+        let min = if self.pausable() && v.backchannel_max_ms > 0 && r.playout.has_unsent() {
             v.barge_in_min_ms.max(v.backchannel_max_ms)
         } else {
             v.barge_in_min_ms
@@ -1776,17 +1816,24 @@ impl CallCore {
         let Phase::Speaking(r) = &mut self.phase else {
             return;
         };
+        // The reply turned into a farewell (its end came while paused): it plays on.
+        if r.pause.is_some() && !interruptible {
+            return self.resume(now, "farewell");
+        }
         if !r.playout.started() || !interruptible {
             return;
         }
         let Some(p) = &mut r.pause else {
-            // Everything has gone out (the PBX is playing the last of it, or its marks are
-            // late): there is nothing to resume, so the caller's voice is their answer.
-            if voice && !r.playout.all_sent() {
+            // Everything received has gone out (the PBX is playing the last of it, its marks
+            // are late, or the dialog is still writing): nothing to resume, so the caller's
+            // voice is their answer.
+            if voice && r.playout.has_unsent() {
                 r.pause = Some(Pause {
                     since: now,
                     quiet_since: None,
                     checking: None,
+                    speech_end: now,
+                    endpoint_ms: 0,
                 });
                 r.playout.hold(true);
                 // The last mark's deadline counts again from when the rest has been sent.

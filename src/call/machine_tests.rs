@@ -1681,6 +1681,91 @@ fn a_short_answer_after_the_whole_question_went_out_is_the_callers_input() {
     );
 }
 
+/// The dialog ends its streamed reply with a hang-up while a cough paused it: the farewell
+/// plays on at once (it cannot be interrupted), it is not left paused.
+#[test]
+fn a_paused_reply_that_turns_into_a_farewell_plays_on() {
+    let mut c = Call::answered(pausing());
+    part(&mut c, ReplyPart::Begin { barge_in: true });
+    let first = part(
+        &mut c,
+        ReplyPart::Say(seg("Thank you for calling, and goodbye.")),
+    );
+    let reply = first
+        .iter()
+        .find_map(|a| match a {
+            Action::Synthesize { reply, .. } => Some(*reply),
+            _ => None,
+        })
+        .expect("synthesized");
+    c.send(Event::TtsAudio {
+        reply,
+        seg: 0,
+        samples: vec![500; FRAME * 60],
+        first_ms: Some(20),
+    });
+    c.send(Event::TtsDone { reply, seg: 0 });
+    c.wait(200);
+    c.speak(40); // a cough
+    assert_eq!(c.records("pause").len(), 1);
+    part(
+        &mut c,
+        ReplyPart::End {
+            send_dtmf: None,
+            next: Next::Hangup {
+                reason: "done".into(),
+            },
+        },
+    );
+    c.speak(40);
+    c.wait(40);
+    assert_eq!(c.records("resume")[0].1["by"], "farewell");
+    c.wait(1_400);
+    c.play_marks();
+    c.wait(100);
+    assert!(c.has(|a| matches!(a, Action::Hangup { .. })));
+    let end = c.records("playout_end");
+    assert_eq!(end[0].1["complete"], true);
+}
+
+/// Words with gaps over a paused reply: longer than a backchannel though with little voice.
+/// The caller's turn is heard in full.
+#[test]
+fn speech_with_gaps_over_a_paused_reply_is_the_callers_turn() {
+    let mut c = Call::answered(pausing());
+    c.reply(
+        say(
+            "Let me tell you about our offers this week.",
+            true,
+            listen(),
+        ),
+        4_000,
+    );
+    c.wait(400);
+    c.speak(200);
+    c.wait(300);
+    c.speak(300);
+    c.wait(700);
+    assert!(
+        !c.records("barge_in").is_empty(),
+        "{:?}",
+        c.records("resume")
+    );
+    let seq = *transcribe_seqs(&c).last().expect("the turn went to ASR");
+    c.send(Event::Asr {
+        seq,
+        result: Ok(Transcript {
+            text: "No, Tuesday.".into(),
+            ..Transcript::default()
+        }),
+        ms: 200,
+    });
+    assert_eq!(
+        c.last_ask().1,
+        DialogCmd::Input(Input::Speech("No, Tuesday.".into()))
+    );
+}
+
 #[test]
 fn backchannel_words_are_told_from_answers() {
     for t in [

@@ -153,8 +153,13 @@ impl Playout {
 
     /// The PBX dropped what it had queued (a flush at a pause): those frames count as not
     /// sent and go out again on resume, with the marks they passed. Returns how many.
+    /// Called at the start of a tick, before `tick`: the PBX has played one more frame than
+    /// the last tick counted.
     pub fn unsend_queued(&mut self) -> usize {
-        let queued = self.frames_sent.saturating_sub(self.ticks_since_start) as usize;
+        let played = self
+            .ticks_since_start
+            .saturating_add(u64::from(self.started));
+        let queued = self.frames_sent.saturating_sub(played) as usize;
         let mut n = 0;
         while n < queued {
             let Some((idx, samples)) = self.recent.pop_back() else {
@@ -270,6 +275,11 @@ impl Playout {
             }
         }
         Ok(t)
+    }
+
+    /// Part of what has been received is still to be sent.
+    pub fn has_unsent(&self) -> bool {
+        self.cur < self.segs.len()
     }
 
     /// Every segment has been sent and marked: only the PBX's confirmation is outstanding.
@@ -443,11 +453,12 @@ mod tests {
         for _ in 0..3 {
             p.tick(&mut link).unwrap();
         }
-        // 5 frames sent (3, then 1, 1), 2 ticks played: 3 queued at the PBX.
+        // 5 frames sent (3, then 1, 1); at the start of the next tick 3 have played.
         assert_eq!(link.frames, 5);
         p.hold(true);
-        assert_eq!(p.unsend_queued(), 3);
-        assert_eq!(p.queued_ms(), 0);
+        assert_eq!(p.unsend_queued(), 2);
+        // Only the frame playing as this tick begins is left at the PBX.
+        assert_eq!(p.queued_ms(), 20);
         for _ in 0..5 {
             assert_eq!(p.tick(&mut link).unwrap().frames, 0, "held");
         }
@@ -457,14 +468,14 @@ mod tests {
         assert_eq!(
             link.frames - before,
             3,
-            "the lead refilled from frame 3 again"
+            "the lead refilled from frame 4 again"
         );
         // All of segment 0 (10 frames, 2 pause frames) then segment 1 goes out, each marked once.
         for _ in 0..30 {
             p.tick(&mut link).unwrap();
         }
-        // 10 audio and 2 pause frames, 10 of segment 1, and the 3 sent again.
-        assert_eq!(link.frames, 22 + 3);
+        // 10 audio and 2 pause frames, 10 of segment 1, and the 2 sent again.
+        assert_eq!(link.frames, 22 + 2);
         assert_eq!(link.marks, vec![0, 1]);
     }
 
