@@ -1670,10 +1670,13 @@ async fn a_flood_of_64_kib_media_messages_is_bounded_by_frames() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(first_end["cut"], false, "{first_end}");
+    // The flood itself takes 1.5 to 2.5 s to cross the socket (so the sound lasts that long
+    // plus the second kept): 2,980 ms here, 3,100 ms once in CI on a loaded machine. The
+    // failure this guards against is the whole backlog: 15 s, the utterance limit.
     assert!(
         first_end["speech_ms"]
             .as_u64()
-            .is_some_and(|ms| ms <= 3_000),
+            .is_some_and(|ms| ms <= 4_000),
         "{first_end}"
     );
     assert_no_leftovers(&emu, &sc).await;
