@@ -1235,6 +1235,7 @@ impl sidecall::engines::dialog::Dialog for Broken {
             send_dtmf: None,
             next: sidecall::engines::dialog::Next::Listen(sidecall::engines::dialog::Expectation {
                 asr_hint: None,
+                pause_on_voice: None,
                 digits: Some(sidecall::engines::dialog::DigitSpec {
                     max: 8,
                     terminator: Some('#'),

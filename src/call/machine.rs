@@ -1866,7 +1866,15 @@ impl CallCore {
     /// over a second of files queued that only a cut (`uuid_break`) stops: there the caller's
     /// speech cuts at `barge_in_min_ms` as before.
     fn pausable(&self) -> bool {
-        self.cfg.vad.pause_on_voice && self.lead_frames <= PAUSE_MAX_LEAD_FRAMES
+        // The reply's own choice (its flow state or agent), else the config's.
+        let wanted = match &self.phase {
+            Phase::Speaking(r) => match &r.turn.next {
+                Next::Listen(e) => e.pause_on_voice,
+                _ => None,
+            },
+            _ => None,
+        };
+        wanted.unwrap_or(self.cfg.vad.pause_on_voice) && self.lead_frames <= PAUSE_MAX_LEAD_FRAMES
     }
 
     /// The paused reply goes on from where it stopped.

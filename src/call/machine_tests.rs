@@ -724,6 +724,7 @@ fn keys_typed_over_a_prompt_that_cannot_be_interrupted_are_kept_for_the_next_lis
         false,
         Next::Listen(Expectation {
             asr_hint: None,
+            pause_on_voice: None,
             digits: Some(DigitSpec {
                 max: 5,
                 terminator: None,
@@ -1764,6 +1765,45 @@ fn speech_with_gaps_over_a_paused_reply_is_the_callers_turn() {
         c.last_ask().1,
         DialogCmd::Input(Input::Speech("No, Tuesday.".into()))
     );
+}
+
+/// A flow state or an agent profile chooses for its own replies: the config pauses, this
+/// question cuts at once; the config cuts, this explanation pauses.
+#[test]
+fn a_reply_may_choose_to_pause_or_to_cut() {
+    let cuts = |pause| {
+        Next::Listen(Expectation {
+            pause_on_voice: Some(pause),
+            ..Expectation::default()
+        })
+    };
+    let mut c = Call::answered(pausing());
+    c.reply(
+        say("Please say your PIN now, or press it.", true, cuts(false)),
+        3_000,
+    );
+    c.wait(400);
+    let onset = c.now + 20;
+    c.speak(200);
+    assert!(c.records("pause").is_empty());
+    let barge = c.records("barge_in");
+    assert_eq!(barge.len(), 1);
+    assert!(
+        barge[0].0 <= onset + 140,
+        "cut at {} for a voice at {onset}",
+        barge[0].0
+    );
+
+    let mut c = Call::answered(config());
+    let text = "Our stores open at nine every day of the week.";
+    c.reply(say(text, true, cuts(true)), 3_000);
+    c.wait(400);
+    c.speak(60); // a cough
+    c.wait(300);
+    assert_eq!(c.records("resume")[0].1["by"], "noise");
+    c.wait(3_000);
+    c.play_marks();
+    assert_eq!(c.records("playout_end")[0].1["heard"], text);
 }
 
 #[test]

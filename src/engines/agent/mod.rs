@@ -451,7 +451,7 @@ impl Agent {
                         .push(json!({"role": "assistant", "content": g}));
                     return Ok(Outcome::End {
                         send_dtmf: None,
-                        next: Next::Listen(Expectation::default()),
+                        next: Next::Listen(self.expect()),
                     });
                 }
                 self.history.push(json!({"role": "user", "content": "[The call has just been answered. Greet the caller.]"}));
@@ -499,6 +499,14 @@ impl Agent {
             }
         }
         self.rounds(out, &mut clock).await
+    }
+
+    /// What the agent listens for after a reply (the profile's pausing choice with it).
+    fn expect(&self) -> Expectation {
+        Expectation {
+            pause_on_voice: self.profile.file.pause_on_voice,
+            ..Expectation::default()
+        }
     }
 
     fn to_human(&self) -> Outcome {
@@ -561,7 +569,10 @@ impl Agent {
                         });
                         Ok(Some(Outcome::End {
                             send_dtmf: None,
-                            next: Next::Listen(yes_no()),
+                            next: Next::Listen(Expectation {
+                                pause_on_voice: self.profile.file.pause_on_voice,
+                                ..yes_no()
+                            }),
                         }))
                     }
                     _ => {
@@ -619,7 +630,7 @@ impl Agent {
                 self.failures = 0;
                 return Ok(Outcome::End {
                     send_dtmf: None,
-                    next: Next::Listen(Expectation::default()),
+                    next: Next::Listen(self.expect()),
                 });
             }
             let _ = text;
@@ -656,7 +667,7 @@ impl Agent {
         self.say(out, &p).await?;
         Ok(Outcome::End {
             send_dtmf: None,
-            next: Next::Listen(Expectation::default()),
+            next: Next::Listen(self.expect()),
         })
     }
 
@@ -956,6 +967,7 @@ impl Agent {
                     listen = Some(Expectation {
                         asr_hint: None,
                         digits: Some(DigitSpec { max, terminator }),
+                        pause_on_voice: self.profile.file.pause_on_voice,
                     });
                 }
                 "return_to_flow" if self.can_hand_back => {
@@ -973,7 +985,10 @@ impl Agent {
                             call: call.clone(),
                             asked: 0,
                         });
-                        listen = Some(yes_no());
+                        listen = Some(Expectation {
+                            pause_on_voice: self.profile.file.pause_on_voice,
+                            ..yes_no()
+                        });
                     }
                     Some(_) => {
                         let content = self.run_webhook(&call, out, clock).await?;
@@ -1197,6 +1212,7 @@ pub enum AgentAsk {
 
 fn yes_no() -> Expectation {
     Expectation {
+        pause_on_voice: None,
         asr_hint: Some("The caller answers yes or no.".into()),
         digits: Some(DigitSpec {
             max: 1,
@@ -1357,7 +1373,7 @@ pub async fn finish(
 ) -> Result<(), DialogError> {
     let (send_dtmf, next) = match outcome {
         Outcome::End { send_dtmf, next } => (send_dtmf, next),
-        Outcome::Handback => (None, Next::Listen(Expectation::default())),
+        Outcome::Handback => (None, Next::Listen(agent.expect())),
     };
     let send_dtmf = match (agent.pending_dtmf.take(), send_dtmf) {
         (Some(mut a), Some(b)) => {

@@ -52,6 +52,8 @@ pub struct AgentFile {
     pub max_tokens: Option<u32>,
     /// Said with the keypad prompt of `collect_digits` when the model gives none.
     pub keypad_prompt: Option<String>,
+    /// Overrides `vad.pause_on_voice` for this agent's replies.
+    pub pause_on_voice: Option<bool>,
     /// Where the model may transfer the caller: names from the config's `[transfers]`.
     #[serde(default)]
     pub transfers: BTreeMap<String, TransferUse>,

@@ -120,6 +120,9 @@ pub struct StateDef {
     /// When this state hands the call to an LLM agent (`next = "agent:NAME"`), the state the
     /// flow goes on at once the agent hands it back; without it the agent keeps the call.
     pub return_to: Option<String>,
+    /// Overrides `vad.pause_on_voice` for this state's speech: false cuts it at the caller's
+    /// first words (no resume after a cough or an "mm-hm").
+    pub pause_on_voice: Option<bool>,
 }
 
 /// A slot to fill in a state.
@@ -597,6 +600,7 @@ impl ScriptedDialog {
     }
 
     fn expectation(&self) -> Expectation {
+        let pause_on_voice = self.st().pause_on_voice;
         if self.pending_confirm.is_some() {
             return Expectation {
                 asr_hint: Some("The caller answers yes or no.".into()),
@@ -604,6 +608,7 @@ impl ScriptedDialog {
                     max: 1,
                     terminator: None,
                 }),
+                pause_on_voice,
             };
         }
         let st = self.st();
@@ -621,10 +626,12 @@ impl ScriptedDialog {
                     }),
                     _ => None,
                 },
+                pause_on_voice,
             },
             None => Expectation {
                 asr_hint: None,
                 digits: None,
+                pause_on_voice,
             },
         }
     }
@@ -1252,6 +1259,24 @@ mod tests {
                 target: "agent".into()
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_state_chooses_whether_the_callers_voice_pauses_its_question() {
+        let flow = Flow::parse(
+            Path::new("p.toml"),
+            "start = \"pin\"\n[states.pin]\nprompt = \"Your PIN?\"\ncollect = { slot = \"pin\", entity = \"digits\" }\nnext = \"done\"\npause_on_voice = false\n[states.done]\nsay = \"Thanks.\"\nhangup = true\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut d = ScriptedDialog::new(
+            flow,
+            "",
+            "agent",
+            Duration::from_secs(1),
+            crate::net::http_client(),
+        );
+        let t = d.start().await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(t.next, Next::Listen(e) if e.pause_on_voice == Some(false)));
     }
 
     #[tokio::test]

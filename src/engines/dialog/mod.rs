@@ -37,6 +37,10 @@ pub struct Expectation {
     pub asr_hint: Option<String>,
     /// Keypad entry, when digits are acceptable.
     pub digits: Option<DigitSpec>,
+    /// Whether the caller's voice pauses the reply that asks for this (resumed after a cough
+    /// or a backchannel) or cuts it at once; `None`: `vad.pause_on_voice`. Set per flow state
+    /// and per agent profile.
+    pub pause_on_voice: Option<bool>,
 }
 
 /// How to collect keypad digits.
