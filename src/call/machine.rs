@@ -927,10 +927,6 @@ impl CallCore {
         let mut r = self.take_reply()?;
         let heard = r.playout.stop();
         self.actions.push_back(Action::Flush);
-        if r.pause.is_some_and(|p| p.checking.is_some()) {
-            // A backchannel check nobody will read (keys, the human key, the end).
-            self.actions.push_back(Action::CancelAsr);
-        }
         Some((r, heard))
     }
 
@@ -955,9 +951,24 @@ impl CallCore {
         let Some((r, heard)) = self.cut_reply_recorded(now) else {
             return;
         };
+        // A short utterance still being transcribed is the start of the caller's turn.
+        let checking = r.pause.and_then(|p| p.checking.map(|seq| (seq, p)));
         self.tell_heard(heard);
         match r.turn.next {
-            Next::Listen(exp) => self.listen(now, exp),
+            Next::Listen(exp) => {
+                self.listen(now, exp);
+                if let Some((seq, p)) = checking {
+                    self.flush_turn(true);
+                    self.times = TurnTimes {
+                        speech_end: Some(p.speech_end),
+                        endpoint_ms: p.endpoint_ms,
+                        ..TurnTimes::default()
+                    };
+                    self.phase = Phase::Recognizing {
+                        texts: BTreeMap::from([(seq, Piece::Pending { since: now })]),
+                    };
+                }
+            }
             // Replies that end the call are never interrupted (see `interruptible`).
             other => self.finish_next(now, other, true),
         }
@@ -1021,6 +1032,13 @@ impl CallCore {
                 let ignored = std::mem::take(&mut self.ignore_speech);
                 // A short utterance over a paused reply: a backchannel, or the caller's turn?
                 // Its transcript says; the reply stays paused meanwhile.
+                // A second utterance while the first is checked: the caller is talking, not
+                // acknowledging; both are their turn, joined (the first is still transcribed).
+                let checking = matches!(&self.phase, Phase::Speaking(r)
+                    if r.pause.is_some_and(|p| p.checking.is_some()));
+                if checking && !ignored {
+                    self.barge_in(now, "speech");
+                }
                 let paused = matches!(&self.phase, Phase::Speaking(r)
                     if r.pause.is_some_and(|p| p.checking.is_none()));
                 if paused && !ignored {
@@ -1147,6 +1165,12 @@ impl CallCore {
             asr_queue_ms,
             ..TurnTimes::default()
         };
+        // This transcript is here: the cut below must not wait for it again.
+        if let Phase::Speaking(r) = &mut self.phase {
+            if let Some(p) = r.pause.as_mut() {
+                p.checking = None;
+            }
+        }
         let t = match result {
             Ok(t) => t,
             // Not understood is not "mm-hm": the caller spoke; as on any turn whose ASR fails.

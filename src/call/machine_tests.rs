@@ -1806,6 +1806,45 @@ fn a_reply_may_choose_to_pause_or_to_cut() {
     assert_eq!(c.records("playout_end")[0].1["heard"], text);
 }
 
+/// "Okay... wait, what?": a second utterance while the first is checked is the caller
+/// talking; both reach the dialog, joined, nothing is resumed over them.
+#[test]
+fn a_second_utterance_during_a_backchannel_check_joins_the_first() {
+    let mut c = Call::answered(pausing());
+    c.reply(
+        say(
+            "Our offers this week include phones, tablets and watches.",
+            true,
+            listen(),
+        ),
+        4_000,
+    );
+    c.wait(600);
+    c.speak(300); // "okay"
+    c.wait(700);
+    c.speak(300); // "wait, what?"
+    c.wait(700);
+    let seqs = transcribe_seqs(&c);
+    assert_eq!(seqs.len(), 2, "{seqs:?}");
+    assert!(!c.records("barge_in").is_empty());
+    assert_eq!(c.core.phase(), PhaseName::Recognizing);
+    for (seq, text) in [(seqs[1], "Wait, what?"), (seqs[0], "Okay.")] {
+        c.send(Event::Asr {
+            seq,
+            result: Ok(Transcript {
+                text: text.into(),
+                ..Transcript::default()
+            }),
+            ms: 200,
+        });
+    }
+    assert_eq!(
+        c.last_ask().1,
+        DialogCmd::Input(Input::Speech("Okay. Wait, what?".into()))
+    );
+    assert!(c.records("resume").is_empty());
+}
+
 #[test]
 fn backchannel_words_are_told_from_answers() {
     for t in [
