@@ -280,7 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let made = app::warm_all(&cfg, &engines).await;
                     tracing::info!(
                         sentences = made,
-                        ms = t0.elapsed().as_millis() as u64,
+                        ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
                         "every fixed prompt is in the prompt cache"
                     );
                 });

@@ -689,7 +689,7 @@ impl CallCore {
         let playout = Playout::new(&turn.say, self.next_mark, self.frame_len, self.lead_frames);
         self.next_mark = self
             .next_mark
-            .saturating_add(turn.say.len() as u64)
+            .saturating_add(u64::try_from(turn.say.len()).unwrap_or(u64::MAX))
             .saturating_add(1);
         let empty = turn.say.is_empty();
         let mut reply = Box::new(Reply {

@@ -76,7 +76,12 @@ impl Playout {
         let segs = segments
             .iter()
             .enumerate()
-            .map(|(i, s)| SegPlay::new(first_mark.saturating_add(i as u64), s))
+            .map(|(i, s)| {
+                SegPlay::new(
+                    first_mark.saturating_add(u64::try_from(i).unwrap_or(u64::MAX)),
+                    s,
+                )
+            })
             .collect();
         Self {
             frame_len,
@@ -105,7 +110,9 @@ impl Playout {
 
     /// One more segment of a streaming reply.
     pub fn push(&mut self, segment: &Segment) {
-        let mark = self.first_mark.saturating_add(self.segs.len() as u64);
+        let mark = self
+            .first_mark
+            .saturating_add(u64::try_from(self.segs.len()).unwrap_or(u64::MAX));
         self.segs.push(SegPlay::new(mark, segment));
         self.full_text = match (self.full_text.is_empty(), segment.text.trim().is_empty()) {
             (_, true) => std::mem::take(&mut self.full_text),
@@ -159,7 +166,7 @@ impl Playout {
         let played = self
             .ticks_since_start
             .saturating_add(u64::from(self.started));
-        let queued = self.frames_sent.saturating_sub(played) as usize;
+        let queued = usize::try_from(self.frames_sent.saturating_sub(played)).unwrap_or(usize::MAX);
         let mut n = 0;
         while n < queued {
             let Some((idx, samples)) = self.recent.pop_back() else {
@@ -186,7 +193,9 @@ impl Playout {
                 s.marked = false;
             }
         }
-        self.frames_sent = self.frames_sent.saturating_sub(n as u64);
+        self.frames_sent = self
+            .frames_sent
+            .saturating_sub(u64::try_from(n).unwrap_or(u64::MAX));
         self.ticks_since_start = self.ticks_since_start.min(self.frames_sent);
         n
     }

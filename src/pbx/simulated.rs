@@ -194,7 +194,7 @@ async fn run(
                 Some(LinkCmd::Mark(id)) => queue.push_back(Queued::Mark(id)),
                 Some(LinkCmd::Flush) => {
                     report.flushes += 1;
-                    report.flush_at_ms.push(report.origin.map_or(0, |o| o.elapsed().as_millis() as u64));
+                    report.flush_at_ms.push(report.origin.map_or(0, |o| u64::try_from(o.elapsed().as_millis()).unwrap_or(u64::MAX)));
                     queue.clear();
                     queued_frames = 0;
                 }

@@ -165,10 +165,7 @@ impl OpenAiAsr {
             .headers()
             .get(PROCESSING_HEADER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|v| v.is_finite() && *v >= 0.0 && *v < 3_600_000.0)
-            // In range (checked just above): the conversion cannot wrap.
-            .map(|v| v.round() as u64);
+            .and_then(|v| processing_ms(v.trim()));
         let body = resp.text().await.map_err(|e| {
             if e.is_timeout() {
                 AsrError::Timeout(ms)
@@ -276,5 +273,45 @@ impl<'a> Counted<'a> {
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whole milliseconds from the server's processing header ("412" or "412.7"), checked: digits
+/// only, below an hour; anything else is ignored.
+fn processing_ms(v: &str) -> Option<u64> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if int.is_empty()
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let ms = int.parse::<u64>().ok()?;
+    let up = frac.bytes().next().is_some_and(|b| b >= b'5');
+    ms.checked_add(u64::from(up)).filter(|ms| *ms < 3_600_000)
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::processing_ms;
+
+    #[test]
+    fn the_processing_header_is_read_checked() {
+        assert_eq!(processing_ms("412"), Some(412));
+        assert_eq!(processing_ms("412.7"), Some(413));
+        assert_eq!(processing_ms("412.2"), Some(412));
+        for bad in [
+            "",
+            "-5",
+            "1e9",
+            "NaN",
+            "inf",
+            "99999999999999999999999",
+            "3600000",
+            "4.x",
+            " 4",
+        ] {
+            assert_eq!(processing_ms(bad), None, "{bad}");
+        }
     }
 }

@@ -310,7 +310,7 @@ async fn run(
         if stop.is_cancelled() {
             return;
         }
-        tracing::warn!(why = %why, retry_in_ms = backoff.as_millis() as u64, "Event Socket down; reconnecting");
+        tracing::warn!(why = %why, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "Event Socket down; reconnecting");
         let _ = tx.send(EslMsg::Disconnected(why)).await;
         tokio::select! {
             _ = stop.cancelled() => return,
