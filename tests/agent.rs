@@ -102,6 +102,11 @@ fn agent_args(callers: Vec<std::path::PathBuf>) -> SimulateArgs {
     }
 }
 
+/// The model asks to refund at once (call id `call_r`), without asking the caller first.
+fn refund(arguments: Value) -> Reply {
+    tool_reply(None, &[("call_r", "refund_order", arguments)], 20)
+}
+
 /// The messages of request `i` to the model.
 fn messages(emu: &LlmEmu, i: usize) -> Vec<Value> {
     emu.requests()
@@ -304,14 +309,8 @@ async fn a_confirm_tool_runs_only_after_the_caller_says_yes_and_sensitive_values
         delay_ms: 0,
     });
     // The model tries to refund at once; the agent reads it back first.
-    llm.push(tool_reply(
-        None,
-        &[(
-            "call_r",
-            "refund_order",
-            json!({"order_id": "55421", "amount": 20, "card_last4": "9137"}),
-        )],
-        20,
+    llm.push(refund(
+        json!({"order_id": "55421", "amount": 20, "card_last4": "9137"}),
     ));
     llm.push(text_reply("Done. Your refund is on its way.", 30, 25));
     let callers = vec![
@@ -368,15 +367,7 @@ async fn a_caller_who_says_no_to_the_read_back_gets_no_refund() {
     let hook = HookEmu::start().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = agent_config(dir.path(), &llm.base_url(), &hook.url(""), "");
-    llm.push(tool_reply(
-        None,
-        &[(
-            "call_r",
-            "refund_order",
-            json!({"order_id": "55421", "amount": 500}),
-        )],
-        20,
-    ));
+    llm.push(refund(json!({"order_id": "55421", "amount": 500})));
     llm.push(text_reply("Okay, I have not refunded anything.", 30, 25));
     let callers = vec![
         speak(dir.path(), "refund", "refund five hundred dollars now"),
@@ -739,15 +730,7 @@ async fn a_confirmed_refund_cut_short_by_the_caller_still_reports_its_real_resul
         body: json!({"refund": "R-88", "state": "issued"}),
         delay_ms: 6_000,
     });
-    llm.push(tool_reply(
-        None,
-        &[(
-            "call_r",
-            "refund_order",
-            json!({"order_id": "55421", "amount": 20}),
-        )],
-        20,
-    ));
+    llm.push(refund(json!({"order_id": "55421", "amount": 20})));
     llm.push(text_reply("Your refund R-88 is issued.", 30, 25));
     let callers = vec![
         speak(dir.path(), "refund", "please refund my order"),

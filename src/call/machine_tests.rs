@@ -213,6 +213,18 @@ impl Call {
         }
     }
 
+    /// ASR answers utterance `seq` with `text` after `ms`.
+    fn transcribed(&mut self, seq: u64, text: &str, ms: u64) -> Vec<Action> {
+        self.send(Event::Asr {
+            seq,
+            result: Ok(Transcript {
+                text: text.into(),
+                ..Transcript::default()
+            }),
+            ms,
+        })
+    }
+
     fn frames_sent_after(&self, t: u64) -> usize {
         self.log
             .iter()
@@ -304,14 +316,7 @@ fn speech_is_transcribed_and_the_transcript_goes_to_the_dialog() {
         .expect("the utterance went to ASR");
     assert!(audio >= 30 * FRAME, "the whole utterance: {audio}");
     assert_eq!(c.core.phase(), PhaseName::Recognizing);
-    c.send(Event::Asr {
-        seq,
-        result: Ok(Transcript {
-            text: " Where is my order? ".into(),
-            ..Transcript::default()
-        }),
-        ms: 300,
-    });
+    c.transcribed(seq, " Where is my order? ", 300);
     assert_eq!(
         c.last_ask().1,
         DialogCmd::Input(Input::Speech("Where is my order?".into()))
@@ -336,14 +341,7 @@ fn a_caller_who_pauses_mid_sentence_is_heard_as_one_input() {
     assert_eq!(seqs.len(), 2);
     // Transcripts come back out of order.
     for (seq, text) in [(seqs[1], "number 55421"), (seqs[0], "my order")] {
-        c.send(Event::Asr {
-            seq,
-            result: Ok(Transcript {
-                text: text.into(),
-                ..Transcript::default()
-            }),
-            ms: 200,
-        });
+        c.transcribed(seq, text, 200);
     }
     assert_eq!(
         c.last_ask().1,
@@ -999,14 +997,7 @@ fn a_long_second_utterance_is_not_an_asr_failure() {
     assert_eq!(c.core.phase(), PhaseName::Recognizing);
     let seq = transcribe_seqs(&c)[0];
     c.speak(200); // goes on
-    c.send(Event::Asr {
-        seq,
-        result: Ok(Transcript {
-            text: "I want to say".into(),
-            ..Transcript::default()
-        }),
-        ms: 200,
-    });
+    c.transcribed(seq, "I want to say", 200);
     c.speak(12_000); // one long sentence (under vad.max_utterance_ms = 15 s)
     let errors = c.records("error");
     assert!(
@@ -1514,14 +1505,7 @@ fn a_backchannel_is_transcribed_and_the_reply_resumes_without_asking_the_dialog(
         })
         .expect("the short utterance went to ASR");
     assert_eq!(c.core.phase(), PhaseName::Speaking, "still paused, not cut");
-    c.send(Event::Asr {
-        seq,
-        result: Ok(Transcript {
-            text: " Mm-hmm. ".into(),
-            ..Transcript::default()
-        }),
-        ms: 250,
-    });
+    c.transcribed(seq, " Mm-hmm. ", 250);
     assert_eq!(c.records("resume")[0].1["by"], "backchannel");
     c.wait(4_000);
     c.play_marks();
@@ -1553,14 +1537,7 @@ fn a_short_interruption_is_a_barge_in_and_its_words_are_the_callers_input() {
     pause_then(&mut c, 400); // "No, stop."
     c.wait(700);
     let seq = transcribe_seqs(&c)[0];
-    c.send(Event::Asr {
-        seq,
-        result: Ok(Transcript {
-            text: "No, stop.".into(),
-            ..Transcript::default()
-        }),
-        ms: 250,
-    });
+    c.transcribed(seq, "No, stop.", 250);
     assert!(c.has(|a| matches!(a, Action::Flush)));
     let end = c.records("playout_end");
     assert_eq!(end[0].1["complete"], false);
@@ -1610,14 +1587,7 @@ fn an_answer_at_the_end_of_a_question_is_heard_with_pausing_on() {
         "the answer was dropped; phase {:?}",
         c.core.phase()
     );
-    c.send(Event::Asr {
-        seq: *seqs.last().unwrap_or(&0),
-        result: Ok(Transcript {
-            text: "five five four two one".into(),
-            ..Transcript::default()
-        }),
-        ms: 300,
-    });
+    c.transcribed(*seqs.last().unwrap_or(&0), "five five four two one", 300);
     assert_eq!(
         c.last_ask().1,
         DialogCmd::Input(Input::Speech("five five four two one".into()))
@@ -1641,14 +1611,7 @@ fn a_pause_with_little_left_waits_for_its_backchannel_check() {
         "{:?}",
         c.records("error")
     );
-    c.send(Event::Asr {
-        seq,
-        result: Ok(Transcript {
-            text: "Okay.".into(),
-            ..Transcript::default()
-        }),
-        ms: 4_000,
-    });
+    c.transcribed(seq, "Okay.", 4_000);
     c.wait(200);
     c.play_marks();
     let end = c.records("playout_end");
@@ -1668,14 +1631,7 @@ fn a_short_answer_after_the_whole_question_went_out_is_the_callers_input() {
     assert!(!c.records("barge_in").is_empty());
     c.wait(700);
     let seq = *transcribe_seqs(&c).last().expect("the answer went to ASR");
-    c.send(Event::Asr {
-        seq,
-        result: Ok(Transcript {
-            text: "Yes.".into(),
-            ..Transcript::default()
-        }),
-        ms: 300,
-    });
+    c.transcribed(seq, "Yes.", 300);
     assert_eq!(
         c.last_ask().1,
         DialogCmd::Input(Input::Speech("Yes.".into()))
@@ -1753,14 +1709,7 @@ fn speech_with_gaps_over_a_paused_reply_is_the_callers_turn() {
         c.records("resume")
     );
     let seq = *transcribe_seqs(&c).last().expect("the turn went to ASR");
-    c.send(Event::Asr {
-        seq,
-        result: Ok(Transcript {
-            text: "No, Tuesday.".into(),
-            ..Transcript::default()
-        }),
-        ms: 200,
-    });
+    c.transcribed(seq, "No, Tuesday.", 200);
     assert_eq!(
         c.last_ask().1,
         DialogCmd::Input(Input::Speech("No, Tuesday.".into()))
@@ -1829,14 +1778,7 @@ fn a_second_utterance_during_a_backchannel_check_joins_the_first() {
     assert!(!c.records("barge_in").is_empty());
     assert_eq!(c.core.phase(), PhaseName::Recognizing);
     for (seq, text) in [(seqs[1], "Wait, what?"), (seqs[0], "Okay.")] {
-        c.send(Event::Asr {
-            seq,
-            result: Ok(Transcript {
-                text: text.into(),
-                ..Transcript::default()
-            }),
-            ms: 200,
-        });
+        c.transcribed(seq, text, 200);
     }
     assert_eq!(
         c.last_ask().1,
