@@ -259,7 +259,10 @@ impl Dialogs {
         // The longest turn of any agent the flow may hand the call to.
         let mut limit = Duration::from_millis(self.cfg.dialog.timeout_ms);
         for a in &agents {
-            limit = limit.max(self.agent(a, args, &Default::default(), true)?.turn_limit());
+            limit = limit.max(crate::engines::agent::turn_limit(
+                &self.cfg.llm,
+                self.profile(a)?.as_ref(),
+            ));
         }
         let (me, args2) = (self.clone(), args.clone());
         let make: MakeAgent =

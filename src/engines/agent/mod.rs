@@ -322,24 +322,9 @@ impl Agent {
         }
     }
 
-    /// The longest one turn may take: model rounds and webhook tries, with a margin.
+    /// The longest one turn may take (see `turn_limit`).
     pub fn turn_limit(&self) -> Duration {
-        let rounds = u64::from(self.llm.max_rounds);
-        let tools = self
-            .profile
-            .file
-            .tools
-            .values()
-            .map(|t| t.timeout_ms.saturating_mul(u64::from(t.retries) + 1))
-            .max()
-            .unwrap_or(0);
-        Duration::from_millis(
-            self.llm
-                .timeout_ms
-                .saturating_add(tools)
-                .saturating_mul(rounds)
-                .saturating_add(2_000),
-        )
+        turn_limit(&self.llm, &self.profile)
     }
 
     /// The messages of the next request: the system prompt, then the newest history that fits
@@ -1197,6 +1182,25 @@ impl Agent {
     }
 }
 
+/// The longest one turn of `profile` may take: its model rounds and webhook tries, with a
+/// margin.
+pub fn turn_limit(llm: &LlmConfig, profile: &AgentProfile) -> Duration {
+    let rounds = u64::from(llm.max_rounds);
+    let tools = profile
+        .file
+        .tools
+        .values()
+        .map(|t| t.timeout_ms.saturating_mul(u64::from(t.retries) + 1))
+        .max()
+        .unwrap_or(0);
+    Duration::from_millis(
+        llm.timeout_ms
+            .saturating_add(tools)
+            .saturating_mul(rounds)
+            .saturating_add(2_000),
+    )
+}
+
 /// What the agent is asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentAsk {
@@ -1234,52 +1238,34 @@ fn render_system(
     transfers: &BTreeMap<String, profile::TransferUse>,
 ) -> String {
     let now = local_now();
-    let mut out = String::new();
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let Some(close) = rest[open..].find('}') else {
-            out.push_str(&rest[open..]);
-            rest = "";
-            break;
-        };
-        let key = &rest[open + 1..open + close];
-        let value = match key {
-            "caller_number" => Some(args.caller.clone().unwrap_or_else(|| "unknown".into())),
-            "call_id" => Some(call_id.to_string()),
-            "date" => Some(now.0.clone()),
-            "time" => Some(now.1.clone()),
-            "weekday" => Some(now.2.clone()),
-            "slots" => Some(
-                slots
-                    .iter()
-                    .map(|(k, v)| format!("{k}: {v}"))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            ),
-            "transfers" => Some(
-                transfers
-                    .iter()
-                    .map(|(k, t)| format!("{k}: {}", t.description))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            ),
-            k => k
-                .strip_prefix("args.")
-                .map(|a| args.vars.get(a).cloned().unwrap_or_default())
-                .or_else(|| {
-                    k.strip_prefix("slots.")
-                        .map(|s| slots.get(s).cloned().unwrap_or_default())
-                }),
-        };
-        match value {
-            Some(v) => out.push_str(&v),
-            None => out.push_str(&rest[open..open + close + 1]),
-        }
-        rest = &rest[open + close + 1..];
-    }
-    out.push_str(rest);
-    out
+    prompt::fill(template, |key| match key {
+        "caller_number" => Some(args.caller.clone().unwrap_or_else(|| "unknown".into())),
+        "call_id" => Some(call_id.to_string()),
+        "date" => Some(now.0.clone()),
+        "time" => Some(now.1.clone()),
+        "weekday" => Some(now.2.clone()),
+        "slots" => Some(
+            slots
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        "transfers" => Some(
+            transfers
+                .iter()
+                .map(|(k, t)| format!("{k}: {}", t.description))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        k => k
+            .strip_prefix("args.")
+            .map(|a| args.vars.get(a).cloned().unwrap_or_default())
+            .or_else(|| {
+                k.strip_prefix("slots.")
+                    .map(|s| slots.get(s).cloned().unwrap_or_default())
+            }),
+    })
 }
 
 /// Today's date, the time and the weekday (UTC: the sidecar has no time zone database).

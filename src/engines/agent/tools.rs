@@ -130,25 +130,14 @@ pub fn text_of(v: &Value) -> String {
 
 /// Fills `{arg}` from the arguments; `encode` percent-encodes (URLs).
 pub fn fill(template: &str, args: &Value, encode: bool) -> String {
-    let mut out = String::new();
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let Some(close) = rest[open..].find('}') else {
-            out.push_str(&rest[open..]);
-            return out;
-        };
-        let key = &rest[open + 1..open + close];
+    crate::engines::dialog::prompt::fill(template, |key| {
         let v = args.get(key).map(text_of).unwrap_or_default();
-        if encode {
-            out.extend(utf8_percent_encode(&v, NON_ALPHANUMERIC).map(str::to_string));
+        Some(if encode {
+            utf8_percent_encode(&v, NON_ALPHANUMERIC).to_string()
         } else {
-            out.push_str(&v);
-        }
-        rest = &rest[open + close + 1..];
-    }
-    out.push_str(rest);
-    out
+            v
+        })
+    })
 }
 
 /// What a webhook call gave the model.

@@ -565,15 +565,7 @@ impl ScriptedDialog {
 
     /// Fills `{slot}`, `{slot|digits}`, `{slot|amount}` and `{record.field}`.
     fn render(&self, template: &str) -> String {
-        let mut out = String::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            out.push_str(&rest[..open]);
-            let Some(close) = rest[open..].find('}') else {
-                out.push_str(&rest[open..]);
-                return out;
-            };
-            let expr = &rest[open + 1..open + close];
+        prompt::fill(template, |expr| {
             let (name, filter) = expr.split_once('|').unwrap_or((expr, ""));
             let value = if let Some((rec, field)) = name.split_once('.') {
                 self.records
@@ -587,16 +579,12 @@ impl ScriptedDialog {
             } else {
                 self.slots.get(name).cloned().unwrap_or_default()
             };
-            let value = match filter {
+            Some(match filter {
                 "digits" => entities::spell_digits(&value),
                 "amount" => value.parse().map(entities::say_amount).unwrap_or(value),
                 _ => value,
-            };
-            out.push_str(&value);
-            rest = &rest[open + close + 1..];
-        }
-        out.push_str(rest);
-        out
+            })
+        })
     }
 
     fn expectation(&self) -> Expectation {

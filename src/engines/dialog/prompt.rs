@@ -16,6 +16,28 @@ static BREAK: LazyLock<Option<Regex>> = LazyLock::new(|| {
     Regex::new(r#"<break\s+time\s*=\s*["']?(\d+(?:\.\d+)?)\s*(ms|s)["']?\s*/?>"#).ok()
 });
 
+/// Fills each `{name}` in `template` with `value(name)`; a name it does not know (`None`) stays
+/// as written. A `{` without its `}` is text. One loop for flows, agent prompts and webhook
+/// URLs.
+pub fn fill(template: &str, mut value: impl FnMut(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('}') else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        match value(&rest[open + 1..open + close]) {
+            Some(v) => out.push_str(&v),
+            None => out.push_str(&rest[open..=open + close]),
+        }
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Splits `text` at break tags and at sentence ends, so playout marks follow sentences.
 pub fn segments(text: &str) -> Vec<Segment> {
     let mut out: Vec<Segment> = Vec::new();
