@@ -89,6 +89,35 @@ pub struct CallParts {
     pub tts: Arc<dyn Tts>,
 }
 
+impl CallParts {
+    /// The setup of a call from a PBX: these parts on this media and control, on the call's
+    /// own clock.
+    pub fn into_setup(
+        self,
+        call_id: String,
+        config: Arc<crate::config::Config>,
+        link: Box<dyn crate::call::MediaLink>,
+        control: Arc<dyn crate::call::CallControl>,
+        events: tokio::sync::mpsc::Receiver<crate::call::MediaEvent>,
+        recorder: crate::telemetry::Recorder,
+    ) -> crate::call::CallSetup {
+        crate::call::CallSetup {
+            call_id,
+            flow_name: self.flow_name,
+            config,
+            dialog: self.dialog,
+            asr: self.asr,
+            tts: self.tts,
+            link,
+            control,
+            events,
+            recorder,
+            tick_stats: None,
+            origin: None,
+        }
+    }
+}
+
 /// Builds a call's parts from its arguments (`flow=NAME`, `lang=xx`); an error names what is wrong.
 pub type PartsFactory = Arc<dyn Fn(&CallArgs) -> Result<CallParts, String> + Send + Sync>;
 

@@ -21,7 +21,7 @@ use super::ari_events::{self, EventMsg};
 use super::chan_ws::{self, ControlFormat, MarkSupport, MediaStart};
 use super::{audiosocket, rtp};
 use crate::call::link::Target;
-use crate::call::{CallControl, CallSetup, ControlError, MediaLink};
+use crate::call::{CallControl, ControlError, MediaLink};
 use crate::config::Config;
 use crate::pbx::events::{CallEvents, DtmfSource};
 use crate::pbx::supervisor::{Slot, Supervisor};
@@ -623,20 +623,7 @@ async fn run_one(
         channel: caller.clone(),
         handed_off: shared.handed_off.clone(),
     });
-    let setup = CallSetup {
-        call_id: caller.clone(),
-        flow_name: parts.flow_name,
-        config: cfg.clone(),
-        dialog: parts.dialog,
-        asr: parts.asr,
-        tts: parts.tts,
-        link,
-        control,
-        events: rx,
-        recorder,
-        tick_stats: None,
-        origin: None,
-    };
+    let setup = parts.into_setup(caller.clone(), cfg.clone(), link, control, rx, recorder);
     let route = AriRoute {
         shared: &shared,
         caller: &caller,

@@ -19,7 +19,6 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::call::CallSetup;
 use crate::call::link::{CallControl, ControlError, Target};
 use crate::config::Config;
 use crate::pbx::codec::WireFormat;
@@ -827,20 +826,7 @@ async fn run_one(
         Some(marks) => Box::new(fork::ForkLink::new(ws_tx, out, marks, events.clone())),
         None => Box::new(StockLink { playback, out }),
     };
-    let setup = CallSetup {
-        call_id: uuid.clone(),
-        flow_name: parts.flow_name,
-        config: cfg.clone(),
-        dialog: parts.dialog,
-        asr: parts.asr,
-        tts: parts.tts,
-        link,
-        control,
-        events: rx,
-        recorder,
-        tick_stats: None,
-        origin: None,
-    };
+    let setup = parts.into_setup(uuid.clone(), cfg.clone(), link, control, rx, recorder);
     let route = FsRoute {
         shared: &shared,
         uuid: &uuid,
