@@ -25,7 +25,7 @@ ensure_apt() {
 
 ensure_rust() {
   if ! command -v cargo >/dev/null; then
-    log "cargo not found: install a Rust toolchain (1.85 or newer) first"; exit 1
+    log "cargo not found: install a Rust toolchain (1.92 or newer) first"; exit 1
   fi
 }
 

@@ -445,10 +445,10 @@ pub async fn simulate(
     for (t, p) in &args.caller_at {
         script.at.push((*t, read(p)?));
     }
-    if args.agent.is_none() {
-        if let Ok(flow) = dialogs.flow(&flow_name) {
-            warm_cache(&cfg, &engines, &flow).await;
-        }
+    if args.agent.is_none()
+        && let Ok(flow) = dialogs.flow(&flow_name)
+    {
+        warm_cache(&cfg, &engines, &flow).await;
     }
     let (rec_tx, writer) = telemetry::spawn_writer(args.record.as_deref(), false, args.print)
         .map_err(|source| AppError::Io {

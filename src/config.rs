@@ -626,16 +626,16 @@ pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
         Some(span) => {
             let mut key = key_at(text, span.start);
             // serde names the unknown field itself; prefer that over the line's text.
-            if let Some(rest) = message.strip_prefix("unknown field `") {
-                if let Some(name) = rest.split('`').next() {
-                    let table = key.rsplit_once('.').map(|(t, _)| t.to_string());
-                    key = match table {
-                        Some(t) if !key.ends_with(name) => format!("{t}.{name}"),
-                        _ => key.clone(),
-                    };
-                    if key.is_empty() {
-                        key = name.to_string();
-                    }
+            if let Some(rest) = message.strip_prefix("unknown field `")
+                && let Some(name) = rest.split('`').next()
+            {
+                let table = key.rsplit_once('.').map(|(t, _)| t.to_string());
+                key = match table {
+                    Some(t) if !key.ends_with(name) => format!("{t}.{name}"),
+                    _ => key.clone(),
+                };
+                if key.is_empty() {
+                    key = name.to_string();
                 }
             }
             ConfigError::Invalid {

@@ -170,17 +170,15 @@ pub fn spawn_writer(
                 serde_json::to_writer(&mut *f, &v)?;
                 f.write_all(b"\n")?;
             }
-            if print {
-                if let Some(line) = human_line(&v) {
-                    println!("{line}");
-                }
+            if print && let Some(line) = human_line(&v) {
+                println!("{line}");
             }
             // Long-running writers (serve) flush whenever they catch up, so records are on disk
             // while calls go on.
-            if rx.is_empty() {
-                if let Some(f) = file.as_mut() {
-                    f.flush()?;
-                }
+            if rx.is_empty()
+                && let Some(f) = file.as_mut()
+            {
+                f.flush()?;
             }
         }
         if let Some(f) = file.as_mut() {

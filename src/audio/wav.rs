@@ -95,7 +95,7 @@ pub fn convert_rate(clip: Clip, rate: u32) -> Result<Vec<i16>, AudioError> {
     if clip.rate == rate {
         return Ok(clip.samples);
     }
-    if clip.rate % 50 == 0 {
+    if clip.rate.is_multiple_of(50) {
         return resample_clip(&clip.samples, clip.rate, rate);
     }
     // Rates like 22050 or 11025 (espeak-ng): go through rubato with a rate rounded to 50 Hz would

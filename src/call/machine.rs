@@ -778,12 +778,12 @@ impl CallCore {
         r.playout.add_audio(seg, samples);
         r.progress_at = now;
         let started = r.playout.started();
-        if let Some(ms) = first_ms {
-            if seg == 0 && self.times.tts_ms.is_none() {
-                self.times.tts_ms = Some(ms);
-                metrics::histogram!(names::STAGE_SECONDS, "stage" => "tts")
-                    .record(ms as f64 / 1000.0);
-            }
+        if let Some(ms) = first_ms
+            && seg == 0
+            && self.times.tts_ms.is_none()
+        {
+            self.times.tts_ms = Some(ms);
+            metrics::histogram!(names::STAGE_SECONDS, "stage" => "tts").record(ms as f64 / 1000.0);
         }
         // The first audio of a reply goes out now, not at the next tick.
         if !started {
@@ -1045,12 +1045,12 @@ impl CallCore {
                     if speech_ms < self.cfg.vad.backchannel_max_ms {
                         self.asr_seq += 1;
                         let seq = self.asr_seq;
-                        if let Phase::Speaking(r) = &mut self.phase {
-                            if let Some(p) = r.pause.as_mut() {
-                                p.checking = Some(seq);
-                                p.speech_end = now.saturating_sub(endpoint_ms);
-                                p.endpoint_ms = endpoint_ms;
-                            }
+                        if let Phase::Speaking(r) = &mut self.phase
+                            && let Some(p) = r.pause.as_mut()
+                        {
+                            p.checking = Some(seq);
+                            p.speech_end = now.saturating_sub(endpoint_ms);
+                            p.endpoint_ms = endpoint_ms;
                         }
                         self.actions.push_back(Action::Transcribe {
                             seq,
@@ -1101,10 +1101,10 @@ impl CallCore {
     }
 
     fn on_asr(&mut self, now: u64, seq: u64, result: Result<Transcript, AsrError>, ms: u64) {
-        if let Phase::Speaking(r) = &self.phase {
-            if r.pause.is_some_and(|p| p.checking == Some(seq)) {
-                return self.on_backchannel_check(now, result, ms);
-            }
+        if let Phase::Speaking(r) = &self.phase
+            && r.pause.is_some_and(|p| p.checking == Some(seq))
+        {
+            return self.on_backchannel_check(now, result, ms);
         }
         let Phase::Recognizing { texts, .. } = &mut self.phase else {
             return;
@@ -1166,10 +1166,10 @@ impl CallCore {
             ..TurnTimes::default()
         };
         // This transcript is here: the cut below must not wait for it again.
-        if let Phase::Speaking(r) = &mut self.phase {
-            if let Some(p) = r.pause.as_mut() {
-                p.checking = None;
-            }
+        if let Phase::Speaking(r) = &mut self.phase
+            && let Some(p) = r.pause.as_mut()
+        {
+            p.checking = None;
         }
         let t = match result {
             Ok(t) => t,
@@ -1480,10 +1480,11 @@ impl CallCore {
                 json!({"stage": "dtmf", "message": e.to_string()}),
             );
         }
-        if let Phase::Ending(e) = &self.phase {
-            if !e.acting && self.dtmf_in_flight == 0 {
-                self.act(now);
-            }
+        if let Phase::Ending(e) = &self.phase
+            && !e.acting
+            && self.dtmf_in_flight == 0
+        {
+            self.act(now);
         }
     }
 
@@ -1779,10 +1780,9 @@ impl CallCore {
             && self
                 .last_inbound_ms
                 .is_none_or(|t| now.saturating_sub(t) >= SILENCE_AFTER_MS)
+            && let Some(ev) = self.detector.push(&self.silence)
         {
-            if let Some(ev) = self.detector.push(&self.silence) {
-                self.on_turn_event(now, ev);
-            }
+            self.on_turn_event(now, ev);
         }
         if self.ending() {
             return self.check_deadline(now);

@@ -377,11 +377,10 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
                 core.handle(d.now(), Event::Media(ev));
             }
             Some(done) = d.tasks.join_next(), if !d.tasks.is_empty() => {
-                if let Err(e) = done {
-                    if e.is_panic() {
+                if let Err(e) = done
+                    && e.is_panic() {
                         tracing::error!(call_id, "a task of this call panicked");
                     }
-                }
             }
         }
         d.perform_all(&mut core);

@@ -231,12 +231,11 @@ async fn run(
                     agent_quiet_ticks += 1;
                 }
                 // Caller turns.
-                if speaking.is_empty() && agent_spoke_since_turn && agent_quiet_ticks * 20 >= TURN_GAP_MS {
-                    if let Some(clip) = turns.pop_front() {
+                if speaking.is_empty() && agent_spoke_since_turn && agent_quiet_ticks * 20 >= TURN_GAP_MS
+                    && let Some(clip) = turns.pop_front() {
                         speaking.push((clip, 0));
                         agent_spoke_since_turn = false;
                     }
-                }
                 // Speaking or typing at a fixed time is the caller's turn too.
                 while at.front().is_some_and(|(t, _)| *t <= now_ms) {
                     if let Some((_, clip)) = at.pop_front() {

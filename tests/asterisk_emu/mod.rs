@@ -1271,12 +1271,14 @@ impl CallerSim {
         } else {
             self.quiet_ticks += 1;
         }
-        if self.speaking.is_empty() && self.agent_spoke && self.quiet_ticks * 20 >= 700 {
-            if let Some(clip) = self.turns.pop_front() {
-                self.log.lock().unwrap().caller_spoke_at.push(now);
-                self.speaking.push((clip, 0));
-                self.agent_spoke = false;
-            }
+        if self.speaking.is_empty()
+            && self.agent_spoke
+            && self.quiet_ticks * 20 >= 700
+            && let Some(clip) = self.turns.pop_front()
+        {
+            self.log.lock().unwrap().caller_spoke_at.push(now);
+            self.speaking.push((clip, 0));
+            self.agent_spoke = false;
         }
         while self.at.front().is_some_and(|(t, _)| *t <= now) {
             let (_, clip) = self.at.pop_front().unwrap();
@@ -1450,16 +1452,14 @@ async fn media_session(
                     }
                 }
                 let mut heard = vec![0i16; per_frame];
-                if !stall {
-                    if let Some(Ok(_)) = queue.front() {
-                        if let Some(Ok(f)) = queue.pop_front() {
+                if !stall
+                    && let Some(Ok(_)) = queue.front()
+                        && let Some(Ok(f)) = queue.pop_front() {
                             frames -= 1;
                             let s = decode(&fmt, &f);
                             let n = s.len().min(per_frame);
                             heard[..n].copy_from_slice(&s[..n]);
                         }
-                    }
-                }
                 let t = sim.tick(now, &heard);
                 if t.hang_up {
                     {
@@ -1793,12 +1793,13 @@ fn pct_decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(if b[i] == b'+' { b' ' } else { b[i] });
         i += 1;

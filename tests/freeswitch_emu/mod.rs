@@ -1788,7 +1788,7 @@ impl ChanTask {
             .inner
             .opts
             .pair_every
-            .is_some_and(|n| n > 0 && self.media.frames % n as u64 == 0)
+            .is_some_and(|n| n > 0 && self.media.frames.is_multiple_of(n as u64))
         {
             self.media.held = Some(bytes);
             return;
@@ -1931,10 +1931,10 @@ impl ChanTask {
                 let meta = fk.p.metadata.clone().filter(|m| !m.is_empty());
                 self.log.lock().unwrap().stream_connected = true;
                 self.fork_event("mod_audio_fork::connect", None);
-                if let Some(m) = meta {
-                    if self.fork_send_text(m).await {
-                        self.log.lock().unwrap().metadata_sent = true;
-                    }
+                if let Some(m) = meta
+                    && self.fork_send_text(m).await
+                {
+                    self.log.lock().unwrap().metadata_sent = true;
                 }
             }
             Err(reason) => {
@@ -2016,10 +2016,10 @@ impl ChanTask {
             Some(Ok(Message::Binary(b))) => {
                 self.log.lock().unwrap().fork_bytes_received += b.len() as u64;
                 let native = self.rate;
-                if let Some(fk) = self.fork.as_mut() {
-                    if fk.p.enable || fk.p.stream {
-                        fork_binary(fk, &b, native);
-                    }
+                if let Some(fk) = self.fork.as_mut()
+                    && (fk.p.enable || fk.p.stream)
+                {
+                    fork_binary(fk, &b, native);
                 }
             }
             Some(Ok(Message::Text(t))) => self.on_fork_text(t.as_str()).await,
@@ -2194,10 +2194,10 @@ impl ChanTask {
                 for _ in 0..n {
                     let s = fk.playout.pop_front().unwrap();
                     if s == AUDIO_MARKER {
-                        if m[CLEARED].pop_front().is_none() {
-                            if let Some(name) = m[IN_USE].pop_front() {
-                                events.push((name, "playout"));
-                            }
+                        if m[CLEARED].pop_front().is_none()
+                            && let Some(name) = m[IN_USE].pop_front()
+                        {
+                            events.push((name, "playout"));
                         }
                     } else {
                         data.push(s);
@@ -2669,11 +2669,10 @@ async fn channel_task(
                         t.media.sink = Some(sink);
                         t.media.src = Some(src);
                         t.log.lock().unwrap().stream_connected = true;
-                        if let Some(m) = t.media.metadata.clone().filter(|m| !m.is_empty()) {
-                            if t.send(Message::text(m)).await {
+                        if let Some(m) = t.media.metadata.clone().filter(|m| !m.is_empty())
+                            && t.send(Message::text(m)).await {
                                 t.log.lock().unwrap().metadata_sent = true;
                             }
-                        }
                         t.fire_custom("mod_audio_stream::connect", "{\"status\":\"connected\"}".into());
                         let p = Duration::from_secs(t.heart_beat_s.max(1));
                         t.media.heartbeat = (t.heart_beat_s > 0)
@@ -2898,10 +2897,10 @@ async fn fork_ws_connect(url: &str, auth: Option<(String, String)>) -> ForkConn 
         }) {
             return Err("HS: UPGRADE malformed".to_string());
         }
-        if let Some(p) = hdr("sec-websocket-protocol").filter(|p| !p.is_empty()) {
-            if p != FORK_SUBPROTOCOL {
-                return Err("HS: PROTOCOL malformed".to_string());
-            }
+        if let Some(p) = hdr("sec-websocket-protocol").filter(|p| !p.is_empty())
+            && p != FORK_SUBPROTOCOL
+        {
+            return Err("HS: PROTOCOL malformed".to_string());
         }
         let Some(accept) = hdr("sec-websocket-accept") else {
             return Err("HS: ACCEPT missing".to_string());
@@ -2993,12 +2992,14 @@ impl CallerSim {
         } else {
             self.quiet_ticks += 1;
         }
-        if self.speaking.is_empty() && self.agent_spoke && self.quiet_ticks * 20 >= 700 {
-            if let Some(clip) = self.turns.pop_front() {
-                self.log.lock().unwrap().caller_spoke_at.push(now);
-                self.speaking.push((clip, 0));
-                self.agent_spoke = false;
-            }
+        if self.speaking.is_empty()
+            && self.agent_spoke
+            && self.quiet_ticks * 20 >= 700
+            && let Some(clip) = self.turns.pop_front()
+        {
+            self.log.lock().unwrap().caller_spoke_at.push(now);
+            self.speaking.push((clip, 0));
+            self.agent_spoke = false;
         }
         while self.at.front().is_some_and(|(t, _)| *t <= now) {
             let (_, clip) = self.at.pop_front().unwrap();

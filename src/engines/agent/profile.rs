@@ -143,10 +143,10 @@ impl AgentProfile {
         if file.system_prompt.trim().is_empty() {
             return Err(bad("system_prompt is empty".into()));
         }
-        if let Some(t) = file.temperature {
-            if !(0.0..=2.0).contains(&t) {
-                return Err(bad("temperature must be 0.0..2.0".into()));
-            }
+        if let Some(t) = file.temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            return Err(bad("temperature must be 0.0..2.0".into()));
         }
         for name in file.transfers.keys() {
             if !allowed(name) {
@@ -172,12 +172,12 @@ impl AgentProfile {
             if t.parameters.get("type").and_then(Value::as_str) != Some("object") {
                 return Err(tool("parameters must be a JSON schema of type \"object\""));
             }
-            if let Some(p) = &t.confirm_prompt {
-                if let Some(s) = t.sensitive.iter().find(|s| p.contains(&format!("{{{s}}}"))) {
-                    return Err(tool(&format!(
-                        "confirm_prompt reads out `{s}`, which is sensitive (it would be spoken and recorded)"
-                    )));
-                }
+            if let Some(p) = &t.confirm_prompt
+                && let Some(s) = t.sensitive.iter().find(|s| p.contains(&format!("{{{s}}}")))
+            {
+                return Err(tool(&format!(
+                    "confirm_prompt reads out `{s}`, which is sensitive (it would be spoken and recorded)"
+                )));
             }
             if t.timeout_ms == 0 || t.timeout_ms > 60_000 || t.retries > 5 {
                 return Err(tool("timeout_ms must be 1..60000 and retries at most 5"));

@@ -111,16 +111,18 @@ impl ChatStream {
                     },
                 };
                 let p = self.calls.entry(index).or_default();
-                if let Some(id) = call.get("id").and_then(Value::as_str) {
-                    if !id.is_empty() && p.id != id {
-                        p.id = id.to_string();
-                    }
+                if let Some(id) = call.get("id").and_then(Value::as_str)
+                    && !id.is_empty()
+                    && p.id != id
+                {
+                    p.id = id.to_string();
                 }
                 let f = call.get("function");
-                if let Some(name) = f.and_then(|f| f.get("name")).and_then(Value::as_str) {
-                    if !name.is_empty() && p.name != name {
-                        p.name.push_str(name);
-                    }
+                if let Some(name) = f.and_then(|f| f.get("name")).and_then(Value::as_str)
+                    && !name.is_empty()
+                    && p.name != name
+                {
+                    p.name.push_str(name);
                 }
                 if let Some(args) = f.and_then(|f| f.get("arguments")) {
                     match args {

@@ -329,10 +329,11 @@ pub fn amount_cents(text: &str) -> Option<u64> {
         if rest.get(j).is_some_and(|w| w == "and") {
             j += 1;
         }
-        if let Num::Cents(c, u) = number_from(&rest[j..]) {
-            if rest.get(j + u).is_some_and(|w| w.starts_with("cent")) && c < 10_000 {
-                value = value.checked_add(c / 100)?;
-            }
+        if let Num::Cents(c, u) = number_from(&rest[j..])
+            && rest.get(j + u).is_some_and(|w| w.starts_with("cent"))
+            && c < 10_000
+        {
+            value = value.checked_add(c / 100)?;
         }
         return (value <= MAX_CENTS).then_some(value);
     }
@@ -394,10 +395,10 @@ pub fn date(text: &str) -> Option<String> {
         if let Some(m) = MONTHS.iter().find(|m| **m == t.as_str()) {
             if let Some(next) = toks.get(i + 1) {
                 let n: String = next.chars().take_while(char::is_ascii_digit).collect();
-                if let Ok(d) = n.parse::<u32>() {
-                    if (1..=31).contains(&d) {
-                        return Some(format!("{} {}", capitalise(m), d));
-                    }
+                if let Ok(d) = n.parse::<u32>()
+                    && (1..=31).contains(&d)
+                {
+                    return Some(format!("{} {}", capitalise(m), d));
                 }
             }
             return Some(capitalise(m));

@@ -233,13 +233,13 @@ impl Flow {
                     format!("intent `{name}` has no phrases or regexes"),
                 ));
             }
-            if let Some(g) = &intent.goto {
-                if !has(g) {
-                    return Err(err(
-                        g,
-                        format!("intent `{name}` goes to unknown state `{g}`"),
-                    ));
-                }
+            if let Some(g) = &intent.goto
+                && !has(g)
+            {
+                return Err(err(
+                    g,
+                    format!("intent `{name}` goes to unknown state `{g}`"),
+                ));
             }
             regexes.insert(name.clone(), compiled);
         }
@@ -249,13 +249,13 @@ impl Flow {
                 ("found", &st.found),
                 ("missing", &st.missing),
             ] {
-                if let Some(t) = target {
-                    if !has(t) {
-                        return Err(err(
-                            t,
-                            format!("state `{name}`: {label} = unknown state `{t}`"),
-                        ));
-                    }
+                if let Some(t) = target
+                    && !has(t)
+                {
+                    return Err(err(
+                        t,
+                        format!("state `{name}`: {label} = unknown state `{t}`"),
+                    ));
                 }
             }
             for (intent, target) in &st.intents {
@@ -324,21 +324,21 @@ impl Flow {
                     ));
                 }
             }
-            if let Some(r) = &st.return_to {
-                if !file.states.contains_key(r) {
-                    return Err(err(
-                        r,
-                        format!("state `{name}`: return_to = unknown state `{r}`"),
-                    ));
-                }
+            if let Some(r) = &st.return_to
+                && !file.states.contains_key(r)
+            {
+                return Err(err(
+                    r,
+                    format!("state `{name}`: return_to = unknown state `{r}`"),
+                ));
             }
-            if let Some(d) = &st.send_dtmf {
-                if d.is_empty() || !d.chars().all(|c| "0123456789*#ABCDwW".contains(c)) {
-                    return Err(err(
-                        name,
-                        format!("state `{name}`: send_dtmf `{d}` has keys that are not DTMF"),
-                    ));
-                }
+            if let Some(d) = &st.send_dtmf
+                && (d.is_empty() || !d.chars().all(|c| "0123456789*#ABCDwW".contains(c)))
+            {
+                return Err(err(
+                    name,
+                    format!("state `{name}`: send_dtmf `{d}` has keys that are not DTMF"),
+                ));
             }
             let listens = st.prompt.is_some();
             let ends = st.transfer.is_some() || st.hangup;
@@ -869,20 +869,20 @@ impl Dialog for ScriptedDialog {
     }
 
     async fn input(&mut self, input: Input) -> Result<Turn, DialogError> {
-        if let Input::Speech(t) = &input {
-            if let Some((_, def)) = self.global_intent(t) {
-                let say = def.say.as_deref().map(prompt::segments).unwrap_or_default();
-                if let Some(target) = def.transfer {
-                    return Ok(Turn {
-                        say,
-                        barge_in: false,
-                        send_dtmf: None,
-                        next: Next::Transfer { target },
-                    });
-                }
-                if let Some(g) = def.goto {
-                    return self.enter(&g, say).await;
-                }
+        if let Input::Speech(t) = &input
+            && let Some((_, def)) = self.global_intent(t)
+        {
+            let say = def.say.as_deref().map(prompt::segments).unwrap_or_default();
+            if let Some(target) = def.transfer {
+                return Ok(Turn {
+                    say,
+                    barge_in: false,
+                    send_dtmf: None,
+                    next: Next::Transfer { target },
+                });
+            }
+            if let Some(g) = def.goto {
+                return self.enter(&g, say).await;
             }
         }
         if input == Input::NoInput {
@@ -923,23 +923,23 @@ impl Dialog for ScriptedDialog {
                 None => Ok(self.retry(false)),
             };
         }
-        if let Some(c) = &st.collect {
-            if let Some(value) = Self::extract(c, &input) {
-                if c.confirm {
-                    let shown = Self::shown(c, &value);
-                    let template = c
-                        .confirm_prompt
-                        .clone()
-                        .unwrap_or_else(|| "Did you say {value}?".into());
-                    let text = self.render(&template.replace("{value}", &shown));
-                    self.pending_confirm = Some((c.slot.clone(), value));
-                    self.retries = 0;
-                    return Ok(self.listen(prompt::segments(&text), st.barge_in));
-                }
-                self.slots.insert(c.slot.clone(), value);
-                let next = st.next.clone().unwrap_or_default();
-                return self.enter(&next, Vec::new()).await;
+        if let Some(c) = &st.collect
+            && let Some(value) = Self::extract(c, &input)
+        {
+            if c.confirm {
+                let shown = Self::shown(c, &value);
+                let template = c
+                    .confirm_prompt
+                    .clone()
+                    .unwrap_or_else(|| "Did you say {value}?".into());
+                let text = self.render(&template.replace("{value}", &shown));
+                self.pending_confirm = Some((c.slot.clone(), value));
+                self.retries = 0;
+                return Ok(self.listen(prompt::segments(&text), st.barge_in));
             }
+            self.slots.insert(c.slot.clone(), value);
+            let next = st.next.clone().unwrap_or_default();
+            return self.enter(&next, Vec::new()).await;
         }
         if let Input::Speech(t) = &input {
             let mut best: Option<(f32, String)> = None;

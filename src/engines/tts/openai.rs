@@ -172,10 +172,10 @@ impl Tts for OpenAiTts {
                     return;
                 }
             }
-            if let Ok(tail) = decoder.finish() {
-                if !tail.is_empty() {
-                    let _ = tx.send(Ok(tail)).await;
-                }
+            if let Ok(tail) = decoder.finish()
+                && !tail.is_empty()
+            {
+                let _ = tx.send(Ok(tail)).await;
             }
         });
         Ok(rx)

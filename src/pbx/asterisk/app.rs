@@ -471,10 +471,10 @@ fn start_call(
         }
         // Only this call's entry: a caller back in Stasis (a transfer target that runs
         // Stasis again) is a new call under the same id.
-        if let Ok(mut c) = shared.calls.lock() {
-            if c.get(&ids.caller).is_some_and(|e| e.same(&events)) {
-                c.remove(&ids.caller);
-            }
+        if let Ok(mut c) = shared.calls.lock()
+            && c.get(&ids.caller).is_some_and(|e| e.same(&events))
+        {
+            c.remove(&ids.caller);
         }
     });
 }
@@ -889,10 +889,8 @@ async fn connect_media(
         let c = match by_id {
             Some(c) => c,
             None => loop {
-                if !rx_done {
-                    if let Ok(c) = rx.try_recv() {
-                        break c;
-                    }
+                if !rx_done && let Ok(c) = rx.try_recv() {
+                    break c;
                 }
                 let parked = shared
                     .unclaimed

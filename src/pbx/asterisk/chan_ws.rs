@@ -294,7 +294,7 @@ pub fn optimal_frame_size(asked: usize, wire: WireFormat) -> Result<usize, WsMed
     if asked == 0 {
         return Ok(wire.frame_bytes());
     }
-    if asked > MAX_BINARY || asked % wire.width() != 0 {
+    if asked > MAX_BINARY || !asked.is_multiple_of(wire.width()) {
         return Err(WsMediaError::BadStart(format!(
             "optimal_frame_size {asked} is not a usable frame size"
         )));

@@ -291,10 +291,10 @@ async fn run(
                                     tracing::warn!(error = %e, "bad Event Socket message; skipped");
                                 }
                                 Some(Ok(ev)) => {
-                                    if let Some(msg) = read_event(&esl, &ev) {
-                                        if tx.send(EslMsg::Event(msg)).await.is_err() {
-                                            return;
-                                        }
+                                    if let Some(msg) = read_event(&esl, &ev)
+                                        && tx.send(EslMsg::Event(msg)).await.is_err()
+                                    {
+                                        return;
                                     }
                                 }
                             }

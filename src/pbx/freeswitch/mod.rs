@@ -168,10 +168,10 @@ impl Shared {
                 // Nothing can reach FreeSWITCH now: tried again as soon as it is back (and the
                 // dialplan's backstop transfer covers the time until then).
                 tracing::warn!(%uuid, "Event Socket down; the caller goes to overflow when it is back");
-                if let Ok(mut r) = self.retry.lock() {
-                    if r.len() < RETRY_MAX {
-                        r.insert(uuid.to_string());
-                    }
+                if let Ok(mut r) = self.retry.lock()
+                    && r.len() < RETRY_MAX
+                {
+                    r.insert(uuid.to_string());
                 }
             }
             // No answer: the transfer may have happened; a hangup could cut off a caller who
@@ -662,10 +662,10 @@ fn on_media(shared: &Arc<Shared>, sup: &Arc<Supervisor>, conn: media::MediaConn)
         // Nothing could be played, keyed or transferred: refused, and the caller goes to a
         // human as soon as the Event Socket is back (the dialplan's backstop until then).
         tracing::warn!(%uuid, "Event Socket down: media connection refused");
-        if let Ok(mut r) = shared.retry.lock() {
-            if r.len() < RETRY_MAX {
-                r.insert(uuid);
-            }
+        if let Ok(mut r) = shared.retry.lock()
+            && r.len() < RETRY_MAX
+        {
+            r.insert(uuid);
         }
         return;
     }
