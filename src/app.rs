@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use crate::engines::endpoint::SmartTurn;
 use std::time::Duration;
 
 use crate::audio::wav;
@@ -21,7 +23,7 @@ use crate::engines::tts::cache::CachedTts;
 use crate::engines::tts::espeak::Espeak;
 use crate::engines::tts::openai::OpenAiTts;
 use crate::pbx::CallArgs;
-use crate::pbx::simulated::{self, Script, SimReport};
+use crate::pbx::simulated::{self, Script, SimEcho, SimReport};
 use crate::telemetry::{self, Recorder};
 
 /// Errors of the application layer.
@@ -48,6 +50,8 @@ pub struct Engines {
     pub cache: Option<Arc<CachedTts>>,
     /// The process's HTTP client (one connection pool), also for flow webhooks.
     pub http: reqwest::Client,
+    /// The end-of-turn model (None: turns end on silence alone).
+    pub turn: Option<Arc<SmartTurn>>,
 }
 
 impl Engines {
@@ -68,6 +72,39 @@ impl Engines {
             tts: cache.clone(),
             cache: Some(cache),
             http: client,
+            turn: load_turn_model(cfg),
+        }
+    }
+}
+
+/// The end-of-turn model, or silence-only endpointing said once at startup (never a failed
+/// start: a call without the model still works, only slower to answer).
+fn load_turn_model(cfg: &Config) -> Option<Arc<SmartTurn>> {
+    match SmartTurn::from_config(&cfg.turn, |p| cfg.resolve(p)) {
+        Ok(Some(m)) => {
+            tracing::info!(
+                model = %cfg.resolve(&cfg.turn.model).display(),
+                threads = cfg.turn.threads,
+                "end-of-turn model loaded: turns end at {} ms pauses the model finds complete",
+                cfg.turn.pause_ms
+            );
+            Some(Arc::new(m))
+        }
+        Ok(None) => {
+            tracing::warn!(
+                "no end-of-turn model (turn.model, turn.onnxruntime; scripts/test installs \
+                 both): turns end after {} ms of silence",
+                cfg.vad.end_silence_ms
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "end-of-turn model not loaded: turns end after {} ms of silence",
+                cfg.vad.end_silence_ms
+            );
+            None
         }
     }
 }
@@ -284,6 +321,7 @@ pub fn parts_factory(cfg: Arc<Config>, engines: Engines) -> crate::pbx::PartsFac
             dialog,
             asr: engines.asr.clone(),
             tts: engines.tts.clone(),
+            turn: engines.turn.clone(),
         })
     })
 }
@@ -382,6 +420,8 @@ pub struct SimulateArgs {
     pub print: bool,
     pub no_frames_in_silence: bool,
     pub max_seconds: u64,
+    /// The agent's voice comes back on the caller's line (`--echo DB:MS`).
+    pub echo: Option<SimEcho>,
 }
 
 /// Parses `MS:VALUE`.
@@ -397,6 +437,11 @@ pub fn parse_at(s: &str) -> Result<(u64, String), String> {
         return Err(format!("`{s}`: nothing after the colon"));
     }
     Ok((ms, v.to_string()))
+}
+
+/// Parses `--echo DB:MS` (`-10:80`: 10 dB down, 80 ms late).
+pub fn parse_echo(s: &str) -> Result<SimEcho, String> {
+    s.parse()
 }
 
 /// Runs one simulated call and returns its outcome and what the PBX saw.
@@ -437,6 +482,7 @@ pub async fn simulate(
         no_frames_in_silence: args.no_frames_in_silence,
         max_ms: args.max_seconds.max(1) * 1000,
         dtmf: args.dtmf.clone(),
+        echo: args.echo,
         ..Script::default()
     };
     for p in &args.callers {
@@ -468,6 +514,7 @@ pub async fn simulate(
         dialog,
         asr: engines.asr.clone(),
         tts: engines.tts.clone(),
+        turn: engines.turn.clone(),
         link: Box::new(pbx.link),
         control: pbx.control,
         events: pbx.events,

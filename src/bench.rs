@@ -21,6 +21,7 @@ use crate::audio::g711;
 use crate::call::{CallSetup, MediaEvent, MediaLink, run_call};
 use crate::config::{Config, TransferTarget};
 use crate::engines::dialog::flow::{Flow, ScriptedDialog};
+use crate::engines::endpoint::SmartTurn;
 use crate::engines::instant::{InstantAsr, InstantTts};
 use crate::pbx::asterisk::chan_ws;
 use crate::pbx::events::CallEvents;
@@ -39,6 +40,15 @@ pub struct BenchArgs {
     /// VAD engine to run: earshot or webrtc.
     #[arg(long, default_value = "earshot")]
     pub vad: String,
+    /// Run the Smart Turn end-of-turn model at every pause (its ONNX file).
+    #[arg(long, env = "SIDECALL_TURN_MODEL", requires = "onnxruntime")]
+    pub turn_model: Option<std::path::PathBuf>,
+    /// ONNX Runtime's libonnxruntime.so, for --turn-model.
+    #[arg(long, env = "SIDECALL_ONNXRUNTIME")]
+    pub onnxruntime: Option<std::path::PathBuf>,
+    /// Model inferences at once (`turn.threads`).
+    #[arg(long, default_value_t = 1)]
+    pub turn_threads: usize,
 }
 
 /// Errors of the benchmark.
@@ -202,6 +212,13 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             announce: None,
         },
     );
+    let turn = match (&args.turn_model, &args.onnxruntime) {
+        (Some(model), Some(lib)) => Some(Arc::new(
+            SmartTurn::load(lib, model, args.turn_threads.max(1), cfg.turn.queue)
+                .map_err(|e| BenchError::Flow(e.to_string()))?,
+        )),
+        _ => None,
+    };
     let cfg = Arc::new(cfg);
     let http = crate::net::http_client();
     let flow = Flow::parse(std::path::Path::new("<bench>"), FLOW)
@@ -212,7 +229,11 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         tokio::spawn(async move {
             let mut added = Vec::new();
             let mut turns = 0u64;
+            let mut checks = Checks::default();
             while let Some(v) = rec_rx.recv().await {
+                if v.get("type").and_then(Value::as_str) == Some("turn_check") {
+                    checks.add(&v);
+                }
                 if v.get("type").and_then(Value::as_str) == Some("turn") {
                     turns += 1;
                     let g = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -222,7 +243,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
                 }
             }
             added.sort_unstable();
-            (turns, added)
+            (turns, added, checks)
         });
     let rss_before = proc_status_kib("VmRSS:");
     let cpu_before = cpu_time();
@@ -286,6 +307,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             )),
             asr: asr.clone(),
             tts: tts.clone(),
+            turn: turn.clone(),
             link: Box::new(link),
             control,
             events: ev_rx,
@@ -315,7 +337,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let pbx_cpu = pbx_cpu_time();
     let own_cpu = cpu.saturating_sub(pbx_cpu);
     let completed = outcomes.iter().filter(|o| o.is_ok()).count();
-    let (turns, added) = collector.await.unwrap_or((0, Vec::new()));
+    let (turns, added, mut checks) = collector
+        .await
+        .unwrap_or((0, Vec::new(), Checks::default()));
     let call_seconds = (args.calls as f64) * args.seconds as f64;
     let pct = |v: &[u64], q: f64| {
         v.get(((v.len() as f64 - 1.0) * q).round() as usize)
@@ -324,8 +348,15 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     };
     let ticks = stats.work.count().max(1);
     println!(
-        "sidecall bench: {} calls x {} s, VAD {}, chan_websocket 8 kHz mu-law <-> 16 kHz engine",
-        args.calls, args.seconds, args.vad
+        "sidecall bench: {} calls x {} s, VAD {}, chan_websocket 8 kHz mu-law <-> 16 kHz engine{}",
+        args.calls,
+        args.seconds,
+        args.vad,
+        if turn.is_some() {
+            format!(", Smart Turn on {} thread(s)", args.turn_threads.max(1))
+        } else {
+            String::new()
+        }
     );
     println!("  calls completed           {completed}/{}", args.calls);
     println!("  wall time                 {wall_s:.1} s");
@@ -366,7 +397,50 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         pct(&added, 0.99),
         added.last().copied().unwrap_or(0)
     );
+    if turn.is_some() {
+        checks.infer.sort_unstable();
+        checks.wait.sort_unstable();
+        let total: u64 = checks.infer.iter().sum();
+        println!(
+            "  end-of-turn model         {} checks ({:.2}/s), {} refused (busy) or failed; inference p50 {} ms, p95 {} ms; queue wait p50 {} ms, p95 {} ms",
+            checks.infer.len(),
+            checks.infer.len() as f64 / wall_s.max(0.001),
+            checks.failed,
+            pct(&checks.infer, 0.5),
+            pct(&checks.infer, 0.95),
+            pct(&checks.wait, 0.5),
+            pct(&checks.wait, 0.95),
+        );
+        println!(
+            "  end-of-turn model CPU     {:.2} ms per call-second ({} ms of inference in all)",
+            total as f64 / call_seconds,
+            total
+        );
+    }
     Ok(())
+}
+
+/// The end-of-turn model's answers, from `turn_check` records.
+#[derive(Default)]
+struct Checks {
+    infer: Vec<u64>,
+    wait: Vec<u64>,
+    failed: u64,
+}
+
+impl Checks {
+    fn add(&mut self, v: &Value) {
+        match (
+            v.get("infer_ms").and_then(Value::as_u64),
+            v.get("wait_ms").and_then(Value::as_u64),
+        ) {
+            (Some(i), Some(w)) => {
+                self.infer.push(i);
+                self.wait.push(w);
+            }
+            _ => self.failed += 1,
+        }
+    }
 }
 
 /// The simulated Asterisk's runtime; shut down without blocking when the bench ends (a runtime

@@ -34,6 +34,7 @@ fn default_true() -> bool {
 pub struct Config {
     pub call: CallConfig,
     pub vad: VadConfig,
+    pub turn: TurnConfig,
     pub dtmf: DtmfConfig,
     pub asr: AsrConfig,
     pub tts: TtsConfig,
@@ -123,6 +124,8 @@ pub struct VadConfig {
     /// ("mm-hm", "okay", "right") resumes the reply, anything else is a barge-in and the
     /// caller's input. Longer speech cuts at once. 0: every speech past `barge_in_min_ms` cuts.
     pub backchannel_max_ms: u64,
+    /// The agent's own voice coming back on the caller's channel (`[vad.echo]`).
+    pub echo: EchoConfig,
 }
 
 impl Default for VadConfig {
@@ -140,6 +143,80 @@ impl Default for VadConfig {
             pause_on_voice: true,
             resume_after_ms: 240,
             backchannel_max_ms: 700,
+            echo: EchoConfig::default(),
+        }
+    }
+}
+
+/// Echo gating: the agent's own voice coming back on the caller's channel (line echo, a
+/// speakerphone) never counts as the caller speaking, so it cannot interrupt the agent. The
+/// echo's delay and level are learned on each call from the audio sidecall plays.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EchoConfig {
+    /// Gate voice activity on the agent's echo.
+    pub enabled: bool,
+    /// A caller frame counts as the caller's voice only when it is this much louder (dB) than
+    /// the echo predicted for it. Once the echo path is learned and predicts tightly, the gate
+    /// narrows this down to 3 sigma of the path's own spread (not below 3 dB).
+    pub margin_db: f32,
+    /// Until the echo path is learned, the echo is assumed at most this much (dB) quieter than
+    /// the loudest agent audio within `max_delay_ms`.
+    pub default_erl_db: f32,
+    /// Longest echo delay looked for, from the agent audio sent to its echo coming back (the
+    /// PBX's queue included).
+    pub max_delay_ms: u64,
+}
+
+impl Default for EchoConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            margin_db: 6.0,
+            default_erl_db: 6.0,
+            max_delay_ms: 600,
+        }
+    }
+}
+
+/// Early endpointing: at a short pause the Smart Turn model says whether the caller's
+/// utterance is complete. Without a model, turns end after `vad.end_silence_ms` of silence.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// The Smart Turn v3 ONNX file (`scripts/test` installs it from the PyPI wheel
+    /// `pipecat-ai`); empty: silence-only endpointing.
+    pub model: String,
+    /// ONNX Runtime's `libonnxruntime.so` (from the PyPI wheel `onnxruntime`).
+    pub onnxruntime: String,
+    /// Silence after which the model is asked (and the audio so far transcribed ahead).
+    pub pause_ms: u64,
+    /// Model score from which the utterance counts as complete.
+    pub threshold: f32,
+    /// The model found the utterance unfinished: silence that still ends the turn.
+    pub max_silence_ms: u64,
+    /// Same while the caller reads out a number (the question expects digits).
+    pub digits_silence_ms: u64,
+    /// Inferences run at once (each on one core, off the call tasks).
+    pub threads: usize,
+    /// Inferences that may wait for a free thread; past that a pause ends on silence alone.
+    pub queue: usize,
+    /// Transcribe the audio so far at the pause, so the transcript is ready at the endpoint.
+    pub speculate: bool,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            onnxruntime: String::new(),
+            pause_ms: 200,
+            threshold: 0.5,
+            max_silence_ms: 1_500,
+            digits_silence_ms: 2_500,
+            threads: 1,
+            queue: 8,
+            speculate: true,
         }
     }
 }
@@ -544,6 +621,8 @@ pub struct Overrides {
     pub tts_url: Option<String>,
     pub llm_url: Option<String>,
     pub tts_engine: Option<String>,
+    pub turn_model: Option<String>,
+    pub onnxruntime: Option<String>,
     pub flow: Option<String>,
     pub admin_listen: Option<String>,
 }
@@ -714,6 +793,12 @@ impl Config {
         }
         if let Some(v) = &o.tts_engine {
             self.tts.engine = v.clone();
+        }
+        if let Some(v) = &o.turn_model {
+            self.turn.model = v.clone();
+        }
+        if let Some(v) = &o.onnxruntime {
+            self.turn.onnxruntime = v.clone();
         }
         if let Some(v) = &o.flow {
             self.dialog.flow = Spanned::new(0..0, v.clone());
@@ -972,6 +1057,16 @@ impl Config {
                 "must be between 0 and 1".into(),
             ));
         }
+        if !(0.0..=1.0).contains(&self.turn.threshold) {
+            return Err(bad("turn.threshold", "must be between 0 and 1".into()));
+        }
+        if self.turn.model.is_empty() != self.turn.onnxruntime.is_empty() {
+            return Err(bad(
+                "turn.model",
+                "set both turn.model and turn.onnxruntime (or neither: silence-only endpointing)"
+                    .into(),
+            ));
+        }
         // Every number from the file is checked against a range that makes sense on a call, so
         // that nothing later overflows or waits for ever (a huge max_duration_s passed `check`
         // and then panicked every call).
@@ -999,6 +1094,16 @@ impl Config {
                 120_000,
             ),
             ("vad.barge_in_min_ms", self.vad.barge_in_min_ms, 0, 5_000),
+            ("turn.pause_ms", self.turn.pause_ms, 60, 2_000),
+            ("turn.max_silence_ms", self.turn.max_silence_ms, 100, 10_000),
+            (
+                "turn.digits_silence_ms",
+                self.turn.digits_silence_ms,
+                100,
+                10_000,
+            ),
+            ("turn.threads", to_u64(self.turn.threads), 1, 64),
+            ("turn.queue", to_u64(self.turn.queue), 0, 1_000),
             ("vad.resume_after_ms", self.vad.resume_after_ms, 20, 5_000),
             (
                 "vad.backchannel_max_ms",
@@ -1089,6 +1194,19 @@ impl Config {
         }
         if !(-100.0..=0.0).contains(&self.vad.min_level_dbfs) {
             return Err(bad("vad.min_level_dbfs", "must be -100..0".into()));
+        }
+        let echo = &self.vad.echo;
+        if !(0.0..=30.0).contains(&echo.margin_db) {
+            return Err(bad("vad.echo.margin_db", "must be 0..30 (dB)".into()));
+        }
+        if !(0.0..=40.0).contains(&echo.default_erl_db) {
+            return Err(bad("vad.echo.default_erl_db", "must be 0..40 (dB)".into()));
+        }
+        if !(20..=2_000).contains(&echo.max_delay_ms) {
+            return Err(bad(
+                "vad.echo.max_delay_ms",
+                format!("{} is outside 20..=2000", echo.max_delay_ms),
+            ));
         }
         for (key, url) in [("asterisk.url", &a.url)] {
             if reqwest::Url::parse(url).is_err()
@@ -1326,5 +1444,44 @@ mod tests {
         assert_eq!(key_line(dotted, "asterisk.url"), 1);
         assert_eq!(key_line(dotted, "transfers.agent"), 2);
         assert_eq!(key_line("not toml [", "asr.url"), 0);
+    }
+
+    #[test]
+    fn echo_settings_are_checked() {
+        let flows = format!("{}/examples/flows", env!("CARGO_MANIFEST_DIR"));
+        let check = |text: &str| {
+            let text = format!(
+                "[dialog]\nflows_dir = \"{flows}\"\n[transfers.agent]\ncontext = \"a\"\n{text}"
+            );
+            let path = Path::new("/tmp/sidecall-test.toml");
+            Config::parse(path, &text).and_then(|c| c.validate(path, &text).map(|_| c))
+        };
+        let c = check("[vad.echo]\nmargin_db = 4.5\nmax_delay_ms = 300\n").expect("valid");
+        assert_eq!(c.vad.echo.margin_db, 4.5);
+        assert_eq!(c.vad.echo.max_delay_ms, 300);
+        assert!(c.vad.echo.enabled);
+        assert_eq!(c.vad.echo.default_erl_db, 6.0);
+        for (text, key) in [
+            ("[vad.echo]\nmargin_db = 50.0\n", "vad.echo.margin_db"),
+            ("[vad.echo]\nmargin_db = nan\n", "vad.echo.margin_db"),
+            (
+                "[vad.echo]\ndefault_erl_db = -3.0\n",
+                "vad.echo.default_erl_db",
+            ),
+            ("[vad.echo]\nmax_delay_ms = 5\n", "vad.echo.max_delay_ms"),
+            (
+                "[vad]\necho.max_delay_ms = 100000\n",
+                "vad.echo.max_delay_ms",
+            ),
+        ] {
+            let e = check(text).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(":6:"), "{text}: {e}");
+        }
+        assert!(
+            check("[vad.echo]\nlevel = 3\n")
+                .unwrap_err()
+                .to_string()
+                .contains("level")
+        );
     }
 }

@@ -40,6 +40,12 @@ struct Common {
     /// TTS engine: espeak or openai.
     #[arg(long, env = "SIDECALL_TTS_ENGINE")]
     tts_engine: Option<String>,
+    /// The Smart Turn ONNX file for early endpointing (`turn.model`).
+    #[arg(long, env = "SIDECALL_TURN_MODEL")]
+    turn_model: Option<String>,
+    /// ONNX Runtime's libonnxruntime.so (`turn.onnxruntime`).
+    #[arg(long, env = "SIDECALL_ONNXRUNTIME")]
+    onnxruntime: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -83,6 +89,10 @@ enum Cmd {
         /// Send no frames while the caller is silent, like a real Asterisk bridge.
         #[arg(long)]
         no_frames_in_silence: bool,
+        /// DB:MS: the agent's voice comes back on the caller's line this much quieter (dB,
+        /// negative) and this late (ms), as line echo or a speakerphone does (`--echo=-10:80`).
+        #[arg(long, value_name = "DB:MS", allow_hyphen_values = true, value_parser = app::parse_echo)]
+        echo: Option<sidecall::pbx::simulated::SimEcho>,
         /// The simulated caller hangs up after this many seconds.
         #[arg(long, default_value_t = 180)]
         max_seconds: u64,
@@ -105,6 +115,8 @@ fn overrides(c: &Common) -> Overrides {
         tts_url: c.tts_url.clone(),
         llm_url: c.llm_url.clone(),
         tts_engine: c.tts_engine.clone(),
+        turn_model: c.turn_model.clone(),
+        onnxruntime: c.onnxruntime.clone(),
         ..Overrides::default()
     }
 }
@@ -205,6 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             record,
             no_frames_in_silence,
+            echo,
             max_seconds,
             quiet,
         } => {
@@ -225,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print: !quiet,
                 no_frames_in_silence,
                 max_seconds,
+                echo,
             };
             let rate = cfg.call.sample_rate as f64;
             let (outcome, report) = app::simulate(cfg, engines, args).await?;

@@ -605,6 +605,7 @@ async fn transfer_to_a_target_not_allow_listed_is_refused() {
             dialog: Box::new(Rogue),
             asr: engines.asr.clone(),
             tts: engines.tts.clone(),
+            turn: None,
         })
     });
     let sc = start(&emu, "", Some(parts)).await;
@@ -1266,6 +1267,7 @@ async fn broken_dialog_reaches_a_human(panic: bool) {
             dialog: Box::new(Broken { panic }),
             asr: engines.asr.clone(),
             tts: engines.tts.clone(),
+            turn: None,
         })
     });
     let sc = start_tweaked(&emu, "", Some(parts), |c| c.dialog.timeout_ms = 1_500).await;

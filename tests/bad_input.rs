@@ -119,6 +119,7 @@ async fn call_with(kind: Fake, call_extra: &str) -> Call {
         tts: Arc::new(InstantTts),
         cache: None,
         http: sidecall::net::http_client(),
+        turn: None,
     };
     simulate_with(
         cfg,

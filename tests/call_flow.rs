@@ -19,6 +19,7 @@ fn instant_engines() -> Engines {
         tts: Arc::new(InstantTts),
         cache: None,
         http: sidecall::net::http_client(),
+        turn: None,
     }
 }
 
@@ -222,6 +223,7 @@ async fn a_streamed_reply_is_heard_while_the_dialog_is_still_making_it() {
         dialog: Box::new(Streamer),
         asr: engines.asr.clone(),
         tts: engines.tts.clone(),
+        turn: None,
         link: Box::new(pbx.link),
         control: pbx.control,
         events: pbx.events,
@@ -357,6 +359,7 @@ async fn a_barge_in_ends_the_dialog_turn_still_being_made() {
         }),
         asr: engines.asr.clone(),
         tts: engines.tts.clone(),
+        turn: None,
         link: Box::new(pbx.link),
         control: pbx.control,
         events: pbx.events,

@@ -277,4 +277,14 @@ fn simulate_refuses_corrupt_and_empty_wav_files() {
     assert!(!ok && text.contains("expected MS:VALUE"), "{text}");
     let (ok, text) = sidecall(&["simulate", "--config", &cfg, "--dtmf", "100:5X", "-q"]);
     assert!(!ok && text.contains("`X` is not a DTMF key"), "{text}");
+    for (echo, why) in [
+        ("--echo=loud:80", "`loud` is not a level in dB"),
+        ("--echo=-10", "expected DB:MS"),
+        ("--echo=6:80", "-60 to 0 dB"),
+        ("--echo=-10:soon", "`soon` is not a delay in milliseconds"),
+        ("--echo=-10:5000", "at most 2000 ms"),
+    ] {
+        let (ok, text) = sidecall(&["simulate", "--config", &cfg, echo, "-q"]);
+        assert!(!ok && text.contains(why), "{echo}: {text}");
+    }
 }

@@ -467,6 +467,7 @@ async fn a_target_not_allow_listed_is_refused_and_the_caller_reaches_a_human() {
             dialog: Box::new(Rogue),
             asr: engines.asr.clone(),
             tts: engines.tts.clone(),
+            turn: None,
         })
     });
     let sc = start(&emu, None, Some(parts)).await;

@@ -3,6 +3,7 @@
 
 pub mod g711;
 pub mod l16;
+pub mod mel;
 pub mod resample;
 pub mod wav;
 

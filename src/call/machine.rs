@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::dtmf::DigitCollector;
 use super::link::{ControlError, LinkError, MediaEvent, MediaLink, Target};
 use super::playout::Playout;
-use super::turn::{TurnDetector, TurnEvent};
+use super::turn::{Endpointing, TurnDetector, TurnEvent, trails_off};
 use super::vad::Vad;
 use crate::audio::samples_per_frame;
 use crate::config::Config;
@@ -26,6 +26,7 @@ use crate::engines::asr::{AsrError, Transcript};
 use crate::engines::dialog::{
     DialogError, Expectation, Heard, Input, Next, ReplyPart, Turn, prompt,
 };
+use crate::engines::endpoint::Verdict;
 use crate::telemetry::names;
 
 /// Inbound frames buffered at most (1 s); older ones are dropped with a log line.
@@ -100,6 +101,13 @@ pub enum Event {
         result: Result<Transcript, AsrError>,
         ms: u64,
     },
+    /// A speculative transcription was not sent (the engine is busy).
+    AsrSkipped { seq: u64 },
+    /// The end-of-turn model's answer for pause check `id`.
+    TurnVerdict {
+        id: u64,
+        result: Result<Verdict, String>,
+    },
     /// A whole reply to ask `seq` at once (the same as its parts, then `DialogDone`).
     Dialog {
         seq: u64,
@@ -149,14 +157,20 @@ pub enum Action {
     },
     /// Answer the call.
     Answer,
-    /// Transcribe an utterance (result: `Event::Asr` with this `seq`).
+    /// Transcribe an utterance (result: `Event::Asr` with this `seq`). A `speculative` one
+    /// (the audio at a pause, before the turn has ended) is skipped when the engine is busy
+    /// (`Event::AsrSkipped`): it must not delay other callers' turns.
     Transcribe {
         seq: u64,
         audio: Vec<i16>,
         hint: Option<String>,
+        speculative: bool,
     },
     /// Drop every transcription in flight.
     CancelAsr,
+    /// Ask the end-of-turn model whether the utterance so far is complete (result:
+    /// `Event::TurnVerdict` with this `id`).
+    CheckTurn { id: u64, audio: Vec<i16> },
     /// Ask the dialog (`Start`/`Input` are answered by `Event::Dialog` with this `seq`).
     Dialog { seq: u64, cmd: DialogCmd },
     /// Synthesize segment `seg` of reply `reply`.
@@ -204,6 +218,10 @@ struct TurnTimes {
     endpoint_ms: u64,
     asr_ms: u64,
     asr_queue_ms: u64,
+    /// ASR time spent before the endpoint (the audio was transcribed at the pause).
+    asr_early_ms: u64,
+    /// The end-of-turn model's score for the utterance, when it answered.
+    turn_probability: Option<f32>,
     dialog_ms: u64,
     tts_ms: Option<u64>,
     /// From the ask to the reply's first piece to say.
@@ -354,6 +372,8 @@ pub struct CallCore {
     ignore_speech: bool,
     /// When the caller's current (or last) utterance began.
     speech_since: u64,
+    /// When the caller's last utterance ended (their last voice).
+    speech_ended_at: u64,
     inbound: VecDeque<Vec<i16>>,
     last_inbound_ms: Option<u64>,
     dropped_inbound: u64,
@@ -363,10 +383,26 @@ pub struct CallCore {
     next_mark: u64,
     dialog_seq: u64,
     asr_seq: u64,
+    /// The transcription of the audio at the caller's last pause, started before the turn
+    /// ended.
+    speculation: Option<Speculation>,
+    /// Earlier parts of the turn in progress: pauses the caller went on after, whose audio
+    /// was already being transcribed.
+    parts: Vec<Speculation>,
     control_seq: u64,
     /// Key sends not yet answered.
     dtmf_in_flight: u32,
     actions: VecDeque<Action>,
+}
+
+/// A transcription started at a pause, before the end of the turn was known.
+struct Speculation {
+    /// The pause check (turn detector) it belongs to.
+    check: u64,
+    seq: u64,
+    asked_at: u64,
+    /// Its result when it came before the end: (result, ms).
+    result: Option<(Result<Transcript, AsrError>, u64)>,
 }
 
 /// Collects what a playout tick sends as actions.
@@ -401,7 +437,8 @@ impl CallCore {
         let rate = cfg.call.sample_rate;
         let frame_len = samples_per_frame(rate);
         let dialog_limit_ms = cfg.dialog.timeout_ms;
-        let detector = TurnDetector::new(&cfg.vad, rate, vad);
+        let detector =
+            TurnDetector::new(&cfg.vad, Endpointing::new(&cfg.vad, &cfg.turn, false), vad);
         let digits = DigitCollector::new(
             cfg.dtmf.inter_digit_timeout_ms,
             cfg.dtmf.max_digits,
@@ -421,6 +458,7 @@ impl CallCore {
             expect: Expectation::default(),
             ignore_speech: false,
             speech_since: 0,
+            speech_ended_at: 0,
             inbound: VecDeque::with_capacity(INBOUND_MAX),
             last_inbound_ms: None,
             dropped_inbound: 0,
@@ -430,10 +468,19 @@ impl CallCore {
             next_mark: 1,
             dialog_seq: 0,
             asr_seq: 0,
+            speculation: None,
+            parts: Vec::new(),
             control_seq: 0,
             dtmf_in_flight: 0,
             actions: VecDeque::new(),
         }
+    }
+
+    /// Asks the end-of-turn model at each pause (`turn.*`): the driver has it loaded.
+    pub fn with_turn_model(mut self, loaded: bool) -> Self {
+        self.detector
+            .set_endpointing(Endpointing::new(&self.cfg.vad, &self.cfg.turn, loaded));
+        self
     }
 
     /// Keeps `frames` of agent audio sent ahead of real time (a link that plays in chunks).
@@ -544,6 +591,8 @@ impl CallCore {
             Event::Media(m) => self.on_media(now, m),
             Event::Answered(r) => self.on_answered(now, r),
             Event::Asr { seq, result, ms } => self.on_asr(now, seq, result, ms),
+            Event::TurnVerdict { id, result } => self.on_verdict(now, id, result),
+            Event::AsrSkipped { seq } => self.drop_speculation(seq),
             Event::Dialog { seq, result, ms } => match result {
                 Ok(turn) => {
                     let barge_in = turn.barge_in;
@@ -827,10 +876,14 @@ impl CallCore {
                 ("endpoint_ms", t.endpoint_ms),
                 ("asr_ms", t.asr_ms),
                 ("asr_queue_ms", t.asr_queue_ms),
+                ("asr_early_ms", t.asr_early_ms),
                 ("tts_ms", tts_ms),
                 ("total_ms", total),
             ] {
                 fields.insert(k.into(), json!(v));
+            }
+            if let Some(p) = t.turn_probability {
+                fields.insert("turn_probability".into(), json!(p));
             }
             self.times.pending = Some((now, requested_at, fields));
             self.flush_turn(false);
@@ -1000,6 +1053,8 @@ impl CallCore {
 
     fn listen(&mut self, now: u64, exp: Expectation) {
         self.digits.expect(exp.digits.clone());
+        self.detector
+            .expect_digits(exp.digits.as_ref().filter(|d| d.max > 1).map(|d| d.max));
         self.expect = exp;
         self.phase = Phase::Listening {
             no_input_at: Some(now.saturating_add(self.cfg.call.no_input_timeout_ms)),
@@ -1009,6 +1064,7 @@ impl CallCore {
     fn on_turn_event(&mut self, now: u64, ev: TurnEvent) {
         match ev {
             TurnEvent::SpeechStart { voiced_ms } => {
+                self.parts.clear();
                 self.record(now, "speech_start", json!({"voiced_ms": voiced_ms}));
                 self.speech_since = now.saturating_sub(voiced_ms);
                 let interruptible = self.interruptible();
@@ -1018,17 +1074,36 @@ impl CallCore {
                     _ => {}
                 }
             }
+            TurnEvent::Pause {
+                id,
+                audio,
+                part_from,
+            } => self.on_pause(now, id, audio, part_from),
+            TurnEvent::Resumed { id } => {
+                if let Some(s) = self.speculation.take_if(|s| s.check == id) {
+                    self.parts.push(s);
+                }
+            }
             TurnEvent::SpeechEnd {
                 audio,
                 speech_ms,
                 endpoint_ms,
                 cut,
+                check,
             } => {
-                self.record(
-                    now,
-                    "speech_end",
-                    json!({"speech_ms": speech_ms, "endpoint_ms": endpoint_ms, "cut": cut}),
-                );
+                let mut fields =
+                    json!({"speech_ms": speech_ms, "endpoint_ms": endpoint_ms, "cut": cut});
+                if let Some(p) = check.as_ref().and_then(|c| c.probability) {
+                    fields["turn_probability"] = json!(p);
+                }
+                self.record(now, "speech_end", fields);
+                // The transcription started at the pause is this turn's, if its audio is; the
+                // parts before it too.
+                let speculation = self
+                    .speculation
+                    .take()
+                    .filter(|s| check.as_ref().is_some_and(|c| c.id == s.check));
+                let parts = std::mem::take(&mut self.parts);
                 let ignored = std::mem::take(&mut self.ignore_speech);
                 // A short utterance over a paused reply: a backchannel, or the caller's turn?
                 // Its transcript says; the reply stays paused meanwhile.
@@ -1056,6 +1131,7 @@ impl CallCore {
                             seq,
                             audio,
                             hint: None,
+                            speculative: false,
                         });
                         return;
                     }
@@ -1073,34 +1149,152 @@ impl CallCore {
                     return;
                 }
                 self.flush_turn(true);
+                self.speech_ended_at = now.saturating_sub(endpoint_ms);
                 self.times = TurnTimes {
                     speech_end: Some(now.saturating_sub(endpoint_ms)),
                     endpoint_ms,
+                    turn_probability: check.and_then(|c| c.probability),
                     ..TurnTimes::default()
                 };
-                self.asr_seq += 1;
-                let seq = self.asr_seq;
-                self.actions.push_back(Action::Transcribe {
-                    seq,
-                    audio,
-                    hint: self.expect.asr_hint.clone(),
-                });
-                let piece = Piece::Pending { since: now };
-                match &mut self.phase {
-                    Phase::Recognizing { texts } => {
-                        texts.insert(seq, piece);
+                let last = match speculation {
+                    Some(s) => {
+                        self.times.asr_early_ms = now.saturating_sub(s.asked_at);
+                        s
                     }
-                    _ => {
-                        self.phase = Phase::Recognizing {
-                            texts: BTreeMap::from([(seq, piece)]),
+                    None => {
+                        self.asr_seq += 1;
+                        let seq = self.asr_seq;
+                        self.actions.push_back(Action::Transcribe {
+                            seq,
+                            audio,
+                            hint: self.expect.asr_hint.clone(),
+                            speculative: false,
+                        });
+                        Speculation {
+                            check: 0,
+                            seq,
+                            asked_at: now,
+                            result: None,
                         }
                     }
+                };
+                let mut done = Vec::new();
+                for part in parts.into_iter().chain(std::iter::once(last)) {
+                    let piece = Piece::Pending {
+                        since: part.asked_at,
+                    };
+                    match &mut self.phase {
+                        Phase::Recognizing { texts } => {
+                            texts.insert(part.seq, piece);
+                        }
+                        _ => {
+                            self.phase = Phase::Recognizing {
+                                texts: BTreeMap::from([(part.seq, piece)]),
+                            }
+                        }
+                    }
+                    if let Some(r) = part.result {
+                        done.push((part.seq, r));
+                    }
+                }
+                // Transcribed while the turn was still open: ready now.
+                for (seq, (result, ms)) in done {
+                    if seq == self.asr_seq {
+                        self.times.asr_early_ms = ms;
+                    }
+                    self.on_asr(now, seq, result, ms);
                 }
             }
         }
     }
 
+    /// The caller paused: while the turn is theirs (not over a reply), the end-of-turn model
+    /// is asked and the audio so far transcribed, so that a complete utterance ends the turn
+    /// at once with its transcript ready.
+    fn on_pause(&mut self, now: u64, id: u64, audio: Vec<i16>, part_from: usize) {
+        let theirs = matches!(
+            self.phase,
+            Phase::Listening { .. } | Phase::Recognizing { .. }
+        ) && !self.ignore_speech;
+        if !theirs {
+            return self.detector.decline(id);
+        }
+        let number = self
+            .expect
+            .digits
+            .as_ref()
+            .filter(|d| d.max > 1)
+            .map(|d| d.max);
+        self.detector.expect_digits(number);
+        let (model, speculate) = self.detector.checks();
+        // The model hears the whole utterance; ASR the part not yet transcribed.
+        let part = audio.get(part_from..).unwrap_or_default().to_vec();
+        if model {
+            self.actions.push_back(Action::CheckTurn { id, audio });
+        }
+        if speculate {
+            self.asr_seq += 1;
+            let seq = self.asr_seq;
+            self.speculation = Some(Speculation {
+                check: id,
+                seq,
+                asked_at: now,
+                result: None,
+            });
+            self.actions.push_back(Action::Transcribe {
+                seq,
+                audio: part,
+                hint: self.expect.asr_hint.clone(),
+                speculative: true,
+            });
+        }
+    }
+
+    /// The transcription at a pause was not made (busy engine, or it failed): the turn's
+    /// audio is transcribed at its end, whole (no part boundary at this pause).
+    fn drop_speculation(&mut self, seq: u64) {
+        if let Some(s) = self.speculation.take_if(|s| s.seq == seq) {
+            self.detector.transcript(s.check, None);
+        }
+    }
+
+    /// The end-of-turn model answered for pause check `id`.
+    fn on_verdict(&mut self, now: u64, id: u64, result: Result<Verdict, String>) {
+        match result {
+            Ok(v) => {
+                self.detector.verdict(id, Some(v.probability));
+                self.record(
+                    now,
+                    "turn_check",
+                    json!({"probability": v.probability, "infer_ms": v.infer_ms, "wait_ms": v.wait_ms}),
+                );
+            }
+            Err(e) => {
+                self.detector.verdict(id, None);
+                self.record(now, "turn_check", json!({"error": e}));
+            }
+        }
+    }
+
     fn on_asr(&mut self, now: u64, seq: u64, result: Result<Transcript, AsrError>, ms: u64) {
+        // The transcript of a pause, before the turn has ended: it helps decide the end and
+        // is kept for it; never given to the dialog unless the turn ends on this audio.
+        // An earlier part of the turn in progress: kept for its end.
+        if let Some(p) = self.parts.iter_mut().find(|p| p.seq == seq) {
+            p.result = Some((result, ms));
+            return;
+        }
+        if let Some(s) = self.speculation.as_mut().filter(|s| s.seq == seq) {
+            let text = match &result {
+                Ok(t) if !is_noise_transcript(&t.text) => t.text.trim().to_string(),
+                Ok(_) => String::new(),
+                // Failed early: the turn's audio is transcribed again at its end.
+                Err(_) => return self.drop_speculation(seq),
+            };
+            s.result = Some((result, ms));
+            let check = s.check;
+            return self.detector.transcript(check, Some(text));
+        }
         if let Phase::Speaking(r) = &self.phase
             && r.pause.is_some_and(|p| p.checking == Some(seq))
         {
@@ -1224,6 +1418,20 @@ impl CallCore {
             })
             .collect::<Vec<_>>()
             .join(" ");
+        // Words that trail off ("my order number is...") wait for the rest of the sentence,
+        // up to the silence an unfinished turn gets.
+        let (model, speculate) = self.detector.checks();
+        if !force
+            && failed.is_none()
+            && (model || speculate)
+            && trails_off(&joined)
+            && now
+                < self
+                    .speech_ended_at
+                    .saturating_add(self.detector.unfinished_ms())
+        {
+            return;
+        }
         if let Some(e) = failed {
             self.fail(now, "asr", e);
         } else if joined.is_empty() {

@@ -30,6 +30,9 @@ fn config() -> Config {
     // The classic cut at barge_in_min_ms; pausing and backchannels have their own scenarios.
     cfg.vad.pause_on_voice = false;
     cfg.vad.backchannel_max_ms = 0;
+    // Turns end on silence alone; the pause checks (model, early transcript) have their own
+    // scenarios.
+    cfg.turn.speculate = false;
     let dialplan = |ctx: &str, ext: &str| TransferTarget {
         context: Some(ctx.into()),
         extension: Some(ext.into()),
@@ -53,7 +56,10 @@ struct Call {
 
 impl Call {
     fn new(cfg: Config) -> Self {
-        let mut core = CallCore::new(Arc::new(cfg), Box::new(Scripted));
+        Self::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted)))
+    }
+
+    fn with_core(mut core: CallCore) -> Self {
         core.start(0, "test-call", "test");
         let mut c = Call {
             core,
@@ -1807,5 +1813,329 @@ fn backchannel_words_are_told_from_answers() {
         "agent",
     ] {
         assert!(!is_backchannel(t), "{t}");
+    }
+}
+
+// ---- Early endpointing: the end-of-turn model and the transcript of the pause ----
+
+/// A call with the end-of-turn model loaded, listening after a greeting that asked `next`.
+fn listening_with_model(next: Next) -> Call {
+    let mut cfg = config();
+    cfg.turn.speculate = true;
+    let mut c =
+        Call::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted)).with_turn_model(true));
+    assert!(c.has(|a| matches!(a, Action::Answer)));
+    c.send(Event::Answered(Ok(())));
+    c.reply(say("What can I do for you?", true, next), 400);
+    c.wait(600);
+    c.play_marks();
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    c
+}
+
+impl Call {
+    /// The caller is silent for `ms`, the PBX sending silent frames (as most do).
+    fn quiet(&mut self, ms: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        for _ in 0..ms / 20 {
+            self.now += 20;
+            out.extend(self.send(Event::Media(MediaEvent::Audio(vec![0; FRAME]))));
+            out.extend(self.send(Event::Tick));
+        }
+        out
+    }
+
+    /// The pause check and the speculative transcription asked since `t`: (check id, ASR seq).
+    fn pause_checks_since(&self, t: u64) -> (Vec<u64>, Vec<u64>) {
+        let mut ids = Vec::new();
+        let mut seqs = Vec::new();
+        for (at, a) in &self.log {
+            match a {
+                Action::CheckTurn { id, .. } if *at >= t => ids.push(*id),
+                Action::Transcribe { seq, .. } if *at >= t => seqs.push(*seq),
+                _ => {}
+            }
+        }
+        (ids, seqs)
+    }
+
+    fn verdict(&mut self, id: u64, probability: f32) -> Vec<Action> {
+        self.send(Event::TurnVerdict {
+            id,
+            result: Ok(Verdict {
+                probability,
+                infer_ms: 40,
+                wait_ms: 0,
+            }),
+        })
+    }
+
+    fn inputs(&self) -> Vec<String> {
+        self.log
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::Dialog {
+                    cmd: DialogCmd::Input(Input::Speech(t)),
+                    ..
+                } => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// When the last speech_end was recorded, and its endpoint (silence) in ms.
+    fn speech_end(&self) -> Option<(u64, u64)> {
+        self.records("speech_end")
+            .last()
+            .map(|(at, f)| (*at, f["endpoint_ms"].as_u64().unwrap_or(0)))
+    }
+}
+
+#[test]
+fn a_complete_answer_ends_the_turn_at_the_pause_with_its_transcript_ready() {
+    let mut c = listening_with_model(listen());
+    let from = c.now;
+    c.speak(400);
+    c.quiet(200);
+    let (ids, seqs) = c.pause_checks_since(from);
+    assert_eq!(
+        (ids.len(), seqs.len()),
+        (1, 1),
+        "asked once at the 200 ms pause"
+    );
+    c.quiet(40);
+    c.verdict(ids[0], 0.93);
+    c.transcribed(seqs[0], " Yes. ", 60);
+    assert!(c.inputs().is_empty(), "not before the next frame");
+    c.quiet(20);
+    let (_, endpoint) = c.speech_end().expect("the turn ended");
+    assert!(
+        endpoint <= 280,
+        "ended {endpoint} ms into the silence, not 600"
+    );
+    assert_eq!(c.inputs(), vec!["Yes.".to_string()]);
+    assert_eq!(
+        c.pause_checks_since(from).1.len(),
+        1,
+        "the pause's transcript is the turn's: no second request"
+    );
+    assert_eq!(
+        c.records("speech_end")[0].1["turn_probability"],
+        0.93f32 as f64
+    );
+    // The reply's turn record says how much of ASR ran before the endpoint.
+    c.reply(say("Great.", true, listen()), 200);
+    c.quiet(40);
+    let turn = c.records("turn");
+    assert_eq!(turn[0].1["asr_early_ms"], 60, "{turn:?}");
+}
+
+#[test]
+fn an_unfinished_utterance_waits_and_the_caller_gets_one_answer_to_all_of_it() {
+    let mut c = listening_with_model(listen());
+    let from = c.now;
+    c.speak(800); // "my order number is"
+    c.quiet(240);
+    let (ids, seqs) = c.pause_checks_since(from);
+    c.verdict(ids[0], 0.12);
+    c.quiet(700);
+    assert!(
+        c.speech_end().is_none(),
+        "600 ms of silence does not end an unfinished turn"
+    );
+    let again = c.now;
+    c.speak(1_200); // "five five four two one"
+    // The first pause's transcript comes late: it is not the caller's turn any more.
+    c.transcribed(seqs[0], "My order number is", 500);
+    c.quiet(200);
+    let (ids2, seqs2) = c.pause_checks_since(again);
+    assert_eq!((ids2.len(), seqs2.len()), (1, 1));
+    // The model hears all of it; ASR only what came after the first pause.
+    let (model_audio, asr_audio) = c
+        .log
+        .iter()
+        .fold((0, 0), |(m, a), (at, action)| match action {
+            Action::CheckTurn { audio, .. } if *at >= again => (audio.len(), a),
+            Action::Transcribe { audio, .. } if *at >= again => (m, audio.len()),
+            _ => (m, a),
+        });
+    assert!(model_audio >= (800 + 1_200) / 20 * FRAME, "{model_audio}");
+    assert!(asr_audio < (1_200 + 1_000) / 20 * FRAME, "{asr_audio}");
+    c.verdict(ids2[0], 0.97);
+    c.transcribed(seqs2[0], "55421.", 300);
+    c.quiet(20);
+    assert_eq!(c.inputs(), vec!["My order number is 55421.".to_string()]);
+}
+
+#[test]
+fn words_that_trail_off_wait_though_the_model_says_complete() {
+    let mut c = listening_with_model(listen());
+    c.speak(800);
+    c.quiet(200);
+    let (ids, seqs) = c.pause_checks_since(0);
+    let (id, seq) = (*ids.last().unwrap(), *seqs.last().unwrap());
+    c.verdict(id, 0.9);
+    c.transcribed(seq, "I would like to change my address and", 100);
+    c.quiet(1_200);
+    assert!(
+        c.speech_end().is_none(),
+        "1,400 ms: still the caller's turn"
+    );
+    c.quiet(100);
+    let (_, endpoint) = c.speech_end().expect("ended at turn.max_silence_ms");
+    assert_eq!(endpoint, 1_500);
+    assert_eq!(
+        c.inputs(),
+        vec!["I would like to change my address and".to_string()]
+    );
+}
+
+#[test]
+fn a_number_being_read_out_never_ends_early_and_waits_longer_when_unfinished() {
+    let number = || {
+        Next::Listen(Expectation {
+            digits: Some(DigitSpec {
+                max: 10,
+                terminator: Some('#'),
+            }),
+            ..Expectation::default()
+        })
+    };
+    // Complete by the model: the fixed endpoint, not at once (digits come in groups).
+    let mut c = listening_with_model(number());
+    let from = c.now;
+    c.speak(600);
+    c.quiet(220);
+    let (ids, seqs) = c.pause_checks_since(from);
+    c.verdict(ids[0], 0.95);
+    c.transcribed(seqs[0], "5 5 4", 50);
+    c.quiet(360);
+    assert!(c.speech_end().is_none());
+    c.quiet(40);
+    assert_eq!(c.speech_end().map(|e| e.1), Some(600));
+    // Unfinished: turn.digits_silence_ms.
+    let mut c = listening_with_model(number());
+    let from = c.now;
+    c.speak(600);
+    c.quiet(220);
+    let (ids, _) = c.pause_checks_since(from);
+    c.verdict(ids[0], 0.2);
+    c.quiet(2_240);
+    assert!(c.speech_end().is_none(), "2,460 ms");
+    c.quiet(60);
+    assert_eq!(c.speech_end().map(|e| e.1), Some(2_500));
+}
+
+#[test]
+fn without_the_models_answer_the_fixed_silence_ends_the_turn_with_the_early_transcript() {
+    let mut c = listening_with_model(listen());
+    let from = c.now;
+    c.speak(500);
+    c.quiet(200);
+    let (ids, seqs) = c.pause_checks_since(from);
+    c.send(Event::TurnVerdict {
+        id: ids[0],
+        result: Err("every turn-model slot is busy".into()),
+    });
+    c.transcribed(seqs[0], "Where is my parcel?", 150);
+    c.quiet(380);
+    assert!(c.speech_end().is_none());
+    c.quiet(20);
+    assert_eq!(c.speech_end().map(|e| e.1), Some(600));
+    assert_eq!(c.inputs(), vec!["Where is my parcel?".to_string()]);
+    assert_eq!(c.pause_checks_since(from).1.len(), 1);
+    assert_eq!(
+        c.records("turn_check")[0].1["error"],
+        "every turn-model slot is busy"
+    );
+}
+
+#[test]
+fn words_that_trail_off_after_the_end_wait_for_the_rest_of_the_sentence() {
+    let mut c = listening_with_model(listen());
+    let from = c.now;
+    c.speak(800);
+    c.quiet(200);
+    let (ids, seqs) = c.pause_checks_since(from);
+    // The model is sure; the turn ends at once, before its words are known.
+    c.verdict(ids[0], 0.95);
+    c.quiet(20);
+    assert!(c.speech_end().is_some());
+    c.quiet(300);
+    c.transcribed(seqs[0], "I'd like to talk to", 500);
+    c.quiet(400);
+    assert!(c.inputs().is_empty(), "the sentence is not over");
+    let again = c.now;
+    c.speak(600);
+    c.quiet(200);
+    let (ids2, seqs2) = c.pause_checks_since(again);
+    c.verdict(ids2[0], 0.9);
+    c.transcribed(seqs2[0], "an agent.", 100);
+    c.quiet(20);
+    assert_eq!(
+        c.inputs(),
+        vec!["I'd like to talk to an agent.".to_string()]
+    );
+    // And one that never goes on is heard after turn.max_silence_ms.
+    let mut c = listening_with_model(listen());
+    let from = c.now;
+    c.speak(800);
+    c.quiet(200);
+    let (ids, seqs) = c.pause_checks_since(from);
+    c.verdict(ids[0], 0.95);
+    c.quiet(20);
+    c.transcribed(seqs[0], "My order number is", 300);
+    let end = c.speech_end().unwrap().0 - 220;
+    while c.inputs().is_empty() && c.now < end + 3_000 {
+        c.quiet(20);
+    }
+    assert_eq!(
+        c.now - end,
+        1_500,
+        "heard at turn.max_silence_ms after the voice"
+    );
+}
+
+#[test]
+fn speech_over_a_reply_is_not_checked_at_its_pauses() {
+    let mut cfg = config();
+    cfg.turn.speculate = true;
+    let mut c =
+        Call::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted)).with_turn_model(true));
+    c.send(Event::Answered(Ok(())));
+    // A prompt the caller cannot interrupt: their speech over it is ignored, and not sent
+    // to the model or ASR at its pauses either.
+    c.reply(
+        say("Please listen carefully to the following.", false, listen()),
+        3_000,
+    );
+    c.quiet(200);
+    let from = c.now;
+    c.speak(400);
+    c.quiet(400);
+    assert_eq!(c.pause_checks_since(from), (vec![], vec![]));
+}
+
+#[test]
+fn trailing_words_are_told_from_complete_ones() {
+    use crate::call::turn::trails_off;
+    for t in [
+        "My order number is",
+        "I want to change my address and",
+        "It's for the,",
+        "Can I speak to um",
+        "so I was thinking...",
+    ] {
+        assert!(trails_off(t), "{t}");
+    }
+    for t in [
+        "Yes.",
+        "My order number is 55421",
+        "yes please",
+        "No",
+        "",
+        "that's it",
+    ] {
+        assert!(!trails_off(t), "{t}");
     }
 }

@@ -4,6 +4,7 @@
 //! through the seams in `link`.
 
 pub mod dtmf;
+pub mod echo;
 pub mod link;
 pub mod machine;
 pub mod playout;

@@ -20,12 +20,15 @@ use super::vad;
 use crate::config::Config;
 use crate::engines::asr::{Asr, AsrError};
 use crate::engines::dialog::{Ask, Dialog, DialogError, ReplyPart, ReplySink};
+use crate::engines::endpoint::SmartTurn;
 use crate::engines::tts::Tts;
 use crate::telemetry::{Recorder, TickStats, names};
 
 pub use super::machine::CallOutcome;
 
 const CONTROL_TIMEOUT: Duration = Duration::from_millis(CONTROL_TIMEOUT_MS);
+/// An end-of-turn answer later than this is no use: the silence endpoint has come.
+const TURN_CHECK_LIMIT: Duration = Duration::from_secs(2);
 
 /// Everything a call needs.
 pub struct CallSetup {
@@ -35,6 +38,8 @@ pub struct CallSetup {
     pub dialog: Box<dyn Dialog>,
     pub asr: Arc<dyn Asr>,
     pub tts: Arc<dyn Tts>,
+    /// The end-of-turn model, shared by every call (None: silence-only endpointing).
+    pub turn: Option<Arc<SmartTurn>>,
     pub link: Box<dyn MediaLink>,
     pub control: Arc<dyn CallControl>,
     pub events: mpsc::Receiver<MediaEvent>,
@@ -75,6 +80,7 @@ struct Driver {
     control: Arc<dyn CallControl>,
     asr: Arc<dyn Asr>,
     tts: Arc<dyn Tts>,
+    turn: Option<Arc<SmartTurn>>,
     asr_limit: Duration,
     dialog_tx: mpsc::Sender<(u64, DialogCmd)>,
     work_tx: mpsc::Sender<Event>,
@@ -143,7 +149,19 @@ impl Driver {
                     }
                 }
             }
-            Action::Transcribe { seq, audio, hint } => self.transcribe(seq, audio, hint),
+            Action::Transcribe {
+                seq,
+                audio,
+                hint,
+                speculative,
+            } => {
+                // Work that may be wasted never queues ahead of other callers' turns.
+                if speculative && self.asr.load().is_some_and(|l| l.busy()) {
+                    return Some(Event::AsrSkipped { seq });
+                }
+                self.transcribe(seq, audio, hint)
+            }
+            Action::CheckTurn { id, audio } => self.check_turn(id, audio),
             Action::CancelAsr => {
                 for t in self.asr_tasks.drain(..) {
                     t.abort();
@@ -228,6 +246,27 @@ impl Driver {
         self.asr_tasks.push(handle);
     }
 
+    /// Asks the end-of-turn model (off this task: it queues for a free slot, or is refused
+    /// at once when the queue is full); its answer comes back as `TurnVerdict`.
+    fn check_turn(&mut self, id: u64, audio: Vec<i16>) {
+        let Some(model) = self.turn.clone() else {
+            return;
+        };
+        let (tx, rate) = (self.work_tx.clone(), self.rate);
+        let handle = self.tasks.spawn(async move {
+            let result =
+                match tokio::time::timeout(TURN_CHECK_LIMIT, model.complete(audio, rate)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!(
+                        "no answer within {} ms",
+                        TURN_CHECK_LIMIT.as_millis()
+                    )),
+                };
+            let _ = tx.send(Event::TurnVerdict { id, result }).await;
+        });
+        self.asr_tasks.push(handle);
+    }
+
     fn synthesize(&mut self, reply: u64, seg: usize, text: String) {
         self.tts_tasks.retain(|(_, t)| !t.is_finished());
         let (tts, tx, rate, start) = (
@@ -304,6 +343,7 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         dialog,
         asr,
         tts,
+        turn,
         link,
         control,
         mut events,
@@ -326,6 +366,7 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         .unwrap_or_default()
         .max(Duration::from_millis(config.dialog.timeout_ms));
     let mut core = CallCore::new(config.clone(), vad::from_config(&config.vad, rate))
+        .with_turn_model(turn.is_some())
         .with_lead_frames(lead)
         .with_dialog_limit(u64::try_from(dialog_limit.as_millis()).unwrap_or(u64::MAX));
     let mut d = Driver {
@@ -336,6 +377,7 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         control,
         asr,
         tts,
+        turn,
         asr_limit: Duration::from_millis(core.asr_limit_ms()),
         dialog_tx,
         work_tx: work_tx.clone(),

@@ -1,12 +1,19 @@
 //! Turn taking: VAD decisions per 20 ms frame become speech start (after a minimum of voiced
-//! audio), end of turn (after a silence) and a cut at the maximum utterance length. Missing
-//! frames are fed in as silence by the session, so endpointing runs on the call's clock.
+//! audio), end of turn and a cut at the maximum utterance length. Missing frames are fed in as
+//! silence by the session, so endpointing runs on the call's clock.
+//!
+//! The end of a turn: at a short pause (`turn.pause_ms`) the detector says `Pause`; the call
+//! asks the end-of-turn model and transcribes the audio so far meanwhile. A complete utterance
+//! (the model says so and its words do not trail off on "and", "is", "the"...) ends the turn at
+//! once; an unfinished one waits longer (`turn.max_silence_ms`, more while the caller reads out
+//! a number); without an answer the fixed `vad.end_silence_ms` ends it. Voice before the end
+//! drops the check: the next pause asks again about the whole utterance.
 
 use std::collections::VecDeque;
 
 use super::vad::Vad;
 use crate::audio::FRAME_MS;
-use crate::config::VadConfig;
+use crate::config::{TurnConfig, VadConfig};
 
 const FRAME: u64 = FRAME_MS as u64;
 /// Audio kept from before the detected start, so ASR hears the first syllable.
@@ -19,13 +26,126 @@ const TAIL_MS: u64 = 200;
 pub enum TurnEvent {
     /// The caller started speaking (`voiced_ms` of voice heard so far).
     SpeechStart { voiced_ms: u64 },
-    /// The caller's turn ended; `audio` is the utterance with a little context on both sides.
+    /// The caller paused for `turn.pause_ms`: `audio` is the utterance so far (for the model),
+    /// `audio[part_from..]` the part not yet transcribed, the same audio `SpeechEnd` gives if
+    /// the caller says nothing more. Answer with `verdict` and `transcript` (or `decline` to
+    /// check nothing).
+    Pause {
+        id: u64,
+        audio: Vec<i16>,
+        part_from: usize,
+    },
+    /// The caller went on after pause `id`, whose audio is being transcribed: that transcript
+    /// is the first part of this turn, the rest comes as new parts (each transcribed alone).
+    Resumed { id: u64 },
+    /// The caller's turn ended; `audio` is the utterance (its last part, after a pause whose
+    /// audio went to ASR) with a little context on both sides.
     SpeechEnd {
         audio: Vec<i16>,
         speech_ms: u64,
         endpoint_ms: u64,
         cut: bool,
+        /// The pause check whose audio this is (its transcript, if it came, is this turn's).
+        check: Option<Checked>,
     },
+}
+
+/// What a pause check had learned when the turn ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub id: u64,
+    /// The transcript of the audio, when it came before the end (`None`: still coming, or
+    /// none asked).
+    pub transcript: Option<String>,
+    pub transcript_asked: bool,
+    /// The model's score, when it answered.
+    pub probability: Option<f32>,
+}
+
+/// An answer a pause check waits for.
+#[derive(Debug, Clone, PartialEq)]
+enum Known<T> {
+    Pending,
+    Unavailable,
+    Got(T),
+}
+
+#[derive(Debug, Clone)]
+struct Check {
+    id: u64,
+    verdict: Known<f32>,
+    transcript: Known<String>,
+    /// Where the checked audio ends in the utterance.
+    audio_end: usize,
+}
+
+/// How turns end: `[vad]` and `[turn]` as the call uses them.
+#[derive(Debug, Clone)]
+pub struct Endpointing {
+    pub pause_ms: u64,
+    /// Without an answer from the model.
+    pub end_silence_ms: u64,
+    /// Unfinished utterance.
+    pub max_silence_ms: u64,
+    /// Unfinished while a number is expected.
+    pub digits_silence_ms: u64,
+    pub threshold: f32,
+    /// The end-of-turn model is loaded.
+    pub model: bool,
+    /// Pauses are transcribed ahead.
+    pub speculate: bool,
+}
+
+impl Endpointing {
+    pub fn new(vad: &VadConfig, turn: &TurnConfig, model: bool) -> Self {
+        Self {
+            pause_ms: turn.pause_ms,
+            end_silence_ms: vad.end_silence_ms,
+            max_silence_ms: turn.max_silence_ms.max(vad.end_silence_ms),
+            digits_silence_ms: turn.digits_silence_ms.max(vad.end_silence_ms),
+            threshold: turn.threshold,
+            model,
+            speculate: turn.speculate,
+        }
+    }
+
+    /// Fixed silence only: no pause checks.
+    pub fn silence_only(vad: &VadConfig) -> Self {
+        Self {
+            speculate: false,
+            ..Self::new(vad, &TurnConfig::default(), false)
+        }
+    }
+
+    fn checks(&self) -> bool {
+        (self.model || self.speculate) && self.pause_ms < self.end_silence_ms
+    }
+}
+
+/// Words an utterance does not end on: the caller paused mid-sentence ("my number is",
+/// "I want to change my address and").
+const TRAILING: &[&str] = &[
+    "a", "an", "the", "and", "or", "but", "so", "because", "if", "that", "which", "to", "of",
+    "for", "with", "from", "in", "on", "at", "by", "about", "into", "my", "your", "our", "their",
+    "his", "her", "its", "is", "are", "was", "were", "am", "be", "i", "i'm", "it's", "um", "uh",
+    "er", "erm", "uhm", "hmm", "like", "than", "then", "what's", "where's", "when", "please",
+];
+
+/// Whether a transcript trails off: it ends on a word a sentence does not end with, or on a
+/// comma, a dash or an ellipsis.
+pub fn trails_off(text: &str) -> bool {
+    let t = text.trim();
+    if t.ends_with(',') || t.ends_with('-') || t.ends_with('…') || t.ends_with("...") {
+        return true;
+    }
+    let last = t
+        .rsplit(|c: char| c.is_whitespace())
+        .next()
+        .unwrap_or("")
+        .trim_matches(|c: char| !c.is_alphanumeric() && c != '\'')
+        .to_lowercase();
+    // "please" ends "yes please": only trailing when the sentence goes on after it.
+    !last.is_empty() && last != "please" && TRAILING.contains(&last.as_str())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,7 +158,6 @@ enum State {
 pub struct TurnDetector {
     vad: Box<dyn Vad>,
     min_speech: u64,
-    end_silence: u64,
     max_utterance: u64,
     state: State,
     candidate_ms: u64,
@@ -50,15 +169,21 @@ pub struct TurnDetector {
     voiced_ms: u64,
     speech_ms: u64,
     samples_at_last_voice: usize,
+    ends: Endpointing,
+    /// The question expects a number of up to this many digits: unfinished utterances wait
+    /// longer, a complete number ends the turn at once.
+    digits: Option<usize>,
+    check: Option<Check>,
+    next_check: u64,
+    /// Where the part of the utterance not yet sent to ASR begins.
+    part_start: usize,
 }
 
 impl TurnDetector {
-    pub fn new(cfg: &VadConfig, rate: u32, vad: Box<dyn Vad>) -> Self {
-        let _ = rate;
+    pub fn new(cfg: &VadConfig, ends: Endpointing, vad: Box<dyn Vad>) -> Self {
         Self {
             vad,
             min_speech: cfg.min_speech_ms.max(FRAME),
-            end_silence: cfg.end_silence_ms,
             max_utterance: cfg.max_utterance_ms,
             state: State::Idle,
             candidate_ms: 0,
@@ -70,6 +195,86 @@ impl TurnDetector {
             voiced_ms: 0,
             speech_ms: 0,
             samples_at_last_voice: 0,
+            ends,
+            digits: None,
+            check: None,
+            next_check: 0,
+            part_start: 0,
+        }
+    }
+
+    /// Replaces how turns end (the end-of-turn model became available).
+    pub fn set_endpointing(&mut self, ends: Endpointing) {
+        self.ends = ends;
+    }
+
+    /// What a pause check asks: (the model, a transcript).
+    pub fn checks(&self) -> (bool, bool) {
+        (self.ends.model, self.ends.speculate)
+    }
+
+    /// Whether the caller is now expected to read out a number (of at most `max` digits).
+    pub fn expect_digits(&mut self, max: Option<usize>) {
+        self.digits = max;
+    }
+
+    /// The model's answer for pause `id` (`None`: it could not answer).
+    pub fn verdict(&mut self, id: u64, probability: Option<f32>) {
+        if let Some(c) = self.check.as_mut().filter(|c| c.id == id) {
+            c.verdict = probability.map_or(Known::Unavailable, Known::Got);
+        }
+    }
+
+    /// The transcript of pause `id`'s audio (`None`: it failed).
+    pub fn transcript(&mut self, id: u64, text: Option<String>) {
+        if let Some(c) = self.check.as_mut().filter(|c| c.id == id) {
+            c.transcript = text.map_or(Known::Unavailable, Known::Got);
+        }
+    }
+
+    /// Pause `id` is not checked (the call is not waiting for this caller's turn).
+    pub fn decline(&mut self, id: u64) {
+        if let Some(c) = self.check.as_mut().filter(|c| c.id == id) {
+            c.verdict = Known::Unavailable;
+            c.transcript = Known::Unavailable;
+        }
+    }
+
+    /// The silence after which a turn whose words trail off ends anyway.
+    pub fn unfinished_ms(&self) -> u64 {
+        if self.digits.is_some() {
+            self.ends.digits_silence_ms
+        } else {
+            self.ends.max_silence_ms
+        }
+    }
+
+    /// The silence that ends the turn, given what the current pause check knows.
+    pub fn end_silence_ms(&self) -> u64 {
+        let e = &self.ends;
+        let Some(c) = &self.check else {
+            return e.end_silence_ms;
+        };
+        let unfinished = self.unfinished_ms();
+        // Words that trail off wait (when they come after the end, the call waits for more
+        // before the dialog hears them: `CallCore::check_recognized`).
+        if let Known::Got(t) = &c.transcript {
+            if trails_off(t) {
+                return unfinished;
+            }
+            // All the digits asked for: nothing more to come, whatever the tone.
+            if self.digits.is_some_and(|max| {
+                crate::engines::dialog::entities::digits(t).is_some_and(|d| d.len() >= max)
+            }) {
+                return 0;
+            }
+        }
+        match c.verdict {
+            Known::Got(p) if p < e.threshold => unfinished,
+            // A number can come in groups ("five five four... two one"): never early.
+            Known::Got(_) if self.digits.is_some() => e.end_silence_ms,
+            Known::Got(_) => 0,
+            Known::Pending | Known::Unavailable => e.end_silence_ms,
         }
     }
 
@@ -89,6 +294,8 @@ impl TurnDetector {
 
     /// Forgets the current utterance (for speech the agent chose not to listen to).
     pub fn reset(&mut self) {
+        self.check = None;
+        self.part_start = 0;
         self.state = State::Idle;
         self.candidate_ms = 0;
         self.gap_frames = 0;
@@ -147,24 +354,77 @@ impl TurnDetector {
                     self.voiced_ms += FRAME;
                     self.silence_ms = 0;
                     self.samples_at_last_voice = self.utterance.len();
+                    // The caller goes on: what was checked is not the utterance any more. Its
+                    // transcript is the turn's first part; only what follows is transcribed.
+                    if let Some(c) = self.check.take()
+                        && c.transcript != Known::Unavailable
+                    {
+                        self.part_start = c.audio_end;
+                        return Some(TurnEvent::Resumed { id: c.id });
+                    }
                 } else {
                     self.silence_ms += FRAME;
                 }
-                let ended = self.silence_ms >= self.end_silence;
+                let tail = {
+                    let frame_len = frame.len().max(1) as u64;
+                    (TAIL_MS / FRAME * frame_len) as usize
+                };
+                let ended = self.silence_ms >= self.end_silence_ms();
                 let cut = !ended && self.speech_ms >= self.max_utterance;
                 if !(ended || cut) {
+                    if self.ends.checks()
+                        && self.silence_ms >= self.ends.pause_ms
+                        && self.check.is_none()
+                        && self.silence_ms.saturating_sub(FRAME) < self.ends.pause_ms
+                    {
+                        self.next_check += 1;
+                        let keep = (self.samples_at_last_voice + tail).min(self.utterance.len());
+                        self.check = Some(Check {
+                            audio_end: keep,
+                            id: self.next_check,
+                            verdict: if self.ends.model {
+                                Known::Pending
+                            } else {
+                                Known::Unavailable
+                            },
+                            transcript: if self.ends.speculate {
+                                Known::Pending
+                            } else {
+                                Known::Unavailable
+                            },
+                        });
+                        return Some(TurnEvent::Pause {
+                            id: self.next_check,
+                            audio: self.utterance[..keep].to_vec(),
+                            part_from: self.part_start.min(keep),
+                        });
+                    }
                     return None;
                 }
-                let frame_len = frame.len().max(1) as u64;
-                let tail = (TAIL_MS / FRAME * frame_len) as usize;
                 let keep = (self.samples_at_last_voice + tail).min(self.utterance.len());
                 let mut audio = std::mem::take(&mut self.utterance);
                 audio.truncate(keep);
+                if self.part_start > 0 {
+                    audio.drain(..self.part_start.min(audio.len()));
+                }
+                let check = self.check.take().map(|c| Checked {
+                    id: c.id,
+                    transcript_asked: c.transcript != Known::Unavailable,
+                    transcript: match c.transcript {
+                        Known::Got(t) => Some(t),
+                        _ => None,
+                    },
+                    probability: match c.verdict {
+                        Known::Got(p) => Some(p),
+                        _ => None,
+                    },
+                });
                 let event = TurnEvent::SpeechEnd {
                     audio,
                     speech_ms: self.speech_ms.saturating_sub(self.silence_ms),
                     endpoint_ms: self.silence_ms,
                     cut,
+                    check,
                 };
                 self.reset();
                 self.preroll.clear();
@@ -187,7 +447,7 @@ mod tests {
     }
 
     fn det(cfg: VadConfig) -> TurnDetector {
-        TurnDetector::new(&cfg, 8_000, Box::new(Scripted))
+        TurnDetector::new(&cfg, Endpointing::silence_only(&cfg), Box::new(Scripted))
     }
 
     fn feed(d: &mut TurnDetector, voiced: bool, frames: usize) -> Vec<TurnEvent> {
@@ -220,6 +480,7 @@ mod tests {
                     speech_ms,
                     endpoint_ms,
                     cut,
+                    check: None,
                 },
             ] => {
                 assert_eq!(*speech_ms, 1000);
@@ -272,5 +533,121 @@ mod tests {
         feed(&mut d, true, 5);
         assert!(d.in_speech());
         assert_eq!(d.voiced_ms(), 140);
+    }
+
+    fn with_checks(model: bool) -> TurnDetector {
+        let cfg = VadConfig {
+            min_speech_ms: 60,
+            end_silence_ms: 600,
+            ..VadConfig::default()
+        };
+        let ends = Endpointing::new(&cfg, &TurnConfig::default(), model);
+        TurnDetector::new(&cfg, ends, Box::new(Scripted))
+    }
+
+    fn pause_id(ev: &[TurnEvent]) -> u64 {
+        match ev {
+            [TurnEvent::Pause { id, audio, .. }] => {
+                assert!(!audio.is_empty());
+                *id
+            }
+            other => panic!("expected one pause, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_check_per_pause_and_voice_drops_it() {
+        let mut d = with_checks(true);
+        feed(&mut d, true, 20);
+        assert!(feed(&mut d, false, 9).is_empty());
+        let first = pause_id(&feed(&mut d, false, 1));
+        assert!(feed(&mut d, false, 5).is_empty(), "asked once per pause");
+        // The caller goes on: the answer about the old audio no longer counts; its words are
+        // the turn's first part.
+        assert_eq!(
+            feed(&mut d, true, 10),
+            vec![TurnEvent::Resumed { id: first }]
+        );
+        d.verdict(first, Some(0.99));
+        assert_eq!(d.end_silence_ms(), 600);
+        feed(&mut d, false, 9);
+        let ev = feed(&mut d, false, 1);
+        let second = pause_id(&ev);
+        assert!(second > first);
+        // The model hears the whole utterance; ASR only the part after the first pause.
+        let [
+            TurnEvent::Pause {
+                audio, part_from, ..
+            },
+        ] = &ev[..]
+        else {
+            unreachable!()
+        };
+        // 20 voiced, 15 quiet, 10 voiced, then the 200 ms tail; the first check had the 20
+        // voiced and its 200 ms tail.
+        assert_eq!(audio.len(), (20 + 15 + 10 + 10) * 160);
+        assert_eq!(*part_from, (20 + 10) * 160);
+        d.verdict(second, Some(0.99));
+        assert_eq!(
+            d.end_silence_ms(),
+            0,
+            "complete: at once, its words to come"
+        );
+        d.transcript(second, Some("Yes, that's all.".into()));
+        assert_eq!(d.end_silence_ms(), 0);
+        match &feed(&mut d, false, 1)[..] {
+            [
+                TurnEvent::SpeechEnd {
+                    check: Some(c),
+                    endpoint_ms,
+                    ..
+                },
+            ] => {
+                assert_eq!(*endpoint_ms, 220);
+                assert_eq!(c.transcript.as_deref(), Some("Yes, that's all."));
+                assert_eq!(c.probability, Some(0.99));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_end_follows_what_the_check_knows() {
+        let mut d = with_checks(true);
+        feed(&mut d, true, 20);
+        feed(&mut d, false, 9);
+        let id = pause_id(&feed(&mut d, false, 1));
+        assert_eq!(d.end_silence_ms(), 600, "nothing known yet");
+        d.transcript(id, Some("Yes.".into()));
+        assert_eq!(
+            d.end_silence_ms(),
+            600,
+            "the words but no verdict: the fixed silence"
+        );
+        d.verdict(id, Some(0.3));
+        assert_eq!(d.end_silence_ms(), 1_500, "unfinished");
+        d.verdict(id, Some(0.8));
+        d.transcript(id, Some("my number is".into()));
+        assert_eq!(d.end_silence_ms(), 1_500, "trailing words");
+        d.transcript(id, Some("my number is 5".into()));
+        assert_eq!(d.end_silence_ms(), 0);
+        d.expect_digits(Some(5));
+        assert_eq!(d.end_silence_ms(), 600, "a number never ends early");
+        d.verdict(id, Some(0.1));
+        assert_eq!(d.end_silence_ms(), 2_500);
+        d.transcript(id, Some("five five four two one".into()));
+        assert_eq!(d.end_silence_ms(), 0, "all five digits: at once");
+        d.verdict(id, None);
+        d.transcript(id, None);
+        assert_eq!(d.end_silence_ms(), 600, "no answers: the fixed silence");
+        // Without a model only the words count.
+        let mut d = with_checks(false);
+        feed(&mut d, true, 20);
+        feed(&mut d, false, 9);
+        let id = pause_id(&feed(&mut d, false, 1));
+        d.transcript(id, Some("Yes.".into()));
+        assert_eq!(d.end_silence_ms(), 600);
+        d.transcript(id, Some("and".into()));
+        assert_eq!(d.end_silence_ms(), 1_500);
     }
 }

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod asr;
 pub mod dialog;
+pub mod endpoint;
 pub mod instant;
 pub mod tts;
 

@@ -87,6 +87,7 @@ pub struct CallParts {
     pub dialog: Box<dyn Dialog>,
     pub asr: Arc<dyn Asr>,
     pub tts: Arc<dyn Tts>,
+    pub turn: Option<Arc<crate::engines::endpoint::SmartTurn>>,
 }
 
 impl CallParts {
@@ -108,6 +109,7 @@ impl CallParts {
             dialog: self.dialog,
             asr: self.asr,
             tts: self.tts,
+            turn: self.turn,
             link,
             control,
             events,

@@ -2,9 +2,11 @@
 //! the agent's frames on its own 20 ms clock (queue of at most 1000 frames, marks answered when
 //! reached, flush drops queued audio and marks, as chan_websocket does), speaks caller files one
 //! per turn 700 ms after the agent stops, or at absolute times, presses DTMF keys at given
-//! times, and can send no frames at all while the caller is silent (as a real Asterisk does).
+//! times, can send no frames at all while the caller is silent (as a real Asterisk does), and
+//! can echo the agent back on the caller's line (line echo, a speakerphone).
 
 use std::collections::VecDeque;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +40,88 @@ pub struct Script {
     pub max_ms: u64,
     /// Do not keep the audio timelines in the report (benchmarks).
     pub discard_audio: bool,
+    /// The agent's voice coming back on the caller's line.
+    pub echo: Option<SimEcho>,
+}
+
+/// An echo of the agent on the caller's line: the agent audio the caller hears, `delay_ms`
+/// later and `gain_db` louder (negative: quieter), mixed (saturating) into the caller's audio
+/// sent to sidecall. Written `DB:MS` (`-10:80`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimEcho {
+    pub gain_db: f32,
+    pub delay_ms: u32,
+}
+
+impl SimEcho {
+    /// Echo levels accepted (dB relative to the agent).
+    pub const GAIN_DB: std::ops::RangeInclusive<f32> = -60.0..=0.0;
+    /// Echo delays accepted (ms).
+    pub const MAX_DELAY_MS: u32 = 2_000;
+}
+
+impl FromStr for SimEcho {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (db, ms) = s.split_once(':').ok_or_else(|| {
+            format!("`{s}`: expected DB:MS, as in -10:80 (10 dB down, 80 ms late)")
+        })?;
+        let gain_db = db
+            .trim()
+            .parse::<f32>()
+            .ok()
+            .filter(|g| g.is_finite())
+            .ok_or_else(|| format!("`{s}`: `{db}` is not a level in dB"))?;
+        if !Self::GAIN_DB.contains(&gain_db) {
+            return Err(format!(
+                "`{s}`: the echo's level must be {} to {} dB (relative to the agent)",
+                Self::GAIN_DB.start(),
+                Self::GAIN_DB.end()
+            ));
+        }
+        let delay_ms = ms
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| format!("`{s}`: `{ms}` is not a delay in milliseconds"))?;
+        if delay_ms > Self::MAX_DELAY_MS {
+            return Err(format!(
+                "`{s}`: the echo's delay must be at most {} ms",
+                Self::MAX_DELAY_MS
+            ));
+        }
+        Ok(Self { gain_db, delay_ms })
+    }
+}
+
+/// The echo's delay line: what the caller heard `delay` samples ago, at the echo's gain.
+struct EchoLine {
+    gain: f32,
+    past: VecDeque<i16>,
+}
+
+impl EchoLine {
+    fn new(echo: SimEcho, rate: u32) -> Self {
+        let delay = u64::from(echo.delay_ms) * u64::from(rate) / 1_000;
+        let delay = usize::try_from(delay).unwrap_or(0);
+        Self {
+            gain: 10f32.powf(echo.gain_db / 20.0),
+            past: std::iter::repeat_n(0, delay).collect(),
+        }
+    }
+
+    /// Takes the frame the caller hears now and mixes the echo due now into `caller`; true
+    /// when the echo was not silent.
+    fn mix(&mut self, heard: &[i16], caller: &mut [i32]) -> bool {
+        self.past.extend(heard.iter().copied());
+        let mut audible = false;
+        for c in caller.iter_mut() {
+            let e = (f32::from(self.past.pop_front().unwrap_or(0)) * self.gain).round() as i32;
+            audible |= e != 0;
+            *c = c.saturating_add(e);
+        }
+        audible
+    }
 }
 
 /// How the simulated call ended.
@@ -53,7 +137,7 @@ pub enum SimEnd {
 pub struct SimReport {
     /// The agent's audio on the call's timeline (one frame per 20 ms tick of the PBX).
     pub agent: Vec<i16>,
-    /// The caller's audio on the same timeline.
+    /// The caller's audio on the same timeline, as sent to sidecall (the echo included).
     pub caller: Vec<i16>,
     pub end: SimEnd,
     pub flushes: u32,
@@ -157,6 +241,7 @@ async fn run(
         dropped_frames: 0,
         dtmf_sent_by_agent: Vec::new(),
     };
+    let mut echo = script.echo.map(|e| EchoLine::new(e, rate));
     let mut turns: VecDeque<Vec<i16>> = script.turns.drain(..).collect();
     script.at.sort_by_key(|(t, _)| *t);
     let mut at: VecDeque<(u64, Vec<i16>)> = script.at.drain(..).collect();
@@ -231,11 +316,14 @@ async fn run(
                     agent_quiet_ticks += 1;
                 }
                 // Caller turns.
-                if speaking.is_empty() && agent_spoke_since_turn && agent_quiet_ticks * 20 >= TURN_GAP_MS
-                    && let Some(clip) = turns.pop_front() {
-                        speaking.push((clip, 0));
-                        agent_spoke_since_turn = false;
-                    }
+                if speaking.is_empty()
+                    && agent_spoke_since_turn
+                    && agent_quiet_ticks * 20 >= TURN_GAP_MS
+                    && let Some(clip) = turns.pop_front()
+                {
+                    speaking.push((clip, 0));
+                    agent_spoke_since_turn = false;
+                }
                 // Speaking or typing at a fixed time is the caller's turn too.
                 while at.front().is_some_and(|(t, _)| *t <= now_ms) {
                     if let Some((_, clip)) = at.pop_front() {
@@ -257,8 +345,12 @@ async fn run(
                     }
                     *pos = end;
                 }
-                let had_caller = !speaking.is_empty();
+                let mut had_caller = !speaking.is_empty();
                 speaking.retain(|(clip, pos)| *pos < clip.len());
+                // The agent's voice as the caller heard it, coming back on the line.
+                if let Some(line) = echo.as_mut() {
+                    had_caller |= line.mix(&frame, &mut caller);
+                }
                 let caller: Vec<i16> = caller.iter().map(|&s| s.clamp(-32768, 32767) as i16).collect();
                 if !script.discard_audio {
                     report.caller.extend_from_slice(&caller);
@@ -290,5 +382,95 @@ fn settle_ctl(ctl_rx: &mut mpsc::Receiver<Ctl>, report: &mut SimReport) {
             Ctl::Transfer(t) => report.end = SimEnd::Transfer(t),
             Ctl::Dtmf(d) => report.dtmf_sent_by_agent.push(d),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::call::MediaLink;
+
+    #[test]
+    fn echo_arguments_are_checked() {
+        assert_eq!(
+            "-10:80".parse::<SimEcho>(),
+            Ok(SimEcho {
+                gain_db: -10.0,
+                delay_ms: 80
+            })
+        );
+        assert_eq!(
+            " -6.5 : 0 "
+                .parse::<SimEcho>()
+                .map(|e| (e.gain_db, e.delay_ms)),
+            Ok((-6.5, 0))
+        );
+        for (bad, why) in [
+            ("-10", "expected DB:MS"),
+            ("", "expected DB:MS"),
+            ("loud:80", "not a level in dB"),
+            ("NaN:80", "not a level in dB"),
+            ("inf:80", "not a level in dB"),
+            ("10:80", "-60 to 0 dB"),
+            ("-61:80", "-60 to 0 dB"),
+            ("-10:-5", "not a delay in milliseconds"),
+            ("-10:80ms", "not a delay in milliseconds"),
+            ("-10:", "not a delay in milliseconds"),
+            ("-10:2001", "at most 2000 ms"),
+            ("-10:99999999999", "not a delay in milliseconds"),
+        ] {
+            let e = bad.parse::<SimEcho>().unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_agent_comes_back_on_the_callers_line() {
+        let rate = 8_000;
+        let script = Script {
+            echo: Some(SimEcho {
+                gain_db: -10.0,
+                delay_ms: 80,
+            }),
+            no_frames_in_silence: true,
+            max_ms: 1_000,
+            ..Script::default()
+        };
+        let mut pbx = start(script, rate);
+        // 300 ms of agent audio: a square wave at 10000.
+        let frame: Vec<i16> = (0..160)
+            .map(|i| if i % 16 < 8 { 10_000 } else { -10_000 })
+            .collect();
+        for _ in 0..15 {
+            pbx.link.send_audio(&frame).expect("queued");
+        }
+        let mut sent = 0;
+        let counter = tokio::spawn(async move {
+            while let Some(ev) = pbx.events.recv().await {
+                if matches!(ev, MediaEvent::Audio(_)) {
+                    sent += 1;
+                }
+            }
+            sent
+        });
+        let report = pbx.done.await.expect("simulated PBX");
+        drop(pbx.link);
+        let sent = counter.await.expect("counter");
+        let first = report
+            .agent
+            .iter()
+            .position(|&s| s != 0)
+            .expect("agent played");
+        let echo_at = report
+            .caller
+            .iter()
+            .position(|&s| s != 0)
+            .expect("echo heard");
+        assert_eq!(echo_at - first, 80 * 8, "80 ms late");
+        assert_eq!(report.caller[echo_at], 3_162, "10 dB down");
+        let echoed = report.caller.iter().filter(|&&s| s != 0).count();
+        assert_eq!(echoed, 15 * 160, "all of it, once");
+        // Frames are sent while the echo is heard, though the caller says nothing.
+        assert_eq!(sent, 15);
     }
 }

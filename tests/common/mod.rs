@@ -28,6 +28,20 @@ pub fn asr_url() -> String {
     }
 }
 
+/// The Smart Turn model and ONNX Runtime library (`scripts/test` installs both into the venv
+/// and exports their paths).
+pub fn turn_model() -> (PathBuf, PathBuf) {
+    let get = |name: &str| match std::env::var(name) {
+        Ok(v) if !v.is_empty() => PathBuf::from(v),
+        _ => panic!(
+            "{name} is not set: the early-endpointing tests need the Smart Turn model and ONNX \
+             Runtime. Run scripts/test, or `source scripts/lib.sh && ensure_venv` (it installs \
+             both into the venv and exports SIDECALL_TURN_MODEL and SIDECALL_ONNXRUNTIME)"
+        ),
+    };
+    (get("SIDECALL_TURN_MODEL"), get("SIDECALL_ONNXRUNTIME"))
+}
+
 /// Speaks `text` with espeak-ng into `dir/name.wav`.
 pub fn speak(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(format!("{name}.wav"));
@@ -45,6 +59,14 @@ pub fn speak(dir: &Path, name: &str, text: &str) -> PathBuf {
 /// only if the base does not set them).
 pub fn config(dir: &Path, call_extra: &str, asr_url: &str) -> Config {
     let flows = repo().join("examples/flows");
+    // Turns end on silence alone unless a test sets `[turn]` itself (tests/endpointing.rs):
+    // transcribing at every pause would multiply the requests to the one ASR server that all
+    // tests share, and slow every other call in the suite.
+    let turn = if call_extra.contains("[turn]") {
+        ""
+    } else {
+        "\n[turn]\nspeculate = false\n"
+    };
     let text = format!(
         r#"
 [call]
@@ -57,7 +79,7 @@ timeout_ms = 8000
 
 [dialog]
 flows_dir = "{flows}"
-
+{turn}
 # The agent speaks briskly in tests: calls take less wall time; what is said is the same.
 [tts]
 rate = 230

@@ -68,6 +68,12 @@ impl EngineLoad {
             || (recent && self.last_queue_ms.load(Ordering::Relaxed) > 250)
     }
 
+    /// Every slot is taken or requests wait: one more would queue.
+    pub fn busy(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+            || self.in_flight.load(Ordering::Relaxed) >= self.max_concurrent
+    }
+
     fn queued(&self, ms: u64) {
         self.last_queue_ms.store(ms, Ordering::Relaxed);
         self.last_queue_at_ms.store(process_ms(), Ordering::Relaxed);

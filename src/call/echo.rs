@@ -1,0 +1,1316 @@
+//! The echo gate: the agent's own voice coming back on the caller's channel (line echo, a
+//! speakerphone) must not count as the caller speaking, or the agent interrupts itself.
+//!
+//! The audio sidecall plays is the reference. Both it and the caller's audio are reduced to
+//! levels per 10 ms block. For every lag up to `max_delay_ms` the gate keeps a running mean and
+//! variance of (caller level - agent level at that lag) over the blocks where the agent was
+//! audible; the echo path is the lag whose difference is clearly the most constant, and its mean
+//! is the echo return loss (ERL). A caller frame is echo when it is no louder than the echo the
+//! path predicts for it (plus the line's noise floor) by the margin; right after the caller was
+//! heard over the echo, a smaller margin lets the rest of the syllable through. The echo's tail
+//! (a room's reverberation) is predicted as a decay from the path's echo, at a rate measured
+//! where words end. Until the path is learned, the gate assumes an echo `default_erl_db` below
+//! the loudest agent block anywhere in the window; when enough agent audio (about 1.5 s) found
+//! no consistent echo, the line has none and nothing is gated.
+//!
+//! The statistics are kept at two speeds: slow ones (about 5 s of agent audio) give the path
+//! its precision and ride out double talk, fast ones (about 0.25 s) notice a path that changed or
+//! an echo that appeared (a speakerphone switched on). Blocks louder than any echo could be are
+//! the caller talking and are not learned from; the rest of double talk is tolerated (the
+//! statistics are robust to outliers, and the margin comes from the spread below the mean, which
+//! the caller's voice cannot widen since it only adds to the echo).
+//!
+//! The caller's frames are placed on the reference's clock by their order, not by when they
+//! arrive: bursts of late frames keep their places, and a gap longer than a burst (a PBX that
+//! sends nothing in silence, lost frames) or a frame that would be ahead of the clock
+//! re-anchors them.
+//!
+//! Pure and allocation-free per frame: a few hundred additions per 10 ms block (about 2 us per
+//! 20 ms frame, reference and caller, in a release build).
+
+use crate::config::EchoConfig;
+
+/// Levels are kept per block of this length.
+const BLOCK_MS: u32 = 10;
+/// Levels are clamped here (dBFS); digital silence sits on it.
+const FLOOR_DB: f32 = -90.0;
+/// Agent blocks louder than this (dBFS) count as agent audio playing.
+const ACTIVE_DB: f32 = -50.0;
+/// Agent blocks within this of the caller line's noise floor teach nothing about the echo.
+const LEARN_OVER_FLOOR_DB: f32 = 15.0;
+/// Observations of a lag (blocks of agent audio) before it may be the echo path.
+const MIN_OBS: u32 = 30;
+/// Agent audio (blocks) after which no consistent echo means the line has none...
+const NO_ECHO_OBS: u32 = 150;
+/// ...or, if the statistics stay ambiguous, after which the gate gives up anyway.
+const GIVE_UP_OBS: u32 = 1_000;
+/// The slow statistics learn at one over this many blocks at the slowest (5 s of agent audio)...
+const SLOW_N: f32 = 500.0;
+/// ...and the fast ones at one over this many (0.25 s).
+const FAST_N: f32 = 25.0;
+/// The best lag's variance over the other lags' mean variance: below this it becomes the path...
+const GAIN_RATIO: f32 = 0.25;
+/// ...and above this a learned path is lost.
+const KEEP_RATIO: f32 = 0.45;
+/// Above this the variances are flat: no echo.
+const FLAT_RATIO: f32 = 0.5;
+/// A path whose level difference wanders more than this (dB, one sigma) is not a path.
+const MAX_SIGMA_DB: f32 = 6.0;
+/// Lags this close to the best one are left out of the comparison (speech is smooth over them).
+const NEIGHBOUR_LAGS: usize = 3;
+/// The fast statistics take over from the slow ones when their paths are this far apart.
+const MOVED_LAGS: usize = 2;
+/// Outliers (the caller talking) pull the statistics by at most max(3 sigma, this) dB.
+const HUBER_MIN_DB: f32 = 8.0;
+/// With a learned path the margin shrinks to 3 sigma of its spread, but not below this (dB).
+const MIN_MARGIN_DB: f32 = 3.0;
+/// Once the caller was heard over the echo, for this many frames (a syllable)...
+const HOLD_FRAMES: u32 = 5;
+/// ...a block this much above the echo predicted for it is still the caller (dB).
+const HOLD_MARGIN_DB: f32 = 1.0;
+/// The echo rings on after its path (a room's reverberation), decaying this much per block
+/// (dB) until the gate has measured it...
+const TAIL_DECAY_DB: f32 = 6.0;
+/// ...within these bounds (1 dB per block is 600 ms to fall by 60 dB)...
+const TAIL_DECAY_RANGE_DB: (f32, f32) = (1.0, 10.0);
+/// ...following this quantile of the decays observed (the caller's voice only slows them down:
+/// a low one errs towards a longer tail)...
+const TAIL_QUANTILE: f32 = 0.35;
+/// ...in steps of at most this much (dB) per observation...
+const TAIL_STEP_DB: f32 = 1.0;
+/// ...from blocks this far above the noise floor (dB).
+const TAIL_OVER_FLOOR_DB: f32 = 20.0;
+/// The tail is followed until it has decayed by this much (dB)...
+const TAIL_SPAN_DB: f32 = 40.0;
+/// ...or this many blocks past the lag window.
+const TAIL_LAGS: usize = 40;
+/// The noise floor follows the quietest blocks and rises this much (dB) per block otherwise.
+const FLOOR_RISE_DB: f32 = 0.05;
+/// Caller frames arriving this many frames later than their order says are a gap, not a burst.
+const JITTER_FRAMES: i64 = 4;
+
+/// A learned echo path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EchoPath {
+    /// From the agent audio given to [`EchoGate::reference`] to its echo in the caller's audio.
+    pub delay_ms: f32,
+    /// How much quieter the echo is than the agent audio (dB; an echo at -10 dB is 10).
+    pub erl_db: f32,
+}
+
+/// A path the statistics found: lag in blocks (with the fraction between blocks), ERL and
+/// spread in dB.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Path {
+    lag: usize,
+    frac: f32,
+    erl_db: f32,
+    sigma_db: f32,
+}
+
+/// What the statistics currently say about the line.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    /// Not enough agent audio yet, or ambiguous: gate conservatively.
+    Learning,
+    Learned(Path),
+    /// Enough agent audio and no consistent echo: gate nothing.
+    NoEcho,
+}
+
+/// Per lag: observations, robust running mean and variance of (caller dB - agent dB at the lag),
+/// and twice the mean square of the differences below the mean (the caller's voice only ever
+/// adds to the echo, so this is the path's own spread even in double talk).
+struct Stats {
+    slowest: f32,
+    n: Vec<u32>,
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    low: Vec<f32>,
+}
+
+/// How the lags compare.
+struct Assessment {
+    path: Path,
+    /// The best lag's variance over the others' mean.
+    ratio: f32,
+    var: f32,
+    /// Observations of the best lag.
+    seen: u32,
+}
+
+impl Stats {
+    fn new(lags: usize, slowest_n: f32) -> Self {
+        Self {
+            slowest: 1.0 / slowest_n,
+            n: vec![0; lags],
+            mean: vec![0.0; lags],
+            var: vec![0.0; lags],
+            low: vec![0.0; lags],
+        }
+    }
+
+    /// One more level difference `d` at lag `l`.
+    fn learn(&mut self, l: usize, d: f32) {
+        let (Some(n), Some(mean), Some(var), Some(low)) = (
+            self.n.get_mut(l),
+            self.mean.get_mut(l),
+            self.var.get_mut(l),
+            self.low.get_mut(l),
+        ) else {
+            return;
+        };
+        *n = n.saturating_add(1);
+        if *n == 1 {
+            (*mean, *var, *low) = (d, 0.0, 0.0);
+            return;
+        }
+        let w = (1.0 / *n as f32).max(self.slowest);
+        let c = (3.0 * var.sqrt()).max(HUBER_MIN_DB);
+        let e = (d - *mean).clamp(-c, c);
+        *mean += w * e;
+        *var = (1.0 - w) * (*var + w * e * e);
+        let below = e.min(0.0);
+        *low = (1.0 - w) * (*low + w * 2.0 * below * below);
+    }
+
+    /// The lag with the most constant difference and how it compares with the others; None
+    /// until lags have enough observations.
+    fn assess(&self) -> Option<Assessment> {
+        let lags = self.n.len();
+        let mut best: Option<usize> = None;
+        for l in 0..lags {
+            if self.n[l] >= MIN_OBS && best.is_none_or(|b| self.var[l] < self.var[b]) {
+                best = Some(l);
+            }
+        }
+        let best = best?;
+        let (mut sum, mut count) = (0.0f32, 0u32);
+        for l in 0..lags {
+            if l.abs_diff(best) > NEIGHBOUR_LAGS && self.n[l] >= MIN_OBS {
+                sum += self.var[l];
+                count += 1;
+            }
+        }
+        if count == 0 {
+            return None;
+        }
+        let others = sum / count as f32;
+        let var = self.var[best];
+        let ratio = if others > f32::EPSILON {
+            var / others
+        } else {
+            1.0
+        };
+        // Between blocks: the vertex of the parabola through the variances around the best lag.
+        let mut frac = 0.0;
+        if best > 0 && best + 1 < lags {
+            let (l, c, r) = (self.var[best - 1], var, self.var[best + 1]);
+            let den = l - 2.0 * c + r;
+            if den > f32::EPSILON {
+                frac = (0.5 * (l - r) / den).clamp(-0.5, 0.5);
+            }
+        }
+        Some(Assessment {
+            path: Path {
+                lag: best,
+                frac,
+                erl_db: -self.mean[best],
+                sigma_db: self.low[best].sqrt(),
+            },
+            ratio,
+            var,
+            seen: self.n[best],
+        })
+    }
+}
+
+/// Learns the agent's echo on one call and tells echo from the caller's voice; see the module
+/// documentation.
+pub struct EchoGate {
+    enabled: bool,
+    /// Samples in one 10 ms block at the call's rate.
+    block_len: usize,
+    margin_db: f32,
+    default_erl_db: f32,
+    /// Lags 0..lags (blocks) are searched.
+    lags: usize,
+    /// Reference block powers (linear, full scale 1.0) and levels (dBFS), a ring by block index.
+    ref_pow: Vec<f32>,
+    ref_db: Vec<f32>,
+    /// Reference blocks received so far.
+    ref_blocks: i64,
+    slow: Stats,
+    fast: Stats,
+    state: State,
+    /// The caller line's noise floor (dBFS), once a caller block was seen.
+    floor_db: Option<f32>,
+    /// The position (reference frame index) the next caller frame takes if none were missing.
+    mic_next: i64,
+    mic_started: bool,
+    /// Frames left in which the caller, just heard over the echo, needs only `HOLD_MARGIN_DB`.
+    hold: u32,
+    /// How fast the echo's tail decays (dB per block), and the last caller block the echo
+    /// explained (index, dBFS).
+    tail_decay_db: f32,
+    tail_prev: Option<(i64, f32)>,
+}
+
+impl EchoGate {
+    /// `rate` 8000 or 16000; frames are 20 ms (rate/50 samples).
+    pub fn new(rate: u32, cfg: &EchoConfig) -> Self {
+        let block_len = usize::try_from(rate / (1_000 / BLOCK_MS))
+            .unwrap_or(160)
+            .max(1);
+        let max_delay_ms = cfg.max_delay_ms.clamp(u64::from(BLOCK_MS), 10_000);
+        let lags = usize::try_from(max_delay_ms.div_ceil(u64::from(BLOCK_MS)))
+            .unwrap_or(60)
+            .saturating_add(1);
+        // The ring holds every lag and the tail behind the newest caller block, and a burst more.
+        let ring = lags + TAIL_LAGS + usize::try_from(2 * (JITTER_FRAMES + 4)).unwrap_or(16);
+        let finite = |v: f32, d: f32| if v.is_finite() { v } else { d };
+        Self {
+            enabled: cfg.enabled,
+            block_len,
+            margin_db: finite(cfg.margin_db, 6.0).clamp(0.0, 40.0),
+            default_erl_db: finite(cfg.default_erl_db, 6.0).clamp(-20.0, 60.0),
+            lags,
+            ref_pow: vec![0.0; ring],
+            ref_db: vec![FLOOR_DB; ring],
+            ref_blocks: 0,
+            slow: Stats::new(lags, SLOW_N),
+            fast: Stats::new(lags, FAST_N),
+            state: State::Learning,
+            floor_db: None,
+            mic_next: 0,
+            mic_started: false,
+            hold: 0,
+            tail_decay_db: TAIL_DECAY_DB,
+            tail_prev: None,
+        }
+    }
+
+    /// Called exactly once per 20 ms tick with the agent audio that reaches the caller's ear in
+    /// that tick (an empty slice when the agent is silent).
+    pub fn reference(&mut self, frame: &[i16]) {
+        if !self.enabled {
+            return;
+        }
+        let (a, b) = self.halves(frame);
+        for half in [a, b] {
+            let p = power(half);
+            let slot = self.slot(self.ref_blocks);
+            self.ref_pow[slot] = p;
+            self.ref_db[slot] = pow_db(p);
+            self.ref_blocks = self.ref_blocks.saturating_add(1);
+        }
+    }
+
+    /// Called for every inbound caller frame, in order (about one per tick, but they can arrive
+    /// in bursts of up to 3 per tick or be missing for a while). Learns, and returns true when
+    /// the frame's level is explained by the agent's echo (so a VAD "voice" on it must be
+    /// ignored), false when the caller's own voice is (or may be) in it, or when no agent audio
+    /// played within the echo window.
+    pub fn is_echo(&mut self, mic: &[i16]) -> bool {
+        if !self.enabled || mic.is_empty() {
+            return false;
+        }
+        let pos = self.place();
+        let state = self.state;
+        let (a, b) = self.halves(mic);
+        let mut verdict = Verdict::default();
+        for (k, half) in [a, b].into_iter().enumerate() {
+            let block = pos.saturating_mul(2).saturating_add(k as i64);
+            let v = self.block(block, power(half));
+            verdict.active |= v.active;
+            verdict.caller |= v.caller;
+            verdict.strong |= v.strong;
+            verdict.echo_heard |= v.echo_heard;
+        }
+        self.hold = if verdict.strong {
+            HOLD_FRAMES
+        } else {
+            self.hold.saturating_sub(1)
+        };
+        self.evaluate();
+        match state {
+            State::NoEcho => false,
+            State::Learned(_) => verdict.echo_heard && !verdict.caller,
+            State::Learning => verdict.active && !verdict.caller,
+        }
+    }
+
+    /// The learned echo path, once confident: delay in ms from the reference to the mic, and
+    /// echo return loss in dB.
+    pub fn estimate(&self) -> Option<EchoPath> {
+        let State::Learned(p) = self.state else {
+            return None;
+        };
+        Some(EchoPath {
+            delay_ms: (p.lag as f32 + p.frac) * BLOCK_MS as f32,
+            erl_db: p.erl_db,
+        })
+    }
+
+    /// One caller block at `block` (a reference block index) with power `m_pow`: judges it,
+    /// then learns from it.
+    fn block(&mut self, block: i64, m_pow: f32) -> Verdict {
+        let m_db = pow_db(m_pow);
+        let floor_db = self.track_floor(m_db);
+        let floor_pow = db_pow(floor_db);
+        let mut v = Verdict::default();
+        // The loudest agent block in the window, and the loudest echo it could make.
+        let mut window = 0.0f32;
+        for l in 0..self.lags {
+            let (r_pow, r_db) = self.ref_at(block, l);
+            if r_db > ACTIVE_DB {
+                window = window.max(r_pow);
+            }
+        }
+        v.active = window > 0.0;
+        let worst = window * db_pow(-self.default_erl_db) + floor_pow;
+        let beyond_worst = m_pow > worst * db_pow(self.margin_db);
+        match self.state {
+            State::Learning => {
+                v.caller = beyond_worst;
+                v.strong = beyond_worst;
+            }
+            State::Learned(p) => {
+                // What the path predicts: its lag give or take a block, and its tail.
+                let erl = db_pow(-p.erl_db);
+                let mut direct = 0.0f32;
+                for l in p.lag.saturating_sub(1)..=p.lag + 1 {
+                    direct = direct.max(self.ref_at(block, l).0);
+                }
+                direct *= erl;
+                let mut echo = direct;
+                let (step, mut gain) = (db_pow(-self.tail_decay_db), 1.0);
+                let span = db_pow(-TAIL_SPAN_DB);
+                let mut l = p.lag + 2;
+                while l < self.lags + TAIL_LAGS {
+                    gain *= step;
+                    if gain < span {
+                        break;
+                    }
+                    echo = echo.max(self.ref_at(block, l).0 * erl * gain);
+                    l += 1;
+                }
+                let predicted = echo + floor_pow;
+                self.learn_tail(
+                    block,
+                    m_db,
+                    floor_db,
+                    direct,
+                    m_pow <= predicted * db_pow(self.margin_db),
+                );
+                let margin =
+                    (3.0 * p.sigma_db).clamp(MIN_MARGIN_DB.min(self.margin_db), self.margin_db);
+                let held = if self.hold > 0 {
+                    HOLD_MARGIN_DB.min(margin)
+                } else {
+                    margin
+                };
+                v.echo_heard = echo >= floor_pow && echo > db_pow(FLOOR_DB);
+                v.strong = m_pow > predicted * db_pow(margin);
+                v.caller = m_pow > predicted * db_pow(held);
+            }
+            State::NoEcho => {}
+        }
+        // Louder than any echo could be: the caller talks, nothing to learn about the echo.
+        if !beyond_worst {
+            for l in 0..self.lags {
+                let r_db = self.ref_at(block, l).1;
+                if r_db > ACTIVE_DB && r_db > floor_db + LEARN_OVER_FLOOR_DB {
+                    self.slow.learn(l, m_db - r_db);
+                    self.fast.learn(l, m_db - r_db);
+                }
+            }
+        }
+        v
+    }
+
+    /// Measures how fast the echo's tail decays: from one caller block to the next where the
+    /// path's direct echo is 10 dB below the caller's level (so what is heard is the tail, or
+    /// the line's noise once the tail is gone), after a block the echo explained.
+    fn learn_tail(&mut self, block: i64, m_db: f32, floor_db: f32, direct: f32, explained: bool) {
+        if let Some((prev, prev_db)) = self.tail_prev
+            && prev.saturating_add(1) == block
+            && prev_db > floor_db + TAIL_OVER_FLOOR_DB
+            && direct * 10.0 < db_pow(m_db)
+        {
+            let fall = (prev_db - m_db).clamp(-TAIL_DECAY_RANGE_DB.1, TAIL_DECAY_RANGE_DB.1);
+            let step = if fall > self.tail_decay_db {
+                TAIL_STEP_DB * TAIL_QUANTILE
+            } else {
+                -TAIL_STEP_DB * (1.0 - TAIL_QUANTILE)
+            };
+            self.tail_decay_db =
+                (self.tail_decay_db + step).clamp(TAIL_DECAY_RANGE_DB.0, TAIL_DECAY_RANGE_DB.1);
+        }
+        self.tail_prev = explained.then_some((block, m_db));
+    }
+
+    /// Decides from the statistics whether there is an echo path, none, or not known yet.
+    fn evaluate(&mut self) {
+        let current = match self.state {
+            State::Learned(p) => Some(p.lag),
+            _ => None,
+        };
+        let confident = |a: &Assessment, keep: bool| {
+            let needed = if keep { KEEP_RATIO } else { GAIN_RATIO };
+            a.ratio < needed && a.var < MAX_SIGMA_DB * MAX_SIGMA_DB
+        };
+        let slow = self.slow.assess();
+        let fast = self.fast.assess();
+        let kept = |a: &Assessment| current.is_some_and(|c| c.abs_diff(a.path.lag) <= 1);
+        let slow_path = slow.as_ref().filter(|a| confident(a, kept(a)));
+        let fast_path = fast.as_ref().filter(|a| confident(a, false));
+        let path = match (slow_path, fast_path) {
+            // The path moved (or an echo appeared): the fast statistics saw it first.
+            (Some(s), Some(f)) if f.path.lag.abs_diff(s.path.lag) > MOVED_LAGS => Some(f.path),
+            (Some(s), _) => Some(s.path),
+            (None, Some(f)) => Some(f.path),
+            (None, None) => None,
+        };
+        if let Some(p) = path {
+            self.state = State::Learned(p);
+            return;
+        }
+        let Some(slow) = slow else {
+            return;
+        };
+        self.state = match self.state {
+            State::NoEcho => State::NoEcho,
+            _ if slow.seen >= GIVE_UP_OBS
+                || (slow.seen >= NO_ECHO_OBS && slow.ratio > FLAT_RATIO) =>
+            {
+                State::NoEcho
+            }
+            _ => State::Learning,
+        };
+    }
+
+    /// Places the next caller frame on the reference clock (a reference frame index): right
+    /// after the previous one, unless that is ahead of the clock (the run was placed too late:
+    /// this frame is on time) or more than a burst behind it (frames went missing: this one is
+    /// taken as on time).
+    fn place(&mut self) -> i64 {
+        let latest = self.ref_blocks / 2 - 1;
+        let pos = match self.mic_next {
+            _ if !self.mic_started => latest,
+            next if next > latest => latest,
+            next if latest.saturating_sub(next) > JITTER_FRAMES => latest,
+            next => next,
+        };
+        self.mic_started = true;
+        self.mic_next = pos.saturating_add(1);
+        pos
+    }
+
+    /// The reference block `lag` blocks before caller block `block`: (power, dBFS), silence when
+    /// it is not (or no longer) known.
+    fn ref_at(&self, block: i64, lag: usize) -> (f32, f32) {
+        let i = block.saturating_sub(i64::try_from(lag).unwrap_or(i64::MAX));
+        let kept = i64::try_from(self.ref_pow.len()).unwrap_or(i64::MAX);
+        if i < 0 || i >= self.ref_blocks || i < self.ref_blocks.saturating_sub(kept) {
+            return (0.0, FLOOR_DB);
+        }
+        let s = self.slot(i);
+        (self.ref_pow[s], self.ref_db[s])
+    }
+
+    fn slot(&self, block: i64) -> usize {
+        let len = i64::try_from(self.ref_pow.len()).unwrap_or(1).max(1);
+        usize::try_from(block.rem_euclid(len)).unwrap_or(0)
+    }
+
+    /// The caller line's noise floor after one more block at `db`.
+    fn track_floor(&mut self, db: f32) -> f32 {
+        let f = match self.floor_db {
+            None => db,
+            Some(f) if db < f => f + 0.3 * (db - f),
+            Some(f) => (f + FLOOR_RISE_DB).min(db),
+        };
+        self.floor_db = Some(f);
+        f
+    }
+
+    /// A 20 ms frame's two 10 ms blocks (the two halves of a frame of another length).
+    fn halves<'a>(&self, frame: &'a [i16]) -> (&'a [i16], &'a [i16]) {
+        let mid = if frame.len() == 2 * self.block_len {
+            self.block_len
+        } else {
+            frame.len() / 2
+        };
+        frame.split_at(mid)
+    }
+}
+
+/// What one caller block (or frame) showed.
+#[derive(Default)]
+struct Verdict {
+    /// Agent audio played within the echo window.
+    active: bool,
+    /// Louder than the echo explains.
+    caller: bool,
+    /// Louder by the whole margin (not only by the one held after the caller was heard).
+    strong: bool,
+    /// The learned path predicts an echo above the noise floor.
+    echo_heard: bool,
+}
+
+/// Mean power of `s` relative to full scale (0 for no samples).
+fn power(s: &[i16]) -> f32 {
+    if s.is_empty() {
+        return 0.0;
+    }
+    let sum: f64 = s.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+    (sum / s.len() as f64 / (32_768.0 * 32_768.0)) as f32
+}
+
+fn pow_db(p: f32) -> f32 {
+    if p > 0.0 {
+        (10.0 * p.log10()).max(FLOOR_DB)
+    } else {
+        FLOOR_DB
+    }
+}
+
+fn db_pow(db: f32) -> f32 {
+    10f32.powf(db / 10.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64*: deterministic noise for the synthetic voices.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        /// Uniform in [0, 1).
+        fn unit(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32
+        }
+        fn range(&mut self, lo: f32, hi: f32) -> f32 {
+            lo + (hi - lo) * self.unit()
+        }
+    }
+
+    /// Speech-like audio: words of 1-4 syllables (80-260 ms, raised-sine envelopes of varying
+    /// peaks) separated by pauses, on a voiced carrier (harmonics of a wandering pitch) with
+    /// breath noise, at `dbfs` RMS over the words. `ms` long, starting with a word.
+    fn voice(rate: u32, ms: u32, dbfs: f32, seed: u64) -> Vec<i16> {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let len = (rate / 1000 * ms) as usize;
+        let per_ms = (rate / 1000) as usize;
+        let mut env = vec![0f32; len];
+        let mut at = 0usize;
+        while at < len {
+            for _ in 0..1 + (rng.next() % 4) {
+                let syl = per_ms * rng.range(80.0, 260.0) as usize;
+                let peak = rng.range(0.3, 1.0);
+                for i in 0..syl {
+                    if let Some(e) = env.get_mut(at + i) {
+                        let x = std::f32::consts::PI * i as f32 / syl as f32;
+                        *e = peak * x.sin().powf(1.5);
+                    }
+                }
+                at += syl;
+            }
+            at += per_ms * rng.range(60.0, 400.0) as usize;
+        }
+        let mut out = vec![0f32; len];
+        let (mut phase, mut f0, mut lp) = (0f32, rng.range(100.0, 220.0), 0f32);
+        let f_base = f0;
+        for (i, o) in out.iter_mut().enumerate() {
+            if i % per_ms == 0 {
+                f0 = (f0 + rng.range(-2.0, 2.0)).clamp(f_base * 0.8, f_base * 1.25);
+            }
+            phase += 2.0 * std::f32::consts::PI * f0 / rate as f32;
+            let mut v = 0.0;
+            for k in 1..=8 {
+                v += (phase * k as f32).sin() / k as f32;
+            }
+            lp += 0.3 * (rng.range(-1.0, 1.0) - lp);
+            *o = env[i] * (0.7 * v + 0.8 * lp);
+        }
+        let active: Vec<f32> = out
+            .iter()
+            .zip(&env)
+            .filter(|(_, e)| **e > 0.0)
+            .map(|(s, _)| *s)
+            .collect();
+        let rms = (active.iter().map(|s| s * s).sum::<f32>() / active.len().max(1) as f32).sqrt();
+        let gain = 32_768.0 * 10f32.powf(dbfs / 20.0) / rms.max(1e-9);
+        out.iter()
+            .map(|s| (s * gain).round().clamp(-32_768.0, 32_767.0) as i16)
+            .collect()
+    }
+
+    fn noise(rate: u32, ms: u32, dbfs: f32, seed: u64) -> Vec<i16> {
+        let mut rng = Rng(seed | 1);
+        let a = 32_768.0 * 10f32.powf(dbfs / 20.0) * 3f32.sqrt();
+        (0..(rate / 1000 * ms) as usize)
+            .map(|_| (rng.range(-a, a)).round() as i16)
+            .collect()
+    }
+
+    /// `clip` placed at `at_ms` on a `total_ms` timeline.
+    fn place(rate: u32, total_ms: u32, parts: &[(u32, Vec<i16>)]) -> Vec<i16> {
+        let mut out = vec![0i16; (rate / 1000 * total_ms) as usize];
+        for (at_ms, clip) in parts {
+            let at = (rate / 1000 * at_ms) as usize;
+            for (i, s) in clip.iter().enumerate() {
+                if let Some(o) = out.get_mut(at + i) {
+                    *o = o.saturating_add(*s);
+                }
+            }
+        }
+        out
+    }
+
+    /// `s` delayed by `ms` and scaled by `db`.
+    fn delayed(rate: u32, s: &[i16], ms: u32, db: f32) -> Vec<i16> {
+        let d = (rate / 1000 * ms) as usize;
+        let g = 10f32.powf(db / 20.0);
+        (0..s.len())
+            .map(|i| {
+                if i < d {
+                    0
+                } else {
+                    (f32::from(s[i - d]) * g).round() as i16
+                }
+            })
+            .collect()
+    }
+
+    fn mix(parts: &[&[i16]]) -> Vec<i16> {
+        let len = parts.iter().map(|p| p.len()).max().unwrap_or(0);
+        (0..len)
+            .map(|i| {
+                let v: i32 = parts
+                    .iter()
+                    .map(|p| i32::from(*p.get(i).unwrap_or(&0)))
+                    .sum();
+                v.clamp(-32_768, 32_767) as i16
+            })
+            .collect()
+    }
+
+    fn dbfs(s: &[i16]) -> f32 {
+        pow_db(power(s))
+    }
+
+    /// How caller frames reach the gate.
+    #[derive(Clone, Copy)]
+    enum Arrival {
+        /// One per tick, after the tick's reference.
+        Steady,
+        /// Late by up to two ticks, then in bursts of up to three; and every ~3 s a stretch of
+        /// 5-30 frames that never arrives.
+        Bursty(u64),
+    }
+
+    /// One caller frame as the gate judged it.
+    struct Obs {
+        t_ms: u64,
+        echo: bool,
+        /// Level of the agent's echo in it, of the caller's own voice, of the whole frame.
+        echo_db: f32,
+        caller_db: f32,
+        mic_db: f32,
+        learned: bool,
+    }
+
+    struct Run {
+        obs: Vec<Obs>,
+        estimate: Option<EchoPath>,
+        learned_at_ms: Option<u64>,
+    }
+
+    /// Plays `agent` as the reference (the ear hears it `lead_ms` later), and the caller's
+    /// line: `echo_part` (the echo alone), `caller` and `noise`, summed.
+    fn run(
+        rate: u32,
+        agent: &[i16],
+        echo_part: &[i16],
+        caller: &[i16],
+        noise: &[i16],
+        arrival: Arrival,
+    ) -> Run {
+        let cfg = EchoConfig::default();
+        let mut g = EchoGate::new(rate, &cfg);
+        let fl = (rate / 50) as usize;
+        let ticks = agent.len() / fl;
+        let frame = |s: &[i16], t: usize| -> Vec<i16> {
+            (t * fl..(t + 1) * fl)
+                .map(|i| *s.get(i).unwrap_or(&0))
+                .collect()
+        };
+        let mut queue: std::collections::VecDeque<usize> = Default::default();
+        let (mut rng, bursty) = match arrival {
+            Arrival::Steady => (Rng(1), false),
+            Arrival::Bursty(seed) => (Rng(seed | 1), true),
+        };
+        let mut drop_left = 0u32;
+        let mut obs = Vec::new();
+        let mut learned_at_ms = None;
+        for t in 0..ticks {
+            let r = frame(agent, t);
+            if r.iter().all(|&s| s == 0) {
+                g.reference(&[]);
+            } else {
+                g.reference(&r);
+            }
+            if bursty && drop_left == 0 && rng.unit() < 1.0 / 150.0 {
+                drop_left = 5 + (rng.next() % 26) as u32;
+            }
+            if drop_left > 0 {
+                drop_left -= 1;
+            } else {
+                queue.push_back(t);
+            }
+            let deliver = if !bursty {
+                queue.len()
+            } else if queue.len() >= 3 {
+                3
+            } else {
+                match rng.next() % 6 {
+                    0 | 1 => 0,
+                    2 => 2.min(queue.len()),
+                    _ => 1.min(queue.len()),
+                }
+            };
+            for _ in 0..deliver {
+                let Some(k) = queue.pop_front() else { break };
+                let e = frame(echo_part, k);
+                let c = frame(caller, k);
+                let mic = mix(&[&e, &c, &frame(noise, k)]);
+                let echo = g.is_echo(&mic);
+                let learned = g.estimate().is_some();
+                if learned && learned_at_ms.is_none() {
+                    learned_at_ms = Some(t as u64 * 20);
+                }
+                obs.push(Obs {
+                    t_ms: k as u64 * 20,
+                    echo,
+                    echo_db: dbfs(&e),
+                    caller_db: dbfs(&c),
+                    mic_db: dbfs(&mic),
+                    learned,
+                });
+            }
+        }
+        Run {
+            obs,
+            estimate: g.estimate(),
+            learned_at_ms,
+        }
+    }
+
+    /// Frames of echo alone, loud enough for a VAD (above `vad.min_level_dbfs`), that the gate
+    /// let through.
+    fn leaks(r: &Run) -> usize {
+        r.obs
+            .iter()
+            .filter(|o| o.caller_db <= FLOOR_DB && o.mic_db > -50.0 && o.echo_db > -60.0 && !o.echo)
+            .count()
+    }
+
+    /// The agent talks in three stretches (0-4 s, 5-10 s, 11-16 s) over a 17 s call.
+    fn agent_track(rate: u32, dbfs: f32, seed: u64) -> Vec<i16> {
+        place(
+            rate,
+            17_000,
+            &[
+                (0, voice(rate, 4_000, dbfs, seed)),
+                (5_000, voice(rate, 5_000, dbfs, seed + 1)),
+                (11_000, voice(rate, 5_000, dbfs, seed + 2)),
+            ],
+        )
+    }
+
+    #[test]
+    fn learns_the_echo_path_and_lets_no_echo_through() {
+        for rate in [8_000, 16_000] {
+            for delay in [40, 80, 120] {
+                for lead in [0, 25, 80] {
+                    let seed = u64::from(rate + delay * 7 + lead);
+                    let agent = agent_track(rate, -13.0, seed);
+                    let echo = delayed(rate, &agent, lead + delay, -10.0);
+                    let silent = vec![0i16; agent.len()];
+                    let line = noise(rate, 17_000, -65.0, seed);
+                    let r = run(rate, &agent, &echo, &silent, &line, Arrival::Steady);
+                    let est = r.estimate.expect("echo path learned");
+                    let true_ms = (lead + delay) as f32;
+                    eprintln!(
+                        "{rate} Hz, echo -10 dB at {delay} ms + lead {lead} ms: learned {:.1} ms, ERL {:.1} dB after {} ms, {} leaks",
+                        est.delay_ms,
+                        est.erl_db,
+                        r.learned_at_ms.unwrap_or(0),
+                        leaks(&r)
+                    );
+                    assert!(
+                        (est.delay_ms - true_ms).abs() <= 10.0,
+                        "{est:?} vs {true_ms} ms"
+                    );
+                    assert!((est.erl_db - 10.0).abs() <= 2.0, "{est:?}");
+                    assert!(r.learned_at_ms.is_some_and(|t| t <= 2_000), "learned late");
+                    assert_eq!(leaks(&r), 0, "echo frames let through");
+                }
+            }
+        }
+    }
+
+    /// Of the frames where the caller's own voice is up (within 10 dB of its level) over the
+    /// agent's audible echo, after the path was learned: the share the gate let through.
+    fn double_talk_pass(r: &Run, caller_dbfs: f32) -> (f32, usize) {
+        let voiced: Vec<&Obs> = r
+            .obs
+            .iter()
+            .filter(|o| o.learned && o.caller_db > caller_dbfs - 10.0 && o.echo_db > -50.0)
+            .collect();
+        let passed = voiced.iter().filter(|o| !o.echo).count();
+        (passed as f32 / voiced.len().max(1) as f32, voiced.len())
+    }
+
+    /// The longest the caller talked over the agent's echo without a frame let through (ms):
+    /// consecutive voiced frames over an audible echo, all gated.
+    fn longest_held_back_ms(r: &Run, caller_dbfs: f32) -> u64 {
+        let (mut run, mut longest) = (0u64, 0u64);
+        for o in r.obs.iter().filter(|o| o.learned) {
+            if o.caller_db > caller_dbfs - 10.0 && o.echo_db > -50.0 && o.echo {
+                run += 20;
+                longest = longest.max(run);
+            } else {
+                run = 0;
+            }
+        }
+        longest
+    }
+
+    #[test]
+    fn the_caller_talking_over_the_agent_gets_through() {
+        let rate = 8_000;
+        for caller_dbfs in [-20.0, -23.0, -26.0] {
+            for agent_dbfs in [-10.0, -13.0, -16.0] {
+                let (mut rates, mut firsts) = (Vec::new(), Vec::new());
+                for (i, delay) in [60u32, 100, 150].into_iter().enumerate() {
+                    let seed = 40 + i as u64;
+                    let agent = agent_track(rate, agent_dbfs, seed);
+                    let echo = delayed(rate, &agent, delay, -10.0);
+                    // The caller talks over the second stretch of the agent's speech.
+                    let caller = place(
+                        rate,
+                        17_000,
+                        &[(6_000, voice(rate, 3_500, caller_dbfs, seed + 100))],
+                    );
+                    let line = noise(rate, 17_000, -65.0, seed);
+                    let r = run(rate, &agent, &echo, &caller, &line, Arrival::Steady);
+                    let est = r.estimate.expect("echo path learned");
+                    assert!(
+                        (est.delay_ms - delay as f32).abs() <= 10.0,
+                        "{est:?} vs {delay} ms"
+                    );
+                    assert!((est.erl_db - 10.0).abs() <= 2.0, "{est:?}");
+                    assert_eq!(leaks(&r), 0, "echo frames let through");
+                    let (pass, n) = double_talk_pass(&r, caller_dbfs);
+                    assert!(n > 50, "{n} double-talk frames");
+                    let first = longest_held_back_ms(&r, caller_dbfs);
+                    rates.push(pass);
+                    firsts.push(first);
+                }
+                let mean = rates.iter().sum::<f32>() / rates.len() as f32;
+                let slowest = firsts.iter().max().copied().unwrap_or(0);
+                eprintln!(
+                    "caller {caller_dbfs} dBFS over agent {agent_dbfs} dBFS (echo {} dBFS): {:.0}% of voiced frames through, at most {} ms held back",
+                    agent_dbfs - 10.0,
+                    mean * 100.0,
+                    slowest
+                );
+                if caller_dbfs == -20.0 {
+                    assert!(mean > 0.5, "{:.0}% through", mean * 100.0);
+                }
+                // The caller gets through within a syllable or so (one frame pauses the agent).
+                assert!(slowest <= 300, "the caller held back for {slowest} ms");
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_without_echo_is_never_gated_once_learned() {
+        let rate = 16_000;
+        let agent = agent_track(rate, -13.0, 7);
+        let silent = vec![0i16; agent.len()];
+        // Only line noise; then a caller who talks all along, over the agent and not.
+        let talker = place(
+            rate,
+            17_000,
+            &[
+                (500, voice(rate, 3_000, -22.0, 70)),
+                (5_500, voice(rate, 4_000, -22.0, 71)),
+                (11_000, voice(rate, 5_500, -22.0, 72)),
+            ],
+        );
+        let mut results = Vec::new();
+        for (what, caller, line) in [
+            ("noise", &silent, noise(rate, 17_000, -60.0, 8)),
+            ("the caller", &talker, noise(rate, 17_000, -65.0, 9)),
+        ] {
+            let r = run(rate, &agent, &silent, caller, &line, Arrival::Steady);
+            let gated_after = |ms: u64| r.obs.iter().filter(|o| o.t_ms >= ms && o.echo).count();
+            eprintln!(
+                "no echo, {what} on the line: {} frames gated in all, {} after 4 s",
+                gated_after(0),
+                gated_after(4_000)
+            );
+            let first = r.obs.iter().rev().find(|o| o.echo).map_or(0, |o| o.t_ms);
+            eprintln!("  last gated frame at {first} ms");
+            results.push((what, r.estimate, gated_after(4_000)));
+        }
+        for (what, estimate, gated) in results {
+            assert_eq!(estimate, None, "{what}");
+            assert_eq!(gated, 0, "{what}: gated after the agent's first 4 s");
+        }
+    }
+
+    #[test]
+    fn frames_arriving_late_in_bursts_or_not_at_all_keep_their_place() {
+        for rate in [8_000, 16_000] {
+            for (seed, delay) in [(3u64, 60u32), (4, 110), (5, 170)] {
+                let agent = agent_track(rate, -13.0, seed);
+                let echo = delayed(rate, &agent, delay, -10.0);
+                let caller = place(
+                    rate,
+                    17_000,
+                    &[(6_000, voice(rate, 3_500, -20.0, seed + 100))],
+                );
+                let line = noise(rate, 17_000, -65.0, seed);
+                let r = run(rate, &agent, &echo, &caller, &line, Arrival::Bursty(seed));
+                let est = r.estimate.expect("echo path learned");
+                let (pass, _) = double_talk_pass(&r, -20.0);
+                eprintln!(
+                    "{rate} Hz bursty, echo at {delay} ms: learned {:.1} ms, ERL {:.1} dB, {} leaks, double talk {:.0}% through",
+                    est.delay_ms,
+                    est.erl_db,
+                    leaks(&r),
+                    pass * 100.0
+                );
+                assert!(
+                    (est.delay_ms - delay as f32).abs() <= 10.0,
+                    "{est:?} vs {delay} ms"
+                );
+                assert!((est.erl_db - 10.0).abs() <= 2.0, "{est:?}");
+                assert_eq!(leaks(&r), 0, "echo frames let through");
+                assert!(pass > 0.5, "{:.0}%", pass * 100.0);
+            }
+        }
+    }
+
+    /// A speakerphone in a room: the direct echo at `delay_ms` and `db`, reflections every 5 ms
+    /// for `rt_ms` (60 dB down by then) starting `tail_db` below it, a soft low-pass, then the
+    /// line's G.711 mu-law.
+    fn room(rate: u32, s: &[i16], delay_ms: u32, db: f32, tail_db: f32, rt_ms: u32) -> Vec<f32> {
+        let per_ms = (rate / 1000) as usize;
+        let mut rng = Rng(77);
+        let mut taps = vec![(delay_ms as usize * per_ms, 10f32.powf(db / 20.0))];
+        let mut t = 5;
+        while t <= rt_ms {
+            let g = 10f32.powf((db + tail_db - 60.0 * t as f32 / rt_ms as f32) / 20.0);
+            let sign = if rng.next().is_multiple_of(2) {
+                1.0
+            } else {
+                -1.0
+            };
+            taps.push((
+                (delay_ms + t) as usize * per_ms,
+                sign * g * rng.range(0.5, 1.0),
+            ));
+            t += 5;
+        }
+        let mut out = vec![0f32; s.len()];
+        for (d, g) in taps {
+            for i in d..s.len() {
+                out[i] += g * f32::from(s[i - d]);
+            }
+        }
+        let mut lp = 0.0;
+        for o in out.iter_mut() {
+            lp += 0.6 * (*o - lp);
+            *o = lp;
+        }
+        out
+    }
+
+    fn ulaw(s: &[i16]) -> Vec<i16> {
+        use crate::audio::g711;
+        s.iter()
+            .map(|&x| g711::ulaw_to_linear(g711::linear_to_ulaw(x)))
+            .collect()
+    }
+
+    #[test]
+    fn a_speakerphone_in_a_room_over_mu_law() {
+        for rate in [8_000, 16_000] {
+            for (delay, tail_db, rt_ms) in [(90u32, -6.0, 150u32), (140, -3.0, 300)] {
+                let agent = agent_track(rate, -13.0, 9);
+                let echo_f = room(rate, &agent, delay, -10.0, tail_db, rt_ms);
+                let echo: Vec<i16> = echo_f
+                    .iter()
+                    .map(|v| v.round().clamp(-32_768.0, 32_767.0) as i16)
+                    .collect();
+                let echo = ulaw(&echo);
+                let caller = place(rate, 17_000, &[(6_000, voice(rate, 3_500, -20.0, 90))]);
+                let line = noise(rate, 17_000, -60.0, 10);
+                let r = run(rate, &agent, &echo, &caller, &line, Arrival::Steady);
+                let est = r.estimate.expect("echo path learned");
+                let (pass, _) = double_talk_pass(&r, -20.0);
+                let held = longest_held_back_ms(&r, -20.0);
+                eprintln!(
+                    "{rate} Hz room, direct echo at {delay} ms, tail {tail_db} dB RT {rt_ms} ms: learned {:.1} ms, ERL {:.1} dB, {} leaks, double talk {:.0}% through, at most {held} ms held back",
+                    est.delay_ms,
+                    est.erl_db,
+                    leaks(&r),
+                    pass * 100.0
+                );
+                assert!(
+                    (est.delay_ms - delay as f32).abs() <= 10.0,
+                    "{est:?} vs {delay} ms"
+                );
+                assert!(held <= 300, "the caller held back for {held} ms");
+                if tail_db < -5.0 {
+                    assert_eq!(leaks(&r), 0, "echo frames let through");
+                } else {
+                    // A tail as loud as the direct echo for 300 ms: a few word ends get through.
+                    let audible = r
+                        .obs
+                        .iter()
+                        .filter(|o| o.caller_db <= FLOOR_DB && o.mic_db > -50.0)
+                        .count();
+                    assert!(leaks(&r) * 20 <= audible, "{} of {audible}", leaks(&r));
+                }
+            }
+        }
+    }
+
+    /// `a` before `at_ms`, `b` from then on.
+    fn switch(rate: u32, a: &[i16], b: &[i16], at_ms: u32) -> Vec<i16> {
+        let at = (rate / 1000 * at_ms) as usize;
+        a.iter()
+            .zip(b)
+            .enumerate()
+            .map(|(i, (x, y))| if i < at { *x } else { *y })
+            .collect()
+    }
+
+    /// Audible echo-only frames the gate let through at or after `from_ms`.
+    fn leaks_from(r: &Run, from_ms: u64) -> Vec<u64> {
+        r.obs
+            .iter()
+            .filter(|o| {
+                o.t_ms >= from_ms
+                    && o.caller_db <= FLOOR_DB
+                    && o.mic_db > -50.0
+                    && o.echo_db > -60.0
+                    && !o.echo
+            })
+            .map(|o| o.t_ms)
+            .collect()
+    }
+
+    #[test]
+    fn a_path_that_changes_or_appears_is_learned_again() {
+        let rate = 8_000;
+        let agent = place(
+            rate,
+            30_000,
+            &[
+                (0, voice(rate, 6_000, -13.0, 20)),
+                (7_000, voice(rate, 11_000, -13.0, 21)),
+                (19_000, voice(rate, 11_000, -13.0, 22)),
+            ],
+        );
+        let silent = vec![0i16; agent.len()];
+        let line = noise(rate, 30_000, -65.0, 23);
+        let near = delayed(rate, &agent, 80, -10.0);
+        let far = delayed(rate, &agent, 220, -10.0);
+        for (what, before, after, to_ms) in [
+            ("the delay moves from 80 to 220 ms", &near, &far, 220.0),
+            (
+                "a speakerphone is switched on (no echo, then 80 ms)",
+                &silent,
+                &near,
+                80.0,
+            ),
+        ] {
+            let echo = switch(rate, before, after, 8_000);
+            let r = run(rate, &agent, &echo, &silent, &line, Arrival::Steady);
+            let est = r.estimate.expect("echo path learned");
+            let leaks = leaks_from(&r, 8_000);
+            let last = leaks.last().copied().unwrap_or(8_000);
+            eprintln!(
+                "{what}: learned {:.1} ms, ERL {:.1} dB; {} echo frames through after the change, the last {} ms after it",
+                est.delay_ms,
+                est.erl_db,
+                leaks.len(),
+                last - 8_000
+            );
+            assert!((est.delay_ms - to_ms).abs() <= 10.0, "{what}: {est:?}");
+            assert!((est.erl_db - 10.0).abs() <= 2.0, "{what}: {est:?}");
+            assert!(
+                last <= 11_000,
+                "{what}: echo still let through {last} ms into the call"
+            );
+        }
+    }
+
+    #[test]
+    fn double_talk_from_the_first_word_still_learns() {
+        let rate = 16_000;
+        let agent = agent_track(rate, -13.0, 30);
+        let echo = delayed(rate, &agent, 120, -10.0);
+        // The caller talks over most of the agent's first 4 s.
+        let caller = place(rate, 17_000, &[(200, voice(rate, 3_000, -20.0, 31))]);
+        let line = noise(rate, 17_000, -65.0, 32);
+        let r = run(rate, &agent, &echo, &caller, &line, Arrival::Steady);
+        let est = r.estimate.expect("echo path learned");
+        eprintln!(
+            "double talk from the start: learned {:.1} ms, ERL {:.1} dB after {} ms, {} echo frames through",
+            est.delay_ms,
+            est.erl_db,
+            r.learned_at_ms.unwrap_or(0),
+            leaks(&r)
+        );
+        assert!((est.delay_ms - 120.0).abs() <= 10.0, "{est:?}");
+        assert!((est.erl_db - 10.0).abs() <= 2.0, "{est:?}");
+        assert_eq!(leaks(&r), 0);
+    }
+
+    #[test]
+    fn no_agent_audio_in_the_window_is_never_echo() {
+        let rate = 8_000;
+        // The agent talks for 3 s; the caller answers from 4 s, at every level, on a line
+        // with a learned echo.
+        let agent = place(rate, 10_000, &[(0, voice(rate, 3_000, -13.0, 50))]);
+        let echo = delayed(rate, &agent, 100, -10.0);
+        let mut parts = Vec::new();
+        for (i, db) in [-20.0, -30.0, -40.0, -50.0].into_iter().enumerate() {
+            parts.push((
+                4_000 + 1_500 * i as u32,
+                voice(rate, 1_200, db, 51 + i as u64),
+            ));
+        }
+        let caller = place(rate, 10_000, &parts);
+        let line = noise(rate, 10_000, -65.0, 55);
+        for arrival in [Arrival::Steady, Arrival::Bursty(56)] {
+            let r = run(rate, &agent, &echo, &caller, &line, arrival);
+            assert!(r.estimate.is_some());
+            // 3 s + 100 ms of delay + the 600 ms window.
+            let gated: Vec<u64> = r
+                .obs
+                .iter()
+                .filter(|o| o.t_ms >= 3_720 && o.echo)
+                .map(|o| o.t_ms)
+                .collect();
+            assert!(gated.is_empty(), "gated without agent audio: {gated:?}");
+        }
+        // Before anything was learned too.
+        let mut g = EchoGate::new(rate, &EchoConfig::default());
+        for t in 0..100 {
+            g.reference(&[]);
+            let c = &caller[(4_000 / 20 + t) * 160..][..160];
+            assert!(!g.is_echo(c));
+        }
+    }
+
+    #[test]
+    fn silence_empty_and_odd_frames_do_not_panic() {
+        let loud: Vec<i16> = (0..320)
+            .map(|i| if i % 2 == 0 { i16::MAX } else { i16::MIN })
+            .collect();
+        for rate in [8_000, 16_000, 0, 1, 48_000] {
+            for cfg in [
+                EchoConfig::default(),
+                EchoConfig {
+                    max_delay_ms: 0,
+                    margin_db: f32::NAN,
+                    default_erl_db: f32::INFINITY,
+                    ..EchoConfig::default()
+                },
+                EchoConfig {
+                    max_delay_ms: u64::MAX,
+                    ..EchoConfig::default()
+                },
+            ] {
+                let mut g = EchoGate::new(rate, &cfg);
+                // The caller before any reference, then every shape of frame.
+                assert!(!g.is_echo(&loud));
+                assert!(!g.is_echo(&[]));
+                let frames: [&[i16]; 7] =
+                    [&[], &[0], &[1; 3], &[0; 160], &[0; 320], &loud, &[7; 5_000]];
+                for i in 0..2_000 {
+                    let f = frames[i % frames.len()];
+                    g.reference(f);
+                    g.is_echo(frames[(i / 3) % frames.len()]);
+                    if i % 5 == 0 {
+                        g.is_echo(&loud);
+                        g.is_echo(&loud);
+                    }
+                    if i % 7 == 0 {
+                        g.reference(&loud);
+                    }
+                }
+                let _ = g.estimate();
+                // Digital silence all along: never echo, nothing learned.
+                let mut g = EchoGate::new(rate, &cfg);
+                for _ in 0..500 {
+                    g.reference(&[0; 160]);
+                    assert!(!g.is_echo(&[0; 160]));
+                }
+                assert_eq!(g.estimate(), None);
+            }
+        }
+        // Disabled: never echo, whatever plays.
+        let off = EchoConfig {
+            enabled: false,
+            ..EchoConfig::default()
+        };
+        let mut g = EchoGate::new(8_000, &off);
+        let agent = agent_track(8_000, -13.0, 60);
+        let echo = delayed(8_000, &agent, 100, -10.0);
+        for t in 0..agent.len() / 160 {
+            g.reference(&agent[t * 160..][..160]);
+            assert!(!g.is_echo(&echo[t * 160..][..160]));
+        }
+        assert_eq!(g.estimate(), None);
+    }
+
+    /// Prints the cost per frame (a figure, not an assertion: run with `--release --nocapture`).
+    #[test]
+    fn cost_per_frame() {
+        let rate = 16_000;
+        let agent = agent_track(rate, -13.0, 70);
+        let echo = delayed(rate, &agent, 150, -10.0);
+        let caller = place(rate, 17_000, &[(6_000, voice(rate, 3_500, -20.0, 71))]);
+        let mic = mix(&[&echo, &caller, &noise(rate, 17_000, -65.0, 72)]);
+        let mut g = EchoGate::new(rate, &EchoConfig::default());
+        let frames = agent.len() / 320;
+        let started = std::time::Instant::now();
+        let mut gated = 0;
+        for t in 0..frames {
+            g.reference(&agent[t * 320..][..320]);
+            gated += usize::from(g.is_echo(&mic[t * 320..][..320]));
+        }
+        let per = started.elapsed().as_secs_f64() * 1e6 / frames as f64;
+        eprintln!(
+            "echo gate: {per:.2} us per 20 ms frame at 16 kHz, reference and caller ({gated} of {frames} gated)"
+        );
+    }
+}
