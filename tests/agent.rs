@@ -58,6 +58,10 @@ parameters = {{ type = "object", properties = {{ order_id = {{ type = "string" }
 [call]
 no_input_timeout_ms = 4000
 
+# Turns end on silence alone (see tests/common: one ASR server for the whole suite).
+[turn]
+speculate = false
+
 [asr]
 url = "{asr}"
 timeout_ms = 8000

@@ -175,3 +175,105 @@ async fn a_real_interruption_silences_the_agent_within_60_ms_of_the_callers_voic
         call.dump()
     );
 }
+
+/// The greeting's own echo on the caller's line (line echo, a speakerphone), 10 dB down and
+/// `delay_ms` late.
+fn echo(delay_ms: u32) -> Option<sidecall::pbx::simulated::SimEcho> {
+    Some(sidecall::pbx::simulated::SimEcho {
+        gain_db: -10.0,
+        delay_ms,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_own_echo_never_interrupts_it() {
+    let url = asr_url();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |delay_ms: u32| {
+        let sub = dir.path().join(format!("echo-{delay_ms}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let cfg = config(&sub, "", &url);
+        let flow = flow(&sub).display().to_string();
+        async move {
+            simulate(
+                cfg,
+                &sub,
+                SimulateArgs {
+                    flow: Some(flow),
+                    echo: echo(delay_ms),
+                    max_seconds: 16,
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    };
+    let (near, far) = tokio::join!(run(40), run(120));
+    for (delay, call) in [(40, &near), (120, &far)] {
+        assert!(call.first("pause").is_none(), "{delay} ms\n{}", call.dump());
+        assert!(
+            call.first("barge_in").is_none(),
+            "{delay} ms\n{}",
+            call.dump()
+        );
+        let greeting = call
+            .of_type("playout_end")
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("{delay} ms\n{}", call.dump()));
+        assert_eq!(greeting["complete"], true, "{delay} ms\n{}", call.dump());
+        // The echo really was on the line: the caller's side carried the greeting.
+        let loud = call
+            .report
+            .caller
+            .iter()
+            .filter(|s| s.unsigned_abs() > 300)
+            .count();
+        assert!(loud > call.rate as usize, "{delay} ms: no echo on the line");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_over_the_echo_still_interrupts() {
+    let url = asr_url();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "", &url);
+    let call = simulate(
+        cfg,
+        dir.path(),
+        SimulateArgs {
+            flow: Some(flow(dir.path()).display().to_string()),
+            echo: echo(80),
+            caller_at: vec![(
+                4_000,
+                speak(
+                    dir.path(),
+                    "agent",
+                    "I would like to talk to an agent please",
+                ),
+            )],
+            max_seconds: 20,
+            ..Default::default()
+        },
+    )
+    .await;
+    let barge = call
+        .first("barge_in")
+        .unwrap_or_else(|| panic!("no barge-in\n{}", call.dump()));
+    let first_pause = call.first("pause").map(|p| call.t(p)).unwrap_or(u64::MAX);
+    println!(
+        "with the echo on the line: paused at {first_pause} ms for a caller from 4000 ms, barge-in at {} ms",
+        call.t(barge)
+    );
+    assert!(
+        first_pause >= 4_000,
+        "paused before the caller spoke\n{}",
+        call.dump()
+    );
+    assert_eq!(
+        call.report.end,
+        sidecall::pbx::simulated::SimEnd::Transfer("agent".into()),
+        "{}",
+        call.dump()
+    );
+}

@@ -98,6 +98,10 @@ fn config(dir: &Path, emu: &FsEmulator, flows: &Path) -> Config {
 [call]
 no_input_timeout_ms = 4000
 
+# Turns end on silence alone (see tests/common: one ASR server for the whole suite).
+[turn]
+speculate = false
+
 [asr]
 url = "{asr}"
 

@@ -9,9 +9,18 @@
 //! path predicts for it (plus the line's noise floor) by the margin; right after the caller was
 //! heard over the echo, a smaller margin lets the rest of the syllable through. The echo's tail
 //! (a room's reverberation) is predicted as a decay from the path's echo, at a rate measured
-//! where words end. Until the path is learned, the gate assumes an echo `default_erl_db` below
-//! the loudest agent block anywhere in the window; when enough agent audio (about 1.5 s) found
-//! no consistent echo, the line has none and nothing is gated.
+//! where words end. When enough agent audio (about 1.5 s) found no consistent echo, the line
+//! has none and nothing is gated.
+//!
+//! Until then the gate assumes an echo at most `default_erl_db` below the agent's audio, but at
+//! each lag no louder than the line has allowed: the echo only adds to the caller's side, so a
+//! caller block quieter than the agent's block `l` back proves the echo through lag `l` at
+//! least that much quieter. The agent's audio in the window predicts the sum of what each lag
+//! still allows. A quiet line while the agent talks thus rules out an echo at once, at every
+//! lag the agent's audio has reached: a caller who starts later than `max_delay_ms` into the
+//! agent's audio is heard at once. A lag the agent's audio first reached while the caller was
+//! talking is unknown until the caller pauses (an echo there would start under the caller's
+//! voice), and is assumed at the worst meanwhile.
 //!
 //! The statistics are kept at two speeds: slow ones (about 5 s of agent audio) give the path
 //! its precision and ride out double talk, fast ones (about 0.25 s) notice a path that changed or
@@ -25,8 +34,9 @@
 //! sends nothing in silence, lost frames) or a frame that would be ahead of the clock
 //! re-anchors them.
 //!
-//! Pure and allocation-free per frame: a few hundred additions per 10 ms block (about 2 us per
-//! 20 ms frame, reference and caller, in a release build).
+//! Pure and allocation-free per frame: a few hundred operations per 10 ms block, about a
+//! thousand while learning (about 4 us per 20 ms frame, reference and caller, in a release
+//! build).
 
 use crate::config::EchoConfig;
 
@@ -88,6 +98,17 @@ const TAIL_LAGS: usize = 40;
 const FLOOR_RISE_DB: f32 = 0.05;
 /// Caller frames arriving this many frames later than their order says are a gap, not a burst.
 const JITTER_FRAMES: i64 = 4;
+/// What a quiet caller side proved about the echo at a lag is trusted up to this much (dB):
+/// the level of a sum is not quite the sum of the levels (phase)...
+const BOUND_SLACK_DB: f32 = 3.0;
+/// ...and give or take this many lags (as many frames as a burst): a burst or a gap may have
+/// moved the caller's frames on the reference's clock since.
+const BOUND_LAGS: usize = 8;
+/// A lag's proof relaxes back towards `default_erl_db` by this much (dB) per caller block (5 dB
+/// per second), so an echo that appears later is not ruled out for long...
+const BOUND_RELAX_DB: f32 = 0.05;
+/// ...and proves at most this much (dB): an echo that far down is inaudible anyway.
+const BOUND_MAX_DB: f32 = 60.0;
 
 /// A learned echo path.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -243,6 +264,12 @@ pub struct EchoGate {
     slow: Stats,
     fast: Stats,
     state: State,
+    /// Per lag, the loudest echo (power gain, at most `default_erl_db` down) the caller's side
+    /// still allows through it: a caller block while the agent played at that lag proves the
+    /// echo through it no louder than the block.
+    bound: Vec<f32>,
+    /// The agent's power at each lag (and two more) behind the caller block being judged.
+    behind: Vec<f32>,
     /// The caller line's noise floor (dBFS), once a caller block was seen.
     floor_db: Option<f32>,
     /// The position (reference frame index) the next caller frame takes if none were missing.
@@ -269,11 +296,12 @@ impl EchoGate {
         // The ring holds every lag and the tail behind the newest caller block, and a burst more.
         let ring = lags + TAIL_LAGS + usize::try_from(2 * (JITTER_FRAMES + 4)).unwrap_or(16);
         let finite = |v: f32, d: f32| if v.is_finite() { v } else { d };
+        let default_erl_db = finite(cfg.default_erl_db, 6.0).clamp(-20.0, 60.0);
         Self {
             enabled: cfg.enabled,
             block_len,
             margin_db: finite(cfg.margin_db, 6.0).clamp(0.0, 40.0),
-            default_erl_db: finite(cfg.default_erl_db, 6.0).clamp(-20.0, 60.0),
+            default_erl_db,
             lags,
             ref_pow: vec![0.0; ring],
             ref_db: vec![FLOOR_DB; ring],
@@ -281,6 +309,8 @@ impl EchoGate {
             slow: Stats::new(lags, SLOW_N),
             fast: Stats::new(lags, FAST_N),
             state: State::Learning,
+            bound: vec![db_pow(-default_erl_db); lags],
+            behind: vec![0.0; lags + 2],
             floor_db: None,
             mic_next: 0,
             mic_started: false,
@@ -360,20 +390,25 @@ impl EchoGate {
         let floor_pow = db_pow(floor_db);
         let mut v = Verdict::default();
         // The loudest agent block in the window, and the loudest echo it could make.
+        let default_gain = db_pow(-self.default_erl_db);
+        let active = db_pow(ACTIVE_DB);
         let mut window = 0.0f32;
-        for l in 0..self.lags {
-            let (r_pow, r_db) = self.ref_at(block, l);
-            if r_db > ACTIVE_DB {
+        for l in 0..self.behind.len() {
+            let r_pow = self.ref_at(block, l).0;
+            self.behind[l] = r_pow;
+            if l < self.lags && r_pow > active {
                 window = window.max(r_pow);
             }
         }
         v.active = window > 0.0;
-        let worst = window * db_pow(-self.default_erl_db) + floor_pow;
+        let worst = window * default_gain + floor_pow;
         let beyond_worst = m_pow > worst * db_pow(self.margin_db);
         match self.state {
             State::Learning => {
-                v.caller = beyond_worst;
-                v.strong = beyond_worst;
+                // No louder than the line has allowed at each lag.
+                let allowed = (window * default_gain).min(self.allowed(default_gain));
+                v.caller = m_pow > (allowed + floor_pow) * db_pow(self.margin_db);
+                v.strong = v.caller;
             }
             State::Learned(p) => {
                 // What the path predicts: its lag give or take a block, and its tail.
@@ -416,6 +451,7 @@ impl EchoGate {
             }
             State::NoEcho => {}
         }
+        self.prove(m_pow, default_gain);
         // Louder than any echo could be: the caller talks, nothing to learn about the echo.
         if !beyond_worst {
             for l in 0..self.lags {
@@ -427,6 +463,59 @@ impl EchoGate {
             }
         }
         v
+    }
+
+    /// The loudest echo the agent's audio in the window (`self.behind`) can put in the caller
+    /// block being judged, through each lag as loud as the line has allowed there so far (with
+    /// the proofs moved by up to `BOUND_LAGS`, the worst of those).
+    fn allowed(&self, default_gain: f32) -> f32 {
+        let (slack, active) = (db_pow(BOUND_SLACK_DB), db_pow(ACTIVE_DB));
+        let lags = self.lags.min(self.behind.len()).min(self.bound.len());
+        let last = lags.saturating_sub(1);
+        let mut worst = 0.0f32;
+        for shift in 0..=2 * BOUND_LAGS {
+            let mut sum = 0.0f32;
+            for (l, &r) in self.behind.iter().enumerate().take(lags) {
+                if r > active {
+                    let j = (l + shift).saturating_sub(BOUND_LAGS).min(last);
+                    let b = self.bound.get(j).map_or(default_gain, |&b| b * slack);
+                    sum += r * b.min(default_gain);
+                }
+            }
+            worst = worst.max(sum);
+        }
+        worst
+    }
+
+    /// What a caller block at power `m_pow` proves (the agent's audio behind it in
+    /// `self.behind`): the echo through each lag where the agent played is no louder than the
+    /// block. Older proofs relax.
+    fn prove(&mut self, m_pow: f32, default_gain: f32) {
+        let relax = db_pow(BOUND_RELAX_DB);
+        let least = db_pow(-BOUND_MAX_DB).min(default_gain);
+        let active = db_pow(ACTIVE_DB);
+        // An echo between two lags takes part of each of two blocks (at lag 0, of lags 0 and 1
+        // only). Where the agent's level rises or falls through them (or peaks) that part is
+        // at least the quieter block; where it dips between or in them it can be far below
+        // both, and a block proves less the deeper the dip.
+        let at = |l: usize| self.behind.get(l).copied().unwrap_or(0.0);
+        let mut r = [at(0), at(0), at(0), at(0), at(1)];
+        for l in 0..self.lags.min(self.bound.len()) {
+            r.rotate_left(1);
+            r[4] = at(l + 2);
+            let [r0, r1, r2, r3, r4] = r;
+            let low = r1.min(r2).min(r3);
+            let high = r1.max(r2).max(r3);
+            let dip = (r2 < r1 && r2 < r3)
+                || (r0 > r1.max(r2) && r3 > r1.max(r2))
+                || (r1 > r2.max(r3) && r4 > r2.max(r3));
+            let held = if dip { low * (low / high) } else { low };
+            let b = &mut self.bound[l];
+            *b = (*b * relax).min(default_gain);
+            if low > active {
+                *b = b.min((m_pow / held).max(least));
+            }
+        }
     }
 
     /// Measures how fast the echo's tail decays: from one caller block to the next where the
@@ -479,7 +568,7 @@ impl EchoGate {
         let Some(slow) = slow else {
             return;
         };
-        self.state = match self.state {
+        let next = match self.state {
             State::NoEcho => State::NoEcho,
             _ if slow.seen >= GIVE_UP_OBS
                 || (slow.seen >= NO_ECHO_OBS && slow.ratio > FLAT_RATIO) =>
@@ -488,6 +577,13 @@ impl EchoGate {
             }
             _ => State::Learning,
         };
+        // A path lost (it moved, or the caller's frames did): what the line proved at each lag
+        // may have been proven at other lags than the echo's now.
+        if next == State::Learning && matches!(self.state, State::Learned(_)) {
+            let default_gain = db_pow(-self.default_erl_db);
+            self.bound.iter_mut().for_each(|b| *b = default_gain);
+        }
+        self.state = next;
     }
 
     /// Places the next caller frame on the reference clock (a reference frame index): right
@@ -978,6 +1074,147 @@ mod tests {
         for (what, estimate, gated) in results {
             assert_eq!(estimate, None, "{what}");
             assert_eq!(gated, 0, "{what}: gated after the agent's first 4 s");
+        }
+    }
+
+    /// From `onset_ms` on, for the caller's voice (frames within 10 dB of `caller_dbfs`): when
+    /// the first such frame got through, when the first one after the caller's first pause (3
+    /// frames without their voice) came, and the longest run of such frames held back (ms;
+    /// only a frame let through ends a run).
+    fn first_through(r: &Run, onset_ms: u64, caller_dbfs: f32) -> (Option<u64>, Option<u64>, u64) {
+        let from = r.obs.iter().filter(|o| o.t_ms >= onset_ms);
+        let voiced = |o: &Obs| o.caller_db > caller_dbfs - 10.0;
+        let first = from.clone().find(|o| voiced(o) && !o.echo).map(|o| o.t_ms);
+        let (mut silent, mut paused, mut after_pause) = (0, false, None);
+        for o in from.clone() {
+            if o.caller_db <= FLOOR_DB {
+                silent += 1;
+                paused |= silent >= 3;
+            } else {
+                silent = 0;
+                if paused && voiced(o) {
+                    after_pause = Some(o.t_ms);
+                    break;
+                }
+            }
+        }
+        let (mut run, mut longest) = (0u64, 0u64);
+        for o in from {
+            if voiced(o) && o.echo {
+                run += 20;
+                longest = longest.max(run);
+            } else if !o.echo {
+                run = 0;
+            }
+        }
+        (first, after_pause, longest)
+    }
+
+    #[test]
+    fn a_caller_over_the_agents_first_words_on_a_line_without_echo() {
+        let rate = 8_000;
+        let agent_dbfs = -13.0;
+        // The agent's audio has reached every lag (`max_delay_ms`) by then.
+        let window_ms = EchoConfig::default().max_delay_ms;
+        for seed in [80u64, 81, 82] {
+            let agent = agent_track(rate, agent_dbfs, seed);
+            let silent = vec![0i16; agent.len()];
+            let line = noise(rate, 17_000, -65.0, seed + 20);
+            for rel in [0.0, -10.0, -20.0] {
+                for onset in [0u64, 200, 400, 800] {
+                    let caller_dbfs = agent_dbfs + rel;
+                    let voice = voice(rate, 3_000, caller_dbfs, seed + 10);
+                    let caller = place(rate, 17_000, &[(onset as u32, voice)]);
+                    let r = run(rate, &agent, &silent, &caller, &line, Arrival::Steady);
+                    let (first, after_pause, held) = first_through(&r, onset, caller_dbfs);
+                    let first = first.expect("the caller got through");
+                    eprintln!(
+                        "no echo, caller at {rel} dB from {onset} ms (seed {seed}): first through {} ms after, held back at most {held} ms",
+                        first - onset
+                    );
+                    if onset > window_ms {
+                        // At once: the caller's own first 20-40 ms are quieter.
+                        assert!(first <= onset + 60, "{rel} dB at {onset} ms: {first} ms");
+                        assert!(held <= 40, "{rel} dB at {onset} ms: {held} ms held back");
+                    } else {
+                        // Lags the agent's audio first reached under the caller's voice are
+                        // known once the caller pauses.
+                        let resumed = after_pause.expect("the caller pauses");
+                        assert!(
+                            first <= resumed + 20,
+                            "{rel} dB at {onset} ms: {first} ms, after the pause {resumed} ms"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_caller_over_the_agents_first_words_with_echo() {
+        let rate = 8_000;
+        let agent_dbfs = -13.0;
+        for (i, delay) in [40u32, 80, 120].into_iter().enumerate() {
+            let seed = 90 + i as u64;
+            let agent = agent_track(rate, agent_dbfs, seed);
+            let echo = delayed(rate, &agent, delay, -10.0);
+            let line = noise(rate, 17_000, -65.0, seed + 20);
+            for rel in [0.0, -10.0, -20.0] {
+                for onset in [0u64, 200, 400, 800] {
+                    let caller_dbfs = agent_dbfs + rel;
+                    let voice = voice(rate, 3_000, caller_dbfs, seed + 10);
+                    let caller = place(rate, 17_000, &[(onset as u32, voice)]);
+                    let r = run(rate, &agent, &echo, &caller, &line, Arrival::Steady);
+                    let est = r.estimate.expect("echo path learned");
+                    let (first, _, held) = first_through(&r, onset, caller_dbfs);
+                    let learned_held = longest_held_back_ms(&r, caller_dbfs);
+                    eprintln!(
+                        "echo -10 dB at {delay} ms, caller at {rel} dB from {onset} ms: learned {:.1} ms after {} ms, {} leaks, first through {} ms after, held back at most {held} ms ({learned_held} ms once learned)",
+                        est.delay_ms,
+                        r.learned_at_ms.unwrap_or(0),
+                        leaks(&r),
+                        first.map_or(0, |f| f - onset),
+                    );
+                    assert!((est.delay_ms - delay as f32).abs() <= 10.0, "{est:?}");
+                    // A caller talking from the agent's first word can have a path learned a
+                    // block or two off at first: one frame let through at 120 ms, caller at 0
+                    // and -10 dB (the same with the gate before lags were proven quiet).
+                    let allowed = usize::from(onset == 0);
+                    assert!(
+                        leaks(&r) <= allowed,
+                        "{rel} dB at {onset} ms: {} leaks",
+                        leaks(&r)
+                    );
+                    assert!(
+                        learned_held <= 300,
+                        "{rel} dB at {onset} ms: {learned_held} ms"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_echo_later_than_the_quiet_start_is_still_held() {
+        // The line proves no echo only at the lags the agent's audio has reached: an echo with
+        // a long delay is still caught when it starts.
+        let rate = 8_000;
+        for (i, delay) in [230u32, 300, 400, 550].into_iter().enumerate() {
+            let seed = 300 + i as u64;
+            let agent = agent_track(rate, -13.0, seed);
+            let echo = delayed(rate, &agent, delay, -10.0);
+            let silent = vec![0i16; agent.len()];
+            let line = noise(rate, 17_000, -65.0, seed);
+            let r = run(rate, &agent, &echo, &silent, &line, Arrival::Steady);
+            let est = r.estimate.expect("echo path learned");
+            eprintln!(
+                "echo -10 dB at {delay} ms: learned {:.1} ms after {} ms, {} leaks",
+                est.delay_ms,
+                r.learned_at_ms.unwrap_or(0),
+                leaks(&r)
+            );
+            assert!((est.delay_ms - delay as f32).abs() <= 10.0, "{est:?}");
+            assert_eq!(leaks(&r), 0, "echo at {delay} ms let through");
         }
     }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::dtmf::DigitCollector;
+use super::echo::EchoGate;
 use super::link::{ControlError, LinkError, MediaEvent, MediaLink, Target};
 use super::playout::Playout;
 use super::turn::{Endpointing, TurnDetector, TurnEvent, trails_off};
@@ -33,6 +34,8 @@ use crate::telemetry::names;
 pub const INBOUND_MAX: usize = 50;
 /// Inbound frames the detector takes per tick at most (a backlog drains at 5x real time).
 const FRAMES_PER_TICK: usize = 5;
+/// Agent frames kept for the echo gate beyond what the PBX plays this tick (its queue).
+const EAR_MAX: usize = 50;
 /// After this long without an inbound frame, ticks count as silence.
 const SILENCE_AFTER_MS: u64 = 40;
 /// TTS segments synthesized ahead of playout.
@@ -365,6 +368,10 @@ pub struct CallCore {
     max_end: u64,
     phase: Phase,
     detector: TurnDetector,
+    /// The agent's own voice coming back on the caller's line is not the caller speaking.
+    echo: Option<EchoGate>,
+    /// Agent frames sent and not yet played at the caller's ear, one played per tick.
+    ear: VecDeque<Vec<i16>>,
     digits: DigitCollector,
     /// Keys entered in full during a reply that cannot be interrupted, for the next listen.
     typeahead: Option<String>,
@@ -405,20 +412,32 @@ struct Speculation {
     result: Option<(Result<Transcript, AsrError>, u64)>,
 }
 
-/// Collects what a playout tick sends as actions.
-struct Outbox<'a>(&'a mut VecDeque<Action>);
+/// Collects what a playout tick sends as actions, and keeps each frame for the echo gate's
+/// picture of what the caller's ear gets (`ear`: the PBX plays one frame per tick).
+struct Outbox<'a> {
+    actions: &'a mut VecDeque<Action>,
+    ear: Option<&'a mut VecDeque<Vec<i16>>>,
+}
 
 impl MediaLink for Outbox<'_> {
     fn send_audio(&mut self, frame: &[i16]) -> Result<(), LinkError> {
-        self.0.push_back(Action::SendAudio(frame.to_vec()));
+        if let Some(ear) = self.ear.as_mut()
+            && ear.len() < EAR_MAX
+        {
+            ear.push_back(frame.to_vec());
+        }
+        self.actions.push_back(Action::SendAudio(frame.to_vec()));
         Ok(())
     }
     fn mark(&mut self, id: u64) -> Result<(), LinkError> {
-        self.0.push_back(Action::Mark(id));
+        self.actions.push_back(Action::Mark(id));
         Ok(())
     }
     fn flush(&mut self) -> Result<(), LinkError> {
-        self.0.push_back(Action::Flush);
+        if let Some(ear) = self.ear.as_mut() {
+            ear.clear();
+        }
+        self.actions.push_back(Action::Flush);
         Ok(())
     }
 }
@@ -445,6 +464,11 @@ impl CallCore {
             cfg.dtmf.terminator.chars().next(),
         );
         let max_end = cfg.call.max_duration_s.saturating_mul(1_000);
+        let echo = cfg
+            .vad
+            .echo
+            .enabled
+            .then(|| EchoGate::new(rate, &cfg.vad.echo));
         Self {
             lead_frames: cfg.call.playout_lead_frames,
             cfg,
@@ -453,6 +477,8 @@ impl CallCore {
             max_end,
             phase: Phase::Answering { since: 0 },
             detector,
+            echo,
+            ear: VecDeque::new(),
             digits,
             typeahead: None,
             expect: Expectation::default(),
@@ -851,7 +877,11 @@ impl CallCore {
                     .saturating_add(MARK_TIMEOUT_MS),
             );
         }
-        let tick = match r.playout.tick(&mut Outbox(&mut self.actions)) {
+        let mut out = Outbox {
+            actions: &mut self.actions,
+            ear: self.echo.is_some().then_some(&mut self.ear),
+        };
+        let tick = match r.playout.tick(&mut out) {
             Ok(t) => t,
             Err(_) => return, // the outbox never refuses
         };
@@ -973,13 +1003,19 @@ impl CallCore {
         }
     }
 
+    /// Drops what the PBX has queued of the agent's audio (and the ear's picture of it).
+    fn flush_pbx(&mut self) {
+        self.ear.clear();
+        self.actions.push_back(Action::Flush);
+    }
+
     /// Stops a reply at once (barge-in, the human key, the end of the call): nothing more is
     /// sent, the PBX drops what it has queued, synthesis stops. Returns the reply and what the
     /// caller heard of it.
     fn cut_reply(&mut self) -> Option<(Box<Reply>, Heard)> {
         let mut r = self.take_reply()?;
         let heard = r.playout.stop();
-        self.actions.push_back(Action::Flush);
+        self.flush_pbx();
         Some((r, heard))
     }
 
@@ -1972,6 +2008,11 @@ impl CallCore {
     }
 
     fn on_tick(&mut self, now: u64) {
+        // What the caller's ear gets in this tick: the echo gate's reference.
+        if let Some(gate) = self.echo.as_mut() {
+            let frame = self.ear.pop_front();
+            gate.reference(frame.as_deref().unwrap_or(&[]));
+        }
         // Inbound audio: what arrived (a few frames per tick at most, so a backlog drains
         // without stalling the tick); silence when the PBX sends nothing.
         let mut processed = 0;
@@ -1980,7 +2021,8 @@ impl CallCore {
                 break;
             };
             processed += 1;
-            if let Some(ev) = self.detector.push(&frame) {
+            let echo = self.echo.as_mut().is_some_and(|g| g.is_echo(&frame));
+            if let Some(ev) = self.detector.push_gated(&frame, echo) {
                 self.on_turn_event(now, ev);
             }
         }
@@ -2074,7 +2116,7 @@ impl CallCore {
                 // tick) and sent again if the reply resumes.
                 let resend = r.playout.unsend_queued();
                 if resend > 0 {
-                    self.actions.push_back(Action::Flush);
+                    self.flush_pbx();
                 }
                 self.record(now, "pause", json!({"resend_frames": resend}));
             }

@@ -33,6 +33,8 @@ fn config() -> Config {
     // Turns end on silence alone; the pause checks (model, early transcript) have their own
     // scenarios.
     cfg.turn.speculate = false;
+    // Synthetic frames of constant level are not speech: the echo gate has its own tests.
+    cfg.vad.echo.enabled = false;
     let dialplan = |ctx: &str, ext: &str| TransferTarget {
         context: Some(ctx.into()),
         extension: Some(ext.into()),

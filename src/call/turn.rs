@@ -307,7 +307,13 @@ impl TurnDetector {
 
     /// Feeds one 20 ms frame.
     pub fn push(&mut self, frame: &[i16]) -> Option<TurnEvent> {
-        let voiced = self.vad.is_voice(frame);
+        self.push_gated(frame, false)
+    }
+
+    /// Feeds one 20 ms frame; `echo`: its sound is the agent's own voice coming back, never
+    /// the caller's (the VAD still hears it, to keep its state).
+    pub fn push_gated(&mut self, frame: &[i16], echo: bool) -> Option<TurnEvent> {
+        let voiced = self.vad.is_voice(frame) && !echo;
         match self.state {
             State::Idle => {
                 // Reuse the oldest pre-roll buffer: no allocation per frame while idle.

@@ -68,10 +68,11 @@ impl EngineLoad {
             || (recent && self.last_queue_ms.load(Ordering::Relaxed) > 250)
     }
 
-    /// Every slot is taken or requests wait: one more would queue.
+    /// No spare slot for work that may be wasted: requests wait, or one more would take the
+    /// last free slot (kept for a caller whose turn has ended).
     pub fn busy(&self) -> bool {
         self.waiting.load(Ordering::Relaxed) > 0
-            || self.in_flight.load(Ordering::Relaxed) >= self.max_concurrent
+            || self.in_flight.load(Ordering::Relaxed).saturating_add(1) >= self.max_concurrent
     }
 
     fn queued(&self, ms: u64) {
