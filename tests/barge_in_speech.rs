@@ -192,7 +192,7 @@ async fn the_agents_own_echo_never_interrupts_it() {
     let run = |delay_ms: u32| {
         let sub = dir.path().join(format!("echo-{delay_ms}"));
         std::fs::create_dir_all(&sub).unwrap();
-        let cfg = config(&sub, "", &url);
+        let cfg = config(&sub, "\n[vad.echo]\nenabled = true\n", &url);
         let flow = flow(&sub).display().to_string();
         async move {
             simulate(
@@ -237,7 +237,7 @@ async fn the_agents_own_echo_never_interrupts_it() {
 async fn a_caller_over_the_echo_still_interrupts() {
     let url = asr_url();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), "", &url);
+    let cfg = config(dir.path(), "\n[vad.echo]\nenabled = true\n", &url);
     let call = simulate(
         cfg,
         dir.path(),
