@@ -57,7 +57,13 @@ pub struct Engines {
 impl Engines {
     pub fn from_config(cfg: &Config) -> Engines {
         let client = crate::engines::http_client();
-        let asr: Arc<dyn Asr> = Arc::new(OpenAiAsr::new(&cfg.asr, client.clone()));
+        let mut asr: Arc<dyn Asr> = Arc::new(OpenAiAsr::new(&cfg.asr, client.clone()));
+        if !cfg.asr.stream.url.is_empty() {
+            tracing::info!(url = %cfg.asr.stream.url, "streaming ASR; the batch engine at {} is its fallback", cfg.asr.url);
+            asr = Arc::new(crate::engines::asr::realtime::RealtimeAsr::new(
+                &cfg.asr, asr,
+            ));
+        }
         let base: Arc<dyn Tts> = match cfg.tts.engine.as_str() {
             "openai" => Arc::new(OpenAiTts::new(&cfg.tts, client.clone())),
             _ => Arc::new(Espeak::new(&cfg.tts)),

@@ -259,6 +259,48 @@ pub struct AsrConfig {
     pub api_key_env: String,
     #[serde(skip)]
     pub api_key: Option<Secret>,
+    /// Streaming recognition (OpenAI Realtime transcription); off unless `url` is set. The
+    /// batch engine above stays the fallback for any turn the stream cannot transcribe.
+    pub stream: AsrStreamConfig,
+}
+
+/// Streaming speech recognition over the OpenAI Realtime transcription protocol
+/// (`/v1/realtime?intent=transcription`): the caller's audio goes to the server while they
+/// speak, each turn is committed at its end (and at each pause, with `turn.speculate`), and
+/// the final transcript comes back over the same socket. OpenAI, Azure OpenAI and speaches
+/// serve it. The API key is the batch engine's (`asr.api_key_env`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsrStreamConfig {
+    /// `ws://` or `wss://` URL of the realtime endpoint, query included; empty: no streaming.
+    pub url: String,
+    /// The transcription model the server is to use.
+    pub model: String,
+    /// "ga": `session.update` with a session of type `transcription` (OpenAI's current API,
+    /// Azure, speaches); "beta": `transcription_session.update` (OpenAI's beta API).
+    pub protocol: String,
+    /// Sample rate of the PCM sent (24000 for OpenAI; whatever the server accepts elsewhere).
+    pub rate: u32,
+    /// Connecting, and the server's answer to session.update.
+    pub connect_timeout_ms: u64,
+    /// From a commit to its final transcript; past it, the batch engine transcribes the turn.
+    pub timeout_ms: u64,
+    /// After a failed connection, the time the batch engine alone is used before retrying.
+    pub retry_after_ms: u64,
+}
+
+impl Default for AsrStreamConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            model: "gpt-4o-transcribe".into(),
+            protocol: "ga".into(),
+            rate: 24_000,
+            connect_timeout_ms: 3_000,
+            timeout_ms: 2_000,
+            retry_after_ms: 5_000,
+        }
+    }
 }
 
 impl Default for AsrConfig {
@@ -272,6 +314,7 @@ impl Default for AsrConfig {
             retries: 1,
             api_key_env: "SIDECALL_ASR_API_KEY".into(),
             api_key: None,
+            stream: AsrStreamConfig::default(),
         }
     }
 }
@@ -1213,6 +1256,38 @@ impl Config {
                 || !(url.starts_with("http://") || url.starts_with("https://"))
             {
                 return Err(bad(key, format!("`{url}` is not an http(s) URL")));
+            }
+        }
+        let stream = &self.asr.stream;
+        if !stream.url.is_empty() {
+            if reqwest::Url::parse(&stream.url).is_err()
+                || !(stream.url.starts_with("ws://") || stream.url.starts_with("wss://"))
+            {
+                return Err(bad(
+                    "asr.stream.url",
+                    format!("`{}` is not a ws(s) URL", stream.url),
+                ));
+            }
+            if !["ga", "beta"].contains(&stream.protocol.as_str()) {
+                return Err(bad(
+                    "asr.stream.protocol",
+                    "must be \"ga\" or \"beta\"".into(),
+                ));
+            }
+            if !(8_000..=48_000).contains(&stream.rate) || !stream.rate.is_multiple_of(50) {
+                return Err(bad(
+                    "asr.stream.rate",
+                    format!("{} is not 8000..=48000 Hz in steps of 50", stream.rate),
+                ));
+            }
+            for (key, ms) in [
+                ("asr.stream.connect_timeout_ms", stream.connect_timeout_ms),
+                ("asr.stream.timeout_ms", stream.timeout_ms),
+                ("asr.stream.retry_after_ms", stream.retry_after_ms),
+            ] {
+                if ms == 0 || ms > 120_000 {
+                    return Err(bad(key, "must be 1..120000 ms".into()));
+                }
             }
         }
         if self.dtmf.terminator.chars().count() > 1 {

@@ -168,7 +168,13 @@ pub enum Action {
         audio: Vec<i16>,
         hint: Option<String>,
         speculative: bool,
+        /// Where `audio` is in the utterance (samples `from..to`), for a streaming recognizer
+        /// that was given the utterance as it came (`StreamAudio`).
+        span: (usize, usize),
     },
+    /// The utterance's next samples, for a streaming recognizer (`begin`: a new utterance,
+    /// `audio` its first samples). Only with `with_stream_asr`.
+    StreamAudio { begin: bool, audio: Vec<i16> },
     /// Drop every transcription in flight.
     CancelAsr,
     /// Ask the end-of-turn model whether the utterance so far is complete (result:
@@ -393,6 +399,10 @@ pub struct CallCore {
     /// The transcription of the audio at the caller's last pause, started before the turn
     /// ended.
     speculation: Option<Speculation>,
+    /// The utterance is streamed to the recognizer as it comes (`Action::StreamAudio`).
+    stream_asr: bool,
+    /// Samples of the current utterance streamed so far.
+    streamed: usize,
     /// Earlier parts of the turn in progress: pauses the caller went on after, whose audio
     /// was already being transcribed.
     parts: Vec<Speculation>,
@@ -495,11 +505,20 @@ impl CallCore {
             dialog_seq: 0,
             asr_seq: 0,
             speculation: None,
+            stream_asr: false,
+            streamed: 0,
             parts: Vec::new(),
             control_seq: 0,
             dtmf_in_flight: 0,
             actions: VecDeque::new(),
         }
+    }
+
+    /// Streams each utterance to the recognizer while the caller speaks: the driver's engine
+    /// transcribes that way.
+    pub fn with_stream_asr(mut self, on: bool) -> Self {
+        self.stream_asr = on;
+        self
     }
 
     /// Asks the end-of-turn model at each pause (`turn.*`): the driver has it loaded.
@@ -1097,6 +1116,44 @@ impl CallCore {
         };
     }
 
+    /// Gives a streaming recognizer what the utterance gained with the last frame, before the
+    /// frame's event is acted on (a commit at a pause or at the end covers that frame too).
+    fn stream_audio(&mut self, ev: Option<&TurnEvent>) {
+        if !self.stream_asr {
+            return;
+        }
+        if let Some(TurnEvent::SpeechEnd { audio, from, .. }) = ev {
+            // The utterance is over (the detector has let it go): its last samples are in the
+            // event.
+            let end = from.saturating_add(audio.len());
+            if end > self.streamed && self.streamed >= *from {
+                let rest = audio
+                    .get(self.streamed - from..)
+                    .unwrap_or_default()
+                    .to_vec();
+                self.actions.push_back(Action::StreamAudio {
+                    begin: self.streamed == 0,
+                    audio: rest,
+                });
+            }
+            self.streamed = 0;
+            return;
+        }
+        if !self.detector.in_speech() {
+            self.streamed = 0;
+            return;
+        }
+        let u = self.detector.utterance();
+        if u.len() > self.streamed {
+            let audio = u.get(self.streamed..).unwrap_or_default().to_vec();
+            self.actions.push_back(Action::StreamAudio {
+                begin: self.streamed == 0,
+                audio,
+            });
+            self.streamed = u.len();
+        }
+    }
+
     fn on_turn_event(&mut self, now: u64, ev: TurnEvent) {
         match ev {
             TurnEvent::SpeechStart { voiced_ms } => {
@@ -1122,6 +1179,7 @@ impl CallCore {
             }
             TurnEvent::SpeechEnd {
                 audio,
+                from,
                 speech_ms,
                 endpoint_ms,
                 cut,
@@ -1163,11 +1221,13 @@ impl CallCore {
                             p.speech_end = now.saturating_sub(endpoint_ms);
                             p.endpoint_ms = endpoint_ms;
                         }
+                        let span = (from, from.saturating_add(audio.len()));
                         self.actions.push_back(Action::Transcribe {
                             seq,
                             audio,
                             hint: None,
                             speculative: false,
+                            span,
                         });
                         return;
                     }
@@ -1200,11 +1260,13 @@ impl CallCore {
                     None => {
                         self.asr_seq += 1;
                         let seq = self.asr_seq;
+                        let span = (from, from.saturating_add(audio.len()));
                         self.actions.push_back(Action::Transcribe {
                             seq,
                             audio,
                             hint: self.expect.asr_hint.clone(),
                             speculative: false,
+                            span,
                         });
                         Speculation {
                             check: 0,
@@ -1265,6 +1327,7 @@ impl CallCore {
         let (model, speculate) = self.detector.checks();
         // The model hears the whole utterance; ASR the part not yet transcribed.
         let part = audio.get(part_from..).unwrap_or_default().to_vec();
+        let span = (part_from, part_from.saturating_add(part.len()));
         if model {
             self.actions.push_back(Action::CheckTurn { id, audio });
         }
@@ -1282,6 +1345,7 @@ impl CallCore {
                 audio: part,
                 hint: self.expect.asr_hint.clone(),
                 speculative: true,
+                span,
             });
         }
     }
@@ -1363,11 +1427,15 @@ impl CallCore {
                 Piece::Text(String::new())
             }
             Ok(t) => {
-                self.record(
-                    now,
-                    "transcript",
-                    json!({"text": t.text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms}),
-                );
+                let mut fields =
+                    json!({"text": t.text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms});
+                if t.streamed {
+                    fields["streamed"] = json!(true);
+                }
+                if let Some(why) = &t.fallback {
+                    fields["stream_fallback"] = json!(why);
+                }
+                self.record(now, "transcript", fields);
                 Piece::Text(t.text.trim().to_string())
             }
             // Failed for good (the engine retried within its budget); acted on once the caller
@@ -2022,7 +2090,9 @@ impl CallCore {
             };
             processed += 1;
             let echo = self.echo.as_mut().is_some_and(|g| g.is_echo(&frame));
-            if let Some(ev) = self.detector.push_gated(&frame, echo) {
+            let ev = self.detector.push_gated(&frame, echo);
+            self.stream_audio(ev.as_ref());
+            if let Some(ev) = ev {
                 self.on_turn_event(now, ev);
             }
         }
@@ -2030,9 +2100,12 @@ impl CallCore {
             && self
                 .last_inbound_ms
                 .is_none_or(|t| now.saturating_sub(t) >= SILENCE_AFTER_MS)
-            && let Some(ev) = self.detector.push(&self.silence)
         {
-            self.on_turn_event(now, ev);
+            let ev = self.detector.push(&self.silence);
+            self.stream_audio(ev.as_ref());
+            if let Some(ev) = ev {
+                self.on_turn_event(now, ev);
+            }
         }
         if self.ending() {
             return self.check_deadline(now);

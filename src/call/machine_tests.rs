@@ -2141,3 +2141,76 @@ fn trailing_words_are_told_from_complete_ones() {
         assert!(!trails_off(t), "{t}");
     }
 }
+
+/// Frames of distinct content (each frame's samples its number), so audio can be matched.
+fn speak_numbered(c: &mut Call, ms: u64, first: &mut i16) {
+    for _ in 0..ms / 20 {
+        c.now += 20;
+        *first = first.wrapping_add(1).max(1);
+        c.send(Event::Media(MediaEvent::Audio(vec![*first; FRAME])));
+        c.send(Event::Tick);
+    }
+}
+
+#[test]
+fn a_streaming_recognizer_gets_each_utterance_as_it_comes_and_every_commit_names_that_audio() {
+    let mut cfg = config();
+    cfg.turn.speculate = true;
+    let mut c =
+        Call::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted)).with_stream_asr(true));
+    c.send(Event::Answered(Ok(())));
+    c.reply(say("What can I do for you?", true, listen()), 400);
+    c.wait(600);
+    c.play_marks();
+    let mut n = 0i16;
+    // A pause the turn logic checks (its audio transcribed ahead), the caller goes on, ends.
+    speak_numbered(&mut c, 500, &mut n);
+    c.wait(300);
+    speak_numbered(&mut c, 400, &mut n);
+    c.wait(700);
+    // A second utterance.
+    speak_numbered(&mut c, 300, &mut n);
+    c.wait(700);
+    let mut streamed: Vec<i16> = Vec::new();
+    let (mut begins, mut commits) = (0, Vec::new());
+    for (_, a) in &c.log {
+        match a {
+            Action::StreamAudio { begin, audio } => {
+                if *begin {
+                    begins += 1;
+                    streamed.clear();
+                }
+                streamed.extend_from_slice(audio);
+            }
+            Action::Transcribe {
+                audio,
+                span: (from, to),
+                speculative,
+                ..
+            } => {
+                // What the recognizer was given, at the place the commit names, is exactly the
+                // audio the batch engine would get.
+                assert!(*to <= streamed.len(), "{to} > {}", streamed.len());
+                assert_eq!(to - from, audio.len());
+                assert_eq!(&streamed[*from..*to], &audio[..]);
+                commits.push((*from, *to, *speculative));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(begins, 2, "one stream start per utterance");
+    // The pause (speculative, from 0), the rest from where it ended, the second utterance.
+    assert_eq!(commits.len(), 3, "{commits:?}");
+    assert_eq!((commits[0].0, commits[0].2), (0, true));
+    assert_eq!(commits[1].0, commits[0].1);
+    assert_eq!(commits[2].0, 0);
+}
+
+#[test]
+fn without_a_streaming_recognizer_no_audio_is_streamed() {
+    let mut c = listening(config());
+    c.speak(500);
+    c.wait(700);
+    assert!(c.has(|a| matches!(a, Action::Transcribe { .. })));
+    assert!(!c.has(|a| matches!(a, Action::StreamAudio { .. })));
+}

@@ -18,7 +18,8 @@ use super::machine::{
 };
 use super::vad;
 use crate::config::Config;
-use crate::engines::asr::{Asr, AsrError};
+use crate::engines::asr::realtime::{AsrStream, PendingTranscript};
+use crate::engines::asr::{Asr, AsrError, Transcript};
 use crate::engines::dialog::{Ask, Dialog, DialogError, ReplyPart, ReplySink};
 use crate::engines::endpoint::SmartTurn;
 use crate::engines::tts::Tts;
@@ -79,6 +80,8 @@ struct Driver {
     link: Box<dyn MediaLink>,
     control: Arc<dyn CallControl>,
     asr: Arc<dyn Asr>,
+    /// This call's stream to a streaming recognizer, when the engine has one.
+    stream: Option<Box<dyn AsrStream>>,
     tts: Arc<dyn Tts>,
     turn: Option<Arc<SmartTurn>>,
     asr_limit: Duration,
@@ -149,12 +152,26 @@ impl Driver {
                     }
                 }
             }
+            Action::StreamAudio { begin, audio } => {
+                if let Some(s) = self.stream.as_mut() {
+                    if begin {
+                        s.begin();
+                    }
+                    s.append(&audio);
+                }
+            }
             Action::Transcribe {
                 seq,
                 audio,
                 hint,
                 speculative,
+                span,
             } => {
+                // The streaming recognizer has the audio already: it only has to commit it.
+                if let Some(pending) = self.stream.as_mut().and_then(|s| s.commit(span.0, span.1)) {
+                    self.transcribe_streamed(seq, pending, audio, hint);
+                    return None;
+                }
                 // Work that may be wasted never queues ahead of other callers' turns.
                 if speculative && self.asr.load().is_some_and(|l| l.busy()) {
                     return Some(Event::AsrSkipped { seq });
@@ -216,6 +233,56 @@ impl Driver {
                 .unwrap_or(Err(ControlError::Timeout(CONTROL_TIMEOUT_MS)));
             let _ = tx.send(event(result)).await;
         });
+    }
+
+    /// A transcript from the streaming recognizer; when it fails or is late, the batch engine
+    /// transcribes the same audio within the usual limit, and the transcript says why.
+    fn transcribe_streamed(
+        &mut self,
+        seq: u64,
+        pending: PendingTranscript,
+        audio: Vec<i16>,
+        hint: Option<String>,
+    ) {
+        self.asr_tasks.retain(|t| !t.is_finished());
+        let (asr, tx, rate, start, limit) = (
+            self.asr.clone(),
+            self.work_tx.clone(),
+            self.rate,
+            self.start,
+            self.asr_limit,
+        );
+        let wait = self.stream.as_ref().map_or(Duration::ZERO, |s| s.timeout());
+        let handle = self.tasks.spawn(async move {
+            let t0 = start.elapsed();
+            let why = match tokio::time::timeout(wait, pending).await {
+                Ok(Ok(t)) => {
+                    let ms = u64::try_from(start.elapsed().saturating_sub(t0).as_millis())
+                        .unwrap_or(u64::MAX);
+                    let _ = tx.send(Event::Asr { seq, result: Ok(t), ms }).await;
+                    return;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no transcript within {} ms", wait.as_millis()),
+            };
+            tracing::warn!(reason = %why, "streaming ASR failed for this turn; the batch engine transcribes it");
+            let work = std::panic::AssertUnwindSafe(asr.transcribe(&audio, rate, hint.as_deref()));
+            let result = match tokio::time::timeout(limit, work.catch_unwind()).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(AsrError::Engine("panicked".into())),
+                Err(_) => Err(AsrError::Timeout(
+                    u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                )),
+            };
+            let result = result.map(|t| Transcript {
+                fallback: Some(why),
+                ..t
+            });
+            let ms =
+                u64::try_from(start.elapsed().saturating_sub(t0).as_millis()).unwrap_or(u64::MAX);
+            let _ = tx.send(Event::Asr { seq, result, ms }).await;
+        });
+        self.asr_tasks.push(handle);
     }
 
     fn transcribe(&mut self, seq: u64, audio: Vec<i16>, hint: Option<String>) {
@@ -365,8 +432,10 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         .turn_limit()
         .unwrap_or_default()
         .max(Duration::from_millis(config.dialog.timeout_ms));
+    let stream = asr.stream(rate);
     let mut core = CallCore::new(config.clone(), vad::from_config(&config.vad, rate))
         .with_turn_model(turn.is_some())
+        .with_stream_asr(stream.is_some())
         .with_lead_frames(lead)
         .with_dialog_limit(u64::try_from(dialog_limit.as_millis()).unwrap_or(u64::MAX));
     let mut d = Driver {
@@ -376,6 +445,7 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
         link,
         control,
         asr,
+        stream,
         tts,
         turn,
         asr_limit: Duration::from_millis(core.asr_limit_ms()),

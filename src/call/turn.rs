@@ -42,6 +42,8 @@ pub enum TurnEvent {
     /// audio went to ASR) with a little context on both sides.
     SpeechEnd {
         audio: Vec<i16>,
+        /// Where `audio` starts in the utterance (after the parts already transcribed).
+        from: usize,
         speech_ms: u64,
         endpoint_ms: u64,
         cut: bool,
@@ -278,6 +280,11 @@ impl TurnDetector {
         }
     }
 
+    /// The utterance heard so far (pre-roll included; empty when idle).
+    pub fn utterance(&self) -> &[i16] {
+        &self.utterance
+    }
+
     /// True between speech start and end of turn.
     pub fn in_speech(&self) -> bool {
         self.state == State::Speaking
@@ -410,8 +417,9 @@ impl TurnDetector {
                 let keep = (self.samples_at_last_voice + tail).min(self.utterance.len());
                 let mut audio = std::mem::take(&mut self.utterance);
                 audio.truncate(keep);
-                if self.part_start > 0 {
-                    audio.drain(..self.part_start.min(audio.len()));
+                let from = self.part_start.min(audio.len());
+                if from > 0 {
+                    audio.drain(..from);
                 }
                 let check = self.check.take().map(|c| Checked {
                     id: c.id,
@@ -427,6 +435,7 @@ impl TurnDetector {
                 });
                 let event = TurnEvent::SpeechEnd {
                     audio,
+                    from,
                     speech_ms: self.speech_ms.saturating_sub(self.silence_ms),
                     endpoint_ms: self.silence_ms,
                     cut,
@@ -483,6 +492,7 @@ mod tests {
             [
                 TurnEvent::SpeechEnd {
                     audio,
+                    from: 0,
                     speech_ms,
                     endpoint_ms,
                     cut,

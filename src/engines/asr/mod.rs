@@ -2,6 +2,8 @@
 //! speaks the OpenAI-compatible `POST /v1/audio/transcriptions` API (OpenAI, Groq, whisper.cpp
 //! server, faster-whisper servers, and sidecall's own `scripts/asr-server`).
 
+pub mod realtime;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -34,6 +36,10 @@ pub struct Transcript {
     pub text: String,
     pub queue_ms: u64,
     pub process_ms: u64,
+    /// From the streaming recognizer (else the batch engine).
+    pub streamed: bool,
+    /// Why the streaming recognizer did not transcribe it, when it was asked to.
+    pub fallback: Option<String>,
 }
 
 /// How busy a shared engine is, for `/health` and metrics.
@@ -94,6 +100,12 @@ pub trait Asr: Send + Sync {
 
     /// How busy the engine is, where it knows.
     fn load(&self) -> Option<Arc<EngineLoad>> {
+        None
+    }
+
+    /// A stream of one call's utterances at `rate`, for an engine that transcribes while the
+    /// caller speaks (`None`: batch only).
+    fn stream(&self, _rate: u32) -> Option<Box<dyn realtime::AsrStream>> {
         None
     }
 }
@@ -241,6 +253,7 @@ impl Asr for OpenAiAsr {
                         text,
                         queue_ms: queued.saturating_add(server_queue),
                         process_ms: process,
+                        ..Transcript::default()
                     });
                 }
                 // Client errors will not get better by retrying.
