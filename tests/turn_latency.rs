@@ -2,7 +2,10 @@
 //! whisper server, the Smart Turn model): from the end of the caller's speech to the agent's
 //! first audio, split into the endpoint wait, ASR (what was left of it after the endpoint),
 //! dialog and TTS, and the ASR time that ran during the endpoint wait (overlap gained). It runs
-//! the five example flows with and without early endpointing and prints p50/p95 of each.
+//! the five example flows three ways and prints p50/p95 of each: silence-only endpointing,
+//! early endpointing with the batch whisper server, and early endpointing with streaming ASR (a
+//! scripted OpenAI Realtime server, `realtime_emu`, that gives each utterance's words 100 ms
+//! after its first commit).
 //!
 //! In CI it runs one flow each way (asserting that every turn record carries its split and that
 //! the split accounts for the turn); `SIDECALL_TURN_FLOWS=all` runs all five flows twice each
@@ -11,10 +14,12 @@
 //!     SIDECALL_TURN_FLOWS=all cargo test --release --test turn_latency -- --nocapture
 
 mod common;
+mod realtime_emu;
 
 use std::path::Path;
 
 use common::*;
+use realtime_emu::{Answer, RealtimeEmu};
 use serde_json::Value;
 use sidecall::app::SimulateArgs;
 
@@ -64,17 +69,38 @@ fn scripts() -> Vec<(&'static str, Vec<&'static str>)> {
     ]
 }
 
-/// The turn records of one call of `flow` with `callers`, with early endpointing or without.
-async fn turns(dir: &Path, flow: &str, callers: &[&str], early: bool) -> Vec<Value> {
-    let extra = if early {
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    SilenceOnly,
+    Early,
+    EarlyStreamed,
+}
+
+/// The turn records of one call of `flow` with `callers`, endpointed and transcribed `mode`'s
+/// way.
+async fn turns(dir: &Path, flow: &str, callers: &[&str], mode: Mode) -> Vec<Value> {
+    let mut extra = String::new();
+    if mode != Mode::SilenceOnly {
         let (model, lib) = turn_model();
-        format!(
+        extra += &format!(
             "\n[turn]\nmodel = \"{}\"\nonnxruntime = \"{}\"\n",
             model.display(),
             lib.display()
-        )
+        );
+    }
+    // The scripted server knows what each caller says: its words 100 ms after the commit.
+    let emu = if mode == Mode::EarlyStreamed {
+        let emu = RealtimeEmu::start(24_000).await;
+        for text in callers {
+            emu.push(Answer::Say {
+                text: (*text).to_string(),
+                delay_ms: 100,
+            });
+        }
+        extra += &format!("\n[asr.stream]\nurl = \"{}\"\n", emu.url());
+        Some(emu)
     } else {
-        String::new()
+        None
     };
     let cfg = config(dir, &extra, &asr_url());
     let files = callers
@@ -93,6 +119,11 @@ async fn turns(dir: &Path, flow: &str, callers: &[&str], early: bool) -> Vec<Val
         },
     )
     .await;
+    if emu.is_some() {
+        for t in call.of_type("transcript") {
+            assert_eq!(t["streamed"], true, "{t}\n{}", call.dump());
+        }
+    }
     call.of_type("turn").into_iter().cloned().collect()
 }
 
@@ -127,12 +158,12 @@ async fn end_of_speech_to_first_audio_split_by_stage() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut report = Vec::new();
-    for early in [false, true] {
+    for mode in [Mode::SilenceOnly, Mode::Early, Mode::EarlyStreamed] {
         let mut rows: Vec<[u64; 6]> = Vec::new();
         for (i, (flow, callers)) in scripts.iter().enumerate() {
-            let sub = dir.path().join(format!("{early}-{i}"));
+            let sub = dir.path().join(format!("{mode:?}-{i}"));
             std::fs::create_dir_all(&sub).unwrap();
-            let records = turns(&sub, flow, callers, early).await;
+            let records = turns(&sub, flow, callers, mode).await;
             assert!(
                 records.len() >= callers.len().saturating_sub(1),
                 "{flow}: {} turn records for {} caller turns",
@@ -153,10 +184,10 @@ async fn end_of_speech_to_first_audio_split_by_stage() {
         let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<u64>>();
         let mut line = format!(
             "{:<26} {:>3} turns",
-            if early {
-                "early endpointing"
-            } else {
-                "silence only (600 ms)"
+            match mode {
+                Mode::SilenceOnly => "silence only (600 ms)",
+                Mode::Early => "early endpointing",
+                Mode::EarlyStreamed => "early + streaming ASR",
             },
             rows.len()
         );
