@@ -12,6 +12,8 @@
 //! way (30 turns each) for the figures:
 //!
 //!     SIDECALL_TURN_FLOWS=all cargo test --release --test turn_latency -- --nocapture
+//!
+//! `SIDECALL_TURN_TTS=piper` has the agent speak with Piper instead of espeak-ng.
 
 mod common;
 mod realtime_emu;
@@ -102,7 +104,17 @@ async fn turns(dir: &Path, flow: &str, callers: &[&str], mode: Mode) -> Vec<Valu
     } else {
         None
     };
-    let cfg = config(dir, &extra, &asr_url());
+    let mut cfg = config(dir, &extra, &asr_url());
+    // SIDECALL_TURN_TTS=piper: the agent speaks with Piper (scripts/test installs it).
+    if std::env::var("SIDECALL_TURN_TTS").is_ok_and(|v| v == "piper") {
+        cfg.tts.engine = "piper".into();
+        for (key, slot) in [
+            ("SIDECALL_PIPER_PYTHON", &mut cfg.tts.piper.python),
+            ("SIDECALL_PIPER_VOICE", &mut cfg.tts.piper.voice),
+        ] {
+            *slot = std::env::var(key).unwrap_or_else(|_| panic!("{key} is not set"));
+        }
+    }
     let files = callers
         .iter()
         .enumerate()
