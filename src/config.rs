@@ -369,7 +369,7 @@ impl Default for PiperConfig {
         Self {
             voice: String::new(),
             python: "python3".into(),
-            workers: 1,
+            workers: 2,
             length_scale: 1.0,
         }
     }

@@ -109,6 +109,34 @@ async fn a_synthesis_cut_short_never_reaches_the_next_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filling_the_prompt_cache_lets_a_callers_synthesis_go_first() {
+    let mut cfg = piper_config();
+    cfg.piper.workers = 1;
+    let tts = std::sync::Arc::new(Piper::new(&cfg));
+    let _ = chunks(tts.as_ref(), "Hello.").await;
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (bg, bg_order) = (tts.clone(), order.clone());
+    let background = tokio::spawn(async move {
+        for i in 0..6 {
+            let text = format!("This is prompt number {i} of the cache, made at start.");
+            let mut s = bg.synthesize_background(&text, 16_000).await.unwrap();
+            while s.recv().await.is_some() {}
+            bg_order.lock().unwrap().push(format!("prompt {i}"));
+        }
+    });
+    // A caller's reply while the cache is being filled.
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let (live, _) = chunks(tts.as_ref(), "Your order shipped yesterday.").await;
+    order.lock().unwrap().push("caller".into());
+    assert!(!live.is_empty());
+    background.await.unwrap();
+    let order = order.lock().unwrap().clone();
+    let at = order.iter().position(|s| s == "caller").unwrap();
+    // It waited at most for the prompt being made when it came, not for the rest.
+    assert!(at <= 2, "{order:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_piper_install_is_a_clear_error() {
     let mut cfg = piper_config();
     cfg.piper.voice = "/nonexistent/voice.onnx".into();

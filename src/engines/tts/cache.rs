@@ -54,9 +54,10 @@ impl CachedTts {
         self.stats.lock().map(|s| *s).unwrap_or((0, 0))
     }
 
-    /// Synthesizes `text` now so it is cached before a call needs it.
+    /// Synthesizes `text` now so it is cached before a call needs it (behind every caller's
+    /// synthesis).
     pub async fn warm(&self, text: &str, rate: u32) -> Result<(), TtsError> {
-        let mut s = self.synthesize(text, rate).await?;
+        let mut s = self.fetch(text, rate, true).await?;
         while let Some(chunk) = s.recv().await {
             chunk?;
         }
@@ -77,8 +78,26 @@ impl CachedTts {
 #[async_trait]
 impl Tts for CachedTts {
     async fn synthesize(&self, text: &str, rate: u32) -> Result<TtsStream, TtsError> {
+        self.fetch(text, rate, false).await
+    }
+
+    async fn synthesize_background(&self, text: &str, rate: u32) -> Result<TtsStream, TtsError> {
+        self.fetch(text, rate, true).await
+    }
+}
+
+impl CachedTts {
+    /// From the cache, else from the engine (kept when whole and small enough).
+    async fn fetch(&self, text: &str, rate: u32, background: bool) -> Result<TtsStream, TtsError> {
+        let upstream = |inner: Arc<dyn Tts>| async move {
+            if background {
+                inner.synthesize_background(text, rate).await
+            } else {
+                inner.synthesize(text, rate).await
+            }
+        };
         let Some(cache) = self.cache.clone() else {
-            return self.inner.synthesize(text, rate).await;
+            return upstream(self.inner.clone()).await;
         };
         let key = (text.to_string(), rate);
         if let Some(clip) = cache.get(&key) {
@@ -86,7 +105,7 @@ impl Tts for CachedTts {
             return Ok(ready_stream(clip.as_ref().clone()));
         }
         self.count(false);
-        let mut upstream = self.inner.synthesize(text, rate).await?;
+        let mut upstream = upstream(self.inner.clone()).await?;
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
         let max_clip = self.max_clip;
         tokio::spawn(async move {

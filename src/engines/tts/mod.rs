@@ -35,6 +35,12 @@ pub const STREAM_DEPTH: usize = 64;
 pub trait Tts: Send + Sync {
     /// Starts synthesizing `text` at `rate` Hz; audio arrives on the returned stream.
     async fn synthesize(&self, text: &str, rate: u32) -> Result<TtsStream, TtsError>;
+
+    /// The same for work no caller waits on (filling the prompt cache): an engine with few
+    /// slots lets every caller's synthesis go first.
+    async fn synthesize_background(&self, text: &str, rate: u32) -> Result<TtsStream, TtsError> {
+        self.synthesize(text, rate).await
+    }
 }
 
 /// A stream that yields one finished clip.

@@ -9,12 +9,13 @@
 
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{STREAM_DEPTH, Tts, TtsError, TtsStream};
 use crate::audio::l16;
@@ -36,8 +37,15 @@ pub struct Piper {
     length_scale: f32,
     timeout: Duration,
     slots: Arc<Semaphore>,
+    /// Callers' syntheses waiting for a worker: background work (the prompt cache) waits for
+    /// none to be waiting, and never takes the last free worker when there are several.
+    live_waiting: Arc<AtomicUsize>,
+    workers: usize,
     idle: Arc<Mutex<Vec<Worker>>>,
 }
+
+/// How long background work (filling the prompt cache at start) may wait for a free worker.
+const BACKGROUND_LIMIT: Duration = Duration::from_secs(120);
 
 struct Worker {
     _child: Child,
@@ -96,6 +104,8 @@ impl Piper {
             length_scale: cfg.piper.length_scale,
             timeout: Duration::from_millis(cfg.timeout_ms),
             slots: Arc::new(Semaphore::new(workers)),
+            live_waiting: Arc::new(AtomicUsize::new(0)),
+            workers,
             idle: Arc::new(Mutex::new(Vec::with_capacity(workers))),
         }
     }
@@ -139,10 +149,43 @@ impl Piper {
 impl Tts for Piper {
     async fn synthesize(&self, text: &str, rate: u32) -> Result<TtsStream, TtsError> {
         let ms = self.timeout.as_millis() as u64;
-        let permit = tokio::time::timeout(self.timeout, self.slots.clone().acquire_owned())
-            .await
+        self.live_waiting.fetch_add(1, Ordering::SeqCst);
+        let permit = tokio::time::timeout(self.timeout, self.slots.clone().acquire_owned()).await;
+        self.live_waiting.fetch_sub(1, Ordering::SeqCst);
+        let permit = permit
             .map_err(|_| TtsError::Timeout(ms))?
             .map_err(|_| TtsError::Engine("Piper is shut down".into()))?;
+        self.run(permit, text, rate).await
+    }
+
+    async fn synthesize_background(&self, text: &str, rate: u32) -> Result<TtsStream, TtsError> {
+        let deadline = tokio::time::Instant::now() + BACKGROUND_LIMIT;
+        // Left for callers: one worker when there are several.
+        let spare = usize::from(self.workers > 1);
+        loop {
+            if self.live_waiting.load(Ordering::SeqCst) == 0
+                && self.slots.available_permits() > spare
+                && let Ok(permit) = self.slots.clone().try_acquire_owned()
+            {
+                return self.run(permit, text, rate).await;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TtsError::Timeout(BACKGROUND_LIMIT.as_millis() as u64));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Piper {
+    /// One synthesis on a worker (`permit` held until its last frame is read).
+    async fn run(
+        &self,
+        permit: OwnedSemaphorePermit,
+        text: &str,
+        rate: u32,
+    ) -> Result<TtsStream, TtsError> {
+        let ms = self.timeout.as_millis() as u64;
         let reused = self.idle.lock().await.pop();
         let mut worker = match reused {
             Some(w) => w,
