@@ -14,6 +14,7 @@ at least four words), so its first words are ready before the whole sentence is.
 
 import argparse
 import json
+import os
 import re
 import struct
 import sys
@@ -39,7 +40,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     args = parser.parse_args()
-    out = sys.stdout.buffer
+    # Frames go to the real stdout, alone: anything else that prints (piper, onnxruntime,
+    # espeak-ng) goes to stderr and cannot break the framing.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     try:
         from piper import PiperVoice, SynthesisConfig
 

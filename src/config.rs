@@ -1317,6 +1317,21 @@ impl Config {
                     format!("{} is not 8000..=48000 Hz in steps of 50", stream.rate),
                 ));
             }
+            if stream.protocol == "beta" && stream.rate != 24_000 {
+                return Err(bad(
+                    "asr.stream.rate",
+                    "the beta protocol's pcm16 is 24000 Hz".into(),
+                ));
+            }
+            if stream.timeout_ms >= self.asr.timeout_ms {
+                return Err(bad(
+                    "asr.stream.timeout_ms",
+                    format!(
+                        "must be shorter than asr.timeout_ms ({} ms): the batch engine does a turn the stream could not in what is left of that",
+                        self.asr.timeout_ms
+                    ),
+                ));
+            }
             for (key, ms) in [
                 ("asr.stream.connect_timeout_ms", stream.connect_timeout_ms),
                 ("asr.stream.timeout_ms", stream.timeout_ms),

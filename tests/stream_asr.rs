@@ -85,7 +85,7 @@ fn transcripts(call: &Call) -> Vec<&serde_json::Value> {
 async fn an_order_status_call_is_transcribed_over_the_stream() {
     let emu = RealtimeEmu::start(24_000).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = stream_config(dir.path(), &emu.url(), 8_000, "");
+    let cfg = stream_config(dir.path(), &emu.url(), 6_000, "");
     let call = order_call(cfg, dir.path()).await;
     let dump = call.dump();
     assert_order_status_done(&call);
@@ -106,7 +106,8 @@ async fn an_order_status_call_is_transcribed_over_the_stream() {
     assert_eq!(updates.len(), 1, "{updates:?}");
     let input = &updates[0]["session"]["audio"]["input"];
     assert_eq!(input["format"]["rate"], 24_000);
-    assert!(input["turn_detection"].is_null());
+    // Explicitly null: OpenAI's default is server VAD, whose own commits would answer ours.
+    assert_eq!(input.get("turn_detection"), Some(&serde_json::Value::Null));
     assert!(emu.errors().is_empty(), "{:?}", emu.errors());
     // One commit per turn, each holding that turn's speech (resampled to 24 kHz): at least
     // what the caller said, at most that with the pre-roll and the silence that ended it.
@@ -133,7 +134,9 @@ async fn an_error_or_a_dropped_socket_sends_only_that_turn_to_the_batch_engine()
     emu.push(Answer::Drop);
     emu.push(Answer::Whisper);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = stream_config(dir.path(), &emu.url(), 8_000, "");
+    // After the drop the server is left alone for a second (every call's turns go to the
+    // batch engine meanwhile), then tried again.
+    let cfg = stream_config(dir.path(), &emu.url(), 6_000, "retry_after_ms = 1000\n");
     let call = order_call(cfg, dir.path()).await;
     let dump = call.dump();
     // The caller notices nothing: every turn was understood.
@@ -188,6 +191,22 @@ async fn a_stream_that_never_answers_times_out_to_the_batch_engine() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_server_refuses_leaves_the_turns_to_the_batch_engine() {
+    // The server takes 16 kHz; sidecall asks for 24 kHz: every session.update is refused.
+    let emu = RealtimeEmu::start(16_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = stream_config(dir.path(), &emu.url(), 6_000, "retry_after_ms = 30000\n");
+    let call = order_call(cfg, dir.path()).await;
+    assert_order_status_done(&call);
+    for t in transcripts(&call) {
+        assert!(t.get("streamed").is_none(), "{t}");
+    }
+    // Refused once, then left alone (retry_after_ms): one socket, not one per utterance.
+    assert_eq!(emu.connections(), 1, "{:?}", emu.errors());
+    assert!(emu.commits().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_stream_server_down_the_batch_engine_does_every_turn() {
     // A port nothing listens on.
     let port = {
@@ -196,7 +215,7 @@ async fn with_the_stream_server_down_the_batch_engine_does_every_turn() {
     };
     let dir = tempfile::tempdir().unwrap();
     let url = format!("ws://127.0.0.1:{port}/v1/realtime?intent=transcription");
-    let cfg = stream_config(dir.path(), &url, 8_000, "");
+    let cfg = stream_config(dir.path(), &url, 6_000, "");
     let call = order_call(cfg, dir.path()).await;
     assert_order_status_done(&call);
     for t in transcripts(&call) {
@@ -229,7 +248,7 @@ async fn a_pause_is_committed_early_and_the_rest_of_the_sentence_joins_it() {
     let cfg = stream_config(
         dir.path(),
         &emu.url(),
-        8_000,
+        6_000,
         "\n[turn]\nspeculate = true\n\n[vad]\nend_silence_ms = 1200\n",
     );
     let call = simulate(

@@ -169,7 +169,7 @@ impl Driver {
             } => {
                 // The streaming recognizer has the audio already: it only has to commit it.
                 if let Some(pending) = self.stream.as_mut().and_then(|s| s.commit(span.0, span.1)) {
-                    self.transcribe_streamed(seq, pending, audio, hint);
+                    self.transcribe_streamed(seq, pending, audio, hint, speculative);
                     return None;
                 }
                 // Work that may be wasted never queues ahead of other callers' turns.
@@ -236,13 +236,15 @@ impl Driver {
     }
 
     /// A transcript from the streaming recognizer; when it fails or is late, the batch engine
-    /// transcribes the same audio within the usual limit, and the transcript says why.
+    /// transcribes the same audio in what is left of the usual limit (a speculative one only
+    /// with a spare slot), and the transcript says why.
     fn transcribe_streamed(
         &mut self,
         seq: u64,
         pending: PendingTranscript,
         audio: Vec<i16>,
         hint: Option<String>,
+        speculative: bool,
     ) {
         self.asr_tasks.retain(|t| !t.is_finished());
         let (asr, tx, rate, start, limit) = (
@@ -265,9 +267,18 @@ impl Driver {
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no transcript within {} ms", wait.as_millis()),
             };
+            if speculative && asr.load().is_some_and(|l| l.busy()) {
+                // The turn's audio is transcribed whole at its end instead.
+                let ms = u64::try_from(start.elapsed().saturating_sub(t0).as_millis())
+                    .unwrap_or(u64::MAX);
+                let result = Err(AsrError::Engine(why));
+                let _ = tx.send(Event::Asr { seq, result, ms }).await;
+                return;
+            }
             tracing::warn!(reason = %why, "streaming ASR failed for this turn; the batch engine transcribes it");
+            let left = limit.saturating_sub(start.elapsed().saturating_sub(t0));
             let work = std::panic::AssertUnwindSafe(asr.transcribe(&audio, rate, hint.as_deref()));
-            let result = match tokio::time::timeout(limit, work.catch_unwind()).await {
+            let result = match tokio::time::timeout(left, work.catch_unwind()).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => Err(AsrError::Engine("panicked".into())),
                 Err(_) => Err(AsrError::Timeout(

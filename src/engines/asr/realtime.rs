@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::{Asr, AsrError, EngineLoad, Transcript};
 use crate::audio::resample::StreamResampler;
@@ -122,12 +123,28 @@ enum Cmd {
 /// loses the stream (its turns go to the batch engine), never the call's tick.
 const QUEUE: usize = 256;
 
+/// The largest server event accepted (transcripts are a few KB).
+const MAX_EVENT: usize = 1 << 20;
+
+/// Sending one event: a server that stops reading ends the session, never blocks it.
+const SEND_LIMIT: Duration = Duration::from_secs(2);
+
 /// Less than this is refused by OpenAI's server (`input_audio_buffer_commit_empty`).
 const MIN_COMMIT_MS: usize = 100;
 
 struct Conn {
     tx: mpsc::Sender<Cmd>,
     alive: Arc<AtomicBool>,
+    /// The connection task: it ends with the call (or when replaced), whatever it is doing.
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
 }
 
 struct RealtimeStream {
@@ -163,19 +180,28 @@ impl RealtimeStream {
             rate: self.rate,
             alive: alive.clone(),
         };
-        tokio::spawn(task.run(rx));
-        self.conn = Some(Conn { tx, alive });
+        let handle = tokio::spawn(task.run(rx)).abort_handle();
+        self.conn = Some(Conn {
+            tx,
+            alive,
+            task: Some(handle),
+        });
     }
 
     fn send(&mut self, cmd: Cmd) {
         let Some(c) = &self.conn else { return };
-        if c.tx.try_send(cmd).is_err() {
-            tracing::warn!(
-                "streaming ASR: the server does not keep up; the batch engine takes over"
-            );
-            c.alive.store(false, Ordering::Relaxed);
-            self.conn = None;
+        match c.tx.try_send(cmd) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(
+                    "streaming ASR: the server does not keep up; the batch engine takes over until the next utterance"
+                );
+            }
+            // The connection already ended (and said why).
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+        c.alive.store(false, Ordering::Relaxed);
+        self.conn = None;
     }
 }
 
@@ -257,14 +283,16 @@ impl Connection {
         };
         let failure = match ws {
             Some(ws) => self.serve(ws, &mut rx).await,
-            None => {
-                let retry = Duration::from_millis(self.cfg.stream.retry_after_ms);
-                if let Ok(mut at) = self.cfg.retry_at.lock() {
-                    *at = Some(Instant::now() + retry);
-                }
-                Some("not connected".to_string())
-            }
+            None => Some("not connected".to_string()),
         };
+        if failure.is_some() {
+            // A server that failed is left alone for a while (by every call): its turns go to
+            // the batch engine without waiting on it.
+            let retry = Duration::from_millis(self.cfg.stream.retry_after_ms);
+            if let Ok(mut at) = self.cfg.retry_at.lock() {
+                *at = Some(Instant::now() + retry);
+            }
+        }
         self.alive.store(false, Ordering::Relaxed);
         // Commits still queued get their answer: the batch engine's turn.
         rx.close();
@@ -297,14 +325,46 @@ impl Connection {
             req.headers_mut()
                 .insert("openai-beta", HeaderValue::from_static("realtime=v1"));
         }
-        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        // Server events are small JSON: nothing near tungstenite's 64 MiB default is accepted.
+        let limits = WebSocketConfig::default()
+            .max_message_size(Some(MAX_EVENT))
+            .max_frame_size(Some(MAX_EVENT));
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(limits), true)
             .await
             .map_err(|e| connect_err(e.to_string()))?;
         let update = session_update(s, &self.cfg.language);
         ws.send(Message::text(update.to_string()))
             .await
             .map_err(|e| connect_err(e.to_string()))?;
-        Ok(ws)
+        // The session is ready when the server accepts its configuration.
+        loop {
+            let text = match ws.next().await {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Close(_))) | None => {
+                    return Err(connect_err("the server closed the socket".into()));
+                }
+                Some(Err(e)) => return Err(connect_err(e.to_string())),
+                Some(Ok(_)) => continue,
+            };
+            let Ok(ev) = serde_json::from_str::<Value>(text.as_str()) else {
+                return Err(AsrError::BadResponse(format!(
+                    "an event that is not JSON: {:.120}",
+                    text.as_str()
+                )));
+            };
+            match str_of(&ev, "type") {
+                "session.updated" | "transcription_session.updated" => return Ok(ws),
+                "error" => {
+                    let err = ev.get("error").cloned().unwrap_or(Value::Null);
+                    return Err(AsrError::Engine(format!(
+                        "the server refused the session: {}: {}",
+                        str_of(&err, "code"),
+                        str_of(&err, "message")
+                    )));
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Relays the call's commands and the server's events; the reason it stopped, if the
@@ -323,7 +383,7 @@ impl Connection {
             tokio::select! {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else {
-                        let _ = ws.close(None).await;
+                        let _ = tokio::time::timeout(SEND_LIMIT, ws.close(None)).await;
                         return None;
                     };
                     let out = match cmd {
@@ -352,8 +412,7 @@ impl Connection {
                                 resampler = self.resampler();
                                 if !pcm.is_empty() {
                                     let tail = json!({"type": "input_audio_buffer.append", "audio": encode(&pcm)});
-                                    if let Err(e) = ws.send(Message::text(tail.to_string())).await {
-                                        let why = format!("the socket failed: {e}");
+                                    if let Err(why) = send(&mut ws, tail).await {
                                         let _ = reply.send(Err(AsrError::Engine(why.clone())));
                                         fail_all(&mut sent, &mut items, &why);
                                         return Some(why);
@@ -367,8 +426,7 @@ impl Connection {
                             out
                         }
                     };
-                    if let Err(e) = ws.send(Message::text(out.to_string())).await {
-                        let why = format!("the socket failed: {e}");
+                    if let Err(why) = send(&mut ws, out).await {
                         fail_all(&mut sent, &mut items, &why);
                         return Some(why);
                     }
@@ -403,7 +461,7 @@ impl Connection {
                     };
                     if let Some(why) = on_event(&ev, &mut sent, &mut items) {
                         fail_all(&mut sent, &mut items, &why);
-                        let _ = ws.close(None).await;
+                        let _ = tokio::time::timeout(SEND_LIMIT, ws.close(None)).await;
                         return Some(why);
                     }
                 }
@@ -415,7 +473,26 @@ impl Connection {
         if self.rate == self.cfg.stream.rate {
             return None;
         }
-        StreamResampler::new(self.rate, self.cfg.stream.rate).ok()
+        match StreamResampler::new(self.rate, self.cfg.stream.rate) {
+            Ok(r) => Some(r),
+            // The configuration's rates are checked at load: this does not happen.
+            Err(e) => {
+                tracing::error!(error = %e, "streaming ASR: cannot resample; sending the call's rate");
+                None
+            }
+        }
+    }
+}
+
+/// Sends one event, within `SEND_LIMIT`.
+async fn send(ws: &mut Ws, event: Value) -> Result<(), String> {
+    match tokio::time::timeout(SEND_LIMIT, ws.send(Message::text(event.to_string()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("the socket failed: {e}")),
+        Err(_) => Err(format!(
+            "the server took no data for {} ms",
+            SEND_LIMIT.as_millis()
+        )),
     }
 }
 
@@ -689,6 +766,7 @@ mod tests {
         s.conn = Some(Conn {
             tx,
             alive: Arc::new(AtomicBool::new(true)),
+            task: None,
         });
         s.appended = 8000;
         // Not where the last commit ended, past what was sent, or too short: the batch engine.

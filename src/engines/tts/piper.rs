@@ -118,7 +118,8 @@ impl Piper {
             .arg(&self.voice)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // Its tracebacks reach sidecall's log output.
+            .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| TtsError::Engine(format!("cannot run {}: {e}", self.python)))?;
@@ -186,27 +187,41 @@ impl Piper {
         rate: u32,
     ) -> Result<TtsStream, TtsError> {
         let ms = self.timeout.as_millis() as u64;
-        let reused = self.idle.lock().await.pop();
-        let mut worker = match reused {
-            Some(w) => w,
-            None => self.spawn().await?,
+        let line = serde_json::json!({"text": text, "length_scale": self.length_scale});
+        let line = format!("{line}\n");
+        // An idle worker may have died since its last request: then a fresh one, once.
+        let mut worker = None;
+        for _ in 0..2 {
+            let reused = self.idle.lock().await.pop();
+            let fresh = reused.is_none();
+            let mut w = match reused {
+                Some(w) => w,
+                None => self.spawn().await?,
+            };
+            let send = async {
+                w.stdin.write_all(line.as_bytes()).await?;
+                w.stdin.flush().await
+            };
+            match tokio::time::timeout(self.timeout, send).await {
+                Ok(Ok(())) => {
+                    worker = Some(w);
+                    break;
+                }
+                // The worker is gone: dropped (killed).
+                Ok(Err(e)) if fresh => {
+                    return Err(TtsError::Engine(format!("the Piper worker stopped: {e}")));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "an idle Piper worker had stopped; starting another")
+                }
+                Err(_) => return Err(TtsError::Timeout(ms)),
+            }
+        }
+        let Some(mut worker) = worker else {
+            return Err(TtsError::Engine("no Piper worker would start".into()));
         };
         let mut resampler = StreamResampler::new(worker.rate, rate)
             .map_err(|e| TtsError::BadAudio(e.to_string()))?;
-        let line = serde_json::json!({"text": text, "length_scale": self.length_scale});
-        let send = async {
-            worker
-                .stdin
-                .write_all(format!("{line}\n").as_bytes())
-                .await?;
-            worker.stdin.flush().await
-        };
-        match tokio::time::timeout(self.timeout, send).await {
-            Ok(Ok(())) => {}
-            // The worker is gone: dropped (killed); the next request starts another.
-            Ok(Err(e)) => return Err(TtsError::Engine(format!("the Piper worker stopped: {e}"))),
-            Err(_) => return Err(TtsError::Timeout(ms)),
-        }
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
         let (idle, timeout) = (self.idle.clone(), self.timeout);
         tokio::spawn(async move {
@@ -239,7 +254,14 @@ impl Piper {
                             (resampler, out, r)
                         })
                         .await;
-                        let Ok((r, out, result)) = out else { return };
+                        let Ok((r, out, result)) = out else {
+                            let _ = tx
+                                .send(Err(TtsError::Engine(
+                                    "resampling Piper's audio failed".into(),
+                                )))
+                                .await;
+                            return;
+                        };
                         resampler = r;
                         if let Err(e) = result {
                             let _ = tx.send(Err(TtsError::BadAudio(e.to_string()))).await;
