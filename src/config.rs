@@ -203,6 +203,10 @@ pub struct TurnConfig {
     pub queue: usize,
     /// Transcribe the audio so far at the pause, so the transcript is ready at the endpoint.
     pub speculate: bool,
+    /// With that transcript, make the reply ahead (the dialog or the LLM on a copy of the
+    /// conversation, and its first sentence's audio): the caller who has finished hears it at
+    /// once; one who goes on never hears it, and the dialog is told nothing of it.
+    pub reply_ahead: bool,
 }
 
 impl Default for TurnConfig {
@@ -217,6 +221,7 @@ impl Default for TurnConfig {
             threads: 1,
             queue: 8,
             speculate: true,
+            reply_ahead: true,
         }
     }
 }

@@ -87,6 +87,12 @@ pub enum DialogCmd {
     Start,
     Input(Input),
     Heard(Heard),
+    /// Make the reply to this input ahead, on a copy of the dialog (`Dialog::fork`).
+    Ahead(Input),
+    /// The caller confirmed the input of `Ahead` with this seq: its copy is the dialog now.
+    Adopt,
+    /// The reply made ahead with this seq is not wanted: drop it and its copy.
+    Discard,
 }
 
 /// What happens to a call, with the time it happened.
@@ -188,6 +194,8 @@ pub enum Action {
         seg: usize,
         text: String,
     },
+    /// Synthesize `text` into the prompt cache (the first sentence of a reply made ahead).
+    Prefetch { text: String },
     /// Drop synthesis in flight for `reply`.
     CancelTts { reply: u64 },
     /// One 20 ms frame of agent audio to the media link.
@@ -242,6 +250,20 @@ struct TurnTimes {
     /// The `turn` record, waiting for the dialog to finish (a streamed reply plays before
     /// its model has finished): when its audio started, and its fields so far.
     pending: Option<(u64, u64, serde_json::Map<String, Value>)>,
+    /// The reply was made ahead: how much of it was ready when the turn was confirmed
+    /// ("done", "partial": its first part, "asked": nothing yet), and how long before.
+    reply_ahead: Option<(&'static str, u64)>,
+}
+
+/// A reply made ahead on the transcript of a pause, before the caller's turn was confirmed:
+/// what the dialog has sent of it, kept until the turn ends on that transcript.
+struct Ahead {
+    seq: u64,
+    text: String,
+    asked_at: u64,
+    events: Vec<Event>,
+    done: bool,
+    prefetched: bool,
 }
 
 /// A reply being synthesized and played.
@@ -399,6 +421,8 @@ pub struct CallCore {
     /// The transcription of the audio at the caller's last pause, started before the turn
     /// ended.
     speculation: Option<Speculation>,
+    /// A reply being made ahead.
+    ahead: Option<Ahead>,
     /// The utterance is streamed to the recognizer as it comes (`Action::StreamAudio`).
     stream_asr: bool,
     /// Samples of the current utterance streamed so far.
@@ -451,6 +475,9 @@ impl MediaLink for Outbox<'_> {
         Ok(())
     }
 }
+
+/// Parts of a reply kept while it is made ahead.
+const AHEAD_MAX_PARTS: usize = 64;
 
 /// Transcripts that are only noise markers (whisper's "[BLANK_AUDIO]", "(coughs)", "...").
 fn is_noise_transcript(text: &str) -> bool {
@@ -505,6 +532,7 @@ impl CallCore {
             dialog_seq: 0,
             asr_seq: 0,
             speculation: None,
+            ahead: None,
             stream_asr: false,
             streamed: 0,
             parts: Vec::new(),
@@ -631,6 +659,12 @@ impl CallCore {
         if matches!(self.phase, Phase::Ended(_)) {
             return;
         }
+        if let Some(a) = &self.ahead
+            && matches!(&ev, Event::DialogPart { seq, .. } | Event::DialogDone { seq, .. }
+                | Event::Dialog { seq, .. } if *seq == a.seq)
+        {
+            return self.on_ahead(ev);
+        }
         match ev {
             Event::Tick => self.on_tick(now),
             Event::Media(m) => self.on_media(now, m),
@@ -731,6 +765,15 @@ impl CallCore {
         self.times.first_piece_ms = None;
         self.times.llm = None;
         self.times.dialog_done = false;
+        if let Some(a) = self.ahead.take() {
+            if matches!(&cmd, DialogCmd::Input(Input::Speech(t)) if *t == a.text) {
+                return self.adopt(now, a);
+            }
+            self.actions.push_back(Action::Dialog {
+                seq: a.seq,
+                cmd: DialogCmd::Discard,
+            });
+        }
         self.dialog_seq += 1;
         let seq = self.dialog_seq;
         self.actions.push_back(Action::Dialog { seq, cmd });
@@ -739,6 +782,97 @@ impl CallCore {
             since: now,
             barge_in: true,
         };
+    }
+
+    /// The caller's turn ended on the words the reply was made ahead for: it is the reply.
+    fn adopt(&mut self, now: u64, a: Ahead) {
+        let ready = if a.done {
+            "done"
+        } else if a.events.is_empty() {
+            "asked"
+        } else {
+            "partial"
+        };
+        self.times.reply_ahead = Some((ready, now.saturating_sub(a.asked_at)));
+        self.actions.push_back(Action::Dialog {
+            seq: a.seq,
+            cmd: DialogCmd::Adopt,
+        });
+        self.phase = Phase::Thinking {
+            seq: a.seq,
+            since: now,
+            barge_in: true,
+        };
+        for ev in a.events {
+            self.handle(now, ev);
+        }
+    }
+
+    /// The dialog's reply to the transcript of a pause, made ahead: kept (its first sentence
+    /// synthesized into the cache) until the turn ends; a failed one is forgotten.
+    fn on_ahead(&mut self, ev: Event) {
+        let Some(a) = self.ahead.as_mut() else { return };
+        match &ev {
+            Event::DialogDone { result: Err(e), .. } | Event::Dialog { result: Err(e), .. } => {
+                tracing::debug!(error = %e, "no reply ahead");
+                self.ahead = None;
+                return;
+            }
+            Event::DialogDone { .. } => a.done = true,
+            Event::DialogPart {
+                part: ReplyPart::Say(s),
+                ..
+            } if !a.prefetched => {
+                a.prefetched = true;
+                self.actions.push_back(Action::Prefetch {
+                    text: s.text.clone(),
+                });
+            }
+            _ => {}
+        }
+        // Bounded: a reply is a few parts; one that streams on and on is not kept ahead.
+        if a.events.len() >= AHEAD_MAX_PARTS {
+            return self.drop_ahead();
+        }
+        a.events.push(ev);
+    }
+
+    /// The caller went on, or did something else: the reply made ahead is dropped.
+    fn drop_ahead(&mut self) {
+        if let Some(a) = self.ahead.take() {
+            self.actions.push_back(Action::Dialog {
+                seq: a.seq,
+                cmd: DialogCmd::Discard,
+            });
+        }
+    }
+
+    /// With the transcript of a pause in a turn that is the caller's, the reply is made ahead.
+    fn reply_ahead(&mut self, now: u64, text: &str) {
+        let theirs = matches!(self.phase, Phase::Listening { .. }) && !self.ignore_speech;
+        if !self.cfg.turn.reply_ahead
+            || !theirs
+            || !self.parts.is_empty()
+            || text.is_empty()
+            || trails_off(text)
+            || self.ahead.is_some()
+        {
+            return;
+        }
+        self.dialog_seq += 1;
+        let seq = self.dialog_seq;
+        self.actions.push_back(Action::Dialog {
+            seq,
+            cmd: DialogCmd::Ahead(Input::Speech(text.to_string())),
+        });
+        self.ahead = Some(Ahead {
+            seq,
+            text: text.to_string(),
+            asked_at: now,
+            events: Vec::new(),
+            done: false,
+            prefetched: false,
+        });
     }
 
     fn tell_heard(&mut self, heard: Heard) {
@@ -933,6 +1067,10 @@ impl CallCore {
             }
             if let Some(p) = t.turn_probability {
                 fields.insert("turn_probability".into(), json!(p));
+            }
+            if let Some((ready, ms)) = t.reply_ahead {
+                fields.insert("reply_ahead".into(), json!(ready));
+                fields.insert("reply_ahead_ms".into(), json!(ms));
             }
             self.times.pending = Some((now, requested_at, fields));
             self.flush_turn(false);
@@ -1173,6 +1311,8 @@ impl CallCore {
                 part_from,
             } => self.on_pause(now, id, audio, part_from),
             TurnEvent::Resumed { id } => {
+                // The caller goes on: the reply to their words so far is not the reply.
+                self.drop_ahead();
                 if let Some(s) = self.speculation.take_if(|s| s.check == id) {
                     self.parts.push(s);
                 }
@@ -1393,6 +1533,7 @@ impl CallCore {
             };
             s.result = Some((result, ms));
             let check = s.check;
+            self.reply_ahead(now, &text);
             return self.detector.transcript(check, Some(text));
         }
         if let Phase::Speaking(r) = &self.phase
@@ -1681,7 +1822,9 @@ impl CallCore {
         if !(thinking || answered) {
             return;
         }
-        self.times.dialog_ms = ms;
+        // A reply made ahead: only its time after the turn was confirmed is waited for.
+        let ahead = self.times.reply_ahead.map_or(0, |(_, ms)| ms);
+        self.times.dialog_ms = ms.saturating_sub(ahead);
         self.times.dialog_done = true;
         self.flush_turn(false);
         metrics::histogram!(names::STAGE_SECONDS, "stage" => "dialog").record(ms as f64 / 1000.0);

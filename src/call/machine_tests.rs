@@ -33,6 +33,7 @@ fn config() -> Config {
     // Turns end on silence alone; the pause checks (model, early transcript) have their own
     // scenarios.
     cfg.turn.speculate = false;
+    cfg.turn.reply_ahead = false;
     // Synthetic frames of constant level are not speech: the echo gate has its own tests.
     cfg.vad.echo.enabled = false;
     let dialplan = |ctx: &str, ext: &str| TransferTarget {
@@ -163,7 +164,9 @@ impl Call {
             .iter()
             .rev()
             .find_map(|(_, a)| match a {
-                Action::Dialog { seq, cmd } if !matches!(cmd, DialogCmd::Heard(_)) => {
+                Action::Dialog { seq, cmd }
+                    if !matches!(cmd, DialogCmd::Heard(_) | DialogCmd::Discard) =>
+                {
                     Some((*seq, cmd.clone()))
                 }
                 _ => None,
@@ -2213,4 +2216,208 @@ fn without_a_streaming_recognizer_no_audio_is_streamed() {
     c.wait(700);
     assert!(c.has(|a| matches!(a, Action::Transcribe { .. })));
     assert!(!c.has(|a| matches!(a, Action::StreamAudio { .. })));
+}
+
+/// A call listening after its greeting, transcribing at each pause and making the reply
+/// ahead on that transcript (no end-of-turn model: turns end after 600 ms of silence).
+fn listening_ahead() -> Call {
+    let mut cfg = config();
+    cfg.turn.speculate = true;
+    cfg.turn.reply_ahead = true;
+    let mut c = Call::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted)));
+    c.send(Event::Answered(Ok(())));
+    c.reply(say("What can I do for you?", true, listen()), 400);
+    c.wait(600);
+    c.play_marks();
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    c
+}
+
+impl Call {
+    /// The reply made ahead that was asked for, if any: (seq, input text).
+    fn ahead_asked(&self) -> Option<(u64, String)> {
+        self.log.iter().find_map(|(_, a)| match a {
+            Action::Dialog {
+                seq,
+                cmd: DialogCmd::Ahead(Input::Speech(t)),
+            } => Some((*seq, t.clone())),
+            _ => None,
+        })
+    }
+
+    /// The dialog streams `text` as the whole reply to ask `seq`, then is done.
+    fn stream_reply(&mut self, seq: u64, text: &str) -> Vec<Action> {
+        let mut out = self.send(Event::DialogPart {
+            seq,
+            part: ReplyPart::Begin { barge_in: true },
+        });
+        out.extend(self.send(Event::DialogPart {
+            seq,
+            part: ReplyPart::Say(Segment {
+                text: text.into(),
+                pause_after_ms: 0,
+            }),
+        }));
+        out.extend(self.send(Event::DialogPart {
+            seq,
+            part: ReplyPart::End {
+                send_dtmf: None,
+                next: listen(),
+            },
+        }));
+        out.extend(self.send(Event::DialogDone {
+            seq,
+            result: Ok(()),
+            ms: 30,
+        }));
+        out
+    }
+
+    fn synthesized(&self, text: &str) -> Vec<u64> {
+        self.log
+            .iter()
+            .filter_map(|(at, a)| match a {
+                Action::Synthesize { text: t, .. } if t == text => Some(*at),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// TTS answers every segment of the latest reply with `ms` of audio.
+    fn reply_audio(&mut self, ms: u64) {
+        let segs: Vec<(u64, usize)> = self
+            .log
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::Synthesize { reply, seg, .. } => Some((*reply, *seg)),
+                _ => None,
+            })
+            .collect();
+        let last = segs.iter().map(|(r, _)| *r).max().unwrap_or(0);
+        for (reply, seg) in segs.into_iter().filter(|(r, _)| *r == last) {
+            let samples = vec![500; (ms as usize / 20) * FRAME];
+            self.send(Event::TtsAudio {
+                reply,
+                seg,
+                samples,
+                first_ms: Some(10),
+            });
+            self.send(Event::TtsDone { reply, seg });
+        }
+    }
+
+    fn speech_inputs(&self) -> Vec<String> {
+        self.log
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::Dialog {
+                    cmd: DialogCmd::Input(Input::Speech(t)),
+                    ..
+                } => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_reply_made_ahead_on_the_pause_plays_the_moment_the_turn_ends() {
+    let mut c = listening_ahead();
+    let from = c.now;
+    c.speak(600);
+    c.quiet(200);
+    let (_, seqs) = c.pause_checks_since(from);
+    assert_eq!(seqs.len(), 1);
+    c.quiet(60);
+    c.transcribed(seqs[0], "Where is my order?", 60);
+    let (seq, text) = c.ahead_asked().expect("the reply is made ahead");
+    assert_eq!(text, "Where is my order?");
+    let out = c.stream_reply(seq, "It shipped yesterday.");
+    // Its first sentence goes to the cache; nothing plays while the turn may go on.
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Prefetch { text } if text == "It shipped yesterday."))
+    );
+    assert!(c.synthesized("It shipped yesterday.").is_empty());
+    assert_eq!(c.core.phase(), PhaseName::Listening);
+    c.quiet(340);
+    let (end_at, endpoint) = c.speech_end().expect("the turn ended at 600 ms of silence");
+    assert_eq!(endpoint, 600);
+    // Confirmed: the copy is the dialog, its reply plays at once; the dialog is not asked
+    // again.
+    assert!(c.has(|a| matches!(a, Action::Dialog { seq: s, cmd: DialogCmd::Adopt } if *s == seq)));
+    assert!(c.speech_inputs().is_empty(), "{:?}", c.speech_inputs());
+    assert_eq!(c.synthesized("It shipped yesterday."), vec![end_at]);
+    c.reply_audio(200);
+    c.quiet(40);
+    let turn = c.records("turn");
+    assert_eq!(turn[0].1["reply_ahead"], "done", "{turn:?}");
+    assert_eq!(turn[0].1["dialog_ms"], 0, "{turn:?}");
+}
+
+#[test]
+fn a_caller_who_goes_on_never_hears_the_reply_made_ahead_and_the_dialog_gets_all_of_it() {
+    let mut c = listening_ahead();
+    let from = c.now;
+    c.speak(600);
+    c.quiet(200);
+    let (_, seqs) = c.pause_checks_since(from);
+    c.transcribed(seqs[0], "Check my order", 60);
+    let (seq, _) = c.ahead_asked().expect("made ahead");
+    c.stream_reply(seq, "What is your order number?");
+    // The caller goes on.
+    c.speak(600);
+    assert!(
+        c.has(|a| matches!(a, Action::Dialog { seq: s, cmd: DialogCmd::Discard } if *s == seq))
+    );
+    c.quiet(200);
+    let (_, seqs2) = c.pause_checks_since(from);
+    assert_eq!(seqs2.len(), 2);
+    c.transcribed(seqs2[1], "five five four two one", 60);
+    c.quiet(400);
+    assert!(c.speech_end().is_some());
+    assert_eq!(
+        c.speech_inputs(),
+        vec!["Check my order five five four two one".to_string()]
+    );
+    assert!(!c.has(|a| matches!(
+        a,
+        Action::Dialog {
+            cmd: DialogCmd::Adopt,
+            ..
+        }
+    )));
+    assert!(c.synthesized("What is your order number?").is_empty());
+}
+
+#[test]
+fn a_reply_that_cannot_be_made_ahead_is_made_when_the_turn_ends() {
+    let mut c = listening_ahead();
+    let from = c.now;
+    c.speak(600);
+    c.quiet(200);
+    let (_, seqs) = c.pause_checks_since(from);
+    c.transcribed(seqs[0], "Where is my order?", 60);
+    let (seq, _) = c.ahead_asked().expect("made ahead");
+    // It needs a webhook: not ahead.
+    c.send(Event::DialogDone {
+        seq,
+        result: Err(DialogError::NotAhead("a webhook lookup".into())),
+        ms: 2,
+    });
+    c.quiet(400);
+    assert!(c.speech_end().is_some());
+    assert_eq!(c.speech_inputs(), vec!["Where is my order?".to_string()]);
+    assert!(!c.has(|a| matches!(
+        a,
+        Action::Dialog {
+            cmd: DialogCmd::Adopt,
+            ..
+        }
+    )));
+    assert!(
+        c.records("error").is_empty(),
+        "no error prompt: {:?}",
+        c.records("error")
+    );
 }

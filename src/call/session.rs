@@ -139,7 +139,10 @@ impl Driver {
                 });
             }
             Action::Dialog { seq, cmd } => {
-                let answers = !matches!(cmd, DialogCmd::Heard(_));
+                let answers = matches!(
+                    cmd,
+                    DialogCmd::Start | DialogCmd::Input(_) | DialogCmd::Ahead(_)
+                );
                 if self.dialog_tx.try_send((seq, cmd)).is_err() {
                     tracing::warn!("dialog engine queue full or gone");
                     // Nobody will answer: never leave the caller waiting on a dead engine.
@@ -185,6 +188,19 @@ impl Driver {
                 }
             }
             Action::Synthesize { reply, seg, text } => self.synthesize(reply, seg, text),
+            Action::Prefetch { text } => {
+                // Into the prompt cache, where the reply's first segment will find it.
+                let (tts, rate) = (self.tts.clone(), self.rate);
+                let limit = Duration::from_millis(TTS_SEGMENT_LIMIT_MS);
+                self.tasks.spawn(async move {
+                    let fill = async {
+                        if let Ok(mut s) = tts.synthesize(&text, rate).await {
+                            while s.recv().await.is_some() {}
+                        }
+                    };
+                    let _ = tokio::time::timeout(limit, fill).await;
+                });
+            }
             Action::CancelTts { reply } => self.tts_tasks.retain(|(r, t)| {
                 if *r == reply {
                     t.abort();
@@ -529,6 +545,8 @@ async fn dialog_task(
     use std::panic::AssertUnwindSafe;
     let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
     let mut pending: Option<(u64, DialogCmd)> = None;
+    // A reply made ahead on a copy of the dialog, waiting for the caller to confirm it.
+    let mut ahead: Option<(u64, Box<dyn Dialog>)> = None;
     loop {
         let (seq, cmd) = match pending.take() {
             Some(c) => c,
@@ -538,49 +556,105 @@ async fn dialog_task(
             },
         };
         let t0 = start.elapsed();
-        let ask = match cmd {
-            DialogCmd::Start => Ask::Start,
-            DialogCmd::Input(i) => Ask::Input(i),
+        let (ask, mut fork) = match cmd {
+            DialogCmd::Start => {
+                ahead = None;
+                (Ask::Start, None)
+            }
+            DialogCmd::Input(i) => {
+                ahead = None;
+                (Ask::Input(i), None)
+            }
             DialogCmd::Heard(h) => {
+                ahead = None;
                 if std::panic::catch_unwind(AssertUnwindSafe(|| dialog.heard(&h))).is_err() {
                     tracing::error!("dialog engine panicked on `heard`; no more turns from it");
                     break;
                 }
                 continue;
             }
-        };
-        // The reply streams to the call part by part while the engine makes it.
-        let (parts_tx, mut parts) = mpsc::channel::<ReplyPart>(64);
-        let sink = ReplySink::with_origin(parts_tx, start);
-        let turn = async {
-            let sink = sink;
-            dialog.respond(ask, &sink).await
-        };
-        let forward = async {
-            while let Some(part) = parts.recv().await {
-                if tx.send(Event::DialogPart { seq, part }).await.is_err() {
-                    break;
+            DialogCmd::Adopt => {
+                if let Some((s, mut copy)) = ahead.take()
+                    && s == seq
+                {
+                    copy.adopted();
+                    dialog = copy;
                 }
+                continue;
             }
-        };
-        let guarded = tokio::time::timeout(limit, AssertUnwindSafe(turn).catch_unwind());
-        let run = async { tokio::join!(guarded, forward).0 };
-        tokio::pin!(run);
-        // Anything newer from the call (what was heard of a reply cut by barge-in, the next
-        // input) ends the turn in flight: its work is dropped, not finished for nobody.
-        let result = tokio::select! {
-            r = &mut run => r,
-            newer = rx.recv() => {
-                match newer {
-                    Some(c) => {
-                        tracing::debug!(seq, "dialog turn dropped for a newer ask");
-                        pending = Some(c);
+            DialogCmd::Discard => {
+                ahead = None;
+                continue;
+            }
+            DialogCmd::Ahead(i) => {
+                ahead = None;
+                match std::panic::catch_unwind(AssertUnwindSafe(|| dialog.fork())) {
+                    Ok(Some(copy)) => (Ask::Input(i), Some(copy)),
+                    _ => {
+                        let result = Err(DialogError::NotAhead("a copy of this dialog".into()));
+                        if tx
+                            .send(Event::DialogDone { seq, result, ms: 0 })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
                         continue;
                     }
-                    None => break,
                 }
             }
         };
+        let made_ahead = fork.is_some();
+        // Confirmed while it was still being made: the copy becomes the dialog when done.
+        let mut adopt_now = false;
+        let mut gone = false;
+        let result = {
+            let engine: &mut Box<dyn Dialog> = match fork.as_mut() {
+                Some(f) => f,
+                None => &mut dialog,
+            };
+            // The reply streams to the call part by part while the engine makes it.
+            let (parts_tx, mut parts) = mpsc::channel::<ReplyPart>(64);
+            let sink = ReplySink::with_origin(parts_tx, start);
+            let turn = async {
+                let sink = sink;
+                engine.respond(ask, &sink).await
+            };
+            let forward = async {
+                while let Some(part) = parts.recv().await {
+                    if tx.send(Event::DialogPart { seq, part }).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let guarded = tokio::time::timeout(limit, AssertUnwindSafe(turn).catch_unwind());
+            let run = async { tokio::join!(guarded, forward).0 };
+            tokio::pin!(run);
+            // Anything newer from the call (what was heard of a reply cut by barge-in, the
+            // next input) ends the turn in flight: its work is dropped, not finished for
+            // nobody. The confirmation of a reply being made ahead lets it finish.
+            loop {
+                tokio::select! {
+                    r = &mut run => break Some(r),
+                    newer = rx.recv() => match newer {
+                        Some((s, DialogCmd::Adopt)) if made_ahead && s == seq => adopt_now = true,
+                        Some(c) => {
+                            tracing::debug!(seq, "dialog turn dropped for a newer ask");
+                            pending = Some(c);
+                            break None;
+                        }
+                        None => {
+                            gone = true;
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        if gone {
+            break;
+        }
+        let Some(result) = result else { continue };
         let result = match result {
             Err(_) => Err(DialogError::Timeout(limit_ms)),
             Ok(Err(_)) => Err(DialogError::Panicked),
@@ -590,12 +664,22 @@ async fn dialog_task(
         if panicked {
             tracing::error!("dialog engine panicked; the caller gets the error prompt");
         }
+        if let Some(mut copy) = fork.take()
+            && result.is_ok()
+        {
+            if adopt_now {
+                copy.adopted();
+                dialog = copy;
+            } else {
+                ahead = Some((seq, copy));
+            }
+        }
         let ms = u64::try_from(start.elapsed().saturating_sub(t0).as_millis()).unwrap_or(0);
         if tx
             .send(Event::DialogDone { seq, result, ms })
             .await
             .is_err()
-            || panicked
+            || (panicked && !made_ahead)
         {
             break;
         }

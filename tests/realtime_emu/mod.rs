@@ -31,6 +31,8 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 pub enum Answer {
     /// This transcript, `delay_ms` after the commit (in two deltas, then `.completed`).
     Say { text: String, delay_ms: u64 },
+    /// One transcript per commit of the utterance, in order (a caller who pauses and goes on).
+    Parts { texts: Vec<String>, delay_ms: u64 },
     /// The whisper server's transcript of the committed audio.
     Whisper,
     /// An `error` event naming the commit (`code`), no transcript.
@@ -193,6 +195,8 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, rate: u
     let mut utterance = 0usize;
     let mut first_in_utterance = true;
     let mut scripted_text = false;
+    let mut parts: VecDeque<String> = VecDeque::new();
+    let mut parts_delay = 0u64;
     let mut item = 0u64;
     let mut configured = false;
     while let Some(Ok(msg)) = stream.next().await {
@@ -264,6 +268,7 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, rate: u
             }
             "input_audio_buffer.clear" => {
                 buffer.clear();
+                parts.clear();
                 utterance += 1;
                 first_in_utterance = true;
                 lock(&shared).log.clears += 1;
@@ -305,8 +310,23 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, rate: u
                     .await;
                 let answer = if first_in_utterance {
                     let a = lock(&shared).script.pop_front().unwrap_or(Answer::Whisper);
-                    scripted_text = matches!(a, Answer::Say { .. });
-                    a
+                    scripted_text = matches!(a, Answer::Say { .. } | Answer::Parts { .. });
+                    match a {
+                        Answer::Parts { texts, delay_ms } => {
+                            parts = texts.into();
+                            parts_delay = delay_ms;
+                            Answer::Say {
+                                text: parts.pop_front().unwrap_or_default(),
+                                delay_ms,
+                            }
+                        }
+                        a => a,
+                    }
+                } else if let Some(text) = parts.pop_front() {
+                    Answer::Say {
+                        text,
+                        delay_ms: parts_delay,
+                    }
                 } else if scripted_text {
                     Answer::Say {
                         text: String::new(),
@@ -359,6 +379,7 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, rate: u
                             "event_id": done_id, "item_id": item_id, "content_index": 0,
                             "error": {"type": "transcription_error", "code": "audio_unintelligible", "message": "scripted failure", "param": null}}))).await;
                     }
+                    Answer::Parts { .. } => {}
                     Answer::Drop => {
                         let _ = out_tx.send(None).await;
                         break;

@@ -50,8 +50,12 @@ impl Conversation {
         }
         match self.flow.take_handover() {
             Some((name, back)) => {
-                let agent = (self.make_agent)(&name, self.flow.slots(), back.is_some())
+                let mut agent = (self.make_agent)(&name, self.flow.slots(), back.is_some())
                     .map_err(DialogError::Engine)?;
+                if self.flow.is_ahead() {
+                    // Handed over in a reply made ahead: that agent makes no tool calls either.
+                    agent.mark_ahead();
+                }
                 tracing::info!(agent = %name, "the flow hands the call to an agent");
                 out.note("handover", serde_json::json!({"to": format!("agent:{name}"), "slots": self.flow.slots().len()}))
                     .await;
@@ -83,6 +87,25 @@ impl Dialog for Conversation {
     }
     fn turn_limit(&self) -> Option<Duration> {
         Some(self.limit)
+    }
+    fn fork(&self) -> Option<Box<dyn Dialog>> {
+        let agent = match &self.agent {
+            Some(a) => Some(a.ahead_copy()?),
+            None => None,
+        };
+        Some(Box::new(Conversation {
+            flow: self.flow.ahead_copy(),
+            agent,
+            return_to: self.return_to.clone(),
+            make_agent: self.make_agent.clone(),
+            limit: self.limit,
+        }))
+    }
+    fn adopted(&mut self) {
+        self.flow.confirmed();
+        if let Some(a) = self.agent.as_mut() {
+            a.confirmed();
+        }
     }
     async fn respond(&mut self, ask: Ask, sink: &ReplySink) -> Result<(), DialogError> {
         let mut out = ReplyOut::new(sink, true);

@@ -237,6 +237,8 @@ pub struct Agent {
     late_notes: Vec<Value>,
     /// Runs of words of the system prompt: a reply that repeats one is not spoken.
     secret: std::collections::HashSet<String>,
+    /// A copy making a reply ahead (`Dialog::fork`): no tools.
+    ahead: bool,
 }
 
 /// The model's time in one turn.
@@ -319,7 +321,53 @@ impl Agent {
             late_notes: Vec::new(),
             secret: shingles(&words_of(&unquoted(&profile.file.system_prompt))),
             profile,
+            ahead: false,
         }
+    }
+
+    /// A copy that makes a reply ahead of the caller's confirmed turn: the model is asked with
+    /// the same history, but any tool call ends it (`NotAhead`). `None` while a webhook runs or
+    /// the agent waits on the caller for a tool (keys, a yes to a read-back).
+    pub fn ahead_copy(&self) -> Option<Agent> {
+        if self.running.is_some() || self.pending.is_some() {
+            return None;
+        }
+        Some(Agent {
+            profile: self.profile.clone(),
+            llm: self.llm.clone(),
+            settings: self.settings.clone(),
+            engines: self.engines.clone(),
+            call_id: self.call_id.clone(),
+            human_target: self.human_target.clone(),
+            disclosure: self.disclosure.clone(),
+            announce: self.announce.clone(),
+            system: self.system.clone(),
+            tools: self.tools.clone(),
+            can_hand_back: self.can_hand_back,
+            history: self.history.clone(),
+            inflight: self.inflight.clone(),
+            spoken: self.spoken.clone(),
+            pending: None,
+            failures: self.failures,
+            no_inputs: self.no_inputs,
+            tool_seq: self.tool_seq,
+            pending_dtmf: self.pending_dtmf.clone(),
+            running: None,
+            confirmed: self.confirmed.clone(),
+            late_notes: self.late_notes.clone(),
+            secret: self.secret.clone(),
+            ahead: true,
+        })
+    }
+
+    /// The copy, confirmed: it is the agent now, tools and all.
+    pub fn confirmed(&mut self) {
+        self.ahead = false;
+    }
+
+    /// Makes replies ahead only (an agent created inside a copy).
+    pub fn mark_ahead(&mut self) {
+        self.ahead = true;
     }
 
     /// The longest one turn may take (see `turn_limit`).
@@ -845,6 +893,9 @@ impl Agent {
         out: &mut ReplyOut<'_>,
         clock: &mut TurnClock,
     ) -> Result<Option<Outcome>, DialogError> {
+        if self.ahead && !calls.is_empty() {
+            return Err(DialogError::NotAhead("a tool call".into()));
+        }
         let mut end: Option<Outcome> = None;
         let mut dtmf = String::new();
         let mut listen: Option<Expectation> = None;
@@ -1335,6 +1386,15 @@ impl crate::engines::dialog::Dialog for AgentDialog {
     }
     fn turn_limit(&self) -> Option<Duration> {
         Some(self.agent.turn_limit())
+    }
+    fn fork(&self) -> Option<Box<dyn crate::engines::dialog::Dialog>> {
+        Some(Box::new(AgentDialog {
+            agent: self.agent.ahead_copy()?,
+            opened: self.opened,
+        }))
+    }
+    fn adopted(&mut self) {
+        self.agent.confirmed();
     }
     async fn respond(&mut self, ask: Ask, sink: &ReplySink) -> Result<(), DialogError> {
         let ask = match ask {

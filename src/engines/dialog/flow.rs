@@ -478,6 +478,7 @@ fn score_def(def: &IntentDef, regexes: Option<&Vec<Regex>>, text: &str) -> f32 {
 }
 
 /// Runs a flow for one call.
+#[derive(Clone)]
 pub struct ScriptedDialog {
     flow: Flow,
     disclosure: String,
@@ -493,9 +494,29 @@ pub struct ScriptedDialog {
     pending_dtmf: Option<String>,
     /// The flow reached `agent:NAME`: the agent and the state to return to.
     handover: Option<(String, Option<String>)>,
+    /// A copy making a reply ahead: no webhooks.
+    ahead: bool,
 }
 
 impl ScriptedDialog {
+    /// A copy that makes a reply ahead (`Dialog::fork`); it refuses webhook lookups.
+    pub fn ahead_copy(&self) -> Self {
+        Self {
+            ahead: true,
+            ..self.clone()
+        }
+    }
+
+    /// The copy, confirmed: it is the dialog now, webhooks and all.
+    pub fn confirmed(&mut self) {
+        self.ahead = false;
+    }
+
+    /// A copy making a reply ahead.
+    pub fn is_ahead(&self) -> bool {
+        self.ahead
+    }
+
     pub fn new(
         flow: Flow,
         disclosure: &str,
@@ -523,6 +544,7 @@ impl ScriptedDialog {
             last_heard: None,
             pending_dtmf: None,
             handover: None,
+            ahead: false,
         }
     }
 
@@ -718,6 +740,9 @@ impl ScriptedDialog {
 
     async fn lookup(&mut self, l: &LookupDef) -> Result<bool, DialogError> {
         let key = self.render(l.key.as_deref().unwrap_or_default());
+        if self.ahead && l.file.is_none() {
+            return Err(DialogError::NotAhead("a webhook lookup".into()));
+        }
         let record = if let Some(f) = &l.file {
             let path = Flow::data_path_in(&self.flow.file, &self.flow.path, f);
             lookup::from_file(&path, &key).await?
@@ -856,6 +881,14 @@ impl ScriptedDialog {
 
 #[async_trait]
 impl Dialog for ScriptedDialog {
+    fn fork(&self) -> Option<Box<dyn Dialog>> {
+        Some(Box::new(self.ahead_copy()))
+    }
+
+    fn adopted(&mut self) {
+        self.confirmed();
+    }
+
     async fn start(&mut self) -> Result<Turn, DialogError> {
         let mut say = Vec::new();
         if !self.disclosure.trim().is_empty() {

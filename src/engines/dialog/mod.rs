@@ -28,6 +28,10 @@ pub enum DialogError {
     Timeout(u64),
     #[error("dialog engine crashed (panicked); the call goes on without it")]
     Panicked,
+    /// A reply made ahead (before the caller's turn was confirmed) would need a side effect
+    /// (a webhook, a tool): it is made when the turn ends instead.
+    #[error("not made ahead: the reply needs {0}")]
+    NotAhead(String),
 }
 
 /// What the dialog expects next, so ASR can be hinted and the keypad collected.
@@ -206,6 +210,16 @@ pub trait Dialog: Send {
     fn turn_limit(&self) -> Option<std::time::Duration> {
         None
     }
+    /// A copy of the dialog as it stands, to make a reply ahead on an input the caller may
+    /// not confirm: the copy becomes the dialog if they do, and is dropped (the dialog told
+    /// nothing) if they go on speaking. A copy refuses side effects (`NotAhead`). `None`: this
+    /// engine, or its state right now, cannot be copied.
+    fn fork(&self) -> Option<Box<dyn Dialog>> {
+        None
+    }
+    /// This dialog is a fork whose reply the caller confirmed: it is the call's dialog now,
+    /// side effects allowed again.
+    fn adopted(&mut self) {}
     /// The seam the call uses: the reply to `ask`, streamed into `out` part by part. Engines
     /// that think in whole turns (scripted flows) keep this default, a stream of one; engines
     /// that generate (an LLM) send each speakable piece as soon as they have it.
