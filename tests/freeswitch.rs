@@ -786,8 +786,9 @@ async fn order_status_call_through_mod_audio_fork() {
     assert_eq!(
         l.killed.as_deref(),
         Some("NORMAL_CLEARING"),
-        "{:#?}",
-        l.commands
+        "{:#?}\n{:#?}",
+        l.commands,
+        sc.records_of(&uuid)
     );
     // No ESL playback at all: the audio went back over the WebSocket.
     assert!(l.playbacks.is_empty(), "{:#?}", l.playbacks);

@@ -72,6 +72,9 @@ pub struct FsOptions {
     pub connect_timeout_ms: u64,
     /// Every N frames two frames go back to back after a 40 ms gap (as observed), default 37.
     pub pair_every: Option<u32>,
+    /// A HEARTBEAT event to subscribers this often (switch.conf.xml `event-heartbeat-interval`,
+    /// 20 s by default in FreeSWITCH); 0: none (a PBX whose event stream went quiet).
+    pub heartbeat_ms: u64,
 }
 
 impl Default for FsOptions {
@@ -80,6 +83,7 @@ impl Default for FsOptions {
             password: "ClueCon".into(),
             connect_timeout_ms: 1000,
             pair_every: Some(37),
+            heartbeat_ms: 20_000,
         }
     }
 }
@@ -297,6 +301,30 @@ impl FsEmulator {
             stop: CancellationToken::new(),
             core_uuid: make_uuid(0xc07e, rand_u64()),
         });
+        if inner.opts.heartbeat_ms > 0 {
+            let i = inner.clone();
+            tokio::spawn(async move {
+                let every = Duration::from_millis(i.opts.heartbeat_ms);
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tokio::select! {
+                        _ = i.stop.cancelled() => return,
+                        _ = tick.tick() => {
+                            let mut st = i.state.lock().unwrap();
+                            let mut headers = std_headers(&i, &mut st, "HEARTBEAT");
+                            headers.extend([
+                                ("Event-Info".to_string(), "System Ready".to_string()),
+                                ("Up-Time".into(), "0 years, 0 days, 0 hours, 1 minute, 0 seconds, 0 milliseconds, 0 microseconds".into()),
+                                ("FreeSWITCH-Version".into(), "1.10.12-release~64bit".into()),
+                                ("Session-Count".into(), "0".into()),
+                                ("Max-Sessions".into(), "1000".into()),
+                            ]);
+                            deliver(&mut st, &Ev { headers, body: None });
+                        }
+                    }
+                }
+            });
+        }
         let i = inner.clone();
         tokio::spawn(async move {
             loop {
@@ -469,6 +497,7 @@ fn std_headers(inner: &Inner, st: &mut State, name: &str) -> Vec<(String, String
         "CHANNEL_PARK" => ("switch_ivr.c", "switch_ivr_park", "1002"),
         "DTMF" => ("switch_channel.c", "switch_channel_dequeue_dtmf", "677"),
         "BACKGROUND_JOB" => ("mod_event_socket.c", "api_exec", "1572"),
+        "HEARTBEAT" => ("switch_core.c", "send_heartbeat", "74"),
         "CUSTOM" => ("mod_audio_stream.c", "responseHandler", "16"),
         _ => (
             "switch_core_state_machine.c",
