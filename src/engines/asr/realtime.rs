@@ -141,8 +141,17 @@ struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
+        let Some(t) = self.task.take() else { return };
+        // The channel closes with this `Conn`: the task closes the socket properly and ends;
+        // if it cannot (stuck connecting, a server that takes nothing), it is aborted.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(SEND_LIMIT.saturating_add(Duration::from_secs(1))).await;
+                    t.abort();
+                });
+            }
+            Err(_) => t.abort(),
         }
     }
 }
