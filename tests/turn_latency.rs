@@ -13,7 +13,8 @@
 //!
 //!     SIDECALL_TURN_FLOWS=all cargo test --release --test turn_latency -- --nocapture
 //!
-//! `SIDECALL_TURN_TTS=piper` has the agent speak with Piper instead of espeak-ng.
+//! `SIDECALL_TURN_TTS=piper` has the agent speak with Piper instead of espeak-ng;
+//! `SIDECALL_TURN_MODES=streamed` (or `silence`, `early`, comma-separated) runs only those ways.
 
 mod common;
 mod realtime_emu;
@@ -170,7 +171,17 @@ async fn end_of_speech_to_first_audio_split_by_stage() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut report = Vec::new();
-    for mode in [Mode::SilenceOnly, Mode::Early, Mode::EarlyStreamed] {
+    // SIDECALL_TURN_MODES=streamed (or silence, early; comma-separated): only those ways.
+    let only = std::env::var("SIDECALL_TURN_MODES").unwrap_or_default();
+    let modes = [
+        ("silence", Mode::SilenceOnly),
+        ("early", Mode::Early),
+        ("streamed", Mode::EarlyStreamed),
+    ]
+    .into_iter()
+    .filter(|(name, _)| only.is_empty() || only.split(',').any(|o| o.trim() == *name))
+    .map(|(_, m)| m);
+    for mode in modes {
         let mut rows: Vec<[u64; 6]> = Vec::new();
         for (i, (flow, callers)) in scripts.iter().enumerate() {
             let sub = dir.path().join(format!("{mode:?}-{i}"));
