@@ -14,7 +14,8 @@
 //!     SIDECALL_TURN_FLOWS=all cargo test --release --test turn_latency -- --nocapture
 //!
 //! `SIDECALL_TURN_TTS=piper` has the agent speak with Piper instead of espeak-ng;
-//! `SIDECALL_TURN_MODES=streamed` (or `silence`, `early`, comma-separated) runs only those ways.
+//! `SIDECALL_TURN_MODES=streamed` (or `silence`, `early`, comma-separated) runs only those ways;
+//! `SIDECALL_TURN_DUMP=1` prints each call's turn-taking records.
 
 mod common;
 mod realtime_emu;
@@ -132,6 +133,16 @@ async fn turns(dir: &Path, flow: &str, callers: &[&str], mode: Mode) -> Vec<Valu
         },
     )
     .await;
+    // SIDECALL_TURN_DUMP=1: each call's turn-taking records, to see where the time went.
+    if std::env::var("SIDECALL_TURN_DUMP").is_ok_and(|v| v == "1") {
+        for r in &call.records {
+            if ["speech_end", "turn_check", "transcript", "turn"]
+                .contains(&r["type"].as_str().unwrap_or(""))
+            {
+                eprintln!("{mode:?} {flow}: {r}");
+            }
+        }
+    }
     if emu.is_some() {
         for t in call.of_type("transcript") {
             assert_eq!(t["streamed"], true, "{t}\n{}", call.dump());
