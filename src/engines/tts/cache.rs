@@ -4,8 +4,11 @@
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use async_trait::async_trait;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{STREAM_DEPTH, Tts, TtsError, TtsStream, ready_stream};
 
@@ -30,6 +33,34 @@ pub struct CachedTts {
     /// Samples of the largest clip that is kept.
     max_clip: usize,
     stats: Arc<std::sync::Mutex<(u64, u64)>>,
+    /// Clips being made, by key: a second request for the same text waits for the first and
+    /// plays it from the cache (a reply made ahead whose first sentence is still being made
+    /// when the turn ends), instead of making it again.
+    making: Making,
+}
+
+type Making = Arc<std::sync::Mutex<HashMap<Key, (u64, watch::Receiver<()>)>>>;
+
+/// The longest a request waits for the same text being made by another.
+const JOIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// A clip being made: its key leaves `making` when this is dropped (made, failed or cut), which
+/// wakes whoever waits for it.
+struct MakingGuard {
+    making: Making,
+    key: Key,
+    generation: u64,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for MakingGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.making.lock()
+            && m.get(&self.key).is_some_and(|(g, _)| *g == self.generation)
+        {
+            m.remove(&self.key);
+        }
+    }
 }
 
 impl CachedTts {
@@ -46,6 +77,7 @@ impl CachedTts {
             // An eighth of the budget, in samples of two bytes.
             max_clip: usize::try_from(max_bytes / 16).unwrap_or(usize::MAX),
             stats: Arc::default(),
+            making: Arc::default(),
         }
     }
 
@@ -104,11 +136,40 @@ impl CachedTts {
             self.count(true);
             return Ok(ready_stream(clip.as_ref().clone()));
         }
+        let under_way = self
+            .making
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).map(|(_, rx)| rx.clone()));
+        if let Some(mut done) = under_way {
+            // Ends when that synthesis does, however it ends.
+            let _ = tokio::time::timeout(JOIN_LIMIT, done.changed()).await;
+            if let Some(clip) = cache.get(&key) {
+                self.count(true);
+                return Ok(ready_stream(clip.as_ref().clone()));
+            }
+        }
         self.count(false);
+        let (done_tx, done_rx) = watch::channel(());
+        let generation = {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
+        if let Ok(mut m) = self.making.lock() {
+            m.insert(key.clone(), (generation, done_rx));
+        }
+        let guard = MakingGuard {
+            making: self.making.clone(),
+            key: key.clone(),
+            generation,
+            _done: done_tx,
+        };
         let mut upstream = upstream(self.inner.clone()).await?;
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
         let max_clip = self.max_clip;
         tokio::spawn(async move {
+            // Dropped last: the clip is in the cache before anyone waiting is woken.
+            let _making = guard;
             let mut whole = Vec::new();
             let mut keep = true;
             loop {
@@ -154,6 +215,43 @@ mod tests {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(ready_stream(vec![text.len() as i16; 10]))
         }
+    }
+
+    /// Takes 200 ms per synthesis.
+    struct Slow(AtomicUsize);
+
+    #[async_trait]
+    impl Tts for Slow {
+        async fn synthesize(&self, text: &str, _rate: u32) -> Result<TtsStream, TtsError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let (tx, rx) = mpsc::channel(4);
+            let n = text.len() as i16;
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let _ = tx.send(Ok(vec![n; 10])).await;
+            });
+            Ok(rx)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_text_being_made_is_made_once_for_two_requests() {
+        let inner = Arc::new(Slow(AtomicUsize::new(0)));
+        let cache = Arc::new(CachedTts::new(inner.clone(), 16, 1 << 20));
+        // A reply's first sentence made ahead, then asked for again while still being made.
+        let first = cache.synthesize("It shipped.", 8000).await.unwrap();
+        let c = cache.clone();
+        let second =
+            tokio::spawn(
+                async move { drain(c.synthesize("It shipped.", 8000).await.unwrap()).await },
+            );
+        assert_eq!(drain(first).await, vec![11; 10]);
+        assert_eq!(second.await.unwrap(), vec![11; 10]);
+        assert_eq!(inner.0.load(Ordering::SeqCst), 1, "made once");
+        // A first request cut short (a barge-in) leaves nobody waiting for ever.
+        drop(cache.synthesize("Other text.", 8000).await.unwrap());
+        let again = drain(cache.synthesize("Other text.", 8000).await.unwrap()).await;
+        assert_eq!(again, vec![11; 10]);
     }
 
     async fn drain(mut s: TtsStream) -> Vec<i16> {
