@@ -234,7 +234,10 @@ impl AsrStream for RealtimeStream {
     }
 
     fn commit(&mut self, from: usize, to: usize) -> Option<PendingTranscript> {
-        let min = (self.rate as usize).saturating_mul(MIN_COMMIT_MS) / 1000;
+        let min = usize::try_from(self.rate)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(MIN_COMMIT_MS)
+            / 1000;
         if !self.alive()
             || from != self.committed
             || to > self.appended
@@ -286,7 +289,7 @@ impl Connection {
                 None
             }
             Err(_) => {
-                tracing::warn!(url = %self.cfg.stream.url, ms = limit.as_millis() as u64, "streaming ASR: no connection in time; the batch engine transcribes meanwhile");
+                tracing::warn!(url = %self.cfg.stream.url, ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX), "streaming ASR: no connection in time; the batch engine transcribes meanwhile");
                 None
             }
         };

@@ -54,6 +54,10 @@ struct Worker {
     rate: u32,
 }
 
+fn ms_of(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// One frame from a worker.
 enum Frame {
     Ready(u32),
@@ -65,7 +69,7 @@ enum Frame {
 async fn read_frame(out: &mut BufReader<ChildStdout>) -> Result<Frame, TtsError> {
     let bad = |e: std::io::Error| TtsError::Engine(format!("the Piper worker stopped: {e}"));
     let kind = out.read_u8().await.map_err(bad)?;
-    let len = out.read_u32_le().await.map_err(bad)? as usize;
+    let len = usize::try_from(out.read_u32_le().await.map_err(bad)?).unwrap_or(usize::MAX);
     if len > MAX_FRAME {
         return Err(TtsError::BadAudio(format!(
             "a Piper frame of {len} bytes (most {MAX_FRAME})"
@@ -129,7 +133,7 @@ impl Piper {
         let mut stdout = BufReader::new(stdout);
         let first = tokio::time::timeout(START_LIMIT, read_frame(&mut stdout))
             .await
-            .map_err(|_| TtsError::Timeout(START_LIMIT.as_millis() as u64))??;
+            .map_err(|_| TtsError::Timeout(ms_of(START_LIMIT)))??;
         match first {
             Frame::Ready(rate) => {
                 tracing::info!(voice = %self.voice, rate, "Piper worker ready");
@@ -149,7 +153,7 @@ impl Piper {
 #[async_trait]
 impl Tts for Piper {
     async fn synthesize(&self, text: &str, rate: u32) -> Result<TtsStream, TtsError> {
-        let ms = self.timeout.as_millis() as u64;
+        let ms = ms_of(self.timeout);
         self.live_waiting.fetch_add(1, Ordering::SeqCst);
         let permit = tokio::time::timeout(self.timeout, self.slots.clone().acquire_owned()).await;
         self.live_waiting.fetch_sub(1, Ordering::SeqCst);
@@ -171,7 +175,7 @@ impl Tts for Piper {
                 return self.run(permit, text, rate).await;
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(TtsError::Timeout(BACKGROUND_LIMIT.as_millis() as u64));
+                return Err(TtsError::Timeout(ms_of(BACKGROUND_LIMIT)));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -186,7 +190,7 @@ impl Piper {
         text: &str,
         rate: u32,
     ) -> Result<TtsStream, TtsError> {
-        let ms = self.timeout.as_millis() as u64;
+        let ms = ms_of(self.timeout);
         let line = serde_json::json!({"text": text, "length_scale": self.length_scale});
         let line = format!("{line}\n");
         // An idle worker may have died since its last request: then a fresh one, once.
