@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use sidecall::app::SimulateArgs;
-use sidecall::audio::wav;
 
 const RATE: u32 = 8_000;
 
@@ -24,21 +23,6 @@ fn config_with_model(dir: &Path) -> sidecall::config::Config {
         lib.display()
     );
     config(dir, &extra, &asr_url())
-}
-
-/// One caller file: the parts spoken with `gap_ms` of silence between them.
-fn with_gap(dir: &Path, name: &str, parts: &[&str], gap_ms: usize) -> PathBuf {
-    let mut out = Vec::new();
-    for (i, text) in parts.iter().enumerate() {
-        if i > 0 {
-            out.extend(std::iter::repeat_n(0i16, gap_ms * RATE as usize / 1000));
-        }
-        let part = speak(dir, &format!("{name}-{i}"), text);
-        out.extend(wav::read_file_at(&part, RATE).unwrap());
-    }
-    let path = dir.join(format!("{name}.wav"));
-    wav::write_file(&path, RATE, &out).unwrap();
-    path
 }
 
 fn inputs(call: &Call) -> Vec<String> {
@@ -67,6 +51,7 @@ async fn a_pause_mid_sentence_is_not_cut_off_and_a_short_yes_ends_the_turn_early
                     "order",
                     &["My order number is,", "five five four two one"],
                     1_800,
+                    RATE,
                 ),
                 speak(dir.path(), "yes", "yes"),
             ],
@@ -163,6 +148,7 @@ async fn a_caller_who_goes_on_after_the_early_transcript_started_gets_one_answer
                 "goes-on",
                 &["I want to talk to,", "an agent please."],
                 450,
+                RATE,
             )],
             max_seconds: 30,
             ..Default::default()

@@ -16,7 +16,6 @@ use llm_emu::*;
 use realtime_emu::{Answer, RealtimeEmu};
 use serde_json::{Value, json};
 use sidecall::app::SimulateArgs;
-use sidecall::audio::wav;
 use sidecall::config::{Config, Overrides};
 
 const RATE: u32 = 16_000;
@@ -93,21 +92,6 @@ fn args(callers: Vec<PathBuf>, max_seconds: u64) -> SimulateArgs {
         max_seconds,
         ..Default::default()
     }
-}
-
-/// One caller file: the parts spoken with `gap_ms` of silence between them.
-fn with_gap(dir: &Path, name: &str, parts: &[&str], gap_ms: usize) -> PathBuf {
-    let mut out = Vec::new();
-    for (i, text) in parts.iter().enumerate() {
-        if i > 0 {
-            out.extend(std::iter::repeat_n(0i16, gap_ms * RATE as usize / 1000));
-        }
-        let part = speak(dir, &format!("{name}-{i}"), text);
-        out.extend(wav::read_file_at(&part, RATE).unwrap());
-    }
-    let path = dir.join(format!("{name}.wav"));
-    wav::write_file(&path, RATE, &out).unwrap();
-    path
 }
 
 fn messages(emu: &LlmEmu, i: usize) -> Vec<Value> {
@@ -189,6 +173,7 @@ async fn a_caller_who_goes_on_is_answered_on_all_of_it_and_the_model_never_hears
         "goes-on",
         &["check my order", "the one from tuesday"],
         450,
+        RATE,
     )];
     let call = simulate(cfg, dir.path(), args(callers, 9)).await;
     let dump = call.dump();

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use common::*;
 use realtime_emu::{Answer, RealtimeEmu};
 use sidecall::app::SimulateArgs;
-use sidecall::audio::wav;
 use sidecall::call::CallOutcome;
 use sidecall::config::Config;
 
@@ -223,21 +222,6 @@ async fn with_the_stream_server_down_the_batch_engine_does_every_turn() {
     }
 }
 
-/// One caller file: the parts spoken with `gap_ms` of silence between them.
-fn with_gap(dir: &Path, name: &str, parts: &[&str], gap_ms: usize) -> PathBuf {
-    let mut out = Vec::new();
-    for (i, text) in parts.iter().enumerate() {
-        if i > 0 {
-            out.extend(std::iter::repeat_n(0i16, gap_ms * RATE as usize / 1000));
-        }
-        let part = speak(dir, &format!("{name}-{i}"), text);
-        out.extend(wav::read_file_at(&part, RATE).unwrap());
-    }
-    let path = dir.join(format!("{name}.wav"));
-    wav::write_file(&path, RATE, &out).unwrap();
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_is_committed_early_and_the_rest_of_the_sentence_joins_it() {
     let emu = RealtimeEmu::start(24_000).await;
@@ -261,6 +245,7 @@ async fn a_pause_is_committed_early_and_the_rest_of_the_sentence_joins_it() {
                 "goes-on",
                 &["I want to talk to,", "an agent please."],
                 450,
+                RATE,
             )],
             max_seconds: 30,
             ..Default::default()

@@ -2305,19 +2305,6 @@ impl Call {
             self.send(Event::TtsDone { reply, seg });
         }
     }
-
-    fn speech_inputs(&self) -> Vec<String> {
-        self.log
-            .iter()
-            .filter_map(|(_, a)| match a {
-                Action::Dialog {
-                    cmd: DialogCmd::Input(Input::Speech(t)),
-                    ..
-                } => Some(t.clone()),
-                _ => None,
-            })
-            .collect()
-    }
 }
 
 #[test]
@@ -2346,7 +2333,7 @@ fn a_reply_made_ahead_on_the_pause_plays_the_moment_the_turn_ends() {
     // Confirmed: the copy is the dialog, its reply plays at once; the dialog is not asked
     // again.
     assert!(c.has(|a| matches!(a, Action::Dialog { seq: s, cmd: DialogCmd::Adopt } if *s == seq)));
-    assert!(c.speech_inputs().is_empty(), "{:?}", c.speech_inputs());
+    assert!(c.inputs().is_empty(), "{:?}", c.inputs());
     assert_eq!(c.synthesized("It shipped yesterday."), vec![end_at]);
     c.reply_audio(200);
     c.quiet(40);
@@ -2377,7 +2364,7 @@ fn a_caller_who_goes_on_never_hears_the_reply_made_ahead_and_the_dialog_gets_all
     c.quiet(400);
     assert!(c.speech_end().is_some());
     assert_eq!(
-        c.speech_inputs(),
+        c.inputs(),
         vec!["Check my order five five four two one".to_string()]
     );
     assert!(!c.has(|a| matches!(
@@ -2407,7 +2394,7 @@ fn a_reply_that_cannot_be_made_ahead_is_made_when_the_turn_ends() {
     });
     c.quiet(400);
     assert!(c.speech_end().is_some());
-    assert_eq!(c.speech_inputs(), vec!["Where is my order?".to_string()]);
+    assert_eq!(c.inputs(), vec!["Where is my order?".to_string()]);
     assert!(!c.has(|a| matches!(
         a,
         Action::Dialog {

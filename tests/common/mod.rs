@@ -57,6 +57,22 @@ pub fn speak(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// A config in `dir` using the repo's flows; `extra` is appended TOML (sections may repeat keys
 /// only if the base does not set them).
+/// One caller file at `rate`: the parts spoken by espeak-ng with `gap_ms` of silence between
+/// them (a caller who pauses mid-sentence).
+pub fn with_gap(dir: &Path, name: &str, parts: &[&str], gap_ms: usize, rate: u32) -> PathBuf {
+    let mut out = Vec::new();
+    for (i, text) in parts.iter().enumerate() {
+        if i > 0 {
+            out.extend(std::iter::repeat_n(0i16, gap_ms * rate as usize / 1000));
+        }
+        let part = speak(dir, &format!("{name}-{i}"), text);
+        out.extend(sidecall::audio::wav::read_file_at(&part, rate).unwrap());
+    }
+    let path = dir.join(format!("{name}.wav"));
+    sidecall::audio::wav::write_file(&path, rate, &out).unwrap();
+    path
+}
+
 pub fn config(dir: &Path, call_extra: &str, asr_url: &str) -> Config {
     let flows = repo().join("examples/flows");
     // Turns end on silence alone unless a test sets `[turn]` itself (tests/endpointing.rs):
