@@ -144,8 +144,10 @@ async fn start_tweaked(
                 .expect("adapter runs");
         })
     };
+    // Ready when both ends know: the emulator registers the app as soon as it accepts the
+    // socket, sidecall only once its handshake completes (a moment later on a busy machine).
     for _ in 0..100 {
-        if emu.app_connected("sidecall") {
+        if emu.app_connected("sidecall") && health.control_up() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -153,6 +155,10 @@ async fn start_tweaked(
     assert!(
         emu.app_connected("sidecall"),
         "sidecall never connected to ARI events"
+    );
+    assert!(
+        health.control_up(),
+        "sidecall never saw its ARI events socket open"
     );
     Sidecall {
         stop,
@@ -651,19 +657,15 @@ async fn asterisk_restart_then_new_calls_work() {
     let port = free_port();
     let emu = Emulator::start(port, Options::default()).await;
     let sc = start(&emu, "", None).await;
-    assert!(
-        sc.health
-            .control_connected
-            .load(std::sync::atomic::Ordering::Relaxed)
-    );
+    assert!(sc.health.control_up());
     emu.stop();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !sc.health
-            .control_connected
-            .load(std::sync::atomic::Ordering::Relaxed),
-        "/health reports the loss"
-    );
+    for _ in 0..100 {
+        if !sc.health.control_up() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!sc.health.control_up(), "/health reports the loss");
     // Asterisk comes back on the same port.
     let emu2 = Emulator::start(port, Options::default()).await;
     for _ in 0..100 {
