@@ -70,6 +70,18 @@ const MAX_SIGMA_DB: f32 = 6.0;
 const NEIGHBOUR_LAGS: usize = 3;
 /// The fast statistics take over from the slow ones when their paths are this far apart.
 const MOVED_LAGS: usize = 2;
+/// The path's echo is predicted from its lag give or take a block...
+const PATH_SPREAD_BLOCKS: usize = 1;
+/// ...or this many at the start of the agent's audio after a silence longer than the window:
+/// the picture of when a frame reaches the caller's ear can be a PBX tick (20 ms) off from
+/// when it does (the phase between the PBX's clock and ours), and that can change from one
+/// prompt to the next...
+const PATH_JITTER_BLOCKS: usize = 3;
+/// ...for this many blocks of agent audio, and on up to `SETTLE_MAX_BLOCKS` until the fast
+/// statistics agree with the path (time for them to find a path that moved; meanwhile the
+/// path they find is predicted from too).
+const SETTLE_BLOCKS: u32 = 50;
+const SETTLE_MAX_BLOCKS: u32 = 150;
 /// Outliers (the caller talking) pull the statistics by at most max(3 sigma, this) dB.
 const HUBER_MIN_DB: f32 = 8.0;
 /// With a learned path the margin shrinks to 3 sigma of its spread, but not below this (dB).
@@ -285,6 +297,13 @@ pub struct EchoGate {
     /// explained (index, dBFS).
     tail_decay_db: f32,
     tail_prev: Option<(i64, f32)>,
+    /// Reference blocks since the agent was last audible, and blocks of agent audio since it
+    /// started after a silence longer than the window.
+    quiet_blocks: usize,
+    settling: u32,
+    /// The lag the fast statistics find, confidently, and whether it is away from the path's.
+    fast_lag: Option<usize>,
+    moving: Option<usize>,
 }
 
 impl EchoGate {
@@ -322,6 +341,10 @@ impl EchoGate {
             hold: 0,
             tail_decay_db: TAIL_DECAY_DB,
             tail_prev: None,
+            quiet_blocks: 0,
+            settling: 0,
+            fast_lag: None,
+            moving: None,
         }
     }
 
@@ -334,6 +357,15 @@ impl EchoGate {
         let (a, b) = self.halves(frame);
         for half in [a, b] {
             let p = power(half);
+            if p > db_pow(ACTIVE_DB) {
+                if self.quiet_blocks >= self.lags {
+                    self.settling = 0;
+                }
+                self.quiet_blocks = 0;
+                self.settling = self.settling.saturating_add(1);
+            } else {
+                self.quiet_blocks = self.quiet_blocks.saturating_add(1);
+            }
             let slot = self.slot(self.ref_blocks);
             self.ref_pow[slot] = p;
             self.ref_db[slot] = pow_db(p);
@@ -416,17 +448,28 @@ impl EchoGate {
                 v.strong = v.caller;
             }
             State::Learned(p) => {
-                // What the path predicts: its lag give or take a block, and its tail.
+                // What the path predicts: its lag give or take a block (a PBX tick while the
+                // agent's audio starts, and where the fast statistics see it moving), and its
+                // tail.
                 let erl = db_pow(-p.erl_db);
+                let settled = self.settling >= SETTLE_MAX_BLOCKS
+                    || (self.settling >= SETTLE_BLOCKS && self.fast_lag == Some(p.lag));
+                let spread = if settled {
+                    PATH_SPREAD_BLOCKS
+                } else {
+                    PATH_JITTER_BLOCKS
+                };
                 let mut direct = 0.0f32;
-                for l in p.lag.saturating_sub(1)..=p.lag + 1 {
-                    direct = direct.max(self.ref_at(block, l).0);
+                for centre in std::iter::once(p.lag).chain(self.moving) {
+                    for l in centre.saturating_sub(spread)..=centre + spread {
+                        direct = direct.max(self.ref_at(block, l).0);
+                    }
                 }
                 direct *= erl;
                 let mut echo = direct;
                 let (step, mut gain) = (db_pow(-self.tail_decay_db), 1.0);
                 let span = db_pow(-TAIL_SPAN_DB);
-                let mut l = p.lag + 2;
+                let mut l = p.lag.max(self.moving.unwrap_or(0)) + spread + 1;
                 while l < self.lags + TAIL_LAGS {
                     gain *= step;
                     if gain < span {
@@ -571,6 +614,10 @@ impl EchoGate {
             (None, Some(f)) => Some(f.path),
             (None, None) => None,
         };
+        self.fast_lag = fast_path.map(|f| f.path.lag);
+        self.moving = self
+            .fast_lag
+            .filter(|&f| path.is_some_and(|p| p.lag.abs_diff(f) > PATH_SPREAD_BLOCKS));
         if let Some(p) = path {
             self.state = State::Learned(p);
             return;
@@ -927,10 +974,16 @@ mod tests {
     /// Frames of echo alone, loud enough for a VAD (above `vad.min_level_dbfs`), that the gate
     /// let through.
     fn leaks(r: &Run) -> usize {
+        leaked_at(r).len()
+    }
+
+    /// When (ms) those frames were.
+    fn leaked_at(r: &Run) -> Vec<u64> {
         r.obs
             .iter()
             .filter(|o| o.caller_db <= FLOOR_DB && o.mic_db > -50.0 && o.echo_db > -60.0 && !o.echo)
-            .count()
+            .map(|o| o.t_ms)
+            .collect()
     }
 
     /// The agent talks in three stretches (0-4 s, 5-10 s, 11-16 s) over a 17 s call.
@@ -1050,6 +1103,36 @@ mod tests {
                 // The caller gets through within a syllable or so (one frame pauses the agent).
                 assert!(slowest <= 300, "the caller held back for {slowest} ms");
             }
+        }
+    }
+
+    #[test]
+    fn an_echo_a_pbx_tick_off_in_the_next_prompt_is_still_echo() {
+        // The PBX's clock and ours are in another phase when the agent speaks again after a
+        // silence (seen under load against the simulated PBX): the echo of the next prompt
+        // comes one tick (20 ms) later, or earlier, than the first prompt taught.
+        let rate = 16_000;
+        for (first, next) in [(40u32, 60u32), (60, 40), (120, 140), (120, 100)] {
+            let agent = place(
+                rate,
+                12_000,
+                &[
+                    (0, voice(rate, 6_000, -13.0, 81)),
+                    (9_000, voice(rate, 2_500, -13.0, 82)),
+                ],
+            );
+            let split = (rate / 1000 * 8_000) as usize;
+            let mut echo = delayed(rate, &agent, first, -10.0);
+            echo.truncate(split);
+            echo.extend_from_slice(&delayed(rate, &agent, next, -10.0)[split..]);
+            let silent = vec![0i16; agent.len()];
+            let line = noise(rate, 12_000, -65.0, 83);
+            let r = run(rate, &agent, &echo, &silent, &line, Arrival::Steady);
+            let at = leaked_at(&r);
+            assert!(
+                at.is_empty(),
+                "{first} then {next} ms: echo let through at {at:?} ms"
+            );
         }
     }
 
