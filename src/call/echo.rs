@@ -82,6 +82,10 @@ const PATH_JITTER_BLOCKS: usize = 3;
 /// path they find is predicted from too).
 const SETTLE_BLOCKS: u32 = 50;
 const SETTLE_MAX_BLOCKS: u32 = 150;
+/// A caller frame placed this many frames away from where its order put it (a burst that came
+/// later than `JITTER_FRAMES`, a run ahead of the clock) may be either: for that many frames
+/// and this many more, the path's echo is predicted that far either way, and nothing is learned.
+const UNSURE_EXTRA_FRAMES: u32 = 8;
 /// Outliers (the caller talking) pull the statistics by at most max(3 sigma, this) dB.
 const HUBER_MIN_DB: f32 = 8.0;
 /// With a learned path the margin shrinks to 3 sigma of its spread, but not below this (dB).
@@ -304,6 +308,10 @@ pub struct EchoGate {
     /// The lag the fast statistics find, confidently, and whether it is away from the path's.
     fast_lag: Option<usize>,
     moving: Option<usize>,
+    /// Blocks either way the caller's frames may be from where they were placed, and for how
+    /// many more frames.
+    unsure_blocks: usize,
+    unsure_frames: u32,
 }
 
 impl EchoGate {
@@ -345,6 +353,8 @@ impl EchoGate {
             settling: 0,
             fast_lag: None,
             moving: None,
+            unsure_blocks: 0,
+            unsure_frames: 0,
         }
     }
 
@@ -400,6 +410,10 @@ impl EchoGate {
             self.hold.saturating_sub(1)
         };
         self.evaluate();
+        self.unsure_frames = self.unsure_frames.saturating_sub(1);
+        if self.unsure_frames == 0 {
+            self.unsure_blocks = 0;
+        }
         match state {
             State::NoEcho => false,
             State::Learned(_) => verdict.echo_heard && !verdict.caller,
@@ -458,7 +472,8 @@ impl EchoGate {
                     PATH_SPREAD_BLOCKS
                 } else {
                     PATH_JITTER_BLOCKS
-                };
+                }
+                .saturating_add(self.unsure_blocks);
                 let mut direct = 0.0f32;
                 for centre in std::iter::once(p.lag).chain(self.moving) {
                     for l in centre.saturating_sub(spread)..=centre + spread {
@@ -498,6 +513,10 @@ impl EchoGate {
                 v.caller = m_pow > predicted * db_pow(held);
             }
             State::NoEcho => {}
+        }
+        if self.unsure_blocks > 0 {
+            // Where this block really was is not known: it teaches nothing.
+            return v;
         }
         self.prove(m_pow, default_gain);
         // Louder than any echo could be: the caller talks, nothing to learn about the echo.
@@ -655,6 +674,13 @@ impl EchoGate {
             next if latest.saturating_sub(next) > JITTER_FRAMES => latest,
             next => next,
         };
+        let moved = pos.abs_diff(self.mic_next);
+        if self.mic_started && moved > 0 {
+            let frames = u32::try_from(moved).unwrap_or(u32::MAX);
+            self.unsure_frames = frames.saturating_add(UNSURE_EXTRA_FRAMES);
+            let blocks = usize::try_from(moved.saturating_mul(2)).unwrap_or(usize::MAX);
+            self.unsure_blocks = self.unsure_blocks.max(blocks).min(self.lags);
+        }
         self.mic_started = true;
         self.mic_next = pos.saturating_add(1);
         pos
