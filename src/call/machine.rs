@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use super::barge::{self, BargeIn, Decision, Resumed, Seen, is_noise_transcript};
 use super::dtmf::DigitCollector;
 use super::echo::EchoGate;
 use super::link::{ControlError, LinkError, MediaEvent, MediaLink, Target};
@@ -287,47 +288,12 @@ struct Reply {
     marks_due_at: Option<u64>,
     /// Paused by the caller's voice, until it proves to be a cough or a backchannel (resume)
     /// or a turn (barge-in).
-    pause: Option<Pause>,
-}
-
-/// A reply paused by a sound from the caller.
-#[derive(Debug, Clone, Copy)]
-struct Pause {
-    since: u64,
-    /// The caller has been quiet since then.
-    quiet_since: Option<u64>,
-    /// The short utterance is being transcribed (ASR seq) to tell a backchannel from a turn.
-    checking: Option<u64>,
-    /// When that utterance ended, and the silence that ended it (for its turn record).
-    speech_end: u64,
-    endpoint_ms: u64,
+    barge: BargeIn,
 }
 
 /// Most agent audio queued at the PBX (20 ms frames) for a pause to silence the caller's ear
 /// in time (the PBX plays out what it has).
 const PAUSE_MAX_LEAD_FRAMES: usize = 4;
-
-/// Words that acknowledge without taking the turn.
-const BACKCHANNELS: &[&str] = &[
-    "mm", "mmm", "hmm", "mhm", "hm", "uh", "huh", "um", "ah", "oh", "okay", "ok", "yeah", "yep",
-    "yes", "right", "sure", "alright", "i", "see", "got", "it", "cool", "great", "fine", "aha",
-    "uhhuh", "mmhm", "mmhmm", "hmhm",
-];
-
-/// The transcript is only acknowledgement ("mm-hm", "okay", "right", "I see").
-fn is_backchannel(text: &str) -> bool {
-    let words: Vec<String> = text
-        .split(|c: char| c.is_whitespace() || c == ',' || c == '.' || c == '!' || c == '?')
-        .map(|w| {
-            w.chars()
-                .filter(|c| c.is_alphanumeric())
-                .flat_map(char::to_lowercase)
-                .collect::<String>()
-        })
-        .filter(|w| !w.is_empty())
-        .collect();
-    words.len() <= 3 && words.iter().all(|w| BACKCHANNELS.contains(&w.as_str()))
-}
 
 /// One utterance of the input being recognized.
 #[derive(Debug, Clone, PartialEq)]
@@ -478,14 +444,6 @@ impl MediaLink for Outbox<'_> {
 
 /// Parts of a reply kept while it is made ahead.
 const AHEAD_MAX_PARTS: usize = 64;
-
-/// Transcripts that are only noise markers (whisper's "[BLANK_AUDIO]", "(coughs)", "...").
-fn is_noise_transcript(text: &str) -> bool {
-    let t = text.trim();
-    (t.starts_with('[') && t.ends_with(']'))
-        || (t.starts_with('(') && t.ends_with(')'))
-        || t.chars().all(|c| !c.is_alphanumeric())
-}
 
 impl CallCore {
     /// A call at the call's time zero, with `vad` deciding speech.
@@ -932,7 +890,7 @@ impl CallCore {
             requested_at: now,
             progress_at: now,
             marks_due_at: None,
-            pause: None,
+            barge: BargeIn::default(),
         });
         Self::pump_tts(&mut reply, &mut self.actions);
         self.phase = Phase::Speaking(reply);
@@ -1127,7 +1085,10 @@ impl CallCore {
         let was_interruptible = self.interruptible();
         let Some(r) = self.take_reply() else { return };
         // A short utterance over it still being transcribed is the caller's answer now.
-        let checking = r.pause.and_then(|p| p.checking.map(|seq| (seq, p)));
+        let checking = r
+            .barge
+            .pause()
+            .and_then(|p| p.checking.map(|seq| (seq, *p)));
         let text = r.playout.text();
         self.record(
             now,
@@ -1198,7 +1159,10 @@ impl CallCore {
             return;
         };
         // A short utterance still being transcribed is the start of the caller's turn.
-        let checking = r.pause.and_then(|p| p.checking.map(|seq| (seq, p)));
+        let checking = r
+            .barge
+            .pause()
+            .and_then(|p| p.checking.map(|seq| (seq, *p)));
         self.tell_heard(heard);
         match r.turn.next {
             Next::Listen(exp) => {
@@ -1343,24 +1307,21 @@ impl CallCore {
                 // Its transcript says; the reply stays paused meanwhile.
                 // A second utterance while the first is checked: the caller is talking, not
                 // acknowledging; both are their turn, joined (the first is still transcribed).
-                let checking = matches!(&self.phase, Phase::Speaking(r)
-                    if r.pause.is_some_and(|p| p.checking.is_some()));
-                if checking && !ignored {
-                    self.barge_in(now, "speech");
-                }
-                let paused = matches!(&self.phase, Phase::Speaking(r)
-                    if r.pause.is_some_and(|p| p.checking.is_none()));
-                if paused && !ignored {
-                    if speech_ms < self.cfg.vad.backchannel_max_ms {
-                        self.asr_seq += 1;
-                        let seq = self.asr_seq;
-                        if let Phase::Speaking(r) = &mut self.phase
-                            && let Some(p) = r.pause.as_mut()
-                        {
-                            p.checking = Some(seq);
-                            p.speech_end = now.saturating_sub(endpoint_ms);
-                            p.endpoint_ms = endpoint_ms;
-                        }
+                // Too long for a backchannel though with little voice (words with gaps): the
+                // caller's turn, heard in full below.
+                let limits = self.barge_limits();
+                let seq = self.asr_seq.saturating_add(1);
+                let decision = match &mut self.phase {
+                    Phase::Speaking(r) => {
+                        r.barge
+                            .utterance_end(now, speech_ms, endpoint_ms, ignored, seq, &limits)
+                    }
+                    _ => None,
+                };
+                match decision {
+                    Some(Decision::BargeIn) => self.barge_in(now, "speech"),
+                    Some(Decision::Check) => {
+                        self.asr_seq = seq;
                         let span = (from, from.saturating_add(audio.len()));
                         self.actions.push_back(Action::Transcribe {
                             seq,
@@ -1371,9 +1332,7 @@ impl CallCore {
                         });
                         return;
                     }
-                    // Too long for a backchannel though with little voice (words with gaps):
-                    // the caller's turn, heard in full below.
-                    self.barge_in(now, "speech");
+                    _ => {}
                 }
                 let listening = matches!(self.phase, Phase::Listening { .. });
                 let recognizing = matches!(self.phase, Phase::Recognizing { .. });
@@ -1537,7 +1496,7 @@ impl CallCore {
             return self.detector.transcript(check, Some(text));
         }
         if let Phase::Speaking(r) = &self.phase
-            && r.pause.is_some_and(|p| p.checking == Some(seq))
+            && r.barge.checking() == Some(seq)
         {
             return self.on_backchannel_check(now, result, ms);
         }
@@ -1593,10 +1552,12 @@ impl CallCore {
     /// to understand) resumes the reply; anything else was the caller taking the turn: the
     /// reply is cut and the words go to the dialog.
     fn on_backchannel_check(&mut self, now: u64, result: Result<Transcript, AsrError>, ms: u64) {
-        let Phase::Speaking(r) = &self.phase else {
+        let Phase::Speaking(r) = &mut self.phase else {
             return;
         };
-        let Some(p) = r.pause else { return };
+        let Some(p) = r.barge.pause().copied() else {
+            return;
+        };
         let times = |asr_ms: u64, asr_queue_ms: u64| TurnTimes {
             speech_end: Some(p.speech_end),
             endpoint_ms: p.endpoint_ms,
@@ -1604,12 +1565,10 @@ impl CallCore {
             asr_queue_ms,
             ..TurnTimes::default()
         };
-        // This transcript is here: the cut below must not wait for it again.
-        if let Phase::Speaking(r) = &mut self.phase
-            && let Some(p) = r.pause.as_mut()
-        {
-            p.checking = None;
-        }
+        // This transcript is here (the cut below must not wait for it again): it decides.
+        let decision = r
+            .barge
+            .transcript(result.as_ref().map(|t| t.text.trim()).map_err(|_| ()));
         let t = match result {
             Ok(t) => t,
             // Not understood is not "mm-hm": the caller spoke; as on any turn whose ASR fails.
@@ -1624,14 +1583,14 @@ impl CallCore {
             t.process_ms.min(ms),
             t.queue_ms.min(ms),
         );
-        let backchannel = text.is_empty() || is_noise_transcript(&text) || is_backchannel(&text);
+        let backchannel = decision == Decision::Resume(Resumed::Backchannel);
         self.record(
             now,
             "transcript",
             json!({"text": text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms, "backchannel": backchannel}),
         );
         if backchannel {
-            return self.resume(now, "backchannel");
+            return self.resume(now, Resumed::Backchannel);
         }
         self.barge_in(now, "speech");
         if matches!(self.phase, Phase::Listening { .. }) {
@@ -1806,7 +1765,7 @@ impl CallCore {
             requested_at: now,
             progress_at: now,
             marks_due_at: None,
-            pause: None,
+            barge: BargeIn::default(),
         });
         Self::pump_tts(&mut reply, &mut self.actions);
         self.phase = Phase::Speaking(reply);
@@ -2253,11 +2212,7 @@ impl CallCore {
         if self.ending() {
             return self.check_deadline(now);
         }
-        if self.detector.in_speech() && !self.ignore_speech {
-            self.check_barge_in(now);
-        }
-        // Before this tick's audio goes out: a voice pauses the reply now, not next tick.
-        self.check_pause(now);
+        self.check_barge_in(now);
         if let Some(entry) = self.digits.tick(now) {
             self.digits_done(now, entry.digits);
         }
@@ -2266,65 +2221,31 @@ impl CallCore {
         self.check_deadline(now);
     }
 
-    /// Barge-in check, run every tick while the caller speaks over the agent. With
-    /// backchannels on, speech short enough to be one waits (paused) for its transcript.
+    /// The barge-in decisions of the tick (see `barge`), run after the caller's audio of the
+    /// tick and before the reply's goes out: a voice pauses the reply now, not next tick.
     fn check_barge_in(&mut self, now: u64) {
-        let Phase::Speaking(r) = &self.phase else {
-            return;
+        let seen = Seen {
+            now,
+            voiced_ms: self.detector.voiced_ms(),
+            in_speech: self.detector.in_speech(),
+            ignored: self.ignore_speech,
+            interruptible: self.interruptible(),
+            pausable: self.pausable(),
+            ..Seen::default()
         };
-        if !r.playout.started() || !self.interruptible() {
-            return;
-        }
-        let v = &self.cfg.vad;
-        // Once the whole reply has gone out there is nothing to resume: speech is an answer.
-        let min = if self.pausable() && v.backchannel_max_ms > 0 && r.playout.has_unsent() {
-            v.barge_in_min_ms.max(v.backchannel_max_ms)
-        } else {
-            v.barge_in_min_ms
-        };
-        if self.detector.voiced_ms() >= min {
-            self.barge_in(now, "speech");
-        }
-    }
-
-    /// Pauses an interruptible reply at the caller's first voiced frame; resumes it when the
-    /// sound stopped before it became speech (a cough, a click); gives up on a pause that
-    /// lasts (the caller took the turn).
-    fn check_pause(&mut self, now: u64) {
-        if !self.pausable() || self.ignore_speech {
-            return;
-        }
-        let interruptible = self.interruptible();
-        let voice = self.detector.in_speech() || self.detector.voiced_ms() > 0;
-        let limit = self
-            .cfg
-            .vad
-            .end_silence_ms
-            .saturating_add(self.cfg.vad.backchannel_max_ms)
-            .saturating_add(self.asr_limit_ms());
-        let resume_after = self.cfg.vad.resume_after_ms;
+        let limits = self.barge_limits();
         let Phase::Speaking(r) = &mut self.phase else {
             return;
         };
-        // The reply turned into a farewell (its end came while paused): it plays on.
-        if r.pause.is_some() && !interruptible {
-            return self.resume(now, "farewell");
-        }
-        if !r.playout.started() || !interruptible {
-            return;
-        }
-        let Some(p) = &mut r.pause else {
-            // Everything received has gone out (the PBX is playing the last of it, its marks
-            // are late, or the dialog is still writing): nothing to resume, so the caller's
-            // voice is their answer.
-            if voice && r.playout.has_unsent() {
-                r.pause = Some(Pause {
-                    since: now,
-                    quiet_since: None,
-                    checking: None,
-                    speech_end: now,
-                    endpoint_ms: 0,
-                });
+        let seen = Seen {
+            started: r.playout.started(),
+            unsent: r.playout.has_unsent(),
+            ..seen
+        };
+        match r.barge.tick(&seen, &limits) {
+            Some(Decision::BargeIn) => self.barge_in(now, "speech"),
+            Some(Decision::Resume(why)) => self.resume(now, why),
+            Some(Decision::Pause) => {
                 r.playout.hold(true);
                 // The last mark's deadline counts again from when the rest has been sent.
                 r.marks_due_at = None;
@@ -2336,18 +2257,20 @@ impl CallCore {
                 }
                 self.record(now, "pause", json!({"resend_frames": resend}));
             }
-            return;
-        };
-        if now.saturating_sub(p.since) > limit {
-            return self.barge_in(now, "speech");
+            Some(Decision::Check) | None => {}
         }
-        if voice {
-            p.quiet_since = None;
-            return;
-        }
-        let quiet = *p.quiet_since.get_or_insert(now);
-        if p.checking.is_none() && now.saturating_sub(quiet) >= resume_after {
-            self.resume(now, "noise");
+    }
+
+    fn barge_limits(&self) -> barge::Limits {
+        let v = &self.cfg.vad;
+        barge::Limits {
+            barge_in_min_ms: v.barge_in_min_ms,
+            backchannel_max_ms: v.backchannel_max_ms,
+            resume_after_ms: v.resume_after_ms,
+            pause_limit_ms: v
+                .end_silence_ms
+                .saturating_add(v.backchannel_max_ms)
+                .saturating_add(self.asr_limit_ms()),
         }
     }
 
@@ -2368,17 +2291,21 @@ impl CallCore {
     }
 
     /// The paused reply goes on from where it stopped.
-    fn resume(&mut self, now: u64, why: &str) {
+    fn resume(&mut self, now: u64, why: Resumed) {
         let Phase::Speaking(r) = &mut self.phase else {
             return;
         };
-        let Some(p) = r.pause.take() else {
+        let Some(p) = r.barge.end() else {
             return;
         };
         r.playout.hold(false);
         r.progress_at = now;
         let paused_ms = now.saturating_sub(p.since);
-        self.record(now, "resume", json!({"paused_ms": paused_ms, "by": why}));
+        self.record(
+            now,
+            "resume",
+            json!({"paused_ms": paused_ms, "by": why.label()}),
+        );
     }
 
     /// What happens when the current phase's deadline has passed.
