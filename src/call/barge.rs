@@ -233,13 +233,15 @@ impl BargeIn {
     }
 
     /// The checked utterance's transcript (an error when it failed: not understood is not
-    /// "mm-hm").
-    pub fn transcript(&mut self, text: Result<&str, ()>) -> Decision {
+    /// "mm-hm"). `asking`: the reply is in its closing question, where "yes", "okay" or
+    /// "right" answer it.
+    pub fn transcript(&mut self, text: Result<&str, ()>, asking: bool) -> Decision {
         self.checked();
         match text {
-            Ok(t) if t.is_empty() || is_noise_transcript(t) || is_backchannel(t) => {
+            Ok(t) if t.is_empty() || is_noise_transcript(t) => {
                 Decision::Resume(Resumed::Backchannel)
             }
+            Ok(t) if !asking && is_backchannel(t) => Decision::Resume(Resumed::Backchannel),
             _ => Decision::BargeIn,
         }
     }
@@ -381,7 +383,7 @@ mod tests {
         assert_eq!(b.tick(&playing(620), &L), None);
         assert_eq!(b.tick(&playing(1_200), &L), None);
         assert_eq!(
-            b.transcript(Ok("Mm-hm.")),
+            b.transcript(Ok("Mm-hm."), false),
             Decision::Resume(Resumed::Backchannel)
         );
         assert_eq!(b.checking(), None);
@@ -389,12 +391,28 @@ mod tests {
         let mut b = BargeIn::default();
         b.tick(&voiced(0, 20), &L);
         b.utterance_end(600, 350, 200, false, 8, &L);
-        assert_eq!(b.transcript(Ok("stop, what")), Decision::BargeIn);
+        assert_eq!(b.transcript(Ok("stop, what"), false), Decision::BargeIn);
 
         let mut b = BargeIn::default();
         b.tick(&voiced(0, 20), &L);
         b.utterance_end(600, 350, 200, false, 9, &L);
-        assert_eq!(b.transcript(Err(())), Decision::BargeIn);
+        assert_eq!(b.transcript(Err(()), false), Decision::BargeIn);
+    }
+
+    #[test]
+    fn yes_over_the_closing_question_answers_it() {
+        let mut b = BargeIn::default();
+        b.tick(&voiced(0, 20), &L);
+        b.utterance_end(600, 350, 200, false, 7, &L);
+        assert_eq!(b.transcript(Ok("Yes."), true), Decision::BargeIn);
+        // A cough over it still resumes it.
+        let mut b = BargeIn::default();
+        b.tick(&voiced(0, 20), &L);
+        b.utterance_end(600, 350, 200, false, 8, &L);
+        assert_eq!(
+            b.transcript(Ok("(coughs)"), true),
+            Decision::Resume(Resumed::Backchannel)
+        );
     }
 
     #[test]

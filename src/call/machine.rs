@@ -1566,9 +1566,11 @@ impl CallCore {
             ..TurnTimes::default()
         };
         // This transcript is here (the cut below must not wait for it again): it decides.
-        let decision = r
-            .barge
-            .transcript(result.as_ref().map(|t| t.text.trim()).map_err(|_| ()));
+        let asking = r.playout.asking();
+        let decision = r.barge.transcript(
+            result.as_ref().map(|t| t.text.trim()).map_err(|_| ()),
+            asking,
+        );
         let t = match result {
             Ok(t) => t,
             // Not understood is not "mm-hm": the caller spoke; as on any turn whose ASR fails.

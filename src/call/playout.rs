@@ -353,6 +353,20 @@ impl Playout {
         }
     }
 
+    /// The reply is playing its closing question: every segment before the one in progress
+    /// has played, the reply is complete, and nothing but that segment is left to say, which
+    /// ends with "?". A "yes" over it is an answer, not acknowledgement.
+    pub fn asking(&self) -> bool {
+        if self.open {
+            return false;
+        }
+        let Some(i) = self.segs.iter().position(|s| !s.played) else {
+            return false;
+        };
+        self.segs[i].text.trim_end().ends_with('?')
+            && self.segs[i + 1..].iter().all(|s| s.text.trim().is_empty())
+    }
+
     /// The whole text of the reply.
     pub fn text(&self) -> String {
         self.full_text.clone()
@@ -393,6 +407,53 @@ mod tests {
                 pause_after_ms: 0,
             },
         ]
+    }
+
+    #[test]
+    fn the_closing_question_is_told_once_all_before_it_has_played() {
+        let ask = [
+            Segment {
+                text: "I found order 55421.".into(),
+                pause_after_ms: 0,
+            },
+            Segment {
+                text: "Is that the one?".into(),
+                pause_after_ms: 0,
+            },
+        ];
+        let mut p = Playout::new(&ask, 10, 160, 2);
+        let mut link = Rec::default();
+        p.add_audio(0, &[1; 160 * 3]);
+        p.synth_done(0);
+        p.add_audio(1, &[1; 160 * 3]);
+        p.synth_done(1);
+        for _ in 0..3 {
+            p.tick(&mut link).unwrap();
+        }
+        assert!(!p.asking(), "the statement is still playing");
+        assert_eq!(link.marks, vec![10], "the statement was sent whole");
+        assert!(!p.on_mark(10), "the question is still to play");
+        assert!(p.asking(), "only the question is left");
+        // A reply still streaming from the dialog may go on after the question.
+        let mut open = Playout::new(&ask, 20, 160, 2).streaming();
+        let mut link = Rec::default();
+        open.add_audio(0, &[1; 160]);
+        open.synth_done(0);
+        for _ in 0..3 {
+            open.tick(&mut link).unwrap();
+        }
+        open.on_mark(20);
+        assert!(!open.asking());
+        // No question at the end.
+        let mut p = Playout::new(&segs(), 30, 160, 2);
+        p.add_audio(0, &[1; 160]);
+        p.synth_done(0);
+        let mut link = Rec::default();
+        for _ in 0..3 {
+            p.tick(&mut link).unwrap();
+        }
+        p.on_mark(30);
+        assert!(!p.asking());
     }
 
     #[test]
