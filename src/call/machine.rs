@@ -1212,6 +1212,8 @@ impl CallCore {
         self.digits.expect(exp.digits.clone());
         self.detector
             .expect_digits(exp.digits.as_ref().filter(|d| d.max > 1).map(|d| d.max));
+        self.detector
+            .expect_yes_no(exp.digits.as_ref().is_some_and(|d| d.max == 1));
         self.expect = exp;
         self.phase = Phase::Listening {
             no_input_at: Some(now.saturating_add(self.cfg.call.no_input_timeout_ms)),
@@ -1423,6 +1425,8 @@ impl CallCore {
             .filter(|d| d.max > 1)
             .map(|d| d.max);
         self.detector.expect_digits(number);
+        self.detector
+            .expect_yes_no(self.expect.digits.as_ref().is_some_and(|d| d.max == 1));
         let (model, speculate) = self.detector.checks();
         // The model hears the whole utterance; ASR the part not yet transcribed.
         let part = audio.get(part_from..).unwrap_or_default().to_vec();

@@ -175,6 +175,8 @@ pub struct TurnDetector {
     /// The question expects a number of up to this many digits: unfinished utterances wait
     /// longer, a complete number ends the turn at once.
     digits: Option<usize>,
+    /// The question expects yes or no: such an answer ends the turn at once.
+    yes_no: bool,
     check: Option<Check>,
     next_check: u64,
     /// Where the part of the utterance not yet sent to ASR begins.
@@ -199,6 +201,7 @@ impl TurnDetector {
             samples_at_last_voice: 0,
             ends,
             digits: None,
+            yes_no: false,
             check: None,
             next_check: 0,
             part_start: 0,
@@ -218,6 +221,11 @@ impl TurnDetector {
     /// Whether the caller is now expected to read out a number (of at most `max` digits).
     pub fn expect_digits(&mut self, max: Option<usize>) {
         self.digits = max;
+    }
+
+    /// Whether the caller is now expected to answer yes or no.
+    pub fn expect_yes_no(&mut self, on: bool) {
+        self.yes_no = on;
     }
 
     /// The model's answer for pause `id` (`None`: it could not answer).
@@ -264,10 +272,14 @@ impl TurnDetector {
             if trails_off(t) {
                 return unfinished;
             }
-            // All the digits asked for: nothing more to come, whatever the tone.
+            // All the digits asked for, or the yes or no asked for: nothing more to come,
+            // whatever the tone.
             if self.digits.is_some_and(|max| {
                 crate::engines::dialog::entities::digits(t).is_some_and(|d| d.len() >= max)
             }) {
+                return 0;
+            }
+            if self.yes_no && crate::engines::dialog::entities::yes_no(t).is_some() {
                 return 0;
             }
         }
@@ -656,6 +668,24 @@ mod tests {
         d.verdict(id, None);
         d.transcript(id, None);
         assert_eq!(d.end_silence_ms(), 600, "no answers: the fixed silence");
+        // A yes or no to a yes-or-no question, whatever the tone (the model hears "no." as
+        // unfinished more often than not); not when it trails off.
+        d.expect_digits(None);
+        d.verdict(id, Some(0.02));
+        d.transcript(id, Some("no".into()));
+        assert_eq!(
+            d.end_silence_ms(),
+            1_500,
+            "no question asked: the model decides"
+        );
+        d.expect_yes_no(true);
+        assert_eq!(d.end_silence_ms(), 0, "the answer asked for: at once");
+        d.transcript(id, Some("Yes, that's right.".into()));
+        assert_eq!(d.end_silence_ms(), 0);
+        d.transcript(id, Some("yes and".into()));
+        assert_eq!(d.end_silence_ms(), 1_500, "trailing words");
+        d.transcript(id, Some("Thursday".into()));
+        assert_eq!(d.end_silence_ms(), 1_500, "not a yes or no");
         // Without a model only the words count.
         let mut d = with_checks(false);
         feed(&mut d, true, 20);
