@@ -445,6 +445,18 @@ impl MediaLink for Outbox<'_> {
 /// Parts of a reply kept while it is made ahead.
 const AHEAD_MAX_PARTS: usize = 64;
 
+/// A `transcript` record's fields, with where the transcript came from: the streaming
+/// recognizer, or why it fell back to the batch engine.
+fn transcript_fields(t: &Transcript, mut fields: Value) -> Value {
+    if t.streamed {
+        fields["streamed"] = json!(true);
+    }
+    if let Some(why) = &t.fallback {
+        fields["stream_fallback"] = json!(why);
+    }
+    fields
+}
+
 impl CallCore {
     /// A call at the call's time zero, with `vad` deciding speech.
     pub fn new(cfg: Arc<Config>, vad: Box<dyn Vad>) -> Self {
@@ -1531,14 +1543,10 @@ impl CallCore {
                 Piece::Text(String::new())
             }
             Ok(t) => {
-                let mut fields =
-                    json!({"text": t.text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms});
-                if t.streamed {
-                    fields["streamed"] = json!(true);
-                }
-                if let Some(why) = &t.fallback {
-                    fields["stream_fallback"] = json!(why);
-                }
+                let fields = transcript_fields(
+                    &t,
+                    json!({"text": t.text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms}),
+                );
                 self.record(now, "transcript", fields);
                 Piece::Text(t.text.trim().to_string())
             }
@@ -1590,11 +1598,11 @@ impl CallCore {
             t.queue_ms.min(ms),
         );
         let backchannel = decision == Decision::Resume(Resumed::Backchannel);
-        self.record(
-            now,
-            "transcript",
+        let fields = transcript_fields(
+            &t,
             json!({"text": text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms, "backchannel": backchannel}),
         );
+        self.record(now, "transcript", fields);
         if backchannel {
             return self.resume(now, Resumed::Backchannel);
         }

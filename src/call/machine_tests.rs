@@ -1516,8 +1516,20 @@ fn a_backchannel_is_transcribed_and_the_reply_resumes_without_asking_the_dialog(
         })
         .expect("the short utterance went to ASR");
     assert_eq!(c.core.phase(), PhaseName::Speaking, "still paused, not cut");
-    c.transcribed(seq, " Mm-hmm. ", 250);
+    // From the streaming recognizer: its record says so, as every transcript record does.
+    c.send(Event::Asr {
+        seq,
+        result: Ok(Transcript {
+            text: " Mm-hmm. ".into(),
+            streamed: true,
+            ..Transcript::default()
+        }),
+        ms: 250,
+    });
     assert_eq!(c.records("resume")[0].1["by"], "backchannel");
+    let heard = c.records("transcript");
+    assert_eq!(heard[0].1["backchannel"], true);
+    assert_eq!(heard[0].1["streamed"], true);
     c.wait(4_000);
     c.play_marks();
     let end = c.records("playout_end");
