@@ -120,13 +120,14 @@ async fn a_pause_mid_sentence_is_not_cut_off_and_a_short_yes_ends_the_turn_early
         yes_end["turn_probability"].as_f64().unwrap_or(0.0) > 0.5,
         "{dump}"
     );
-    // It ended on the model's answer: within a frame of it.
+    // It ended on the model's answer: at the next tick (20 ms, a few ms late on a busy
+    // machine), not at the fixed silence 100 ms or more later.
     let verdict = call
         .of_type("turn_check")
         .into_iter()
         .rfind(|r| call.t(r) <= call.t(yes_end))
         .unwrap_or_else(|| panic!("{dump}"));
-    assert!(call.t(yes_end) - call.t(verdict) <= 20, "{dump}");
+    assert!(call.t(yes_end) - call.t(verdict) <= 40, "{dump}");
     assert!(
         said.iter()
             .any(|t| t.contains("shipped") || t.contains("Order")),

@@ -28,6 +28,13 @@ pub fn is_backchannel(text: &str) -> bool {
     words.len() <= 3 && words.iter().all(|w| BACKCHANNELS.contains(&w.as_str()))
 }
 
+/// A short yes or no, led by the word itself ("yes", "okay", "no thanks", "yes that's right"):
+/// an answer to a yes-or-no question, complete whatever its tone.
+pub fn is_answer(text: &str) -> bool {
+    crate::engines::dialog::entities::tokens(text).len() <= 4
+        && crate::engines::dialog::entities::yes_no(text).is_some_and(|(_, conf)| conf >= 1.0)
+}
+
 /// A transcript of no words: "[BLANK_AUDIO]", "(coughs)", "...".
 pub fn is_noise_transcript(text: &str) -> bool {
     let t = text.trim();
@@ -233,15 +240,17 @@ impl BargeIn {
     }
 
     /// The checked utterance's transcript (an error when it failed: not understood is not
-    /// "mm-hm"). `asking`: the reply is in its closing question, where "yes", "okay" or
-    /// "right" answer it.
+    /// "mm-hm"). `asking`: the reply is in its closing question, where a yes or no ("yes",
+    /// "okay", "right") answers it; "mm-hm", "um" or "I see" still only acknowledge.
     pub fn transcript(&mut self, text: Result<&str, ()>, asking: bool) -> Decision {
         self.checked();
         match text {
             Ok(t) if t.is_empty() || is_noise_transcript(t) => {
                 Decision::Resume(Resumed::Backchannel)
             }
-            Ok(t) if !asking && is_backchannel(t) => Decision::Resume(Resumed::Backchannel),
+            Ok(t) if is_backchannel(t) && !(asking && is_answer(t)) => {
+                Decision::Resume(Resumed::Backchannel)
+            }
             _ => Decision::BargeIn,
         }
     }
@@ -405,7 +414,17 @@ mod tests {
         b.tick(&voiced(0, 20), &L);
         b.utterance_end(600, 350, 200, false, 7, &L);
         assert_eq!(b.transcript(Ok("Yes."), true), Decision::BargeIn);
-        // A cough over it still resumes it.
+        // Acknowledgement that is not a yes or no, or a cough, still resumes it.
+        for t in ["Mm-hm.", "um", "I see."] {
+            let mut b = BargeIn::default();
+            b.tick(&voiced(0, 20), &L);
+            b.utterance_end(600, 350, 200, false, 9, &L);
+            assert_eq!(
+                b.transcript(Ok(t), true),
+                Decision::Resume(Resumed::Backchannel),
+                "{t}"
+            );
+        }
         let mut b = BargeIn::default();
         b.tick(&voiced(0, 20), &L);
         b.utterance_end(600, 350, 200, false, 8, &L);
@@ -472,5 +491,23 @@ mod tests {
             assert!(is_noise_transcript(t), "{t}");
         }
         assert!(!is_noise_transcript("hello"));
+        for t in [
+            "yes",
+            "Okay.",
+            "no thanks",
+            "Yes, that's right.",
+            "no it does not",
+        ] {
+            assert!(is_answer(t), "{t}");
+        }
+        for t in [
+            "I'm not sure",
+            "hello",
+            "mm-hm",
+            "well yes",
+            "yes I would like to return the blue one",
+        ] {
+            assert!(!is_answer(t), "{t}");
+        }
     }
 }

@@ -32,7 +32,10 @@
 //! The caller's frames are placed on the reference's clock by their order, not by when they
 //! arrive: bursts of late frames keep their places, and a gap longer than a burst (a PBX that
 //! sends nothing in silence, lost frames) or a frame that would be ahead of the clock
-//! re-anchors them.
+//! re-anchors them. A frame re-anchored by a short distance may belong at either place: for a
+//! while the path's echo is predicted that far either way and nothing is learned. So is the
+//! start of the agent's audio after a silence, by a PBX tick (the phase between the PBX's clock
+//! and ours can change from one prompt to the next), until the fast statistics agree again.
 //!
 //! Pure and allocation-free per frame: a few hundred operations per 10 ms block, about a
 //! thousand while learning (about 4 us per 20 ms frame, reference and caller, in a release
@@ -86,6 +89,9 @@ const SETTLE_MAX_BLOCKS: u32 = 150;
 /// later than `JITTER_FRAMES`, a run ahead of the clock) may be either: for that many frames
 /// and this many more, the path's echo is predicted that far either way, and nothing is learned.
 const UNSURE_EXTRA_FRAMES: u32 = 8;
+/// A gap longer than this (frames) is frames that were never sent (a PBX that sends nothing in
+/// silence, a loss), not a late burst: the frame after it is on time, no doubt about it.
+const UNSURE_MAX_FRAMES: u64 = 12;
 /// Outliers (the caller talking) pull the statistics by at most max(3 sigma, this) dB.
 const HUBER_MIN_DB: f32 = 8.0;
 /// With a learned path the margin shrinks to 3 sigma of its spread, but not below this (dB).
@@ -325,7 +331,10 @@ impl EchoGate {
             .unwrap_or(60)
             .saturating_add(1);
         // The ring holds every lag and the tail behind the newest caller block, and a burst more.
-        let ring = lags + TAIL_LAGS + usize::try_from(2 * (JITTER_FRAMES + 4)).unwrap_or(16);
+        let ring = lags
+            + TAIL_LAGS
+            + usize::try_from(2 * (JITTER_FRAMES + 4)).unwrap_or(16)
+            + usize::try_from(2 * UNSURE_MAX_FRAMES).unwrap_or(24);
         let finite = |v: f32, d: f32| if v.is_finite() { v } else { d };
         let default_erl_db = finite(cfg.default_erl_db, 6.0).clamp(-20.0, 60.0);
         Self {
@@ -494,13 +503,15 @@ impl EchoGate {
                     l += 1;
                 }
                 let predicted = echo + floor_pow;
-                self.learn_tail(
-                    block,
-                    m_db,
-                    floor_db,
-                    direct,
-                    m_pow <= predicted * db_pow(self.margin_db),
-                );
+                if self.unsure_blocks == 0 {
+                    self.learn_tail(
+                        block,
+                        m_db,
+                        floor_db,
+                        direct,
+                        m_pow <= predicted * db_pow(self.margin_db),
+                    );
+                }
                 let margin =
                     (3.0 * p.sigma_db).clamp(MIN_MARGIN_DB.min(self.margin_db), self.margin_db);
                 let held = if self.hold > 0 {
@@ -675,9 +686,11 @@ impl EchoGate {
             next => next,
         };
         let moved = pos.abs_diff(self.mic_next);
-        if self.mic_started && moved > 0 {
+        if self.mic_started && moved > 0 && moved <= UNSURE_MAX_FRAMES {
             let frames = u32::try_from(moved).unwrap_or(u32::MAX);
-            self.unsure_frames = frames.saturating_add(UNSURE_EXTRA_FRAMES);
+            self.unsure_frames = self
+                .unsure_frames
+                .max(frames.saturating_add(UNSURE_EXTRA_FRAMES));
             let blocks = usize::try_from(moved.saturating_mul(2)).unwrap_or(usize::MAX);
             self.unsure_blocks = self.unsure_blocks.max(blocks).min(self.lags);
         }
@@ -895,6 +908,8 @@ mod tests {
         /// Late by up to two ticks, then in bursts of up to three; and every ~3 s a stretch of
         /// 5-30 frames that never arrives.
         Bursty(u64),
+        /// Every `.0` ticks nothing arrives for `.1` ticks (a stall), then all of it at once.
+        Stalls(usize, usize),
     }
 
     /// One caller frame as the gate judged it.
@@ -938,8 +953,12 @@ mod tests {
         };
         let mut queue: std::collections::VecDeque<usize> = Default::default();
         let (mut rng, bursty) = match arrival {
-            Arrival::Steady => (Rng(1), false),
+            Arrival::Steady | Arrival::Stalls(..) => (Rng(1), false),
             Arrival::Bursty(seed) => (Rng(seed | 1), true),
+        };
+        let stalled = |t: usize| match arrival {
+            Arrival::Stalls(every, ticks) => every > 0 && t % every >= every - ticks,
+            _ => false,
         };
         let mut drop_left = 0u32;
         let mut obs = Vec::new();
@@ -959,7 +978,9 @@ mod tests {
             } else {
                 queue.push_back(t);
             }
-            let deliver = if !bursty {
+            let deliver = if stalled(t) {
+                0
+            } else if !bursty {
                 queue.len()
             } else if queue.len() >= 3 {
                 3
@@ -1158,6 +1179,38 @@ mod tests {
             assert!(
                 at.is_empty(),
                 "{first} then {next} ms: echo let through at {at:?} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_that_come_late_in_a_burst_after_a_stall_are_still_echo() {
+        // Our task or the PBX's stalls for 100-200 ms (a busy machine) and the caller's frames
+        // come all at once after it: placed as if some were missing, they may be that far
+        // off, and their echo must not pass for the caller's voice meanwhile.
+        let rate = 16_000;
+        for (delay, stall) in [(40u32, 5usize), (120, 7), (80, 10)] {
+            let agent = agent_track(rate, -13.0, 90 + u64::from(delay));
+            let echo = delayed(rate, &agent, delay, -10.0);
+            let silent = vec![0i16; agent.len()];
+            let line = noise(rate, 17_000, -65.0, 91);
+            let r = run(
+                rate,
+                &agent,
+                &echo,
+                &silent,
+                &line,
+                Arrival::Stalls(97, stall),
+            );
+            let at = leaked_at(&r);
+            assert!(
+                at.is_empty(),
+                "{delay} ms, stalls of {stall}: echo let through at {at:?} ms"
+            );
+            let est = r.estimate.expect("echo path learned");
+            assert!(
+                (est.delay_ms - delay as f32).abs() <= 10.0,
+                "{est:?} vs {delay} ms"
             );
         }
     }

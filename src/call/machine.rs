@@ -445,6 +445,14 @@ impl MediaLink for Outbox<'_> {
 /// Parts of a reply kept while it is made ahead.
 const AHEAD_MAX_PARTS: usize = 64;
 
+/// The question asks yes or no: one key and no terminator, as flows and agents ask it (a
+/// one-digit number ends with `#`).
+fn asks_yes_no(exp: &Expectation) -> bool {
+    exp.digits
+        .as_ref()
+        .is_some_and(|d| d.max == 1 && d.terminator.is_none())
+}
+
 /// A `transcript` record's fields, with where the transcript came from: the streaming
 /// recognizer, or why it fell back to the batch engine.
 fn transcript_fields(t: &Transcript, mut fields: Value) -> Value {
@@ -1224,8 +1232,7 @@ impl CallCore {
         self.digits.expect(exp.digits.clone());
         self.detector
             .expect_digits(exp.digits.as_ref().filter(|d| d.max > 1).map(|d| d.max));
-        self.detector
-            .expect_yes_no(exp.digits.as_ref().is_some_and(|d| d.max == 1));
+        self.detector.expect_yes_no(asks_yes_no(&exp));
         self.expect = exp;
         self.phase = Phase::Listening {
             no_input_at: Some(now.saturating_add(self.cfg.call.no_input_timeout_ms)),
@@ -1437,8 +1444,7 @@ impl CallCore {
             .filter(|d| d.max > 1)
             .map(|d| d.max);
         self.detector.expect_digits(number);
-        self.detector
-            .expect_yes_no(self.expect.digits.as_ref().is_some_and(|d| d.max == 1));
+        self.detector.expect_yes_no(asks_yes_no(&self.expect));
         let (model, speculate) = self.detector.checks();
         // The model hears the whole utterance; ASR the part not yet transcribed.
         let part = audio.get(part_from..).unwrap_or_default().to_vec();

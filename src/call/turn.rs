@@ -279,7 +279,7 @@ impl TurnDetector {
             }) {
                 return 0;
             }
-            if self.yes_no && crate::engines::dialog::entities::yes_no(t).is_some() {
+            if self.yes_no && super::barge::is_answer(t) {
                 return 0;
             }
         }
@@ -686,6 +686,8 @@ mod tests {
         assert_eq!(d.end_silence_ms(), 1_500, "trailing words");
         d.transcript(id, Some("Thursday".into()));
         assert_eq!(d.end_silence_ms(), 1_500, "not a yes or no");
+        d.transcript(id, Some("I'm not sure".into()));
+        assert_eq!(d.end_silence_ms(), 1_500, "'not' is not a no");
         // Without a model only the words count.
         let mut d = with_checks(false);
         feed(&mut d, true, 20);
