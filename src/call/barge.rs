@@ -278,6 +278,18 @@ mod tests {
         }
     }
 
+    /// A reply paused at 0 ms whose short utterance (350 ms, ended at 600 ms) is checked as
+    /// `seq`.
+    fn checking(seq: u64) -> BargeIn {
+        let mut b = BargeIn::default();
+        b.tick(&voiced(0, 20), &L);
+        assert_eq!(
+            b.utterance_end(600, 350, 200, false, seq, &L),
+            Some(Decision::Check)
+        );
+        b
+    }
+
     fn voiced(now: u64, ms: u64) -> Seen {
         Seen {
             voiced_ms: ms,
@@ -397,37 +409,27 @@ mod tests {
         );
         assert_eq!(b.checking(), None);
 
-        let mut b = BargeIn::default();
-        b.tick(&voiced(0, 20), &L);
-        b.utterance_end(600, 350, 200, false, 8, &L);
+        let mut b = checking(8);
         assert_eq!(b.transcript(Ok("stop, what"), false), Decision::BargeIn);
 
-        let mut b = BargeIn::default();
-        b.tick(&voiced(0, 20), &L);
-        b.utterance_end(600, 350, 200, false, 9, &L);
+        let mut b = checking(9);
         assert_eq!(b.transcript(Err(()), false), Decision::BargeIn);
     }
 
     #[test]
     fn yes_over_the_closing_question_answers_it() {
-        let mut b = BargeIn::default();
-        b.tick(&voiced(0, 20), &L);
-        b.utterance_end(600, 350, 200, false, 7, &L);
+        let mut b = checking(7);
         assert_eq!(b.transcript(Ok("Yes."), true), Decision::BargeIn);
         // Acknowledgement that is not a yes or no, or a cough, still resumes it.
         for t in ["Mm-hm.", "um", "I see."] {
-            let mut b = BargeIn::default();
-            b.tick(&voiced(0, 20), &L);
-            b.utterance_end(600, 350, 200, false, 9, &L);
+            let mut b = checking(9);
             assert_eq!(
                 b.transcript(Ok(t), true),
                 Decision::Resume(Resumed::Backchannel),
                 "{t}"
             );
         }
-        let mut b = BargeIn::default();
-        b.tick(&voiced(0, 20), &L);
-        b.utterance_end(600, 350, 200, false, 8, &L);
+        let mut b = checking(8);
         assert_eq!(
             b.transcript(Ok("(coughs)"), true),
             Decision::Resume(Resumed::Backchannel)
@@ -436,9 +438,7 @@ mod tests {
 
     #[test]
     fn a_second_utterance_while_the_first_is_checked_barges_in() {
-        let mut b = BargeIn::default();
-        b.tick(&voiced(0, 20), &L);
-        b.utterance_end(600, 350, 200, false, 7, &L);
+        let mut b = checking(7);
         assert_eq!(
             b.utterance_end(1_000, 200, 200, false, 8, &L),
             Some(Decision::BargeIn)

@@ -1168,7 +1168,7 @@ mod tests {
                     (9_000, voice(rate, 2_500, -13.0, 82)),
                 ],
             );
-            let split = (rate / 1000 * 8_000) as usize;
+            let split = usize::try_from(rate / 1000 * 8_000).unwrap_or(usize::MAX);
             let mut echo = delayed(rate, &agent, first, -10.0);
             echo.truncate(split);
             echo.extend_from_slice(&delayed(rate, &agent, next, -10.0)[split..]);

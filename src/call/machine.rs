@@ -2244,6 +2244,10 @@ impl CallCore {
     /// The barge-in decisions of the tick (see `barge`), run after the caller's audio of the
     /// tick and before the reply's goes out: a voice pauses the reply now, not next tick.
     fn check_barge_in(&mut self, now: u64) {
+        // Every tick: nothing to work out while the agent is not speaking.
+        if !matches!(self.phase, Phase::Speaking(_)) {
+            return;
+        }
         let seen = Seen {
             now,
             voiced_ms: self.detector.voiced_ms(),

@@ -225,7 +225,7 @@ mod tests {
         async fn synthesize(&self, text: &str, _rate: u32) -> Result<TtsStream, TtsError> {
             self.0.fetch_add(1, Ordering::SeqCst);
             let (tx, rx) = mpsc::channel(4);
-            let n = text.len() as i16;
+            let n = i16::try_from(text.len()).unwrap_or(i16::MAX);
             tokio::spawn(async move {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 let _ = tx.send(Ok(vec![n; 10])).await;
