@@ -89,9 +89,12 @@ impl Engines {
 fn load_turn_model(cfg: &Config) -> Option<Arc<SmartTurn>> {
     match SmartTurn::from_config(&cfg.turn, |p| cfg.resolve(p)) {
         Ok(Some(m)) => {
+            let huge = m.huge_pages();
             tracing::info!(
                 model = %cfg.resolve(&cfg.turn.model).display(),
                 threads = cfg.turn.threads,
+                huge_pages_mib = huge.collapsed >> 20,
+                not_on_huge_pages_mib = huge.refused >> 20,
                 "end-of-turn model loaded: turns end at {} ms pauses the model finds complete",
                 cfg.turn.pause_ms
             );

@@ -397,7 +397,13 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         pct(&added, 0.99),
         added.last().copied().unwrap_or(0)
     );
-    if turn.is_some() {
+    if let Some(model) = &turn {
+        let huge = model.huge_pages();
+        println!(
+            "  end-of-turn model memory  {} MiB on huge pages, {} MiB not (the kernel refused)",
+            huge.collapsed >> 20,
+            huge.refused >> 20
+        );
         checks.infer.sort_unstable();
         checks.wait.sort_unstable();
         let total: u64 = checks.infer.iter().sum();

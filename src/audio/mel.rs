@@ -32,6 +32,10 @@ pub struct WhisperMel {
     frame: Vec<f64>,
     spectrum: Vec<Complex<f64>>,
     scratch: Vec<Complex<f64>>,
+    /// The normalised window and the log-mel values, kept between calls: no allocation, and
+    /// the same (warm) memory every time.
+    x: Vec<f64>,
+    logmel: Vec<f64>,
 }
 
 impl Default for WhisperMel {
@@ -56,15 +60,27 @@ impl WhisperMel {
             frame: vec![0.0; N_FFT],
             spectrum,
             scratch,
+            x: vec![0.0; WINDOW_SAMPLES],
+            logmel: vec![0.0; N_MELS * N_FRAMES],
         }
     }
 
     /// Features of `audio` (16 kHz, at most 8 s: the last 8 s are taken, shorter audio is
     /// preceded by silence, as the model was trained): `N_MELS * N_FRAMES` values, band-major.
     pub fn features(&mut self, audio: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0; N_MELS * N_FRAMES];
+        self.features_into(audio, &mut out);
+        out
+    }
+
+    /// `features` written into `out` (`N_MELS * N_FRAMES` values; a shorter `out` gets the
+    /// first ones).
+    pub fn features_into(&mut self, audio: &[f32], out: &mut [f32]) {
         let tail = &audio[audio.len().saturating_sub(WINDOW_SAMPLES)..];
-        let mut x = vec![0.0f64; WINDOW_SAMPLES];
-        x[WINDOW_SAMPLES - tail.len()..]
+        let lead = WINDOW_SAMPLES - tail.len();
+        let x = &mut self.x;
+        x[..lead].fill(0.0);
+        x[lead..]
             .iter_mut()
             .zip(tail)
             .for_each(|(d, &s)| *d = f64::from(s));
@@ -75,12 +91,11 @@ impl WhisperMel {
         let scale = 1.0 / (var + 1e-7).sqrt();
         x.iter_mut().for_each(|v| *v = (*v - mean) * scale);
 
-        let mut logmel = vec![0.0f64; N_MELS * N_FRAMES];
+        let logmel = &mut self.logmel;
         let mut power = [0.0f64; BINS];
         let pad = N_FFT / 2;
         // Frames that lie wholly in the silence before a short utterance are all alike:
         // computed once, copied (a one-second answer needs ~110 of the 800 frames).
-        let lead = WINDOW_SAMPLES - tail.len();
         let alike = |t: usize| lead >= pad && t * HOP + pad <= lead;
         for t in 0..N_FRAMES {
             if t > 0 && alike(t) {
@@ -115,10 +130,9 @@ impl WhisperMel {
             }
         }
         let max = logmel.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        logmel
-            .iter()
-            .map(|&v| ((v.max(max - 8.0) + 4.0) / 4.0) as f32)
-            .collect()
+        for (o, &v) in out.iter_mut().zip(logmel.iter()) {
+            *o = ((v.max(max - 8.0) + 4.0) / 4.0) as f32;
+        }
     }
 }
 

@@ -15,8 +15,9 @@ use ort::value::Tensor;
 use tokio::sync::Semaphore;
 
 use crate::audio::mel::{self, WhisperMel};
-use crate::audio::resample::resample_clip;
+use crate::audio::resample::StreamResampler;
 use crate::config::TurnConfig;
+use crate::engines::hugepages::{self, Backed};
 
 /// Why the model could not load or answer.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +43,17 @@ pub struct Verdict {
     pub wait_ms: u64,
 }
 
+/// One session with every buffer an inference needs, allocated once at load: memory touched
+/// at every pause stays warm and on huge pages (see `hugepages`), none is fresh.
 struct Slot {
     session: Session,
     mel: WhisperMel,
+    /// The model's input, written in place.
+    input: Tensor<f32>,
+    /// The last rate resampled from, and its resampler.
+    resampler: Option<StreamResampler>,
+    pcm: Vec<i16>,
+    samples: Vec<f32>,
 }
 
 /// The loaded model, shared by every call.
@@ -54,6 +63,7 @@ pub struct SmartTurn {
     admission: Arc<Semaphore>,
     /// Running inferences (one per slot).
     running: Arc<Semaphore>,
+    huge_pages: Backed,
 }
 
 /// ONNX Runtime allows one environment per process: loaded once, reused.
@@ -111,6 +121,7 @@ impl SmartTurn {
         if !model.is_file() {
             return Err(model_err("no such file".into()));
         }
+        let before = hugepages::snapshot();
         let mut slots = Vec::with_capacity(threads);
         for _ in 0..threads.max(1) {
             let e = |e: ort::Error<ort::session::builder::SessionBuilder>| model_err(e.to_string());
@@ -129,17 +140,25 @@ impl SmartTurn {
                     "not a Smart Turn v3 model (no `input_features` input)".into(),
                 ));
             }
-            slots.push(Mutex::new(Slot {
-                session,
-                mel: WhisperMel::new(),
-            }));
+            let mut slot = Slot::new(session).map_err(|e| model_err(e.to_string()))?;
+            // One run at load: ONNX Runtime sets up its buffers on the first, which would
+            // otherwise be a caller's first pause.
+            slot.run(&WARM_UP[..]).map_err(|e| model_err(e.to_string()))?;
+            slots.push(Mutex::new(slot));
         }
+        let huge_pages = hugepages::back_new_memory(&before);
         let n = slots.len();
         Ok(Self {
             slots,
             admission: Arc::new(Semaphore::new(n.saturating_add(queue))),
             running: Arc::new(Semaphore::new(n)),
+            huge_pages,
         })
+    }
+
+    /// How much of the model's memory went onto huge pages at load.
+    pub fn huge_pages(&self) -> Backed {
+        self.huge_pages
     }
 
     /// The probability that `audio` (the caller's utterance so far, at `rate`) is a complete
@@ -176,15 +195,6 @@ impl SmartTurn {
 
     /// Runs the model on the calling thread (a free slot is guaranteed by `running`).
     pub fn infer(&self, audio: &[i16], rate: u32) -> Result<f32, TurnModelError> {
-        let at16 = if rate == mel::RATE {
-            audio.to_vec()
-        } else {
-            // Only the last 8 s matter.
-            let keep = usize::try_from(u64::from(rate) * 8).unwrap_or(usize::MAX);
-            resample_clip(&audio[audio.len().saturating_sub(keep)..], rate, mel::RATE)
-                .map_err(|e| TurnModelError::Inference(e.to_string()))?
-        };
-        let samples: Vec<f32> = at16.iter().map(|&s| f32::from(s) / 32768.0).collect();
         // A slot whose lock is free (one exists: `running` admits at most one per slot).
         let mut guard = None;
         for slot in &self.slots {
@@ -202,12 +212,65 @@ impl SmartTurn {
                 .lock()
                 .map_err(|_| TurnModelError::Inference("a previous inference panicked".into()))?,
         };
-        let features = slot.mel.features(&samples);
-        let input = Tensor::from_array(([1usize, mel::N_MELS, mel::N_FRAMES], features))
-            .map_err(|e| TurnModelError::Inference(e.to_string()))?;
-        let outputs = slot
+        slot.hear(audio, rate)?;
+        let Slot { samples, .. } = &mut *slot;
+        let samples = std::mem::take(samples);
+        let p = slot.run(&samples);
+        slot.samples = samples;
+        p
+    }
+}
+
+/// What the model hears at load: one second of silence at 16 kHz.
+static WARM_UP: [f32; 16_000] = [0.0; 16_000];
+
+impl Slot {
+    fn new(session: Session) -> Result<Self, TurnModelError> {
+        let input = Tensor::from_array((
+            [1usize, mel::N_MELS, mel::N_FRAMES],
+            vec![0.0f32; mel::N_MELS * mel::N_FRAMES],
+        ))
+        .map_err(|e| TurnModelError::Inference(e.to_string()))?;
+        Ok(Self {
+            session,
+            mel: WhisperMel::new(),
+            input,
+            resampler: None,
+            pcm: Vec::with_capacity(mel::WINDOW_SAMPLES),
+            samples: Vec::with_capacity(mel::WINDOW_SAMPLES),
+        })
+    }
+
+    /// Puts the last 8 s of `audio` (at `rate`) into `samples`, at 16 kHz.
+    fn hear(&mut self, audio: &[i16], rate: u32) -> Result<(), TurnModelError> {
+        let keep = usize::try_from(u64::from(rate) * 8).unwrap_or(usize::MAX);
+        let audio = &audio[audio.len().saturating_sub(keep)..];
+        self.pcm.clear();
+        if rate == mel::RATE {
+            self.pcm.extend_from_slice(audio);
+        } else {
+            let err = |e: crate::audio::AudioError| TurnModelError::Inference(e.to_string());
+            let r = match &mut self.resampler {
+                Some(r) if r.from_rate() == rate => r,
+                slot => slot.insert(StreamResampler::new(rate, mel::RATE).map_err(err)?),
+            };
+            // `flush` also resets it for the next utterance.
+            r.process(audio, &mut self.pcm).map_err(err)?;
+            r.flush(&mut self.pcm).map_err(err)?;
+        }
+        self.samples.clear();
+        self.samples
+            .extend(self.pcm.iter().map(|&s| f32::from(s) / 32768.0));
+        Ok(())
+    }
+
+    /// The model's score for `samples` (16 kHz, -1..1).
+    fn run(&mut self, samples: &[f32]) -> Result<f32, TurnModelError> {
+        let (_, features) = self.input.extract_tensor_mut();
+        self.mel.features_into(samples, features);
+        let outputs = self
             .session
-            .run(ort::inputs!["input_features" => input])
+            .run(ort::inputs!["input_features" => &self.input])
             .map_err(|e| TurnModelError::Inference(e.to_string()))?;
         let (_, values) = outputs[0]
             .try_extract_tensor::<f32>()

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod asr;
 pub mod dialog;
 pub mod endpoint;
+pub mod hugepages;
 pub mod instant;
 pub mod tts;
 
