@@ -143,7 +143,8 @@ impl SmartTurn {
             let mut slot = Slot::new(session).map_err(|e| model_err(e.to_string()))?;
             // One run at load: ONNX Runtime sets up its buffers on the first, which would
             // otherwise be a caller's first pause.
-            slot.run(&WARM_UP[..]).map_err(|e| model_err(e.to_string()))?;
+            slot.run(&WARM_UP[..])
+                .map_err(|e| model_err(e.to_string()))?;
             slots.push(Mutex::new(slot));
         }
         let huge_pages = hugepages::back_new_memory(&before);

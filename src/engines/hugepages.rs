@@ -197,22 +197,36 @@ mod tests {
         );
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
-    fn memory_allocated_after_the_snapshot_is_found_and_backed() {
+    fn memory_mapped_after_the_snapshot_is_found_and_backed() {
+        const LEN: usize = 16 << 20;
         let before = snapshot();
-        // 16 MiB, touched so the kernel really maps it (a large block: its own mapping).
-        let block = vec![1u8; 16 << 20];
-        let after = snapshot();
-        let addr = block.as_ptr() as usize;
-        let spans = new_huge_spans(&before, &after);
-        assert!(
-            spans
-                .iter()
-                .any(|s| s.start <= addr + (4 << 20) && addr + (4 << 20) < s.end),
-            "the block at {addr:#x} is not in {spans:x?}"
-        );
+        // Mapped directly (the C library might serve a large block from an arena it had).
+        // SAFETY: a fresh private anonymous mapping, unmapped below and used only here.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        // SAFETY: the mapping is LEN bytes, readable and writable.
+        let block = unsafe { std::slice::from_raw_parts_mut(addr.cast::<u8>(), LEN) };
+        block.fill(1);
+        let middle = addr as usize + LEN / 2;
+        let spans = new_huge_spans(&before, &snapshot());
+        let found = spans.iter().any(|s| s.start <= middle && middle < s.end);
         let done = back_new_memory(&before);
+        let intact = block.iter().all(|&b| b == 1);
+        // SAFETY: unmaps what was mapped above; `block` is not used after.
+        unsafe { libc::munmap(addr, LEN) };
+        assert!(found, "the block at {addr:?} is not in {spans:x?}");
         assert!(done.collapsed + done.refused >= 8 << 20, "{done:?}");
-        assert!(block.iter().all(|&b| b == 1), "contents changed");
+        assert!(intact, "contents changed");
     }
 }
