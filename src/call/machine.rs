@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use super::ahead::{self, Adopted, ReplyAhead, Step, Taken, Want};
 use super::barge::{self, BargeIn, Decision, Resumed, Seen, is_noise_transcript};
 use super::dtmf::DigitCollector;
 use super::echo::EchoGate;
@@ -256,17 +257,6 @@ struct TurnTimes {
     reply_ahead: Option<(&'static str, u64)>,
 }
 
-/// A reply made ahead on the transcript of a pause, before the caller's turn was confirmed:
-/// what the dialog has sent of it, kept until the turn ends on that transcript.
-struct Ahead {
-    seq: u64,
-    text: String,
-    asked_at: u64,
-    events: Vec<Event>,
-    done: bool,
-    prefetched: bool,
-}
-
 /// A reply being synthesized and played.
 struct Reply {
     id: u64,
@@ -388,7 +378,7 @@ pub struct CallCore {
     /// ended.
     speculation: Option<Speculation>,
     /// A reply being made ahead.
-    ahead: Option<Ahead>,
+    ahead: ReplyAhead<Event>,
     /// The utterance is streamed to the recognizer as it comes (`Action::StreamAudio`).
     stream_asr: bool,
     /// Samples of the current utterance streamed so far.
@@ -441,9 +431,6 @@ impl MediaLink for Outbox<'_> {
         Ok(())
     }
 }
-
-/// Parts of a reply kept while it is made ahead.
-const AHEAD_MAX_PARTS: usize = 64;
 
 /// The question asks yes or no: one key and no terminator, as flows and agents ask it (a
 /// one-digit number ends with `#`).
@@ -510,7 +497,7 @@ impl CallCore {
             dialog_seq: 0,
             asr_seq: 0,
             speculation: None,
-            ahead: None,
+            ahead: ReplyAhead::default(),
             stream_asr: false,
             streamed: 0,
             parts: Vec::new(),
@@ -637,9 +624,9 @@ impl CallCore {
         if matches!(self.phase, Phase::Ended(_)) {
             return;
         }
-        if let Some(a) = &self.ahead
+        if let Some(a) = self.ahead.seq()
             && matches!(&ev, Event::DialogPart { seq, .. } | Event::DialogDone { seq, .. }
-                | Event::Dialog { seq, .. } if *seq == a.seq)
+                | Event::Dialog { seq, .. } if *seq == a)
         {
             return self.on_ahead(ev);
         }
@@ -743,14 +730,14 @@ impl CallCore {
         self.times.first_piece_ms = None;
         self.times.llm = None;
         self.times.dialog_done = false;
-        if let Some(a) = self.ahead.take() {
-            if matches!(&cmd, DialogCmd::Input(Input::Speech(t)) if *t == a.text) {
-                return self.adopt(now, a);
-            }
-            self.actions.push_back(Action::Dialog {
-                seq: a.seq,
-                cmd: DialogCmd::Discard,
-            });
+        let words = match &cmd {
+            DialogCmd::Input(Input::Speech(t)) => Some(t.as_str()),
+            _ => None,
+        };
+        match self.ahead.take_for(now, words) {
+            Taken::Adopt(a) => return self.adopt(now, a),
+            Taken::Discard(seq) => self.discard(seq),
+            Taken::Nothing => {}
         }
         self.dialog_seq += 1;
         let seq = self.dialog_seq;
@@ -763,15 +750,8 @@ impl CallCore {
     }
 
     /// The caller's turn ended on the words the reply was made ahead for: it is the reply.
-    fn adopt(&mut self, now: u64, a: Ahead) {
-        let ready = if a.done {
-            "done"
-        } else if a.events.is_empty() {
-            "asked"
-        } else {
-            "partial"
-        };
-        self.times.reply_ahead = Some((ready, now.saturating_sub(a.asked_at)));
+    fn adopt(&mut self, now: u64, a: Adopted<Event>) {
+        self.times.reply_ahead = Some((a.ready, a.ahead_ms));
         self.actions.push_back(Action::Dialog {
             seq: a.seq,
             cmd: DialogCmd::Adopt,
@@ -789,68 +769,65 @@ impl CallCore {
     /// The dialog's reply to the transcript of a pause, made ahead: kept (its first sentence
     /// synthesized into the cache) until the turn ends; a failed one is forgotten.
     fn on_ahead(&mut self, ev: Event) {
-        let Some(a) = self.ahead.as_mut() else { return };
-        match &ev {
-            Event::DialogDone { result: Err(e), .. } | Event::Dialog { result: Err(e), .. } => {
-                tracing::debug!(error = %e, "no reply ahead");
-                self.ahead = None;
-                return;
-            }
-            Event::DialogDone { .. } => a.done = true,
+        let said = match &ev {
             Event::DialogPart {
                 part: ReplyPart::Say(s),
                 ..
-            } if !a.prefetched => {
-                a.prefetched = true;
-                self.actions.push_back(Action::Prefetch {
-                    text: s.text.clone(),
-                });
+            } => Some(s.text.clone()),
+            _ => None,
+        };
+        let seen = match (&ev, &said) {
+            (
+                Event::DialogDone { result: Err(e), .. } | Event::Dialog { result: Err(e), .. },
+                _,
+            ) => {
+                tracing::debug!(error = %e, "no reply ahead");
+                ahead::Seen::Failed
             }
-            _ => {}
+            (Event::DialogDone { .. }, _) => ahead::Seen::Done,
+            (_, Some(text)) => ahead::Seen::Say(text),
+            _ => ahead::Seen::Other,
+        };
+        match self.ahead.on_part(seen, ev) {
+            Step::Kept | Step::Forgotten => {}
+            Step::Prefetch(text) => self.actions.push_back(Action::Prefetch { text }),
+            Step::Discard(seq) => self.discard(seq),
         }
-        // Bounded: a reply is a few parts; one that streams on and on is not kept ahead.
-        if a.events.len() >= AHEAD_MAX_PARTS {
-            return self.drop_ahead();
-        }
-        a.events.push(ev);
     }
 
     /// The caller went on, or did something else: the reply made ahead is dropped.
     fn drop_ahead(&mut self) {
-        if let Some(a) = self.ahead.take() {
-            self.actions.push_back(Action::Dialog {
-                seq: a.seq,
-                cmd: DialogCmd::Discard,
-            });
+        if let Some(seq) = self.ahead.drop() {
+            self.discard(seq);
         }
+    }
+
+    /// Tells the dialog to forget the reply it made ahead (`seq`).
+    fn discard(&mut self, seq: u64) {
+        self.actions.push_back(Action::Dialog {
+            seq,
+            cmd: DialogCmd::Discard,
+        });
     }
 
     /// With the transcript of a pause in a turn that is the caller's, the reply is made ahead.
     fn reply_ahead(&mut self, now: u64, text: &str) {
-        let theirs = matches!(self.phase, Phase::Listening { .. }) && !self.ignore_speech;
-        if !self.cfg.turn.reply_ahead
-            || !theirs
-            || !self.parts.is_empty()
-            || text.is_empty()
-            || trails_off(text)
-            || self.ahead.is_some()
-        {
+        let want = Want {
+            enabled: self.cfg.turn.reply_ahead,
+            theirs: matches!(self.phase, Phase::Listening { .. }) && !self.ignore_speech,
+            parts_pending: !self.parts.is_empty(),
+            text,
+        };
+        if !self.ahead.wanted(want) {
             return;
         }
         self.dialog_seq += 1;
         let seq = self.dialog_seq;
         self.actions.push_back(Action::Dialog {
             seq,
-            cmd: DialogCmd::Ahead(Input::Speech(text.to_string())),
+            cmd: DialogCmd::Ahead(Input::Speech(text.trim().to_string())),
         });
-        self.ahead = Some(Ahead {
-            seq,
-            text: text.to_string(),
-            asked_at: now,
-            events: Vec::new(),
-            done: false,
-            prefetched: false,
-        });
+        self.ahead.start(seq, text, now);
     }
 
     fn tell_heard(&mut self, heard: Heard) {

@@ -3,6 +3,7 @@
 //! turn detection, ASR, dialog, TTS and paced playout with barge-in, and act on the call
 //! through the seams in `link`.
 
+pub mod ahead;
 pub mod barge;
 pub mod dtmf;
 pub mod echo;
