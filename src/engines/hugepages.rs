@@ -84,8 +84,7 @@ pub fn back_new_memory(before: &[Region]) -> Backed {
         // SAFETY: madvise only gives the kernel a hint about pages of our own mapping (the
         // span lies inside a mapping just read from /proc/self/maps and is aligned); no
         // advice here changes their contents. A span unmapped meanwhile fails with ENOMEM.
-        if unsafe { libc::madvise(span.start as *mut libc::c_void, len, libc::MADV_HUGEPAGE) } != 0
-        {
+        if unsafe { libc::madvise(at(span.start), len, libc::MADV_HUGEPAGE) } != 0 {
             done.refused = done.refused.saturating_add(len);
             continue;
         }
@@ -93,7 +92,7 @@ pub fn back_new_memory(before: &[Region]) -> Backed {
         // fails alone (EINVAL), the others still collapse.
         for start in (span.start..span.end).step_by(HUGE) {
             // SAFETY: as above, for one aligned huge page of the span.
-            let ok = unsafe { libc::madvise(start as *mut libc::c_void, HUGE, MADV_COLLAPSE) };
+            let ok = unsafe { libc::madvise(at(start), HUGE, MADV_COLLAPSE) };
             if ok == 0 {
                 done.collapsed = done.collapsed.saturating_add(HUGE);
             } else {
@@ -102,6 +101,12 @@ pub fn back_new_memory(before: &[Region]) -> Backed {
         }
     }
     done
+}
+
+/// The address `addr` of a mapping of ours, for madvise.
+#[cfg(target_os = "linux")]
+fn at(addr: usize) -> *mut libc::c_void {
+    std::ptr::with_exposed_provenance_mut(addr)
 }
 
 /// Elsewhere there is nothing to do.
@@ -218,7 +223,7 @@ mod tests {
         // SAFETY: the mapping is LEN bytes, readable and writable.
         let block = unsafe { std::slice::from_raw_parts_mut(addr.cast::<u8>(), LEN) };
         block.fill(1);
-        let middle = addr as usize + LEN / 2;
+        let middle = addr.addr() + LEN / 2;
         let spans = new_huge_spans(&before, &snapshot());
         let found = spans.iter().any(|s| s.start <= middle && middle < s.end);
         let done = back_new_memory(&before);
