@@ -94,7 +94,8 @@ fn load_turn_model(cfg: &Config) -> Option<Arc<SmartTurn>> {
                 model = %cfg.resolve(&cfg.turn.model).display(),
                 threads = cfg.turn.threads,
                 huge_pages_mib = huge.collapsed >> 20,
-                not_on_huge_pages_mib = huge.refused >> 20,
+                refused_huge_pages_mib = huge.refused >> 20,
+                sparse_mib = huge.sparse >> 20,
                 "end-of-turn model loaded: turns end at {} ms pauses the model finds complete",
                 cfg.turn.pause_ms
             );

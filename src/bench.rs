@@ -400,9 +400,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if let Some(model) = &turn {
         let huge = model.huge_pages();
         println!(
-            "  end-of-turn model memory  {} MiB on huge pages, {} MiB not (the kernel refused)",
+            "  end-of-turn model memory  {} MiB on huge pages; {} MiB refused by the kernel, {} MiB mostly unused",
             huge.collapsed >> 20,
-            huge.refused >> 20
+            huge.refused >> 20,
+            huge.sparse >> 20
         );
         checks.infer.sort_unstable();
         checks.wait.sort_unstable();

@@ -74,7 +74,7 @@ impl WhisperMel {
     }
 
     /// `features` written into `out` (`N_MELS * N_FRAMES` values; a shorter `out` gets the
-    /// first ones).
+    /// first ones, a longer one keeps the rest as it was).
     pub fn features_into(&mut self, audio: &[f32], out: &mut [f32]) {
         let tail = &audio[audio.len().saturating_sub(WINDOW_SAMPLES)..];
         let lead = WINDOW_SAMPLES - tail.len();
@@ -115,6 +115,9 @@ impl WhisperMel {
                 .is_err()
             {
                 // Only wrong buffer sizes fail, and these are fixed at construction.
+                for m in 0..N_MELS {
+                    logmel[m * N_FRAMES + t] = MEL_FLOOR.log10();
+                }
                 continue;
             }
             for (p, c) in power.iter_mut().zip(&self.spectrum) {

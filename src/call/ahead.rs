@@ -141,7 +141,7 @@ impl<E> ReplyAhead<E> {
             _ => {}
         }
         if a.events.len() >= MAX_PARTS {
-            return self.drop().map_or(Step::Forgotten, Step::Discard);
+            return self.cancel().map_or(Step::Forgotten, Step::Discard);
         }
         a.events.push(event);
         step
@@ -171,7 +171,7 @@ impl<E> ReplyAhead<E> {
     }
 
     /// The caller went on, or something else happened: the reply to discard, if any.
-    pub fn drop(&mut self) -> Option<u64> {
+    pub fn cancel(&mut self) -> Option<u64> {
         self.current.take().map(|a| a.seq)
     }
 }
@@ -277,8 +277,8 @@ mod tests {
         a.start(5, "yes", 0);
         assert_eq!(a.take_for(0, None), Taken::Discard(5), "a key, not words");
         a.start(6, "yes", 0);
-        assert_eq!(a.drop(), Some(6), "the caller went on");
-        assert_eq!(a.drop(), None);
+        assert_eq!(a.cancel(), Some(6), "the caller went on");
+        assert_eq!(a.cancel(), None);
     }
 
     #[test]
@@ -297,5 +297,15 @@ mod tests {
         }
         assert_eq!(a.on_part(Seen::Other, 0), Step::Discard(9));
         assert_eq!(a.seq(), None);
+
+        // Past the limit, a first sentence is not synthesized for a reply that is discarded.
+        a.start(10, "hello", 0);
+        for _ in 0..MAX_PARTS {
+            a.on_part(Seen::Other, 0);
+        }
+        assert_eq!(a.on_part(Seen::Say("Hi."), 0), Step::Discard(10));
+        // A late part of a reply no longer kept is forgotten.
+        assert_eq!(a.on_part(Seen::Say("Hi."), 0), Step::Forgotten);
+        assert_eq!(a.on_part(Seen::Done, 0), Step::Forgotten);
     }
 }

@@ -797,7 +797,7 @@ impl CallCore {
 
     /// The caller went on, or did something else: the reply made ahead is dropped.
     fn drop_ahead(&mut self) {
-        if let Some(seq) = self.ahead.drop() {
+        if let Some(seq) = self.ahead.cancel() {
             self.discard(seq);
         }
     }

@@ -141,10 +141,12 @@ impl SmartTurn {
                 ));
             }
             let mut slot = Slot::new(session).map_err(|e| model_err(e.to_string()))?;
-            // One run at load: ONNX Runtime sets up its buffers on the first, which would
-            // otherwise be a caller's first pause.
-            slot.run(&WARM_UP[..])
-                .map_err(|e| model_err(e.to_string()))?;
+            // One run at load (on silence): ONNX Runtime sets up its buffers on the first,
+            // which would otherwise be a caller's first pause.
+            slot.run(&[]).map_err(|e| match e {
+                TurnModelError::Inference(m) => model_err(m),
+                other => model_err(other.to_string()),
+            })?;
             slots.push(Mutex::new(slot));
         }
         let huge_pages = hugepages::back_new_memory(&before);
@@ -214,16 +216,12 @@ impl SmartTurn {
                 .map_err(|_| TurnModelError::Inference("a previous inference panicked".into()))?,
         };
         slot.hear(audio, rate)?;
-        let Slot { samples, .. } = &mut *slot;
-        let samples = std::mem::take(samples);
+        let samples = std::mem::take(&mut slot.samples);
         let p = slot.run(&samples);
         slot.samples = samples;
         p
     }
 }
-
-/// What the model hears at load: one second of silence at 16 kHz.
-static WARM_UP: [f32; 16_000] = [0.0; 16_000];
 
 impl Slot {
     fn new(session: Session) -> Result<Self, TurnModelError> {
@@ -255,9 +253,15 @@ impl Slot {
                 Some(r) if r.from_rate() == rate => r,
                 slot => slot.insert(StreamResampler::new(rate, mel::RATE).map_err(err)?),
             };
-            // `flush` also resets it for the next utterance.
-            r.process(audio, &mut self.pcm).map_err(err)?;
-            r.flush(&mut self.pcm).map_err(err)?;
+            // `flush` also resets it for the next utterance; one that failed midway is
+            // made anew next time.
+            let done = r
+                .process(audio, &mut self.pcm)
+                .and_then(|()| r.flush(&mut self.pcm));
+            if let Err(e) = done {
+                self.resampler = None;
+                return Err(err(e));
+            }
         }
         self.samples.clear();
         self.samples
@@ -273,7 +277,11 @@ impl Slot {
             .session
             .run(ort::inputs!["input_features" => &self.input])
             .map_err(|e| TurnModelError::Inference(e.to_string()))?;
-        let (_, values) = outputs[0]
+        let first = outputs
+            .values()
+            .next()
+            .ok_or_else(|| TurnModelError::Inference("the model has no output".into()))?;
+        let (_, values) = first
             .try_extract_tensor::<f32>()
             .map_err(|e| TurnModelError::Inference(e.to_string()))?;
         let p = values
