@@ -6,9 +6,10 @@
 //! library, out of our reach, so after the model is loaded and has run once, the anonymous
 //! memory that appeared meanwhile is advised and collapsed onto huge pages (`MADV_HUGEPAGE`,
 //! `MADV_COLLAPSE`, Linux 6.1+), one huge page at a time and only where most of it is in use
-//! (collapsing fills the rest). The advice stays on those mappings: later faults there may
-//! take huge pages too. Where the kernel says no (an older kernel, THP off for the process)
-//! nothing changes but speed.
+//! (collapsing fills the rest; the rest is not advised either, or khugepaged would fill it
+//! later). The advice stays on those huge pages: later faults there may take huge pages too.
+//! Where the kernel says no (an older kernel, THP off for the process) nothing changes but
+//! speed.
 
 /// The size of a transparent huge page where the kernel does not say (x86-64, 4 KiB-page
 /// arm64).
@@ -98,27 +99,26 @@ pub fn back_new_memory(before: &[Region]) -> Backed {
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let mut resident = vec![0u8; huge / page.max(1)];
     for span in new_huge_spans(before, &snapshot(), huge) {
-        let len = span.end - span.start;
-        // SAFETY: madvise and mincore only tell the kernel about, or ask it about, pages of
-        // the process's address space: the span was an anonymous mapping of ours in
-        // /proc/self/maps a moment ago, and is aligned. Neither advice changes memory
-        // contents; if another thread unmapped the span meanwhile the calls fail (ENOMEM),
-        // and if it mapped something else there, that only gets the same hint.
-        if unsafe { libc::madvise(at(span.start), len, libc::MADV_HUGEPAGE) } != 0 {
-            done.refused = done.refused.saturating_add(len);
-            continue;
-        }
         for start in (span.start..span.end).step_by(huge) {
-            // SAFETY: as above; `resident` has one byte per page of the huge page.
+            // SAFETY: mincore and madvise only ask the kernel about, or tell it about, pages
+            // of the process's address space: the huge page lies in an anonymous mapping of
+            // ours in /proc/self/maps a moment ago, and is aligned; `resident` has one byte
+            // per page of it. No advice here changes memory contents; if another thread
+            // unmapped the range meanwhile the calls fail (ENOMEM), and if it mapped
+            // something else there, that only gets the same hint.
             let known = unsafe { libc::mincore(at(start), huge, resident.as_mut_ptr()) } == 0;
             let used = resident.iter().filter(|&&b| b & 1 == 1).count();
             if known && used.saturating_mul(2) < resident.len() {
+                // Not advised either: khugepaged would fill it in the background.
                 done.sparse = done.sparse.saturating_add(huge);
                 continue;
             }
-            // SAFETY: as above, for one aligned huge page of the span. EAGAIN (a page
-            // briefly locked or off the LRU) is worth a second try.
-            let collapse = || unsafe { libc::madvise(at(start), huge, MADV_COLLAPSE) } == 0;
+            // SAFETY: as above. EAGAIN (a page briefly locked or off the LRU) is worth a
+            // second try.
+            let collapse = || unsafe {
+                libc::madvise(at(start), huge, libc::MADV_HUGEPAGE) == 0
+                    && libc::madvise(at(start), huge, MADV_COLLAPSE) == 0
+            };
             let again = || std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN);
             if collapse() || (again() && collapse()) {
                 done.collapsed = done.collapsed.saturating_add(huge);
