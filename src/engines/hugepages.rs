@@ -90,9 +90,6 @@ pub fn huge_page_size() -> usize {
 /// Advises and collapses onto huge pages the memory that appeared since `before`.
 #[cfg(target_os = "linux")]
 pub fn back_new_memory(before: &[Region]) -> Backed {
-    // The kernel's value (include/uapi/asm-generic/mman-common.h); not in libc for every
-    // target C library.
-    const MADV_COLLAPSE: libc::c_int = 25;
     let huge = huge_page_size();
     let mut done = Backed::default();
     // SAFETY: sysconf only reads a system constant.
@@ -129,6 +126,11 @@ pub fn back_new_memory(before: &[Region]) -> Backed {
     }
     done
 }
+
+/// The kernel's value (include/uapi/asm-generic/mman-common.h); not in libc for every target
+/// C library.
+#[cfg(target_os = "linux")]
+const MADV_COLLAPSE: libc::c_int = 25;
 
 /// The address `addr` of a mapping of ours, for madvise (never dereferenced by us).
 #[cfg(target_os = "linux")]
@@ -219,6 +221,16 @@ mod tests {
     /// on the other's mapping while it is being touched (and fault it in as huge pages).
     #[cfg(target_os = "linux")]
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// The test's turn to advise memory; None (said) where there is no /proc to read back.
+    #[cfg(target_os = "linux")]
+    fn exclusive() -> Option<std::sync::MutexGuard<'static, ()>> {
+        if std::fs::metadata("/proc/self/smaps").is_err() {
+            eprintln!("no /proc here: nothing to test");
+            return None;
+        }
+        Some(ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 
     #[cfg(target_os = "linux")]
     impl Mapping {
@@ -311,18 +323,14 @@ mod tests {
         // SAFETY: one aligned huge page inside the mapping, only hinted about.
         unsafe {
             libc::madvise(at(start), huge, libc::MADV_HUGEPAGE) == 0
-                && libc::madvise(at(start), huge, 25) == 0
+                && libc::madvise(at(start), huge, MADV_COLLAPSE) == 0
         }
     }
 
     #[cfg(target_os = "linux")]
     #[test]
     fn memory_mapped_after_the_snapshot_goes_onto_huge_pages() {
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        if std::fs::metadata("/proc/self/smaps").is_err() {
-            eprintln!("no /proc here: nothing to test");
-            return;
-        }
+        let Some(_one) = exclusive() else { return };
         let mut m = Mapping::new(16 << 20, 4096);
         // Everything but the new mapping counts as there before.
         let now = snapshot();
@@ -361,11 +369,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn memory_mostly_unused_is_left_as_it_is() {
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        if std::fs::metadata("/proc/self/smaps").is_err() {
-            eprintln!("no /proc here: nothing to test");
-            return;
-        }
+        let Some(_one) = exclusive() else { return };
         let before = snapshot();
         // One page in every 64 KiB used: collapsing would make it resident in full.
         let m = Mapping::new(16 << 20, 64 << 10);
