@@ -171,7 +171,7 @@ pub struct EchoConfig {
 impl Default for EchoConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             margin_db: 6.0,
             default_erl_db: 6.0,
             max_delay_ms: 600,
@@ -1609,7 +1609,7 @@ mod tests {
         let c = check("[vad.echo]\nmargin_db = 4.5\nmax_delay_ms = 300\n").expect("valid");
         assert_eq!(c.vad.echo.margin_db, 4.5);
         assert_eq!(c.vad.echo.max_delay_ms, 300);
-        assert!(!c.vad.echo.enabled, "off unless asked for");
+        assert!(c.vad.echo.enabled, "on unless turned off");
         assert_eq!(c.vad.echo.default_erl_db, 6.0);
         for (text, key) in [
             ("[vad.echo]\nmargin_db = 50.0\n", "vad.echo.margin_db"),

@@ -118,6 +118,16 @@ const TAIL_SPAN_DB: f32 = 40.0;
 const TAIL_LAGS: usize = 40;
 /// The noise floor follows the quietest blocks and rises this much (dB) per block otherwise.
 const FLOOR_RISE_DB: f32 = 0.05;
+/// Caller frames never sent (a gap longer than `UNSURE_MAX_FRAMES`) are taken as at most this
+/// loud (dBFS), or the line's floor if that is quieter: silence suppression sends nothing below
+/// about this, and a bridge nothing while the far side makes no sound.
+const GAP_DB: f32 = -60.0;
+/// The only caller frame of a tick after this many ticks without any is on time (frames late by
+/// that much come in a burst).
+const QUIET_TICKS: i64 = 2;
+/// A run of caller frames that stays as far behind the clock, one per tick, for this many frames
+/// after the first is on time after frames never sent.
+const STEADY_BEHIND_FRAMES: u32 = 3;
 /// Caller frames arriving this many frames later than their order says are a gap, not a burst.
 const JITTER_FRAMES: i64 = 4;
 /// What a quiet caller side proved about the echo at a lag is trusted up to this much (dB):
@@ -132,6 +142,11 @@ const BOUND_RELAX_DB: f32 = 0.05;
 /// ...and proves at most this much (dB): an echo that far down is inaudible anyway. Losing an
 /// echo path held this many frames forgets all proofs.
 const BOUND_MAX_DB: f32 = 60.0;
+/// What the line proved recently relaxes this much (dB) per caller block (30 dB per second)...
+const RECENT_RELAX_DB: f32 = 0.3;
+/// ...and a new echo path is not taken while it proves the echo at the path's lag this much
+/// (dB) quieter than the path says (and `BOUND_SLACK_DB` more).
+const CONTRADICT_DB: f32 = 10.0;
 const FORGET_AFTER_FRAMES: u32 = 50;
 
 /// A learned echo path.
@@ -292,6 +307,8 @@ pub struct EchoGate {
     /// still allows through it: a caller block while the agent played at that lag proves the
     /// echo through it no louder than the block.
     bound: Vec<f32>,
+    /// The same, relaxing fast (`RECENT_RELAX_DB`): what the line proved in the last second.
+    recent: Vec<f32>,
     /// The agent's power at each lag (and two more) behind the caller block being judged.
     behind: Vec<f32>,
     /// Caller frames judged since the echo path was learned.
@@ -301,6 +318,13 @@ pub struct EchoGate {
     /// The position (reference frame index) the next caller frame takes if none were missing.
     mic_next: i64,
     mic_started: bool,
+    /// The reference frame at which the previous caller frame arrived, how many caller frames
+    /// arrived in this tick, how far behind the clock the previous one was placed, and for how
+    /// many frames in a row (one per tick) the run stayed that far behind.
+    mic_arrived: i64,
+    tick_frames: usize,
+    mic_behind: i64,
+    steady_behind: u32,
     /// Frames left in which the caller, just heard over the echo, needs only `HOLD_MARGIN_DB`.
     hold: u32,
     /// How fast the echo's tail decays (dB per block), and the last caller block the echo
@@ -350,11 +374,16 @@ impl EchoGate {
             fast: Stats::new(lags, FAST_N),
             state: State::Learning,
             bound: vec![db_pow(-default_erl_db); lags],
+            recent: vec![db_pow(-default_erl_db); lags],
             behind: vec![0.0; lags + 2],
             held_frames: 0,
             floor_db: None,
             mic_next: 0,
             mic_started: false,
+            mic_arrived: 0,
+            tick_frames: 1,
+            mic_behind: 0,
+            steady_behind: 0,
             hold: 0,
             tail_decay_db: TAIL_DECAY_DB,
             tail_prev: None,
@@ -392,6 +421,13 @@ impl EchoGate {
         }
     }
 
+    /// Called once per tick before the caller frames of the tick (after [`Self::reference`]):
+    /// how many there are. One after a tick without any is on time; several are a burst, some
+    /// of them late.
+    pub fn arrivals(&mut self, frames: usize) {
+        self.tick_frames = frames;
+    }
+
     /// Called for every inbound caller frame, in order (about one per tick, but they can arrive
     /// in bursts of up to 3 per tick or be missing for a while). Learns, and returns true when
     /// the frame's level is explained by the agent's echo (so a VAD "voice" on it must be
@@ -401,7 +437,11 @@ impl EchoGate {
         if !self.enabled || mic.is_empty() {
             return false;
         }
-        let pos = self.place();
+        let (pos, gap) = self.place();
+        if let Some((from, to)) = gap {
+            // Frames never sent: the far side made no sound there.
+            self.quiet_gap(from.saturating_mul(2), to.saturating_mul(2));
+        }
         let state = self.state;
         let (a, b) = self.halves(mic);
         let mut verdict = Verdict::default();
@@ -532,15 +572,21 @@ impl EchoGate {
         self.prove(m_pow, default_gain);
         // Louder than any echo could be: the caller talks, nothing to learn about the echo.
         if !beyond_worst {
-            for l in 0..self.lags {
-                let r_db = self.ref_at(block, l).1;
-                if r_db > ACTIVE_DB && r_db > floor_db + LEARN_OVER_FLOOR_DB {
-                    self.slow.learn(l, m_db - r_db);
-                    self.fast.learn(l, m_db - r_db);
-                }
-            }
+            self.learn(block, m_db, floor_db);
         }
         v
+    }
+
+    /// Learns the level difference between a caller block at `block` (`m_db`) and the agent's
+    /// audio at every lag behind it that was loud enough to teach something.
+    fn learn(&mut self, block: i64, m_db: f32, floor_db: f32) {
+        for l in 0..self.lags {
+            let r_db = self.ref_at(block, l).1;
+            if r_db > ACTIVE_DB && r_db > floor_db + LEARN_OVER_FLOOR_DB {
+                self.slow.learn(l, m_db - r_db);
+                self.fast.learn(l, m_db - r_db);
+            }
+        }
     }
 
     /// The loudest echo the agent's audio in the window (`self.behind`) can put in the caller
@@ -569,7 +615,7 @@ impl EchoGate {
     /// `self.behind`): the echo through each lag where the agent played is no louder than the
     /// block. Older proofs relax.
     fn prove(&mut self, m_pow: f32, default_gain: f32) {
-        let relax = db_pow(BOUND_RELAX_DB);
+        let (relax, recent_relax) = (db_pow(BOUND_RELAX_DB), db_pow(RECENT_RELAX_DB));
         let least = db_pow(-BOUND_MAX_DB).min(default_gain);
         let active = db_pow(ACTIVE_DB);
         // An echo between two lags takes part of each of two blocks (at lag 0, of lags 0 and 1
@@ -588,10 +634,14 @@ impl EchoGate {
                 || (r0 > r1.max(r2) && r3 > r1.max(r2))
                 || (r1 > r2.max(r3) && r4 > r2.max(r3));
             let held = if dip { low * (low / high) } else { low };
-            let b = &mut self.bound[l];
-            *b = (*b * relax).min(default_gain);
-            if low > active {
-                *b = b.min((m_pow / held).max(least));
+            let proven = (m_pow / held).max(least);
+            for (bounds, relax) in [(&mut self.bound, relax), (&mut self.recent, recent_relax)] {
+                if let Some(b) = bounds.get_mut(l) {
+                    *b = (*b * relax).min(default_gain);
+                    if low > active {
+                        *b = b.min(proven);
+                    }
+                }
             }
         }
     }
@@ -648,6 +698,9 @@ impl EchoGate {
         self.moving = self
             .fast_lag
             .filter(|&f| path.is_some_and(|p| p.lag.abs_diff(f) > PATH_SPREAD_BLOCKS));
+        // A new path where the line recently proved the echo far quieter is the caller's
+        // voice following the agent's by chance (double talk), not an echo.
+        let path = path.filter(|p| current.is_some() || !self.contradicted(p));
         if let Some(p) = path {
             self.state = State::Learned(p);
             return;
@@ -673,30 +726,107 @@ impl EchoGate {
         self.state = next;
     }
 
+    /// Caller blocks `from..to` (reference block indices) were never sent: a PBX bridge sends
+    /// nothing while the far side makes no sound, and a phone's silence suppression nothing below
+    /// its threshold. An echo there would have been sent, so these blocks prove the echo quiet at
+    /// every lag where the agent played, and teach the statistics, as a quiet caller block does;
+    /// and they are the line's floor. Only the last ones count (older proofs would have relaxed
+    /// by now).
+    fn quiet_gap(&mut self, from: i64, to: i64) {
+        let level_db = self.floor_db.map_or(GAP_DB, |f| f.min(GAP_DB));
+        let window = i64::try_from(self.lags.saturating_mul(2)).unwrap_or(i64::MAX);
+        let from = from.max(to.saturating_sub(window)).max(0);
+        if from >= to {
+            return;
+        }
+        let (pow, default_gain) = (db_pow(level_db), db_pow(-self.default_erl_db));
+        for block in from..to {
+            self.track_floor(level_db);
+            for l in 0..self.behind.len() {
+                self.behind[l] = self.ref_at(block, l).0;
+            }
+            self.prove(pow, default_gain);
+        }
+    }
+
+    /// Whether what the line proved recently (`self.recent`) at the path's lag, give or take a
+    /// block, says the echo there is more than `CONTRADICT_DB` quieter than the path has it.
+    fn contradicted(&self, p: &Path) -> bool {
+        let proven = (p.lag.saturating_sub(1)..=p.lag.saturating_add(1))
+            .filter_map(|l| self.recent.get(l))
+            .fold(0.0f32, |a, &b| a.max(b));
+        proven * db_pow(BOUND_SLACK_DB + CONTRADICT_DB) < db_pow(-p.erl_db)
+    }
+
     /// Places the next caller frame on the reference clock (a reference frame index): right
     /// after the previous one, unless that is ahead of the clock (the run was placed too late:
     /// this frame is on time) or more than a burst behind it (frames went missing: this one is
-    /// taken as on time).
-    fn place(&mut self) -> i64 {
+    /// taken as on time). The only frame of a tick after `QUIET_TICKS` without any is on time
+    /// too: a late run would have come in a burst, so the frames before it were never sent. Also
+    /// says from where (a frame index) frames were never sent
+    /// before it, when that is longer than a late burst: since the previous frame, or since the
+    /// call started when this is the line's first.
+    fn place(&mut self) -> (i64, Option<(i64, i64)>) {
         let latest = self.ref_blocks / 2 - 1;
-        let pos = match self.mic_next {
+        let ticks = latest.saturating_sub(self.mic_arrived);
+        self.mic_arrived = latest;
+        let mut pos = match self.mic_next {
             _ if !self.mic_started => latest,
             next if next > latest => latest,
             next if latest.saturating_sub(next) > JITTER_FRAMES => latest,
             next => next,
         };
+        // Frames never sent before this one (first and last, frame indices).
+        let mut gap = if !self.mic_started {
+            Some((0, pos.saturating_sub(JITTER_FRAMES)))
+        } else if pos > self.mic_next && pos.abs_diff(self.mic_next) > UNSURE_MAX_FRAMES {
+            // Leave out the last few, where this frame may belong if it came late.
+            Some((self.mic_next, pos.saturating_sub(JITTER_FRAMES)))
+        } else {
+            None
+        };
+        let behind = latest.saturating_sub(pos);
+        if self.mic_started && self.tick_frames == 1 && behind > 0 && pos == self.mic_next {
+            if ticks > QUIET_TICKS {
+                // The only frame this tick, after ticks without any: on time after frames
+                // never sent (a late run would come in a burst).
+                gap = Some((self.mic_next, latest));
+                pos = latest;
+            } else if ticks > 1 && self.mic_behind == 0 {
+                // After one tick without any on a line that was on time: late, or on time
+                // after a frame never sent; the frames after it tell.
+                self.unsure(behind.unsigned_abs(), STEADY_BEHIND_FRAMES);
+            }
+            // A run that stays as far behind, one frame per tick, is not late (it would catch
+            // up): frames were never sent before it.
+            self.steady_behind = if ticks == 1 && behind == self.mic_behind {
+                self.steady_behind.saturating_add(1)
+            } else {
+                0
+            };
+            if self.steady_behind >= STEADY_BEHIND_FRAMES {
+                pos = latest;
+            }
+        } else {
+            self.steady_behind = 0;
+        }
+        self.mic_behind = latest.saturating_sub(pos);
         let moved = pos.abs_diff(self.mic_next);
         if self.mic_started && moved > 0 && moved <= UNSURE_MAX_FRAMES {
-            let frames = u32::try_from(moved).unwrap_or(u32::MAX);
-            self.unsure_frames = self
-                .unsure_frames
-                .max(frames.saturating_add(UNSURE_EXTRA_FRAMES));
-            let blocks = usize::try_from(moved.saturating_mul(2)).unwrap_or(usize::MAX);
-            self.unsure_blocks = self.unsure_blocks.max(blocks).min(self.lags);
+            self.unsure(moved, UNSURE_EXTRA_FRAMES);
         }
         self.mic_started = true;
         self.mic_next = pos.saturating_add(1);
-        pos
+        (pos, gap)
+    }
+
+    /// The caller's frames may be `frames` away from where they are placed: for that many frames
+    /// and `extra` more, the echo is predicted that far either way and nothing is learned.
+    fn unsure(&mut self, frames: u64, extra: u32) {
+        let n = u32::try_from(frames).unwrap_or(u32::MAX);
+        self.unsure_frames = self.unsure_frames.max(n.saturating_add(extra));
+        let blocks = usize::try_from(frames.saturating_mul(2)).unwrap_or(usize::MAX);
+        self.unsure_blocks = self.unsure_blocks.max(blocks).min(self.lags);
     }
 
     /// The reference block `lag` blocks before caller block `block`: (power, dBFS), silence when
@@ -910,6 +1040,9 @@ mod tests {
         Bursty(u64),
         /// Every `.0` ticks nothing arrives for `.1` ticks (a stall), then all of it at once.
         Stalls(usize, usize),
+        /// One per tick, but only frames louder than `.0` dBFS and the 5 after them (a phone's
+        /// silence suppression with its hangover, or a bridge where the far side is silent).
+        Suppressed(f32),
     }
 
     /// One caller frame as the gate judged it.
@@ -953,14 +1086,14 @@ mod tests {
         };
         let mut queue: std::collections::VecDeque<usize> = Default::default();
         let (mut rng, bursty) = match arrival {
-            Arrival::Steady | Arrival::Stalls(..) => (Rng(1), false),
+            Arrival::Steady | Arrival::Stalls(..) | Arrival::Suppressed(_) => (Rng(1), false),
             Arrival::Bursty(seed) => (Rng(seed | 1), true),
         };
         let stalled = |t: usize| match arrival {
             Arrival::Stalls(every, ticks) => every > 0 && t % every >= every - ticks,
             _ => false,
         };
-        let mut drop_left = 0u32;
+        let (mut drop_left, mut hangover) = (0u32, 0u32);
         let mut obs = Vec::new();
         let mut learned_at_ms = None;
         for t in 0..ticks {
@@ -972,6 +1105,14 @@ mod tests {
             }
             if bursty && drop_left == 0 && rng.unit() < 1.0 / 150.0 {
                 drop_left = 5 + (rng.next() % 26) as u32;
+            }
+            if let Arrival::Suppressed(threshold_db) = arrival {
+                let mic = mix(&[&frame(echo_part, t), &frame(caller, t), &frame(noise, t)]);
+                if dbfs(&mic) > threshold_db {
+                    hangover = 6;
+                }
+                drop_left = u32::from(hangover == 0);
+                hangover = hangover.saturating_sub(1);
             }
             if drop_left > 0 {
                 drop_left -= 1;
@@ -991,6 +1132,7 @@ mod tests {
                     _ => 1.min(queue.len()),
                 }
             };
+            g.arrivals(deliver.min(queue.len()));
             for _ in 0..deliver {
                 let Some(k) = queue.pop_front() else { break };
                 let e = frame(echo_part, k);
@@ -1326,6 +1468,92 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_line_that_sends_nothing_in_silence_lets_the_caller_through_at_once() {
+        // A bridge sends nothing while the far side is silent, a phone's silence suppression
+        // nothing below its threshold: no caller frame while the agent talks. The missing frames
+        // prove there is no echo, so a caller quieter than the agent is heard from their first
+        // frames, however they start (a plain level from the first sample, or a voice). (A
+        // sound that goes on for a second over an agent that never stops is held once the
+        // proofs have relaxed, as on any line; the agent pauses at the caller's first frame.)
+        let rate = 8_000;
+        let agent_dbfs = -13.0;
+        let agent = agent_track(rate, agent_dbfs, 61);
+        let silent = vec![0i16; agent.len()];
+        let line = vec![0i16; agent.len()];
+        for rel in [-5.0f32, -12.0, -20.0] {
+            let caller_dbfs = agent_dbfs + rel;
+            let buzz: Vec<i16> = {
+                let amp = 32_768.0 * 10f32.powf(caller_dbfs / 20.0) * 2f32.sqrt();
+                (0..rate)
+                    .map(|i| (amp * (i as f32 * 0.37).sin()) as i16)
+                    .collect()
+            };
+            for (what, clip) in [
+                ("a buzz", buzz),
+                ("a voice", voice(rate, 1_000, caller_dbfs, 62)),
+            ] {
+                let onset = 1_500u64;
+                let caller = place(rate, 17_000, &[(onset as u32, clip)]);
+                let r = run(
+                    rate,
+                    &agent,
+                    &silent,
+                    &caller,
+                    &line,
+                    Arrival::Suppressed(-55.0),
+                );
+                let (first, _, _) = first_through(&r, onset, caller_dbfs);
+                let first = first.expect("the caller got through");
+                // Held back within the agent's echo window after it paused at the caller's
+                // first frame (`max_delay_ms`): after that no agent audio is in the window.
+                let held = r
+                    .obs
+                    .iter()
+                    .filter(|o| (onset..onset + 600).contains(&o.t_ms))
+                    .filter(|o| o.caller_db > caller_dbfs - 10.0 && o.echo)
+                    .count()
+                    * 20;
+                eprintln!(
+                    "silence suppressed, no echo, {what} at {rel} dB: first through {} ms after, {held} ms held back in the first 600",
+                    first - onset
+                );
+                assert!(first <= onset + 60, "{what} at {rel} dB: {first} ms");
+                assert!(held <= 40, "{what} at {rel} dB: {held} ms held back");
+            }
+        }
+    }
+
+    #[test]
+    fn on_a_line_that_sends_nothing_in_silence_the_echo_is_still_held() {
+        // The same line with an echo: its frames come when the echo does, so the gaps prove
+        // nothing at the echo's lag, and it must not pass for the caller, from the agent's first
+        // word on (nothing learned yet) and after every pause of the agent's.
+        let rate = 8_000;
+        for (i, delay) in [40u32, 120, 300].into_iter().enumerate() {
+            let seed = 63 + i as u64;
+            let agent = agent_track(rate, -13.0, seed);
+            let echo = delayed(rate, &agent, delay, -10.0);
+            let silent = vec![0i16; agent.len()];
+            let line = vec![0i16; agent.len()];
+            let r = run(
+                rate,
+                &agent,
+                &echo,
+                &silent,
+                &line,
+                Arrival::Suppressed(-55.0),
+            );
+            let at = leaked_at(&r);
+            eprintln!(
+                "silence suppressed, echo -10 dB at {delay} ms: {} frames sent, leaks at {at:?}",
+                r.obs.len()
+            );
+            assert!(r.obs.len() > 100, "the echo's frames were sent");
+            assert!(at.is_empty(), "echo at {delay} ms let through at {at:?} ms");
         }
     }
 

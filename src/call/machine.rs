@@ -2179,6 +2179,7 @@ impl CallCore {
         if let Some(gate) = self.echo.as_mut() {
             let frame = self.ear.pop_front();
             gate.reference(frame.as_deref().unwrap_or(&[]));
+            gate.arrivals(self.inbound.len().min(FRAMES_PER_TICK));
         }
         // Inbound audio: what arrived (a few frames per tick at most, so a backlog drains
         // without stalling the tick); silence when the PBX sends nothing.
