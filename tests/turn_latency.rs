@@ -2,10 +2,12 @@
 //! whisper server, the Smart Turn model): from the end of the caller's speech to the agent's
 //! first audio, split into the endpoint wait, ASR (what was left of it after the endpoint),
 //! dialog and TTS, and the ASR time that ran during the endpoint wait (overlap gained). It runs
-//! the five example flows three ways and prints p50/p95 of each: silence-only endpointing,
+//! the five example flows four ways and prints p50/p95 of each: silence-only endpointing,
 //! early endpointing with the batch whisper server, and early endpointing with streaming ASR (a
-//! scripted OpenAI Realtime server, `realtime_emu`, that gives each utterance's words 100 ms
-//! after its first commit).
+//! scripted OpenAI Realtime server, `realtime_emu`) two ways: a server that transcribes on
+//! commit and gives each utterance's words 100 ms after its first commit ("streamed"), and a
+//! streaming recognizer whose words are final 100 ms after the caller's last voiced audio,
+//! given at the commit or then ("live": the condition).
 //!
 //! In CI it runs one flow each way (asserting that every turn record carries its split and that
 //! the split accounts for the turn); `SIDECALL_TURN_FLOWS=all` runs all five flows twice each
@@ -14,7 +16,8 @@
 //!     SIDECALL_TURN_FLOWS=all cargo test --release --test turn_latency -- --nocapture
 //!
 //! `SIDECALL_TURN_TTS=piper` has the agent speak with Piper instead of espeak-ng;
-//! `SIDECALL_TURN_MODES=streamed` (or `silence`, `early`, comma-separated) runs only those ways;
+//! `SIDECALL_TURN_MODES=streamed` (or `silence`, `early`, `live`, comma-separated) runs only
+//! those ways;
 //! `SIDECALL_TURN_DUMP=1` prints each call's turn-taking records.
 
 mod common;
@@ -78,6 +81,7 @@ enum Mode {
     SilenceOnly,
     Early,
     EarlyStreamed,
+    EarlyLive,
 }
 
 /// The turn records of one call of `flow` with `callers`, endpointed and transcribed `mode`'s
@@ -92,13 +96,22 @@ async fn turns(dir: &Path, flow: &str, callers: &[&str], mode: Mode) -> Vec<Valu
             lib.display()
         );
     }
-    // The scripted server knows what each caller says: its words 100 ms after the commit.
-    let emu = if mode == Mode::EarlyStreamed {
+    // The scripted server knows what each caller says: its words 100 ms after the commit, or
+    // final 100 ms after the caller's voice.
+    let emu = if matches!(mode, Mode::EarlyStreamed | Mode::EarlyLive) {
         let emu = RealtimeEmu::start(24_000).await;
         for text in callers {
-            emu.push(Answer::Say {
-                text: (*text).to_string(),
-                delay_ms: 100,
+            let text = (*text).to_string();
+            emu.push(if mode == Mode::EarlyLive {
+                Answer::Live {
+                    text,
+                    after_voice_ms: 100,
+                }
+            } else {
+                Answer::Say {
+                    text,
+                    delay_ms: 100,
+                }
             });
         }
         extra += &format!("\n[asr.stream]\nurl = \"{}\"\n", emu.url());
@@ -134,7 +147,11 @@ async fn turns(dir: &Path, flow: &str, callers: &[&str], mode: Mode) -> Vec<Valu
     )
     .await;
     // SIDECALL_TURN_DUMP=1: each call's turn-taking records, to see where the time went.
-    if std::env::var("SIDECALL_TURN_DUMP").is_ok_and(|v| v == "1") {
+    if std::env::var("SIDECALL_TURN_DUMP").is_ok_and(|v| v == "all") {
+        for r in &call.records {
+            eprintln!("{mode:?} {flow}: {r}");
+        }
+    } else if std::env::var("SIDECALL_TURN_DUMP").is_ok_and(|v| v == "1") {
         for r in &call.records {
             if ["speech_end", "turn_check", "transcript", "turn"]
                 .contains(&r["type"].as_str().unwrap_or(""))
@@ -188,6 +205,7 @@ async fn end_of_speech_to_first_audio_split_by_stage() {
         ("silence", Mode::SilenceOnly),
         ("early", Mode::Early),
         ("streamed", Mode::EarlyStreamed),
+        ("live", Mode::EarlyLive),
     ]
     .into_iter()
     .filter(|(name, _)| only.is_empty() || only.split(',').any(|o| o.trim() == *name))
@@ -222,6 +240,7 @@ async fn end_of_speech_to_first_audio_split_by_stage() {
                 Mode::SilenceOnly => "silence only (600 ms)",
                 Mode::Early => "early endpointing",
                 Mode::EarlyStreamed => "early + streaming ASR",
+                Mode::EarlyLive => "early + live streaming ASR",
             },
             rows.len()
         );

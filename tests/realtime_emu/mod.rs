@@ -33,6 +33,10 @@ pub enum Answer {
     Say { text: String, delay_ms: u64 },
     /// One transcript per commit of the utterance, in order (a caller who pauses and goes on).
     Parts { texts: Vec<String>, delay_ms: u64 },
+    /// A streaming recognizer: this transcript is final `after_voice_ms` after the last voiced
+    /// audio the server received (it decoded the words as they came), so a commit gets it then,
+    /// or at once when that time has passed.
+    Live { text: String, after_voice_ms: u64 },
     /// The whisper server's transcript of the committed audio.
     Whisper,
     /// An `error` event naming the commit (`code`), no transcript.
@@ -192,6 +196,8 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, rate: u
             "session": {"type": "transcription", "object": "realtime.transcription_session", "id": format!("sess_emu{connection}")}})))
         .await;
     let mut buffer: Vec<i16> = Vec::new();
+    // When the last voiced audio came in (above -40 dBFS over an append).
+    let mut last_voiced: Option<tokio::time::Instant> = None;
     let mut utterance = 0usize;
     let mut first_in_utterance = true;
     let mut scripted_text = false;
@@ -253,11 +259,18 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, rate: u
                     .and_then(|a| base64::engine::general_purpose::STANDARD.decode(a).ok());
                 match decoded {
                     Some(bytes) if bytes.len() % 2 == 0 => {
+                        let from = buffer.len();
                         buffer.extend(
                             bytes
                                 .chunks_exact(2)
                                 .map(|b| i16::from_le_bytes([b[0], b[1]])),
                         );
+                        let chunk = &buffer[from..];
+                        let power = chunk.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>()
+                            / chunk.len().max(1) as f64;
+                        if power > (32_768.0f64 * 0.01).powi(2) {
+                            last_voiced = Some(tokio::time::Instant::now());
+                        }
                         lock(&shared).log.appends += 1;
                     }
                     _ => {
@@ -310,7 +323,10 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, rate: u
                     .await;
                 let answer = if first_in_utterance {
                     let a = lock(&shared).script.pop_front().unwrap_or(Answer::Whisper);
-                    scripted_text = matches!(a, Answer::Say { .. } | Answer::Parts { .. });
+                    scripted_text = matches!(
+                        a,
+                        Answer::Say { .. } | Answer::Parts { .. } | Answer::Live { .. }
+                    );
                     match a {
                         Answer::Parts { texts, delay_ms } => {
                             parts = texts.into();
@@ -348,6 +364,18 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, rate: u
                     Answer::Say { text, delay_ms } => {
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                            transcript(&out, &item_id, &text, &done_id).await;
+                        });
+                    }
+                    Answer::Live {
+                        text,
+                        after_voice_ms,
+                    } => {
+                        let ready = last_voiced.map(|t| t + Duration::from_millis(after_voice_ms));
+                        tokio::spawn(async move {
+                            if let Some(at) = ready {
+                                tokio::time::sleep_until(at).await;
+                            }
                             transcript(&out, &item_id, &text, &done_id).await;
                         });
                     }
