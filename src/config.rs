@@ -214,7 +214,7 @@ impl Default for TurnConfig {
         Self {
             model: String::new(),
             onnxruntime: String::new(),
-            pause_ms: 200,
+            pause_ms: 150,
             threshold: 0.5,
             max_silence_ms: 1_500,
             digits_silence_ms: 2_500,

@@ -44,7 +44,7 @@ async fn a_pause_mid_sentence_is_not_cut_off_and_a_short_yes_ends_the_turn_early
             flow: Some("order_status".into()),
             callers: vec![
                 // 1.8 s of silence after "is": past the fixed endpoint (1.5 s here, 600 ms by
-                // default), and past the 200 ms pause where the audio so far went to the model
+                // default), and past the short pause where the audio so far went to the model
                 // and to ASR.
                 with_gap(
                     dir.path(),

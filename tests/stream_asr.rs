@@ -226,7 +226,8 @@ async fn with_the_stream_server_down_the_batch_engine_does_every_turn() {
 async fn a_pause_is_committed_early_and_the_rest_of_the_sentence_joins_it() {
     let emu = RealtimeEmu::start(24_000).await;
     let dir = tempfile::tempdir().unwrap();
-    // Pauses are transcribed ahead: the audio up to a 200 ms pause is committed at once.
+    // Pauses are transcribed ahead: the audio up to a short pause (`turn.pause_ms`) is
+    // committed at once.
     // No end-of-turn model here: the 600 ms silence would end the turn inside the caller's
     // pause, so the turn ends on 1.2 s.
     let cfg = stream_config(

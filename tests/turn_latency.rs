@@ -18,7 +18,8 @@
 //! `SIDECALL_TURN_TTS=piper` has the agent speak with Piper instead of espeak-ng;
 //! `SIDECALL_TURN_MODES=streamed` (or `silence`, `early`, `live`, comma-separated) runs only
 //! those ways;
-//! `SIDECALL_TURN_DUMP=1` prints each call's turn-taking records.
+//! `SIDECALL_TURN_DUMP=1` prints each call's turn-taking records (`all`: every record);
+//! `SIDECALL_TURN_PAUSE_MS` sets `turn.pause_ms`.
 
 mod common;
 mod realtime_emu;
@@ -95,6 +96,10 @@ async fn turns(dir: &Path, flow: &str, callers: &[&str], mode: Mode) -> Vec<Valu
             model.display(),
             lib.display()
         );
+        // SIDECALL_TURN_PAUSE_MS: the pause at which the model is asked (turn.pause_ms).
+        if let Ok(ms) = std::env::var("SIDECALL_TURN_PAUSE_MS") {
+            extra += &format!("pause_ms = {ms}\n");
+        }
     }
     // The scripted server knows what each caller says: its words 100 ms after the commit, or
     // final 100 ms after the caller's voice.

@@ -569,7 +569,12 @@ mod tests {
             end_silence_ms: 600,
             ..VadConfig::default()
         };
-        let ends = Endpointing::new(&cfg, &TurnConfig::default(), model);
+        // The frame counts below are written for 200 ms pauses, whatever the default.
+        let turn = TurnConfig {
+            pause_ms: 200,
+            ..TurnConfig::default()
+        };
+        let ends = Endpointing::new(&cfg, &turn, model);
         TurnDetector::new(&cfg, ends, Box::new(Scripted))
     }
 
