@@ -32,7 +32,14 @@
 //! The caller's frames are placed on the reference's clock by their order, not by when they
 //! arrive: bursts of late frames keep their places, and a gap longer than a burst (a PBX that
 //! sends nothing in silence, lost frames) or a frame that would be ahead of the clock
-//! re-anchors them. A frame re-anchored by a short distance may belong at either place: for a
+//! re-anchors them. So does a single frame after ticks without any, or a run that stays behind
+//! the clock one frame per tick: late frames come in a burst, so frames before these were never
+//! sent (a PBX bridge sends nothing while the far side is silent, nor does a phone's silence
+//! suppression). Frames never sent are a quiet line, and prove the echo quiet like quiet frames
+//! do; without that, such a line would prove nothing and a caller quieter than the agent would
+//! be held until the agent stopped. Only the statistics learn nothing from them (frames lost
+//! on the way look the same). On such a line the statistics see mostly the caller's voice, so a
+//! new path that what the line proved in the last second contradicts is double talk, not echo. A frame re-anchored by a short distance may belong at either place: for a
 //! while the path's echo is predicted that far either way and nothing is learned. So is the
 //! start of the agent's audio after a silence, by a PBX tick (the phase between the PBX's clock
 //! and ours can change from one prompt to the next), until the fast statistics agree again.
@@ -118,9 +125,9 @@ const TAIL_SPAN_DB: f32 = 40.0;
 const TAIL_LAGS: usize = 40;
 /// The noise floor follows the quietest blocks and rises this much (dB) per block otherwise.
 const FLOOR_RISE_DB: f32 = 0.05;
-/// Caller frames never sent (a gap longer than `UNSURE_MAX_FRAMES`) are taken as at most this
-/// loud (dBFS), or the line's floor if that is quieter: silence suppression sends nothing below
-/// about this, and a bridge nothing while the far side makes no sound.
+/// Caller frames never sent (see `place`) are taken as at most this loud (dBFS), or the line's
+/// floor if that is quieter: silence suppression sends nothing below about this, and a bridge
+/// nothing while the far side makes no sound.
 const GAP_DB: f32 = -60.0;
 /// The only caller frame of a tick after this many ticks without any is on time (frames late by
 /// that much come in a burst).
@@ -729,9 +736,9 @@ impl EchoGate {
     /// Caller blocks `from..to` (reference block indices) were never sent: a PBX bridge sends
     /// nothing while the far side makes no sound, and a phone's silence suppression nothing below
     /// its threshold. An echo there would have been sent, so these blocks prove the echo quiet at
-    /// every lag where the agent played, and teach the statistics, as a quiet caller block does;
-    /// and they are the line's floor. Only the last ones count (older proofs would have relaxed
-    /// by now).
+    /// every lag where the agent played, as a quiet caller block does, and they are the line's
+    /// floor. They teach the statistics nothing: frames lost on the way look the same. Only the
+    /// last ones count (older proofs would have relaxed by now).
     fn quiet_gap(&mut self, from: i64, to: i64) {
         let level_db = self.floor_db.map_or(GAP_DB, |f| f.min(GAP_DB));
         let window = i64::try_from(self.lags.saturating_mul(2)).unwrap_or(i64::MAX);
@@ -762,10 +769,10 @@ impl EchoGate {
     /// after the previous one, unless that is ahead of the clock (the run was placed too late:
     /// this frame is on time) or more than a burst behind it (frames went missing: this one is
     /// taken as on time). The only frame of a tick after `QUIET_TICKS` without any is on time
-    /// too: a late run would have come in a burst, so the frames before it were never sent. Also
-    /// says from where (a frame index) frames were never sent
-    /// before it, when that is longer than a late burst: since the previous frame, or since the
-    /// call started when this is the line's first.
+    /// too: a late run would have come in a burst, so the frames before it were never sent; so
+    /// is a run that stays as far behind the clock, one frame per tick. Also says which frames
+    /// (first and last frame index) were never sent before this one: since the previous frame,
+    /// or since the call started when this is the line's first.
     fn place(&mut self) -> (i64, Option<(i64, i64)>) {
         let latest = self.ref_blocks / 2 - 1;
         let ticks = latest.saturating_sub(self.mic_arrived);
