@@ -189,7 +189,8 @@ pub struct TurnConfig {
     pub model: String,
     /// ONNX Runtime's `libonnxruntime.so` (from the PyPI wheel `onnxruntime`).
     pub onnxruntime: String,
-    /// Silence after which the model is asked (and the audio so far transcribed ahead).
+    /// Silence after which the model is asked (and the audio so far transcribed ahead), counted
+    /// in 20 ms frames.
     pub pause_ms: u64,
     /// Model score from which the utterance counts as complete.
     pub threshold: f32,
@@ -214,7 +215,7 @@ impl Default for TurnConfig {
         Self {
             model: String::new(),
             onnxruntime: String::new(),
-            pause_ms: 150,
+            pause_ms: 160,
             threshold: 0.5,
             max_silence_ms: 1_500,
             digits_silence_ms: 2_500,

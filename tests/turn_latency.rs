@@ -204,7 +204,7 @@ async fn end_of_speech_to_first_audio_split_by_stage() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut report = Vec::new();
-    // SIDECALL_TURN_MODES=streamed (or silence, early; comma-separated): only those ways.
+    // SIDECALL_TURN_MODES=streamed (or silence, early, live; comma-separated): only those ways.
     let only = std::env::var("SIDECALL_TURN_MODES").unwrap_or_default();
     let modes = [
         ("silence", Mode::SilenceOnly),

@@ -129,6 +129,9 @@ const FLOOR_RISE_DB: f32 = 0.05;
 /// floor if that is quieter: silence suppression sends nothing below about this, and a bridge
 /// nothing while the far side makes no sound.
 const GAP_DB: f32 = -60.0;
+/// ...or at most as loud as the last frame sent before them; after a frame louder than this
+/// (dBFS) they prove nothing (frames lost in the middle of a sound, not silence).
+const GAP_LOUD_DB: f32 = -35.0;
 /// The only caller frame of a tick after this many ticks without any is on time (frames late by
 /// that much come in a burst).
 const QUIET_TICKS: i64 = 2;
@@ -332,6 +335,8 @@ pub struct EchoGate {
     tick_frames: usize,
     mic_behind: i64,
     steady_behind: u32,
+    /// The level (dBFS) of the last caller frame.
+    last_db: Option<f32>,
     /// Frames left in which the caller, just heard over the echo, needs only `HOLD_MARGIN_DB`.
     hold: u32,
     /// How fast the echo's tail decays (dB per block), and the last caller block the echo
@@ -391,6 +396,7 @@ impl EchoGate {
             tick_frames: 1,
             mic_behind: 0,
             steady_behind: 0,
+            last_db: None,
             hold: 0,
             tail_decay_db: TAIL_DECAY_DB,
             tail_prev: None,
@@ -429,14 +435,14 @@ impl EchoGate {
     }
 
     /// Called once per tick before the caller frames of the tick (after [`Self::reference`]):
-    /// how many there are. One after a tick without any is on time; several are a burst, some
-    /// of them late.
+    /// how many there are. One after `QUIET_TICKS` ticks without any is on time; several are a
+    /// burst, some of them late.
     pub fn arrivals(&mut self, frames: usize) {
         self.tick_frames = frames;
     }
 
     /// Called for every inbound caller frame, in order (about one per tick, but they can arrive
-    /// in bursts of up to 3 per tick or be missing for a while). Learns, and returns true when
+    /// in bursts of several per tick or be missing for a while). Learns, and returns true when
     /// the frame's level is explained by the agent's echo (so a VAD "voice" on it must be
     /// ignored), false when the caller's own voice is (or may be) in it, or when no agent audio
     /// played within the echo window.
@@ -449,6 +455,7 @@ impl EchoGate {
             // Frames never sent: the far side made no sound there.
             self.quiet_gap(from.saturating_mul(2), to.saturating_mul(2));
         }
+        self.last_db = Some(pow_db(power(mic)));
         let state = self.state;
         let (a, b) = self.halves(mic);
         let mut verdict = Verdict::default();
@@ -729,6 +736,7 @@ impl EchoGate {
         if next == State::Learning && self.held_frames >= FORGET_AFTER_FRAMES {
             let default_gain = db_pow(-self.default_erl_db);
             self.bound.iter_mut().for_each(|b| *b = default_gain);
+            self.recent.iter_mut().for_each(|b| *b = default_gain);
         }
         self.state = next;
     }
@@ -740,7 +748,14 @@ impl EchoGate {
     /// floor. They teach the statistics nothing: frames lost on the way look the same. Only the
     /// last ones count (older proofs would have relaxed by now).
     fn quiet_gap(&mut self, from: i64, to: i64) {
-        let level_db = self.floor_db.map_or(GAP_DB, |f| f.min(GAP_DB));
+        // Silence suppression cuts what is quieter than the frames it sent last (its hangover);
+        // a loud frame right before the gap is frames lost mid-sound, which prove nothing.
+        let level_db = match self.last_db {
+            Some(db) if db > GAP_LOUD_DB => return,
+            Some(db) => db.max(GAP_DB),
+            None => GAP_DB,
+        };
+        let level_db = self.floor_db.map_or(level_db, |f| f.min(level_db));
         let window = i64::try_from(self.lags.saturating_mul(2)).unwrap_or(i64::MAX);
         let from = from.max(to.saturating_sub(window)).max(0);
         if from >= to {
@@ -771,8 +786,8 @@ impl EchoGate {
     /// taken as on time). The only frame of a tick after `QUIET_TICKS` without any is on time
     /// too: a late run would have come in a burst, so the frames before it were never sent; so
     /// is a run that stays as far behind the clock, one frame per tick. Also says which frames
-    /// (first and last frame index) were never sent before this one: since the previous frame,
-    /// or since the call started when this is the line's first.
+    /// (a range of frame indices, the end left out) were surely never sent before this one:
+    /// since the previous frame, or since the call started when this is the line's first.
     fn place(&mut self) -> (i64, Option<(i64, i64)>) {
         let latest = self.ref_blocks / 2 - 1;
         let ticks = latest.saturating_sub(self.mic_arrived);
@@ -1539,28 +1554,34 @@ mod tests {
         // The same line with an echo: its frames come when the echo does, so the gaps prove
         // nothing at the echo's lag, and it must not pass for the caller, from the agent's first
         // word on (nothing learned yet) and after every pause of the agent's.
+        // Suppression that cuts at -55 or at -45 dBFS (its hangover frames are that loud).
         let rate = 8_000;
-        for (i, delay) in [40u32, 120, 300].into_iter().enumerate() {
-            let seed = 63 + i as u64;
-            let agent = agent_track(rate, -13.0, seed);
-            let echo = delayed(rate, &agent, delay, -10.0);
-            let silent = vec![0i16; agent.len()];
-            let line = vec![0i16; agent.len()];
-            let r = run(
-                rate,
-                &agent,
-                &echo,
-                &silent,
-                &line,
-                Arrival::Suppressed(-55.0),
-            );
-            let at = leaked_at(&r);
-            eprintln!(
-                "silence suppressed, echo -10 dB at {delay} ms: {} frames sent, leaks at {at:?}",
-                r.obs.len()
-            );
-            assert!(r.obs.len() > 100, "the echo's frames were sent");
-            assert!(at.is_empty(), "echo at {delay} ms let through at {at:?} ms");
+        for threshold in [-55.0f32, -45.0] {
+            for (i, delay) in [40u32, 120, 300].into_iter().enumerate() {
+                let seed = 63 + i as u64;
+                let agent = agent_track(rate, -13.0, seed);
+                let echo = delayed(rate, &agent, delay, -10.0);
+                let silent = vec![0i16; agent.len()];
+                let line = vec![0i16; agent.len()];
+                let r = run(
+                    rate,
+                    &agent,
+                    &echo,
+                    &silent,
+                    &line,
+                    Arrival::Suppressed(threshold),
+                );
+                let at = leaked_at(&r);
+                eprintln!(
+                    "silence suppressed below {threshold} dBFS, echo -10 dB at {delay} ms: {} frames sent, leaks at {at:?}",
+                    r.obs.len()
+                );
+                assert!(r.obs.len() > 100, "the echo's frames were sent");
+                assert!(
+                    at.is_empty(),
+                    "suppression at {threshold}: echo at {delay} ms let through at {at:?} ms"
+                );
+            }
         }
     }
 

@@ -1895,7 +1895,7 @@ fn a_complete_answer_ends_the_turn_at_the_pause_with_its_transcript_ready() {
     assert_eq!(
         (ids.len(), seqs.len()),
         (1, 1),
-        "asked once at the pause (150 ms)"
+        "asked once at the pause (160 ms)"
     );
     c.quiet(40);
     c.verdict(ids[0], 0.93);

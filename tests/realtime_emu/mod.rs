@@ -281,6 +281,7 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, rate: u
             }
             "input_audio_buffer.clear" => {
                 buffer.clear();
+                last_voiced = None;
                 parts.clear();
                 utterance += 1;
                 first_in_utterance = true;
