@@ -335,7 +335,7 @@ pub struct EchoGate {
     tick_frames: usize,
     mic_behind: i64,
     steady_behind: u32,
-    /// The level (dBFS) of the last caller frame.
+    /// The level (dBFS) of the last caller frame (its louder block).
     last_db: Option<f32>,
     /// Frames left in which the caller, just heard over the echo, needs only `HOLD_MARGIN_DB`.
     hold: u32,
@@ -455,18 +455,22 @@ impl EchoGate {
             // Frames never sent: the far side made no sound there.
             self.quiet_gap(from.saturating_mul(2), to.saturating_mul(2));
         }
-        self.last_db = Some(pow_db(power(mic)));
+
         let state = self.state;
         let (a, b) = self.halves(mic);
         let mut verdict = Verdict::default();
+        let mut loudest = 0.0f32;
         for (k, half) in [a, b].into_iter().enumerate() {
             let block = pos.saturating_mul(2).saturating_add(k as i64);
-            let v = self.block(block, power(half));
+            let p = power(half);
+            loudest = loudest.max(p);
+            let v = self.block(block, p);
             verdict.active |= v.active;
             verdict.caller |= v.caller;
             verdict.strong |= v.strong;
             verdict.echo_heard |= v.echo_heard;
         }
+        self.last_db = Some(pow_db(loudest));
         self.hold = if verdict.strong {
             HOLD_FRAMES
         } else {
@@ -1511,7 +1515,7 @@ mod tests {
             let buzz: Vec<i16> = {
                 let amp = 32_768.0 * 10f32.powf(caller_dbfs / 20.0) * 2f32.sqrt();
                 (0..rate)
-                    .map(|i| (amp * (i as f32 * 0.37).sin()) as i16)
+                    .map(|i| (amp * (0.37 * i as f32).sin()).round() as i16)
                     .collect()
             };
             for (what, clip) in [
@@ -1519,7 +1523,7 @@ mod tests {
                 ("a voice", voice(rate, 1_000, caller_dbfs, 62)),
             ] {
                 let onset = 1_500u64;
-                let caller = place(rate, 17_000, &[(onset as u32, clip)]);
+                let caller = place(rate, 17_000, &[(1_500, clip)]);
                 let r = run(
                     rate,
                     &agent,
@@ -1557,8 +1561,7 @@ mod tests {
         // Suppression that cuts at -55 or at -45 dBFS (its hangover frames are that loud).
         let rate = 8_000;
         for threshold in [-55.0f32, -45.0] {
-            for (i, delay) in [40u32, 120, 300].into_iter().enumerate() {
-                let seed = 63 + i as u64;
+            for (seed, delay) in [(63u64, 40u32), (64, 120), (65, 300)] {
                 let agent = agent_track(rate, -13.0, seed);
                 let echo = delayed(rate, &agent, delay, -10.0);
                 let silent = vec![0i16; agent.len()];

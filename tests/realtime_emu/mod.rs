@@ -266,8 +266,9 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, rate: u
                                 .map(|b| i16::from_le_bytes([b[0], b[1]])),
                         );
                         let chunk = &buffer[from..];
-                        let power = chunk.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>()
-                            / chunk.len().max(1) as f64;
+                        let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX).max(1);
+                        let power =
+                            chunk.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / f64::from(n);
                         if power > (32_768.0f64 * 0.01).powi(2) {
                             last_voiced = Some(tokio::time::Instant::now());
                         }
