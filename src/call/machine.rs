@@ -10,7 +10,7 @@
 //! even when the work they wait for never reports back, and the whole call ends at
 //! `call.max_duration_s`. Every way out ends with the caller sent to a human or hung up.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -21,7 +21,9 @@ use super::dtmf::DigitCollector;
 use super::echo::EchoGate;
 use super::link::{ControlError, LinkError, MediaEvent, MediaLink, Target};
 use super::playout::Playout;
-use super::turn::{Endpointing, TurnDetector, TurnEvent, trails_off};
+use super::turn::{
+    Endpointing, Recognition, Request, Routed, Transcripts, TurnDetector, TurnEvent,
+};
 use super::vad::Vad;
 use crate::audio::samples_per_frame;
 use crate::config::Config;
@@ -285,17 +287,6 @@ struct Reply {
 /// in time (the PBX plays out what it has).
 const PAUSE_MAX_LEAD_FRAMES: usize = 4;
 
-/// One utterance of the input being recognized.
-#[derive(Debug, Clone, PartialEq)]
-enum Piece {
-    /// Sent to ASR at this time.
-    Pending {
-        since: u64,
-    },
-    Text(String),
-    Failed(String),
-}
-
 /// The last control action of a call.
 #[derive(Debug, Clone)]
 enum EndAction {
@@ -331,11 +322,8 @@ enum Phase {
     Listening {
         no_input_at: Option<u64>,
     },
-    /// Waiting for transcripts: one per utterance, in order (a caller who pauses mid-sentence
-    /// and goes on is heard as one input).
-    Recognizing {
-        texts: BTreeMap<u64, Piece>,
-    },
+    /// Waiting for the transcripts of the caller's turn.
+    Recognizing(Recognition),
     /// Transferring or hanging up.
     Ending(Box<Ending>),
     Ended(CallOutcome),
@@ -373,33 +361,16 @@ pub struct CallCore {
     reply_seq: u64,
     next_mark: u64,
     dialog_seq: u64,
-    asr_seq: u64,
-    /// The transcription of the audio at the caller's last pause, started before the turn
-    /// ended.
-    speculation: Option<Speculation>,
+    /// The transcriptions of the caller's turn in progress.
+    heard: Transcripts,
     /// A reply being made ahead.
     ahead: ReplyAhead<Event>,
     /// The utterance is streamed to the recognizer as it comes (`Action::StreamAudio`).
     stream_asr: bool,
-    /// Samples of the current utterance streamed so far.
-    streamed: usize,
-    /// Earlier parts of the turn in progress: pauses the caller went on after, whose audio
-    /// was already being transcribed.
-    parts: Vec<Speculation>,
     control_seq: u64,
     /// Key sends not yet answered.
     dtmf_in_flight: u32,
     actions: VecDeque<Action>,
-}
-
-/// A transcription started at a pause, before the end of the turn was known.
-struct Speculation {
-    /// The pause check (turn detector) it belongs to.
-    check: u64,
-    seq: u64,
-    asked_at: u64,
-    /// Its result when it came before the end: (result, ms).
-    result: Option<(Result<Transcript, AsrError>, u64)>,
 }
 
 /// Collects what a playout tick sends as actions, and keeps each frame for the echo gate's
@@ -495,12 +466,9 @@ impl CallCore {
             reply_seq: 0,
             next_mark: 1,
             dialog_seq: 0,
-            asr_seq: 0,
-            speculation: None,
+            heard: Transcripts::default(),
             ahead: ReplyAhead::default(),
             stream_asr: false,
-            streamed: 0,
-            parts: Vec::new(),
             control_seq: 0,
             dtmf_in_flight: 0,
             actions: VecDeque::new(),
@@ -557,7 +525,7 @@ impl CallCore {
             Phase::Thinking { .. } => PhaseName::Thinking,
             Phase::Speaking(_) => PhaseName::Speaking,
             Phase::Listening { .. } => PhaseName::Listening,
-            Phase::Recognizing { .. } => PhaseName::Recognizing,
+            Phase::Recognizing(_) => PhaseName::Recognizing,
             Phase::Ending(_) => PhaseName::Ending,
             Phase::Ended(_) => PhaseName::Ended,
         }
@@ -579,18 +547,12 @@ impl CallCore {
         let own = match &self.phase {
             Phase::Answering { since } => Some(backstop(*since, CONTROL_TIMEOUT_MS)),
             Phase::Thinking { since, .. } => Some(backstop(*since, self.dialog_limit_ms)),
-            Phase::Recognizing { texts } => {
-                // The oldest transcript still out; with all in, the caller still talking (the
-                // detector ends an utterance at max_utterance_ms).
-                let pending = texts
-                    .values()
-                    .filter_map(|p| match p {
-                        Piece::Pending { since } => Some(backstop(*since, self.asr_limit_ms())),
-                        _ => None,
-                    })
-                    .min();
-                Some(pending.unwrap_or_else(|| self.speech_bound()))
-            }
+            // The oldest transcript still out; with all in, the caller still talking (the
+            // detector ends an utterance at max_utterance_ms).
+            Phase::Recognizing(r) => Some(r.pending_since().map_or_else(
+                || self.speech_bound(),
+                |since| backstop(since, self.asr_limit_ms()),
+            )),
             // While the caller talks or types, no-input waits: the utterance or the entry
             // ends by its own limit.
             Phase::Listening { .. } if self.detector.in_speech() => Some(self.speech_bound()),
@@ -815,7 +777,7 @@ impl CallCore {
         let want = Want {
             enabled: self.cfg.turn.reply_ahead,
             theirs: matches!(self.phase, Phase::Listening { .. }) && !self.ignore_speech,
-            parts_pending: !self.parts.is_empty(),
+            parts_pending: self.heard.has_parts(),
             text,
         };
         if !self.ahead.wanted(want) {
@@ -1109,9 +1071,7 @@ impl CallCore {
                     endpoint_ms: p.endpoint_ms,
                     ..TurnTimes::default()
                 };
-                self.phase = Phase::Recognizing {
-                    texts: BTreeMap::from([(seq, Piece::Pending { since: now })]),
-                };
+                self.phase = Phase::Recognizing(Recognition::asked(seq, now));
             } else {
                 self.actions.push_back(Action::CancelAsr);
             }
@@ -1171,9 +1131,7 @@ impl CallCore {
                         endpoint_ms: p.endpoint_ms,
                         ..TurnTimes::default()
                     };
-                    self.phase = Phase::Recognizing {
-                        texts: BTreeMap::from([(seq, Piece::Pending { since: now })]),
-                    };
+                    self.phase = Phase::Recognizing(Recognition::asked(seq, now));
                 }
             }
             // Replies that end the call are never interrupted (see `interruptible`).
@@ -1222,42 +1180,27 @@ impl CallCore {
         if !self.stream_asr {
             return;
         }
-        if let Some(TurnEvent::SpeechEnd { audio, from, .. }) = ev {
-            // The utterance is over (the detector has let it go): its last samples are in the
-            // event.
-            let end = from.saturating_add(audio.len());
-            if end > self.streamed && self.streamed >= *from {
-                let rest = audio
-                    .get(self.streamed - from..)
-                    .unwrap_or_default()
-                    .to_vec();
-                self.actions.push_back(Action::StreamAudio {
-                    begin: self.streamed == 0,
-                    audio: rest,
-                });
-            }
-            self.streamed = 0;
-            return;
+        let d = &self.detector;
+        if let Some((begin, audio)) = self.heard.stream(ev, d.in_speech(), d.utterance()) {
+            self.actions.push_back(Action::StreamAudio { begin, audio });
         }
-        if !self.detector.in_speech() {
-            self.streamed = 0;
-            return;
-        }
-        let u = self.detector.utterance();
-        if u.len() > self.streamed {
-            let audio = u.get(self.streamed..).unwrap_or_default().to_vec();
-            self.actions.push_back(Action::StreamAudio {
-                begin: self.streamed == 0,
-                audio,
-            });
-            self.streamed = u.len();
-        }
+    }
+
+    /// Asks for a transcription.
+    fn transcribe(&mut self, req: Request, hint: Option<String>) {
+        self.actions.push_back(Action::Transcribe {
+            seq: req.seq,
+            audio: req.audio,
+            hint,
+            speculative: req.speculative,
+            span: req.span,
+        });
     }
 
     fn on_turn_event(&mut self, now: u64, ev: TurnEvent) {
         match ev {
             TurnEvent::SpeechStart { voiced_ms } => {
-                self.parts.clear();
+                self.heard.speech_start();
                 self.record(now, "speech_start", json!({"voiced_ms": voiced_ms}));
                 self.speech_since = now.saturating_sub(voiced_ms);
                 let interruptible = self.interruptible();
@@ -1275,9 +1218,7 @@ impl CallCore {
             TurnEvent::Resumed { id } => {
                 // The caller goes on: the reply to their words so far is not the reply.
                 self.drop_ahead();
-                if let Some(s) = self.speculation.take_if(|s| s.check == id) {
-                    self.parts.push(s);
-                }
+                self.heard.resumed(id);
             }
             TurnEvent::SpeechEnd {
                 audio,
@@ -1293,13 +1234,6 @@ impl CallCore {
                     fields["turn_probability"] = json!(p);
                 }
                 self.record(now, "speech_end", fields);
-                // The transcription started at the pause is this turn's, if its audio is; the
-                // parts before it too.
-                let speculation = self
-                    .speculation
-                    .take()
-                    .filter(|s| check.as_ref().is_some_and(|c| c.id == s.check));
-                let parts = std::mem::take(&mut self.parts);
                 let ignored = std::mem::take(&mut self.ignore_speech);
                 // A short utterance over a paused reply: a backchannel, or the caller's turn?
                 // Its transcript says; the reply stays paused meanwhile.
@@ -1308,7 +1242,7 @@ impl CallCore {
                 // Too long for a backchannel though with little voice (words with gaps): the
                 // caller's turn, heard in full below.
                 let limits = self.barge_limits();
-                let seq = self.asr_seq.saturating_add(1);
+                let seq = self.heard.next_seq();
                 let decision = match &mut self.phase {
                     Phase::Speaking(r) => {
                         r.barge
@@ -1319,23 +1253,17 @@ impl CallCore {
                 match decision {
                     Some(Decision::BargeIn) => self.barge_in(now, "speech"),
                     Some(Decision::Check) => {
-                        self.asr_seq = seq;
-                        let span = (from, from.saturating_add(audio.len()));
-                        self.actions.push_back(Action::Transcribe {
-                            seq,
-                            audio,
-                            hint: None,
-                            speculative: false,
-                            span,
-                        });
-                        return;
+                        self.heard.forget();
+                        let req = self.heard.ask(audio, from, false);
+                        return self.transcribe(req, None);
                     }
                     _ => {}
                 }
                 let listening = matches!(self.phase, Phase::Listening { .. });
-                let recognizing = matches!(self.phase, Phase::Recognizing { .. });
+                let recognizing = matches!(self.phase, Phase::Recognizing(_));
                 if ignored || !(listening || recognizing) {
                     // Speech over a prompt, or while the dialog thinks or the call ends.
+                    self.heard.forget();
                     if let Phase::Listening { no_input_at } = &mut self.phase {
                         *no_input_at = Some(now.saturating_add(self.cfg.call.no_input_timeout_ms));
                     }
@@ -1346,55 +1274,27 @@ impl CallCore {
                 self.times = TurnTimes {
                     speech_end: Some(now.saturating_sub(endpoint_ms)),
                     endpoint_ms,
-                    turn_probability: check.and_then(|c| c.probability),
+                    turn_probability: check.as_ref().and_then(|c| c.probability),
                     ..TurnTimes::default()
                 };
-                let last = match speculation {
-                    Some(s) => {
-                        self.times.asr_early_ms = now.saturating_sub(s.asked_at);
-                        s
-                    }
-                    None => {
-                        self.asr_seq += 1;
-                        let seq = self.asr_seq;
-                        let span = (from, from.saturating_add(audio.len()));
-                        self.actions.push_back(Action::Transcribe {
-                            seq,
-                            audio,
-                            hint: self.expect.asr_hint.clone(),
-                            speculative: false,
-                            span,
-                        });
-                        Speculation {
-                            check: 0,
-                            seq,
-                            asked_at: now,
-                            result: None,
-                        }
-                    }
-                };
-                let mut done = Vec::new();
-                for part in parts.into_iter().chain(std::iter::once(last)) {
-                    let piece = Piece::Pending {
-                        since: part.asked_at,
-                    };
-                    match &mut self.phase {
-                        Phase::Recognizing { texts } => {
-                            texts.insert(part.seq, piece);
-                        }
-                        _ => {
-                            self.phase = Phase::Recognizing {
-                                texts: BTreeMap::from([(part.seq, piece)]),
-                            }
-                        }
-                    }
-                    if let Some(r) = part.result {
-                        done.push((part.seq, r));
+                // The transcription started at the pause is this turn's, if its audio is; the
+                // parts before it too.
+                let ended = self.heard.end(now, check.map(|c| c.id), audio, from);
+                if let Some(req) = ended.request {
+                    self.transcribe(req, self.expect.asr_hint.clone());
+                }
+                self.times.asr_early_ms = ended.early_ms.unwrap_or(0);
+                if !matches!(self.phase, Phase::Recognizing(_)) {
+                    self.phase = Phase::Recognizing(Recognition::default());
+                }
+                if let Phase::Recognizing(r) = &mut self.phase {
+                    for (seq, since) in ended.asked {
+                        r.expect(seq, since);
                     }
                 }
                 // Transcribed while the turn was still open: ready now.
-                for (seq, (result, ms)) in done {
-                    if seq == self.asr_seq {
+                for (seq, (result, ms)) in ended.answered {
+                    if seq == ended.last {
                         self.times.asr_early_ms = ms;
                     }
                     self.on_asr(now, seq, result, ms);
@@ -1407,10 +1307,8 @@ impl CallCore {
     /// is asked and the audio so far transcribed, so that a complete utterance ends the turn
     /// at once with its transcript ready.
     fn on_pause(&mut self, now: u64, id: u64, audio: Vec<i16>, part_from: usize) {
-        let theirs = matches!(
-            self.phase,
-            Phase::Listening { .. } | Phase::Recognizing { .. }
-        ) && !self.ignore_speech;
+        let theirs = matches!(self.phase, Phase::Listening { .. } | Phase::Recognizing(_))
+            && !self.ignore_speech;
         if !theirs {
             return self.detector.decline(id);
         }
@@ -1424,35 +1322,19 @@ impl CallCore {
         self.detector.expect_yes_no(asks_yes_no(&self.expect));
         let (model, speculate) = self.detector.checks();
         // The model hears the whole utterance; ASR the part not yet transcribed.
-        let part = audio.get(part_from..).unwrap_or_default().to_vec();
-        let span = (part_from, part_from.saturating_add(part.len()));
+        let req = speculate.then(|| self.heard.pause(now, id, &audio, part_from));
         if model {
             self.actions.push_back(Action::CheckTurn { id, audio });
         }
-        if speculate {
-            self.asr_seq += 1;
-            let seq = self.asr_seq;
-            self.speculation = Some(Speculation {
-                check: id,
-                seq,
-                asked_at: now,
-                result: None,
-            });
-            self.actions.push_back(Action::Transcribe {
-                seq,
-                audio: part,
-                hint: self.expect.asr_hint.clone(),
-                speculative: true,
-                span,
-            });
+        if let Some(req) = req {
+            self.transcribe(req, self.expect.asr_hint.clone());
         }
     }
 
-    /// The transcription at a pause was not made (busy engine, or it failed): the turn's
-    /// audio is transcribed at its end, whole (no part boundary at this pause).
+    /// The transcription at a pause was not made (the engine was busy).
     fn drop_speculation(&mut self, seq: u64) {
-        if let Some(s) = self.speculation.take_if(|s| s.seq == seq) {
-            self.detector.transcript(s.check, None);
+        if let Some(check) = self.heard.skipped(seq) {
+            self.detector.transcript(check, None);
         }
     }
 
@@ -1475,34 +1357,27 @@ impl CallCore {
     }
 
     fn on_asr(&mut self, now: u64, seq: u64, result: Result<Transcript, AsrError>, ms: u64) {
-        // The transcript of a pause, before the turn has ended: it helps decide the end and
-        // is kept for it; never given to the dialog unless the turn ends on this audio.
-        // An earlier part of the turn in progress: kept for its end.
-        if let Some(p) = self.parts.iter_mut().find(|p| p.seq == seq) {
-            p.result = Some((result, ms));
-            return;
-        }
-        if let Some(s) = self.speculation.as_mut().filter(|s| s.seq == seq) {
-            let text = match &result {
-                Ok(t) if !is_noise_transcript(&t.text) => t.text.trim().to_string(),
-                Ok(_) => String::new(),
-                // Failed early: the turn's audio is transcribed again at its end.
-                Err(_) => return self.drop_speculation(seq),
-            };
-            s.result = Some((result, ms));
-            let check = s.check;
-            self.reply_ahead(now, &text);
-            return self.detector.transcript(check, Some(text));
-        }
+        // A transcript of the turn in progress (a pause's, or an earlier part's): it helps
+        // decide the end and is kept for it; never given to the dialog unless the turn ends
+        // on this audio.
+        let (result, ms) = match self.heard.answer(seq, result, ms) {
+            Routed::Kept => return,
+            Routed::AtPause { check, text } => {
+                self.reply_ahead(now, &text);
+                return self.detector.transcript(check, Some(text));
+            }
+            Routed::Dropped { check } => return self.detector.transcript(check, None),
+            Routed::Other(result, ms) => (result, ms),
+        };
         if let Phase::Speaking(r) = &self.phase
             && r.barge.checking() == Some(seq)
         {
             return self.on_backchannel_check(now, result, ms);
         }
-        let Phase::Recognizing { texts, .. } = &mut self.phase else {
+        let Phase::Recognizing(r) = &self.phase else {
             return;
         };
-        if !matches!(texts.get(&seq), Some(Piece::Pending { .. })) {
+        if !r.waits_for(seq) {
             return;
         }
         // Waiting for the engine and the engine working are told apart: many callers on one
@@ -1523,7 +1398,7 @@ impl CallCore {
                     "transcript",
                     json!({"text": t.text, "ignored": true, "asr_ms": asr_ms, "asr_queue_ms": queue_ms}),
                 );
-                Piece::Text(String::new())
+                Ok(String::new())
             }
             Ok(t) => {
                 let fields = transcript_fields(
@@ -1531,14 +1406,14 @@ impl CallCore {
                     json!({"text": t.text, "asr_ms": asr_ms, "asr_queue_ms": queue_ms}),
                 );
                 self.record(now, "transcript", fields);
-                Piece::Text(t.text.trim().to_string())
+                Ok(t.text.trim().to_string())
             }
             // Failed for good (the engine retried within its budget); acted on once the caller
             // has stopped talking, never over them.
-            Err(e) => Piece::Failed(e.to_string()),
+            Err(e) => Err(e.to_string()),
         };
-        if let Phase::Recognizing { texts } = &mut self.phase {
-            texts.insert(seq, piece);
+        if let Phase::Recognizing(r) = &mut self.phase {
+            r.got(seq, piece);
         }
         self.check_recognized(now, false);
     }
@@ -1600,46 +1475,29 @@ impl CallCore {
     /// the caller is over): the dialog gets them as one input, or the error prompt plays when
     /// ASR failed.
     fn check_recognized(&mut self, now: u64, force: bool) {
-        let Phase::Recognizing { texts } = &self.phase else {
+        let Phase::Recognizing(r) = &self.phase else {
             return;
         };
-        let pending = texts.values().any(|p| matches!(p, Piece::Pending { .. }));
-        if pending || (self.detector.in_speech() && !force) {
+        let Some(heard) = r.heard() else {
+            return;
+        };
+        if self.detector.in_speech() && !force {
             return;
         }
-        let failed = texts.values().find_map(|p| match p {
-            Piece::Failed(e) => Some(e.clone()),
-            _ => None,
-        });
-        let joined = texts
-            .values()
-            .filter_map(|p| match p {
-                Piece::Text(t) if !t.is_empty() => Some(t.as_str()),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-        // Words that trail off ("my order number is...") wait for the rest of the sentence,
-        // up to the silence an unfinished turn gets.
-        let (model, speculate) = self.detector.checks();
-        if !force
-            && failed.is_none()
-            && (model || speculate)
-            && trails_off(&joined)
-            && now
-                < self
-                    .speech_ended_at
-                    .saturating_add(self.detector.unfinished_ms())
-        {
-            return;
-        }
-        if let Some(e) = failed {
-            self.fail(now, "asr", e);
-        } else if joined.is_empty() {
-            let exp = self.expect.clone();
-            self.listen(now, exp);
-        } else {
-            self.ask(now, DialogCmd::Input(Input::Speech(joined)));
+        match heard {
+            Err(e) => self.fail(now, "asr", e),
+            // Words that trail off ("my order number is...") wait for the rest of the
+            // sentence, up to the silence an unfinished turn gets.
+            Ok(text)
+                if !force
+                    && self
+                        .detector
+                        .waits_for_rest(&text, now.saturating_sub(self.speech_ended_at)) => {}
+            Ok(text) if text.is_empty() => {
+                let exp = self.expect.clone();
+                self.listen(now, exp);
+            }
+            Ok(text) => self.ask(now, DialogCmd::Input(Input::Speech(text))),
         }
     }
 
@@ -1815,7 +1673,7 @@ impl CallCore {
         let human = self.cfg.call.human_key.chars().next();
         if Some(d) == human && self.digits.is_empty() {
             self.cut_reply_recorded(now);
-            if matches!(self.phase, Phase::Recognizing { .. }) {
+            if matches!(self.phase, Phase::Recognizing(_)) {
                 self.actions.push_back(Action::CancelAsr);
             }
             self.record(
@@ -1865,7 +1723,7 @@ impl CallCore {
         match self.phase {
             Phase::Listening { .. } => {}
             // Keys are the more deliberate answer: they win over speech still being recognized.
-            Phase::Recognizing { .. } => self.actions.push_back(Action::CancelAsr),
+            Phase::Recognizing(_) => self.actions.push_back(Action::CancelAsr),
             // Typed ahead (over a prompt that cannot be interrupted, or while the dialog
             // thinks): kept for the next listen.
             Phase::Speaking(_) | Phase::Thinking { .. } => {
@@ -1971,7 +1829,7 @@ impl CallCore {
 
     /// The agent's part is over: the control action goes out once keys being sent are out.
     fn begin_end(&mut self, now: u64, outcome: CallOutcome, action: EndAction) {
-        if matches!(self.phase, Phase::Recognizing { .. }) {
+        if matches!(self.phase, Phase::Recognizing(_)) {
             self.actions.push_back(Action::CancelAsr);
         }
         self.phase = Phase::Ending(Box::new(Ending {
@@ -2103,7 +1961,7 @@ impl CallCore {
     /// The call is over: a reply still playing says what was heard; the record is written.
     fn end(&mut self, now: u64, outcome: CallOutcome) {
         self.cut_reply_recorded(now);
-        if matches!(self.phase, Phase::Recognizing { .. }) {
+        if matches!(self.phase, Phase::Recognizing(_)) {
             self.actions.push_back(Action::CancelAsr);
         }
         metrics::counter!(names::CALLS_TOTAL, "outcome" => outcome.label()).increment(1);
@@ -2332,8 +2190,8 @@ impl CallCore {
                 let ms = self.dialog_limit_ms;
                 self.fail(now, "dialog", format!("no reply within {ms} ms"));
             }
-            Phase::Recognizing { texts } => {
-                if texts.values().any(|p| matches!(p, Piece::Pending { .. })) {
+            Phase::Recognizing(r) => {
+                if r.pending_since().is_some() {
                     self.actions.push_back(Action::CancelAsr);
                     let ms = self.asr_limit_ms();
                     self.fail(now, "asr", format!("no transcript within {ms} ms"));

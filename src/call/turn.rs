@@ -11,6 +11,9 @@
 
 use std::collections::VecDeque;
 
+mod transcripts;
+pub use transcripts::{Recognition, Request, Routed, Transcripts};
+
 use super::vad::Vad;
 use crate::audio::FRAME_MS;
 use crate::config::{TurnConfig, VadConfig};
@@ -257,6 +260,15 @@ impl TurnDetector {
         } else {
             self.ends.max_silence_ms
         }
+    }
+
+    /// Whether the call waits for more of a turn that has ended, `silent_ms` after the
+    /// caller's last voice, whose words `text` trail off ("my order number is..."): yes, up
+    /// to the silence an unfinished turn gets, when pauses are checked at all.
+    pub fn waits_for_rest(&self, text: &str, silent_ms: u64) -> bool {
+        (self.ends.model || self.ends.speculate)
+            && trails_off(text)
+            && silent_ms < self.unfinished_ms()
     }
 
     /// The silence that ends the turn, given what the current pause check knows.
@@ -702,5 +714,29 @@ mod tests {
         assert_eq!(d.end_silence_ms(), 600);
         d.transcript(id, Some("and".into()));
         assert_eq!(d.end_silence_ms(), 1_500);
+    }
+
+    #[test]
+    fn words_that_trail_off_wait_for_the_rest_up_to_the_unfinished_silence() {
+        let d = with_checks(true);
+        let unfinished = d.unfinished_ms();
+        assert!(unfinished > 600);
+        assert!(d.waits_for_rest("my order number is", 0));
+        assert!(d.waits_for_rest("my order number is", unfinished - 20));
+        assert!(
+            !d.waits_for_rest("my order number is", unfinished),
+            "waited enough"
+        );
+        assert!(!d.waits_for_rest("five five four two one", 0), "complete");
+        let mut d = with_checks(true);
+        d.expect_digits(Some(5));
+        assert!(
+            d.waits_for_rest("it is", d.unfinished_ms() - 20),
+            "longer for a number"
+        );
+        // Without pause checks the fixed silence has ended the turn: nothing more is awaited.
+        let cfg = VadConfig::default();
+        let d = TurnDetector::new(&cfg, Endpointing::silence_only(&cfg), Box::new(Scripted));
+        assert!(!d.waits_for_rest("my order number is", 0));
     }
 }
