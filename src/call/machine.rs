@@ -403,14 +403,6 @@ impl MediaLink for Outbox<'_> {
     }
 }
 
-/// The question asks yes or no: one key and no terminator, as flows and agents ask it (a
-/// one-digit number ends with `#`).
-fn asks_yes_no(exp: &Expectation) -> bool {
-    exp.digits
-        .as_ref()
-        .is_some_and(|d| d.max == 1 && d.terminator.is_none())
-}
-
 /// A `transcript` record's fields, with where the transcript came from: the streaming
 /// recognizer, or why it fell back to the batch engine.
 fn transcript_fields(t: &Transcript, mut fields: Value) -> Value {
@@ -1066,16 +1058,21 @@ impl CallCore {
         self.finish_next(now, next, was_interruptible);
         if let Some((seq, p)) = checking {
             if matches!(self.phase, Phase::Listening { .. }) {
-                self.times = TurnTimes {
-                    speech_end: Some(p.speech_end),
-                    endpoint_ms: p.endpoint_ms,
-                    ..TurnTimes::default()
-                };
-                self.phase = Phase::Recognizing(Recognition::asked(seq, now));
+                self.recognize_checked(now, seq, &p);
             } else {
                 self.actions.push_back(Action::CancelAsr);
             }
         }
+    }
+
+    /// The short utterance over a reply, still being transcribed (`seq`), is the caller's turn.
+    fn recognize_checked(&mut self, now: u64, seq: u64, p: &barge::Pause) {
+        self.times = TurnTimes {
+            speech_end: Some(p.speech_end),
+            endpoint_ms: p.endpoint_ms,
+            ..TurnTimes::default()
+        };
+        self.phase = Phase::Recognizing(Recognition::asked(seq, now));
     }
 
     /// Drops what the PBX has queued of the agent's audio (and the ear's picture of it).
@@ -1126,12 +1123,7 @@ impl CallCore {
                 self.listen(now, exp);
                 if let Some((seq, p)) = checking {
                     self.flush_turn(true);
-                    self.times = TurnTimes {
-                        speech_end: Some(p.speech_end),
-                        endpoint_ms: p.endpoint_ms,
-                        ..TurnTimes::default()
-                    };
-                    self.phase = Phase::Recognizing(Recognition::asked(seq, now));
+                    self.recognize_checked(now, seq, &p);
                 }
             }
             // Replies that end the call are never interrupted (see `interruptible`).
@@ -1165,9 +1157,7 @@ impl CallCore {
 
     fn listen(&mut self, now: u64, exp: Expectation) {
         self.digits.expect(exp.digits.clone());
-        self.detector
-            .expect_digits(exp.digits.as_ref().filter(|d| d.max > 1).map(|d| d.max));
-        self.detector.expect_yes_no(asks_yes_no(&exp));
+        self.detector.expect(&exp);
         self.expect = exp;
         self.phase = Phase::Listening {
             no_input_at: Some(now.saturating_add(self.cfg.call.no_input_timeout_ms)),
@@ -1312,14 +1302,7 @@ impl CallCore {
         if !theirs {
             return self.detector.decline(id);
         }
-        let number = self
-            .expect
-            .digits
-            .as_ref()
-            .filter(|d| d.max > 1)
-            .map(|d| d.max);
-        self.detector.expect_digits(number);
-        self.detector.expect_yes_no(asks_yes_no(&self.expect));
+        self.detector.expect(&self.expect);
         let (model, speculate) = self.detector.checks();
         // The model hears the whole utterance; ASR the part not yet transcribed.
         let req = speculate.then(|| self.heard.pause(now, id, &audio, part_from));

@@ -17,6 +17,7 @@ pub use transcripts::{Recognition, Request, Routed, Transcripts};
 use super::vad::Vad;
 use crate::audio::FRAME_MS;
 use crate::config::{TurnConfig, VadConfig};
+use crate::engines::dialog::Expectation;
 
 const FRAME: u64 = FRAME_MS as u64;
 /// Audio kept from before the detected start, so ASR hears the first syllable.
@@ -219,6 +220,15 @@ impl TurnDetector {
     /// What a pause check asks: (the model, a transcript).
     pub fn checks(&self) -> (bool, bool) {
         (self.ends.model, self.ends.speculate)
+    }
+
+    /// What the call now expects of the caller: a number read out (of more than one digit),
+    /// or a yes or no (one key and no terminator, as flows and agents ask it; a one-digit
+    /// number ends with `#`).
+    pub fn expect(&mut self, exp: &Expectation) {
+        let digits = exp.digits.as_ref();
+        self.expect_digits(digits.filter(|d| d.max > 1).map(|d| d.max));
+        self.expect_yes_no(digits.is_some_and(|d| d.max == 1 && d.terminator.is_none()));
     }
 
     /// Whether the caller is now expected to read out a number (of at most `max` digits).
@@ -738,5 +748,34 @@ mod tests {
         let cfg = VadConfig::default();
         let d = TurnDetector::new(&cfg, Endpointing::silence_only(&cfg), Box::new(Scripted));
         assert!(!d.waits_for_rest("my order number is", 0));
+    }
+
+    #[test]
+    fn what_the_call_expects_sets_the_waits() {
+        use crate::engines::dialog::DigitSpec;
+        let keys = |max, terminator| Expectation {
+            digits: Some(DigitSpec { max, terminator }),
+            ..Expectation::default()
+        };
+        let mut d = with_checks(true);
+        let plain = d.unfinished_ms();
+        d.expect(&keys(5, Some('#')));
+        assert!(d.unfinished_ms() > plain, "a number waits longer");
+        d.expect(&keys(1, Some('#')));
+        assert_eq!(d.unfinished_ms(), plain, "one digit is no number read out");
+        // A yes or no: the answer ends the turn at once whatever the model says.
+        d.expect(&keys(1, None));
+        feed(&mut d, true, 20);
+        feed(&mut d, false, 9);
+        let id = pause_id(&feed(&mut d, false, 1));
+        d.verdict(id, Some(0.02));
+        d.transcript(id, Some("Yes.".into()));
+        assert_eq!(d.end_silence_ms(), 0);
+        d.expect(&Expectation::default());
+        assert_eq!(
+            d.end_silence_ms(),
+            plain,
+            "no question: the model's doubt waits"
+        );
     }
 }
