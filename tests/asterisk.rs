@@ -1247,6 +1247,7 @@ impl sidecall::engines::dialog::Dialog for Broken {
                     max: 8,
                     terminator: Some('#'),
                 }),
+                spoken: None,
             }),
         })
     }

@@ -738,6 +738,7 @@ fn keys_typed_over_a_prompt_that_cannot_be_interrupted_are_kept_for_the_next_lis
                 max: 5,
                 terminator: None,
             }),
+            spoken: None,
         }),
     );
     c.reply(turn, 2_000);

@@ -17,7 +17,7 @@ pub use transcripts::{Recognition, Request, Routed, Transcripts};
 use super::vad::Vad;
 use crate::audio::FRAME_MS;
 use crate::config::{TurnConfig, VadConfig};
-use crate::engines::dialog::Expectation;
+use crate::engines::dialog::{Expectation, Spoken};
 
 const FRAME: u64 = FRAME_MS as u64;
 /// Audio kept from before the detected start, so ASR hears the first syllable.
@@ -181,6 +181,8 @@ pub struct TurnDetector {
     digits: Option<usize>,
     /// The question expects yes or no: such an answer ends the turn at once.
     yes_no: bool,
+    /// The question expects an amount of money: one that names its unit ends the turn at once.
+    amount: bool,
     check: Option<Check>,
     next_check: u64,
     /// Where the part of the utterance not yet sent to ASR begins.
@@ -206,6 +208,7 @@ impl TurnDetector {
             ends,
             digits: None,
             yes_no: false,
+            amount: false,
             check: None,
             next_check: 0,
             part_start: 0,
@@ -222,13 +225,22 @@ impl TurnDetector {
         (self.ends.model, self.ends.speculate)
     }
 
-    /// What the call now expects of the caller: a number read out (of more than one digit),
-    /// or a yes or no (one key and no terminator, as flows and agents ask it; a one-digit
-    /// number ends with `#`).
+    /// What the call now expects the caller to say: as the expectation says, else as its
+    /// keypad entry suggests (a number of more than one digit is read out; one key and no
+    /// terminator is a yes or no, as flows and agents ask it; a one-digit number ends with `#`).
     pub fn expect(&mut self, exp: &Expectation) {
-        let digits = exp.digits.as_ref();
-        self.expect_digits(digits.filter(|d| d.max > 1).map(|d| d.max));
-        self.expect_yes_no(digits.is_some_and(|d| d.max == 1 && d.terminator.is_none()));
+        let keys = exp.digits.as_ref();
+        let spoken = exp.spoken.unwrap_or(match keys {
+            Some(d) if d.max > 1 => Spoken::Digits { max: d.max },
+            Some(d) if d.terminator.is_none() => Spoken::YesNo,
+            _ => Spoken::Free,
+        });
+        self.expect_digits(match spoken {
+            Spoken::Digits { max } => Some(max),
+            _ => None,
+        });
+        self.expect_yes_no(spoken == Spoken::YesNo);
+        self.amount = spoken == Spoken::Amount;
     }
 
     /// Whether the caller is now expected to read out a number (of at most `max` digits).
@@ -302,6 +314,9 @@ impl TurnDetector {
                 return 0;
             }
             if self.yes_no && super::barge::is_answer(t) {
+                return 0;
+            }
+            if self.amount && crate::engines::dialog::entities::names_amount(t) {
                 return 0;
             }
         }
@@ -776,6 +791,39 @@ mod tests {
             d.end_silence_ms(),
             plain,
             "no question: the model's doubt waits"
+        );
+    }
+
+    #[test]
+    fn an_amount_that_names_its_unit_ends_the_turn_at_once() {
+        let mut d = with_checks(true);
+        let plain = d.unfinished_ms();
+        // Keyed as up to 20 digits, spoken in words: not a number read out.
+        d.expect(&Expectation {
+            digits: Some(crate::engines::dialog::DigitSpec {
+                max: 20,
+                terminator: Some('#'),
+            }),
+            spoken: Some(Spoken::Amount),
+            ..Expectation::default()
+        });
+        assert_eq!(d.unfinished_ms(), plain, "no wait for digit groups");
+        feed(&mut d, true, 20);
+        feed(&mut d, false, 9);
+        let id = pause_id(&feed(&mut d, false, 1));
+        // The model hears "fifty dollars" trail off; the words say it is whole.
+        d.verdict(id, Some(0.25));
+        d.transcript(id, Some("Fifty dollars.".into()));
+        assert_eq!(d.end_silence_ms(), 0);
+        d.transcript(id, Some("$50.".into()));
+        assert_eq!(d.end_silence_ms(), 0);
+        d.transcript(id, Some("Fifty".into()));
+        assert_eq!(d.end_silence_ms(), plain, "'fifty' may go on");
+        d.verdict(id, Some(0.9));
+        assert_eq!(
+            d.end_silence_ms(),
+            0,
+            "complete by the model: at once, as free speech"
         );
     }
 }

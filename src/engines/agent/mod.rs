@@ -24,7 +24,7 @@ use crate::engines::dialog::entities::{self, YesNo};
 use crate::engines::dialog::pieces::PieceSplitter;
 use crate::engines::dialog::{
     Ask, DialogError, DigitSpec, Expectation, Heard, Input, LlmStats, Next, ReplyPart, ReplySink,
-    Segment, prompt,
+    Segment, Spoken, prompt,
 };
 use crate::pbx::CallArgs;
 use llm::{ChatClient, LlmError, LlmSettings};
@@ -1004,6 +1004,7 @@ impl Agent {
                         asr_hint: None,
                         digits: Some(DigitSpec { max, terminator }),
                         pause_on_voice: self.profile.file.pause_on_voice,
+                        spoken: None,
                     });
                 }
                 "return_to_flow" if self.can_hand_back => {
@@ -1273,6 +1274,7 @@ fn yes_no() -> Expectation {
             max: 1,
             terminator: None,
         }),
+        spoken: Some(Spoken::YesNo),
     }
 }
 

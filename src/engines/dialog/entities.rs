@@ -340,6 +340,17 @@ pub fn amount_cents(text: &str) -> Option<u64> {
     None
 }
 
+/// The words are an amount of money said whole: it names its unit last ("fifty dollars",
+/// "ten dollars and fifty cents", "20 bucks") or is written with one ("$50", as ASR writes
+/// "fifty dollars"). "Fifty", "one hundred and" may go on.
+pub fn names_amount(text: &str) -> bool {
+    let toks = tokens(text);
+    let unit = toks.last().is_some_and(|w| {
+        w.starts_with('$') || ["dollar", "buck", "cent"].iter().any(|u| w.starts_with(u))
+    });
+    unit && amount_cents(text).is_some()
+}
+
 /// Formats cents as words a TTS reads well: "120 dollars and 50 cents".
 pub fn say_amount(cents: u64) -> String {
     let (d, c) = (cents / 100, cents % 100);
@@ -509,6 +520,30 @@ fn digit_groups(n: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_amount_is_said_whole_when_it_names_its_unit() {
+        for whole in [
+            "Fifty dollars.",
+            "fifty dollars and twenty five cents",
+            "$50.",
+            "I'd like to pay $120.50",
+            "twenty bucks",
+            "one hundred twenty dollars",
+        ] {
+            assert!(names_amount(whole), "{whole}");
+        }
+        for open in [
+            "Fifty",
+            "one hundred and",
+            "fifty dollars and",
+            "Dollars.",
+            "I want to pay",
+            "",
+        ] {
+            assert!(!names_amount(open), "{open}");
+        }
+    }
 
     #[test]
     fn amounts_from_outside_never_overflow_or_read_back_wrong() {

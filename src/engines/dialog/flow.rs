@@ -14,7 +14,9 @@ use serde_json::Value;
 
 use super::entities::{self, YesNo};
 use super::prompt::{self, Segment};
-use super::{Dialog, DialogError, DigitSpec, Expectation, Heard, Input, Next, Turn, lookup};
+use super::{
+    Dialog, DialogError, DigitSpec, Expectation, Heard, Input, Next, Spoken, Turn, lookup,
+};
 
 fn default_retries() -> u32 {
     2
@@ -619,6 +621,7 @@ impl ScriptedDialog {
                     terminator: None,
                 }),
                 pause_on_voice,
+                spoken: Some(Spoken::YesNo),
             };
         }
         let st = self.st();
@@ -637,11 +640,14 @@ impl ScriptedDialog {
                     _ => None,
                 },
                 pause_on_voice,
+                // Keyed as digits, said in words.
+                spoken: (c.entity == "amount").then_some(Spoken::Amount),
             },
             None => Expectation {
                 asr_hint: None,
                 digits: None,
                 pause_on_voice,
+                spoken: None,
             },
         }
     }
@@ -1210,6 +1216,12 @@ mod tests {
             "{}",
             text(&t)
         );
+        // Keyed as digits, said in words: the call ends an amount that names its unit.
+        let Next::Listen(exp) = &t.next else {
+            panic!("asks the amount: {:?}", t.next)
+        };
+        assert_eq!(exp.spoken, Some(Spoken::Amount));
+        assert!(exp.digits.is_some(), "an amount can be keyed");
         let t = say(
             &mut d,
             "I'd like to pay one hundred twenty dollars and fifty cents",

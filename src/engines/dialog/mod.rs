@@ -45,6 +45,24 @@ pub struct Expectation {
     /// or a backchannel) or cuts it at once; `None`: `vad.pause_on_voice`. Set per flow state
     /// and per agent profile.
     pub pause_on_voice: Option<bool>,
+    /// What the caller is expected to say, which sets how long a pause may be before their
+    /// turn ends; `None`: as the keypad entry suggests (a number of more than one digit is
+    /// read out, one key without a terminator is a yes or no).
+    pub spoken: Option<Spoken>,
+}
+
+/// What kind of answer the caller is expected to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spoken {
+    /// Anything: the end-of-turn model decides.
+    Free,
+    /// A number read out digit by digit, of at most `max` digits: it comes in groups, so a
+    /// pause never ends it early.
+    Digits { max: usize },
+    /// Yes or no: the answer ends the turn at once.
+    YesNo,
+    /// An amount of money in words: complete once it names its unit ("fifty dollars").
+    Amount,
 }
 
 /// How to collect keypad digits.
