@@ -2,7 +2,9 @@
 
 sidecall runs it (embedded in the binary) as `python -c <this> --model VOICE.onnx`, with the
 `piper-tts` package from PyPI installed in that Python. Requests come on stdin, one JSON object
-per line: {"text": "...", "length_scale": 1.0}. Answers go to stdout as frames: one kind byte,
+per line: {"id": N, "text": "...", "length_scale": 1.0}; {"cancel": N} while request N is being
+made stops it after the clause in hand (its end frame follows at once; a cancel for a request
+already over is ignored). Answers go to stdout as frames: one kind byte,
 a 4-byte little-endian length, the payload:
   R  ready, once at start: JSON {"sample_rate": N}
   A  audio: mono s16le at that rate, one clause at a time, as soon as it is made
@@ -16,8 +18,10 @@ import argparse
 import json
 import os
 import re
+import queue
 import struct
 import sys
+import threading
 
 
 def frame(out, kind, payload):
@@ -53,19 +57,56 @@ def main():
         frame(out, b"X", f"cannot load the Piper voice {args.model}: {e}".encode())
         return 1
     frame(out, b"R", json.dumps({"sample_rate": voice.config.sample_rate}).encode())
-    for line in sys.stdin:
-        line = line.strip()
-        if not line:
-            continue
+    # Requests are read beside the synthesis, so a cancel reaches the request it stops.
+    requests = queue.Queue()
+    cancelled = set()
+    lock = threading.Lock()
+
+    def read_stdin():
+        for line in sys.stdin:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                msg = line  # reported as that request's failure
+            if isinstance(msg, dict) and "cancel" in msg:
+                with lock:
+                    cancelled.add(msg["cancel"])
+                continue
+            requests.put(msg)
+        requests.put(None)
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    while (req := requests.get()) is not None:
+        rid = req.get("id") if isinstance(req, dict) else None
+
+        def stopped():
+            with lock:
+                return rid is not None and rid in cancelled
+
         try:
-            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError(f"not a request: {str(req)[:100]}")
             config = SynthesisConfig(length_scale=float(req.get("length_scale") or 1.0))
             for clause in clauses(str(req.get("text", ""))):
+                if stopped():
+                    break
                 for chunk in voice.synthesize(clause, config):
                     frame(out, b"A", chunk.audio_int16_bytes)
+                    if stopped():
+                        break
             frame(out, b"E", b"")
         except Exception as e:  # noqa: BLE001 - one bad request does not end the worker
             frame(out, b"X", str(e).encode()[:500])
+        with lock:
+            # Cancels of this request or older ones came too late to matter.
+            if isinstance(rid, int):
+                late = {c for c in cancelled if not isinstance(c, int) or c <= rid}
+                cancelled.difference_update(late)
+            else:
+                cancelled.discard(rid)
     return 0
 
 

@@ -108,6 +108,50 @@ async fn a_synthesis_cut_short_never_reaches_the_next_one() {
     );
 }
 
+/// Every chunk of one synthesis, and how long it took in all.
+async fn timed(tts: &dyn Tts, text: &str) -> (usize, u128) {
+    let t0 = Instant::now();
+    let (parts, _) = chunks(tts, text).await;
+    (parts.iter().map(Vec::len).sum(), t0.elapsed().as_millis())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_cut_by_a_barge_in_stops_its_worker_and_the_next_reply_does_not_wait_for_it() {
+    let mut cfg = piper_config();
+    cfg.piper.workers = 1;
+    let tts = Piper::new(&cfg);
+    let _ = chunks(&tts, "Hello.").await;
+    let long = "Thank you for calling the order line, I can check the status of your order, \
+                I can tell you when your parcel will arrive at your door, I can change the \
+                delivery address for you if you have moved recently, I can cancel an order \
+                that has not shipped yet, and I can connect you with a person on our team.";
+    let (long_len, full_ms) = timed(&tts, long).await;
+    let (yes_len, yes_ms) = timed(&tts, "Yes.").await;
+    // The caller barges in while the first clause plays: the stream is dropped.
+    let mut s = tts.synthesize(long, 16_000).await.unwrap();
+    let first = s.recv().await.unwrap().unwrap();
+    assert!(first.len() < long_len, "the first clause alone came first");
+    drop(s);
+    let t0 = Instant::now();
+    let (again_len, _) = timed(&tts, "Yes.").await;
+    let after_ms = t0.elapsed().as_millis();
+    println!(
+        "piper, one worker: the long reply takes {full_ms} ms whole, \"Yes.\" {yes_ms} ms; \
+         \"Yes.\" right after a barge-in on the long reply's first clause: {after_ms} ms"
+    );
+    assert_eq!(tts.cancelled(), 1, "the cut synthesis was cancelled");
+    assert!(
+        again_len.abs_diff(yes_len) < 1_600,
+        "\"Yes.\" was {yes_len} samples, after a cancelled synthesis {again_len}"
+    );
+    // Without the cancel it waits for the whole rest (four more clauses); with it, for the
+    // clause in hand at most.
+    assert!(
+        after_ms < yes_ms + full_ms * 6 / 10,
+        "\"Yes.\" waited {after_ms} ms after the cut (alone {yes_ms} ms; the whole reply {full_ms} ms)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filling_the_prompt_cache_lets_a_callers_synthesis_go_first() {
     let mut cfg = piper_config();

@@ -4,18 +4,20 @@
 //! each clause as soon as it is made, resampled to the call's rate.
 //!
 //! A worker that stops answering within `tts.timeout_ms`, dies or writes garbage is killed and
-//! replaced at the next request; a synthesis whose caller went away (a barge-in) is read to its
-//! end before its worker takes another, so no audio ever reaches the wrong request.
+//! replaced at the next request. A synthesis whose caller went away (a barge-in) is cancelled:
+//! the worker stops after the clause in hand, so the next reply does not wait for the rest of
+//! one nobody hears; what it still sends is read to its end before the worker takes another,
+//! so no audio ever reaches the wrong request.
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::{STREAM_DEPTH, Tts, TtsError, TtsStream};
 use crate::audio::l16;
@@ -42,6 +44,10 @@ pub struct Piper {
     live_waiting: Arc<AtomicUsize>,
     workers: usize,
     idle: Arc<Mutex<Vec<Worker>>>,
+    /// The last request's id (a cancel names the request it stops).
+    request_id: AtomicU64,
+    /// Requests cancelled before their end (a barge-in), for tests and logs.
+    cancelled: Arc<AtomicU64>,
 }
 
 /// How long background work (filling the prompt cache at start) may wait for a free worker.
@@ -111,7 +117,14 @@ impl Piper {
             live_waiting: Arc::new(AtomicUsize::new(0)),
             workers,
             idle: Arc::new(Mutex::new(Vec::with_capacity(workers))),
+            request_id: AtomicU64::new(0),
+            cancelled: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Syntheses cancelled so far because nobody listened any more (a barge-in).
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled.load(Ordering::Relaxed)
     }
 
     async fn spawn(&self) -> Result<Worker, TtsError> {
@@ -191,7 +204,11 @@ impl Piper {
         rate: u32,
     ) -> Result<TtsStream, TtsError> {
         let ms = ms_of(self.timeout);
-        let line = serde_json::json!({"text": text, "length_scale": self.length_scale});
+        let id = self
+            .request_id
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let line = serde_json::json!({"id": id, "text": text, "length_scale": self.length_scale});
         let line = format!("{line}\n");
         // An idle worker may have died since its last request: then a fresh one, once.
         let mut worker = None;
@@ -221,30 +238,40 @@ impl Piper {
                 Err(_) => return Err(TtsError::Timeout(ms)),
             }
         }
-        let Some(mut worker) = worker else {
+        let Some(worker) = worker else {
             return Err(TtsError::Engine("no Piper worker would start".into()));
         };
         let mut resampler = StreamResampler::new(worker.rate, rate)
             .map_err(|e| TtsError::BadAudio(e.to_string()))?;
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-        let (idle, timeout) = (self.idle.clone(), self.timeout);
+        let (idle, timeout, cancelled) = (self.idle.clone(), self.timeout, self.cancelled.clone());
+        let Worker {
+            _child: child,
+            stdin,
+            mut stdout,
+            rate: worker_rate,
+        } = worker;
+        // Cancels the request when nobody listens any more (the receiver dropped: a barge-in);
+        // gives the worker's stdin back when the request is over.
+        let (over_tx, over_rx) = oneshot::channel::<()>();
+        let watcher = tokio::spawn(cancel_on_close(tx.clone(), over_rx, stdin, id, timeout));
         tokio::spawn(async move {
             let _permit = permit;
+            let mut ended = false;
             loop {
-                let frame =
-                    match tokio::time::timeout(timeout, read_frame(&mut worker.stdout)).await {
-                        Ok(Ok(f)) => f,
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "Piper worker replaced");
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::warn!(ms, "Piper worker silent; replaced");
-                            let _ = tx.send(Err(TtsError::Timeout(ms))).await;
-                            return;
-                        }
-                    };
+                let frame = match tokio::time::timeout(timeout, read_frame(&mut stdout)).await {
+                    Ok(Ok(f)) => f,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "Piper worker replaced");
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(ms, "Piper worker silent; replaced");
+                        let _ = tx.send(Err(TtsError::Timeout(ms))).await;
+                        break;
+                    }
+                };
                 match frame {
                     Frame::Audio(samples) => {
                         if tx.is_closed() {
@@ -264,7 +291,7 @@ impl Piper {
                                     "resampling Piper's audio failed".into(),
                                 )))
                                 .await;
-                            return;
+                            break;
                         };
                         resampler = r;
                         if let Err(e) = result {
@@ -280,10 +307,12 @@ impl Piper {
                         if resampler.flush(&mut tail).is_ok() && !tail.is_empty() {
                             let _ = tx.send(Ok(tail)).await;
                         }
+                        ended = true;
                         break;
                     }
                     Frame::Failed(m) => {
                         let _ = tx.send(Err(TtsError::Engine(m))).await;
+                        ended = true;
                         break;
                     }
                     Frame::Ready(_) => {
@@ -292,12 +321,59 @@ impl Piper {
                                 "Piper restarted mid-request".into(),
                             )))
                             .await;
-                        return;
+                        break;
                     }
                 }
             }
-            idle.lock().await.push(worker);
+            // The stream ends for its reader now.
+            drop(tx);
+            let _ = over_tx.send(());
+            let (stdin, sent_cancel) = watcher.await.unwrap_or_default();
+            if sent_cancel {
+                cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            // A worker that ended its request cleanly, with its stdin whole, takes the next;
+            // any other is dropped (killed) and replaced at the next request.
+            if let (true, Some(stdin)) = (ended, stdin) {
+                idle.lock().await.push(Worker {
+                    _child: child,
+                    stdin,
+                    stdout,
+                    rate: worker_rate,
+                });
+            }
         });
         Ok(rx)
+    }
+}
+
+/// Waits for the request to be over (`over`) or for nobody to listen any more (`tx` closed):
+/// then asks the worker to stop request `id`. Gives back the worker's stdin (`None`: it could
+/// not be written: the worker is not reused) and whether a cancel went out.
+async fn cancel_on_close(
+    tx: mpsc::Sender<Result<Vec<i16>, TtsError>>,
+    over: oneshot::Receiver<()>,
+    mut stdin: ChildStdin,
+    id: u64,
+    timeout: Duration,
+) -> (Option<ChildStdin>, bool) {
+    tokio::select! {
+        biased;
+        _ = over => return (Some(stdin), false),
+        () = tx.closed() => {}
+    }
+    drop(tx);
+    let line = format!("{}\n", serde_json::json!({ "cancel": id }));
+    let send = async {
+        stdin.write_all(line.as_bytes()).await?;
+        stdin.flush().await
+    };
+    match tokio::time::timeout(timeout, send).await {
+        Ok(Ok(())) => (Some(stdin), true),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot cancel a Piper synthesis; the worker is replaced");
+            (None, false)
+        }
+        Err(_) => (None, false),
     }
 }
