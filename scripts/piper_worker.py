@@ -63,20 +63,24 @@ def main():
     lock = threading.Lock()
 
     def read_stdin():
-        for line in sys.stdin:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                msg = line  # reported as that request's failure
-            if isinstance(msg, dict) and "cancel" in msg:
-                with lock:
-                    cancelled.add(msg["cancel"])
-                continue
-            requests.put(msg)
-        requests.put(None)
+        try:
+            for raw in sys.stdin.buffer:
+                line = raw.decode("utf-8", errors="replace").strip()
+                if not line:
+                    continue
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    msg = line  # reported as that request's failure
+                if isinstance(msg, dict) and "cancel" in msg:
+                    if isinstance(msg["cancel"], int):
+                        with lock:
+                            cancelled.add(msg["cancel"])
+                    continue
+                requests.put(msg)
+        finally:
+            # However reading ends, the worker ends with it (sidecall starts another).
+            requests.put(None)
 
     threading.Thread(target=read_stdin, daemon=True).start()
     while (req := requests.get()) is not None:
@@ -84,7 +88,7 @@ def main():
 
         def stopped():
             with lock:
-                return rid is not None and rid in cancelled
+                return isinstance(rid, int) and rid in cancelled
 
         try:
             if not isinstance(req, dict):
@@ -103,10 +107,7 @@ def main():
         with lock:
             # Cancels of this request or older ones came too late to matter.
             if isinstance(rid, int):
-                late = {c for c in cancelled if not isinstance(c, int) or c <= rid}
-                cancelled.difference_update(late)
-            else:
-                cancelled.discard(rid)
+                cancelled.difference_update({c for c in cancelled if c <= rid})
     return 0
 
 

@@ -1985,8 +1985,10 @@ mod tests {
         assert_eq!(g.estimate(), None);
     }
 
-    /// Prints the cost per frame (a figure, not an assertion: run with `--release --nocapture`).
+    /// Prints the cost per frame (a figure, not an assertion: run with
+    /// `cargo test --release --lib cost_per_frame -- --ignored --nocapture`).
     #[test]
+    #[ignore = "a benchmark: prints figures"]
     fn cost_per_frame() {
         let rate = 16_000;
         let agent = agent_track(rate, -13.0, 70);

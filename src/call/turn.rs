@@ -17,6 +17,7 @@ pub use transcripts::{Recognition, Request, Routed, Transcripts};
 use super::vad::Vad;
 use crate::audio::FRAME_MS;
 use crate::config::{TurnConfig, VadConfig};
+use crate::engines::dialog::entities::{self, AmountEnd};
 use crate::engines::dialog::{Expectation, Spoken};
 
 const FRAME: u64 = FRAME_MS as u64;
@@ -232,7 +233,7 @@ impl TurnDetector {
         let keys = exp.digits.as_ref();
         let spoken = exp.spoken.unwrap_or(match keys {
             Some(d) if d.max > 1 => Spoken::Digits { max: d.max },
-            Some(d) if d.terminator.is_none() => Spoken::YesNo,
+            Some(d) if d.max == 1 && d.terminator.is_none() => Spoken::YesNo,
             _ => Spoken::Free,
         });
         self.expect_digits(match spoken {
@@ -300,6 +301,11 @@ impl TurnDetector {
             return e.end_silence_ms;
         };
         let unfinished = self.unfinished_ms();
+        // An amount asked for, said with its unit: how it ends.
+        let amount = match &c.transcript {
+            Known::Got(t) if self.amount => entities::amount_end(t),
+            _ => None,
+        };
         // Words that trail off wait (when they come after the end, the call waits for more
         // before the dialog hears them: `CallCore::check_recognized`).
         if let Known::Got(t) = &c.transcript {
@@ -308,22 +314,29 @@ impl TurnDetector {
             }
             // All the digits asked for, or the yes or no asked for: nothing more to come,
             // whatever the tone.
-            if self.digits.is_some_and(|max| {
-                crate::engines::dialog::entities::digits(t).is_some_and(|d| d.len() >= max)
-            }) {
+            if self
+                .digits
+                .is_some_and(|max| entities::digits(t).is_some_and(|d| d.len() >= max))
+            {
                 return 0;
             }
             if self.yes_no && super::barge::is_answer(t) {
                 return 0;
             }
-            if self.amount && crate::engines::dialog::entities::names_amount(t) {
+            // Down to the cents: nothing more to come.
+            if amount == Some(AmountEnd::Cents) {
                 return 0;
             }
         }
         match c.verdict {
+            // Dollars named: the model's doubt waits only as long as a turn without it
+            // ("...and fifty cents" may follow), not as long as words that trail off.
+            Known::Got(p) if p < e.threshold && amount.is_some() => e.end_silence_ms,
             Known::Got(p) if p < e.threshold => unfinished,
-            // A number can come in groups ("five five four... two one"): never early.
+            // A number can come in groups ("five five four... two one"), an amount before its
+            // unit too ("one hundred... twenty dollars"): never early.
             Known::Got(_) if self.digits.is_some() => e.end_silence_ms,
+            Known::Got(_) if self.amount && amount.is_none() => e.end_silence_ms,
             Known::Got(_) => 0,
             Known::Pending | Known::Unavailable => e.end_silence_ms,
         }
@@ -795,7 +808,7 @@ mod tests {
     }
 
     #[test]
-    fn an_amount_that_names_its_unit_ends_the_turn_at_once() {
+    fn an_amount_ends_the_turn_by_its_unit() {
         let mut d = with_checks(true);
         let plain = d.unfinished_ms();
         // Keyed as up to 20 digits, spoken in words: not a number read out.
@@ -811,19 +824,26 @@ mod tests {
         feed(&mut d, true, 20);
         feed(&mut d, false, 9);
         let id = pause_id(&feed(&mut d, false, 1));
-        // The model hears "fifty dollars" trail off; the words say it is whole.
-        d.verdict(id, Some(0.25));
-        d.transcript(id, Some("Fifty dollars.".into()));
-        assert_eq!(d.end_silence_ms(), 0);
-        d.transcript(id, Some("$50.".into()));
-        assert_eq!(d.end_silence_ms(), 0);
-        d.transcript(id, Some("Fifty".into()));
-        assert_eq!(d.end_silence_ms(), plain, "'fifty' may go on");
-        d.verdict(id, Some(0.9));
+        let ends = |d: &mut TurnDetector, p: f32, said: &str| {
+            d.verdict(id, Some(p));
+            d.transcript(id, Some(said.into()));
+            d.end_silence_ms()
+        };
+        // Down to the cents: at once, whatever the model hears.
+        assert_eq!(ends(&mut d, 0.25, "Fifty dollars and fifty cents."), 0);
+        assert_eq!(ends(&mut d, 0.25, "$10.50"), 0);
+        // Dollars named: the model's doubt ("fifty dollars" heard as trailing off) waits only
+        // the fixed silence, for "...and fifty cents".
+        assert_eq!(ends(&mut d, 0.25, "Fifty dollars."), 600);
+        assert_eq!(ends(&mut d, 0.25, "$50."), 600);
+        assert_eq!(ends(&mut d, 0.9, "Fifty dollars."), 0, "complete: at once");
+        // No unit yet: the number may go on ("one hundred... twenty dollars").
+        assert_eq!(ends(&mut d, 0.9, "One hundred."), 600, "never early");
+        assert_eq!(ends(&mut d, 0.25, "Fifty"), plain);
         assert_eq!(
-            d.end_silence_ms(),
-            0,
-            "complete by the model: at once, as free speech"
+            ends(&mut d, 0.9, "a hundred dollars and"),
+            plain,
+            "trails off"
         );
     }
 }

@@ -340,15 +340,28 @@ pub fn amount_cents(text: &str) -> Option<u64> {
     None
 }
 
-/// The words are an amount of money said whole: it names its unit last ("fifty dollars",
-/// "ten dollars and fifty cents", "20 bucks") or is written with one ("$50", as ASR writes
-/// "fifty dollars"). "Fifty", "one hundred and" may go on.
-pub fn names_amount(text: &str) -> bool {
+/// How an amount of money said with its unit ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmountEnd {
+    /// "fifty dollars", "20 bucks", "$50" (as ASR writes "fifty dollars"): cents may follow.
+    Dollars,
+    /// "ten dollars and fifty cents", "$10.50": nothing more to come.
+    Cents,
+}
+
+/// Whether the words are an amount of money that ends on its unit, and which. `None` for
+/// "fifty", "one hundred and", "fifty dollars and": they may go on.
+pub fn amount_end(text: &str) -> Option<AmountEnd> {
     let toks = tokens(text);
-    let unit = toks.last().is_some_and(|w| {
-        w.starts_with('$') || ["dollar", "buck", "cent"].iter().any(|u| w.starts_with(u))
-    });
-    unit && amount_cents(text).is_some()
+    let last = toks.last()?;
+    let end = match last.as_str() {
+        "dollar" | "dollars" | "buck" | "bucks" => AmountEnd::Dollars,
+        "cent" | "cents" => AmountEnd::Cents,
+        w if w.starts_with('$') && w.contains('.') => AmountEnd::Cents,
+        w if w.starts_with('$') => AmountEnd::Dollars,
+        _ => return None,
+    };
+    amount_cents(text).map(|_| end)
 }
 
 /// Formats cents as words a TTS reads well: "120 dollars and 50 cents".
@@ -522,16 +535,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_amount_is_said_whole_when_it_names_its_unit() {
-        for whole in [
-            "Fifty dollars.",
-            "fifty dollars and twenty five cents",
-            "$50.",
-            "I'd like to pay $120.50",
-            "twenty bucks",
-            "one hundred twenty dollars",
+    fn an_amount_ends_on_its_unit() {
+        for (said, end) in [
+            ("Fifty dollars.", AmountEnd::Dollars),
+            ("$50.", AmountEnd::Dollars),
+            ("twenty bucks", AmountEnd::Dollars),
+            ("one hundred twenty dollars", AmountEnd::Dollars),
+            ("fifty dollars and twenty five cents", AmountEnd::Cents),
+            ("I'd like to pay $120.50", AmountEnd::Cents),
         ] {
-            assert!(names_amount(whole), "{whole}");
+            assert_eq!(amount_end(said), Some(end), "{said}");
         }
         for open in [
             "Fifty",
@@ -539,9 +552,12 @@ mod tests {
             "fifty dollars and",
             "Dollars.",
             "I want to pay",
+            "fifty percent",
+            "one hundred centuries",
+            "a bucket",
             "",
         ] {
-            assert!(!names_amount(open), "{open}");
+            assert_eq!(amount_end(open), None, "{open}");
         }
     }
 

@@ -46,8 +46,16 @@ pub struct Piper {
     idle: Arc<Mutex<Vec<Worker>>>,
     /// The last request's id (a cancel names the request it stops).
     request_id: AtomicU64,
-    /// Requests cancelled before their end (a barge-in), for tests and logs.
-    cancelled: Arc<AtomicU64>,
+    /// Requests cancelled before their end (a barge-in), and the audio their workers made
+    /// that nobody heard (ms).
+    cancelled: Arc<Cancelled>,
+}
+
+/// What cancelled syntheses cost.
+#[derive(Debug, Default)]
+struct Cancelled {
+    requests: AtomicU64,
+    discarded_ms: AtomicU64,
 }
 
 /// How long background work (filling the prompt cache at start) may wait for a free worker.
@@ -118,13 +126,18 @@ impl Piper {
             workers,
             idle: Arc::new(Mutex::new(Vec::with_capacity(workers))),
             request_id: AtomicU64::new(0),
-            cancelled: Arc::new(AtomicU64::new(0)),
+            cancelled: Arc::new(Cancelled::default()),
         }
     }
 
-    /// Syntheses cancelled so far because nobody listened any more (a barge-in).
-    pub fn cancelled(&self) -> u64 {
-        self.cancelled.load(Ordering::Relaxed)
+    /// Syntheses cancelled so far because nobody listened any more (a barge-in), and the
+    /// audio (ms) their workers made after that, which nobody heard.
+    pub fn cancelled(&self) -> (u64, u64) {
+        let c = &self.cancelled;
+        (
+            c.requests.load(Ordering::Relaxed),
+            c.discarded_ms.load(Ordering::Relaxed),
+        )
     }
 
     async fn spawn(&self) -> Result<Worker, TtsError> {
@@ -258,6 +271,9 @@ impl Piper {
         tokio::spawn(async move {
             let _permit = permit;
             let mut ended = false;
+            // The request ended while its reader still listened (a cancel after that is late).
+            let mut ended_heard = false;
+            let mut discarded: u64 = 0;
             loop {
                 let frame = match tokio::time::timeout(timeout, read_frame(&mut stdout)).await {
                     Ok(Ok(f)) => f,
@@ -276,6 +292,8 @@ impl Piper {
                     Frame::Audio(samples) => {
                         if tx.is_closed() {
                             // Nobody listens (a barge-in): read on to the end, resample nothing.
+                            discarded = discarded
+                                .saturating_add(u64::try_from(samples.len()).unwrap_or(u64::MAX));
                             continue;
                         }
                         // A clause is a few hundred ms of CPU-light resampling, off the workers.
@@ -303,6 +321,7 @@ impl Piper {
                         }
                     }
                     Frame::End => {
+                        ended_heard = !tx.is_closed();
                         let mut tail = Vec::new();
                         if resampler.flush(&mut tail).is_ok() && !tail.is_empty() {
                             let _ = tx.send(Ok(tail)).await;
@@ -329,9 +348,11 @@ impl Piper {
             drop(tx);
             let _ = over_tx.send(());
             let (stdin, sent_cancel) = watcher.await.unwrap_or_default();
-            if sent_cancel {
-                cancelled.fetch_add(1, Ordering::Relaxed);
+            if sent_cancel && !ended_heard {
+                cancelled.requests.fetch_add(1, Ordering::Relaxed);
             }
+            let ms = discarded.saturating_mul(1_000) / u64::from(worker_rate.max(1));
+            cancelled.discarded_ms.fetch_add(ms, Ordering::Relaxed);
             // A worker that ended its request cleanly, with its stdin whole, takes the next;
             // any other is dropped (killed) and replaced at the next request.
             if let (true, Some(stdin)) = (ended, stdin) {
