@@ -306,6 +306,17 @@ impl TurnDetector {
             Known::Got(t) if self.amount => entities::amount_end(t),
             _ => None,
         };
+        // A number asked for, and words without one ("I want to check my order", "I don't
+        // have it"): no number comes in groups here; the model decides, as for any words.
+        let no_number = match &c.transcript {
+            Known::Got(t) => {
+                (self.digits.is_some() && entities::digits(t).is_none())
+                    || (self.amount && entities::amount_cents(t).is_none())
+            }
+            _ => false,
+        };
+        let number_pending =
+            !no_number && (self.digits.is_some() || (self.amount && amount.is_none()));
         // Words that trail off wait (when they come after the end, the call waits for more
         // before the dialog hears them: `CallCore::check_recognized`).
         if let Known::Got(t) = &c.transcript {
@@ -334,9 +345,9 @@ impl TurnDetector {
             Known::Got(p) if p < e.threshold && amount.is_some() => e.end_silence_ms,
             Known::Got(p) if p < e.threshold => unfinished,
             // A number can come in groups ("five five four... two one"), an amount before its
-            // unit too ("one hundred... twenty dollars"): never early.
-            Known::Got(_) if self.digits.is_some() => e.end_silence_ms,
-            Known::Got(_) if self.amount && amount.is_none() => e.end_silence_ms,
+            // unit too ("one hundred... twenty dollars"), and a number whose words are not in
+            // yet may be one: never early.
+            Known::Got(_) if number_pending => e.end_silence_ms,
             Known::Got(_) => 0,
             Known::Pending | Known::Unavailable => e.end_silence_ms,
         }
@@ -845,5 +856,43 @@ mod tests {
             plain,
             "trails off"
         );
+    }
+
+    #[test]
+    fn words_without_the_number_asked_for_end_as_any_words() {
+        let mut d = with_checks(true);
+        d.expect_digits(Some(5));
+        feed(&mut d, true, 20);
+        feed(&mut d, false, 9);
+        let id = pause_id(&feed(&mut d, false, 1));
+        d.verdict(id, Some(0.9));
+        assert_eq!(
+            d.end_silence_ms(),
+            600,
+            "the words are not in yet: may be digits"
+        );
+        d.transcript(id, Some("five five".into()));
+        assert_eq!(d.end_silence_ms(), 600, "digits come in groups");
+        d.transcript(id, Some("I want to check my order.".into()));
+        assert_eq!(d.end_silence_ms(), 0, "no number: the model decides");
+        d.verdict(id, Some(0.1));
+        assert_eq!(
+            d.end_silence_ms(),
+            d.unfinished_ms(),
+            "its doubt waits as long"
+        );
+        d.transcript(id, Some("My order number is".into()));
+        assert_eq!(d.end_silence_ms(), d.unfinished_ms());
+        // The same for an amount asked for.
+        d.expect_digits(None);
+        d.expect(&Expectation {
+            spoken: Some(Spoken::Amount),
+            ..Expectation::default()
+        });
+        d.verdict(id, Some(0.9));
+        d.transcript(id, Some("I'd rather pay by card.".into()));
+        assert_eq!(d.end_silence_ms(), 0);
+        d.transcript(id, Some("One hundred".into()));
+        assert_eq!(d.end_silence_ms(), 600);
     }
 }
