@@ -15,12 +15,12 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::ahead::{self, Adopted, ReplyAhead, Step, Taken, Want};
-use super::barge::{self, BargeIn, Decision, Resumed, Seen, is_noise_transcript};
 use super::dtmf::DigitCollector;
 use super::echo::EchoGate;
 use super::link::{ControlError, LinkError, MediaEvent, MediaLink, Target};
 use super::playout::Playout;
+use super::turn::ahead::{self, Adopted, ReplyAhead, Step, Taken, Want};
+use super::turn::barge::{self, BargeIn, Decision, Resumed, Seen, is_noise_transcript};
 use super::turn::{
     Endpointing, Recognition, Request, Routed, Transcripts, TurnDetector, TurnEvent,
 };

@@ -3,8 +3,6 @@
 //! turn detection, ASR, dialog, TTS and paced playout with barge-in, and act on the call
 //! through the seams in `link`.
 
-pub mod ahead;
-pub mod barge;
 pub mod dtmf;
 pub mod echo;
 pub mod link;

@@ -8,9 +8,16 @@
 //! once; an unfinished one waits longer (`turn.max_silence_ms`, more while the caller reads out
 //! a number); without an answer the fixed `vad.end_silence_ms` ends it. Voice before the end
 //! drops the check: the next pause asks again about the whole utterance.
+//!
+//! The rest of turn taking lives beside the detector, each part a state machine the call task
+//! only feeds events to and acts on: `transcripts` (what was transcribed at pauses and what an
+//! ended turn waits for), `ahead` (the reply made before the turn is confirmed) and `barge`
+//! (pause, resume or barge in while the agent speaks).
 
 use std::collections::VecDeque;
 
+pub mod ahead;
+pub mod barge;
 mod transcripts;
 pub use transcripts::{Recognition, Request, Routed, Transcripts};
 
@@ -331,7 +338,7 @@ impl TurnDetector {
             {
                 return 0;
             }
-            if self.yes_no && super::barge::is_answer(t) {
+            if self.yes_no && barge::is_answer(t) {
                 return 0;
             }
             // Down to the cents: nothing more to come.

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use super::TurnEvent;
-use crate::call::barge::is_noise_transcript;
+use super::barge::is_noise_transcript;
 use crate::engines::asr::{AsrError, Transcript};
 
 /// An answer of the engine and the time the request took in all (ms).

@@ -5,7 +5,7 @@
 //! words, it is discarded and the dialog is told nothing of it. The decisions only: the call
 //! task asks the dialog and carries out each `Step`. Pure: no clock, no I/O.
 
-use super::turn::trails_off;
+use super::trails_off;
 
 /// Parts of a reply kept while it is made ahead: a reply is a few; one that streams on and
 /// on is not kept.
