@@ -283,7 +283,8 @@ pub struct AsrStreamConfig {
     /// The transcription model the server is to use.
     pub model: String,
     /// "ga": `session.update` with a session of type `transcription` (OpenAI's current API,
-    /// Azure, speaches); "beta": `transcription_session.update` (OpenAI's beta API).
+    /// Azure, speaches); "beta": `transcription_session.update` (OpenAI's beta API); "vllm":
+    /// vLLM's own dialect of `/v1/realtime` (a realtime model such as Voxtral; 16 kHz).
     pub protocol: String,
     /// Sample rate of the PCM sent (24000 for OpenAI; whatever the server accepts elsewhere).
     pub rate: u32,
@@ -1311,10 +1312,10 @@ impl Config {
                     format!("`{}` is not a ws(s) URL", stream.url),
                 ));
             }
-            if !["ga", "beta"].contains(&stream.protocol.as_str()) {
+            if !["ga", "beta", "vllm"].contains(&stream.protocol.as_str()) {
                 return Err(bad(
                     "asr.stream.protocol",
-                    "must be \"ga\" or \"beta\"".into(),
+                    "must be \"ga\", \"beta\" or \"vllm\"".into(),
                 ));
             }
             if !(8_000..=48_000).contains(&stream.rate) || !stream.rate.is_multiple_of(50) {
@@ -1327,6 +1328,12 @@ impl Config {
                 return Err(bad(
                     "asr.stream.rate",
                     "the beta protocol's pcm16 is 24000 Hz".into(),
+                ));
+            }
+            if stream.protocol == "vllm" && stream.rate != 16_000 {
+                return Err(bad(
+                    "asr.stream.rate",
+                    "vLLM's realtime audio is 16000 Hz: set rate = 16000".into(),
                 ));
             }
             if stream.timeout_ms >= self.asr.timeout_ms {
@@ -1595,6 +1602,30 @@ mod tests {
         assert_eq!(key_line(dotted, "asterisk.url"), 1);
         assert_eq!(key_line(dotted, "transfers.agent"), 2);
         assert_eq!(key_line("not toml [", "asr.url"), 0);
+    }
+
+    #[test]
+    fn the_streaming_protocols_and_their_rates_are_checked() {
+        let flows = format!("{}/examples/flows", env!("CARGO_MANIFEST_DIR"));
+        let check = |stream: &str| {
+            let text = format!(
+                "[dialog]\nflows_dir = \"{flows}\"\n[transfers.agent]\ncontext = \"a\"\n\
+                 [asr.stream]\nurl = \"ws://127.0.0.1:8000/v1/realtime\"\n{stream}"
+            );
+            let path = Path::new("/tmp/sidecall-test.toml");
+            Config::parse(path, &text).and_then(|c| c.validate(path, &text).map(|_| c))
+        };
+        let c = check("protocol = \"vllm\"\nrate = 16000\nmodel = \"voxtral\"\n").expect("valid");
+        assert_eq!(c.asr.stream.protocol, "vllm");
+        assert!(check("protocol = \"ga\"\n").is_ok());
+        for (text, why) in [
+            ("protocol = \"vllm\"\n", "16000"),
+            ("protocol = \"beta\"\nrate = 16000\n", "24000"),
+            ("protocol = \"speaches\"\n", "\"vllm\""),
+        ] {
+            let e = check(text).unwrap_err().to_string();
+            assert!(e.contains(why), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod realtime_emu;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use realtime_emu::vllm::{VllmAnswer, VllmEmu};
 use realtime_emu::{Answer, RealtimeEmu};
 use sidecall::app::SimulateArgs;
 use sidecall::call::CallOutcome;
@@ -278,4 +279,153 @@ async fn a_pause_is_committed_early_and_the_rest_of_the_sentence_joins_it() {
         sidecall::pbx::simulated::SimEnd::Transfer("agent".into()),
         "{dump}"
     );
+}
+
+/// vLLM's realtime dialect (`protocol = "vllm"`): the model named in `session.update`, one
+/// generation per commit, 16 kHz.
+fn vllm_config(dir: &Path, emu: &VllmEmu, model: &str, extra: &str) -> Config {
+    stream_config(
+        dir,
+        &emu.url(),
+        6_000,
+        &format!("protocol = \"vllm\"\nrate = 16000\nmodel = \"{model}\"\n{extra}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_status_call_is_transcribed_by_a_vllm_realtime_server() {
+    let emu = VllmEmu::start("mistralai/Voxtral-Mini-4B-Realtime-2602").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = vllm_config(
+        dir.path(),
+        &emu,
+        "mistralai/Voxtral-Mini-4B-Realtime-2602",
+        "",
+    );
+    let call = order_call(cfg, dir.path()).await;
+    let dump = call.dump();
+    assert_order_status_done(&call);
+    let ts = transcripts(&call);
+    assert_eq!(ts.len(), 3, "{dump}");
+    for t in &ts {
+        assert_eq!(t["streamed"], true, "{t}\n{dump}");
+    }
+    let log = emu.log();
+    assert_eq!(log.connections, 1, "{log:?}");
+    assert_eq!(
+        log.session_updates[0]["model"],
+        "mistralai/Voxtral-Mini-4B-Realtime-2602"
+    );
+    assert!(log.errors.is_empty(), "{log:?}");
+    assert_eq!(
+        log.ignored_starts, 0,
+        "never a start while one runs: {log:?}"
+    );
+    // One generation per turn, each holding that turn's speech at 16 kHz.
+    let ends = call.of_type("speech_end");
+    assert_eq!(log.generations.len(), ends.len(), "{log:?}\n{dump}");
+    for (samples, end) in log.generations.iter().zip(&ends) {
+        let ms = (*samples as u64) * 1000 / 16_000;
+        let speech = end["speech_ms"].as_u64().unwrap();
+        let endpoint = end["endpoint_ms"].as_u64().unwrap();
+        assert!(
+            ms >= speech && ms <= speech + endpoint + 600,
+            "transcribed {ms} ms for {speech} ms of speech ended by {endpoint} ms of silence"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_vllm_a_caller_who_goes_on_after_a_pause_is_heard_whole() {
+    let emu = VllmEmu::start("voxtral").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = vllm_config(
+        dir.path(),
+        &emu,
+        "voxtral",
+        "\n[turn]\nspeculate = true\n\n[vad]\nend_silence_ms = 1200\n",
+    );
+    let call = simulate(
+        cfg,
+        dir.path(),
+        SimulateArgs {
+            flow: Some("support".into()),
+            callers: vec![with_gap(
+                dir.path(),
+                "goes-on",
+                &["I want to talk to,", "an agent please."],
+                450,
+                RATE,
+            )],
+            max_seconds: 30,
+            ..Default::default()
+        },
+    )
+    .await;
+    let dump = call.dump();
+    assert_eq!(call.of_type("speech_end").len(), 1, "{dump}");
+    let log = emu.log();
+    // The pause ended a generation; the rest of the sentence went out in the next one, none
+    // of it lost to the server's clearing of its queue.
+    assert!(log.generations.len() >= 2, "{log:?}\n{dump}");
+    assert_eq!(log.dropped_samples, 0, "{log:?}");
+    assert_eq!(log.ignored_starts, 0, "{log:?}");
+    let heard = transcripts(&call)
+        .iter()
+        .map(|t| t["text"].as_str().unwrap_or("").to_lowercase())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        heard.contains("talk") && heard.contains("agent"),
+        "{heard}\n{dump}"
+    );
+    assert!(
+        transcripts(&call).iter().all(|t| t["streamed"] == true),
+        "{dump}"
+    );
+    assert_eq!(
+        call.report.end,
+        sidecall::pbx::simulated::SimEnd::Transfer("agent".into()),
+        "{dump}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_server_without_the_model_or_that_fails_leaves_the_turns_to_the_batch_engine() {
+    // Another model: refused at the first commit; the batch engine does every turn.
+    let emu = VllmEmu::start("voxtral").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = vllm_config(
+        dir.path(),
+        &emu,
+        "whisper-large",
+        "retry_after_ms = 30000\n",
+    );
+    let call = order_call(cfg, dir.path()).await;
+    assert_order_status_done(&call);
+    for t in transcripts(&call) {
+        assert!(t.get("streamed").is_none(), "{t}");
+    }
+    let log = emu.log();
+    assert!(
+        log.errors.iter().any(|e| e.starts_with("model_not_found")),
+        "{log:?}"
+    );
+    assert!(log.generations.is_empty(), "{log:?}");
+    // A generation the model ends alone, then a dropped socket: those turns go to the batch
+    // engine, the call goes on.
+    let emu = VllmEmu::start("voxtral").await;
+    emu.push(VllmAnswer::EndEarly("five".into()));
+    emu.push(VllmAnswer::Drop);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = vllm_config(dir.path(), &emu, "voxtral", "");
+    let call = order_call(cfg, dir.path()).await;
+    let dump = call.dump();
+    assert_order_status_done(&call);
+    let ts = transcripts(&call);
+    assert!(
+        ts.iter().any(|t| t.get("stream_fallback").is_some()),
+        "{dump}"
+    );
+    assert!(ts.iter().any(|t| t["streamed"] == true), "{dump}");
 }

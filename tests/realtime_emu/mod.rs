@@ -26,6 +26,8 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
+pub mod vllm;
+
 /// The answer to an utterance's first commit.
 #[derive(Debug, Clone)]
 pub enum Answer {

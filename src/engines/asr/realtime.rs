@@ -1,5 +1,6 @@
 //! Streaming speech recognition over the OpenAI Realtime transcription protocol
-//! (`/v1/realtime?intent=transcription`, served by OpenAI, Azure OpenAI and speaches).
+//! (`/v1/realtime?intent=transcription`, served by OpenAI, Azure OpenAI and speaches), or over
+//! vLLM's own realtime dialect (`asr.stream.protocol = "vllm"`, see `vllm`).
 //!
 //! Each call holds one WebSocket to the server, opened when the call starts. The caller's audio
 //! goes out while they speak (`input_audio_buffer.append`, PCM at the configured rate); a new
@@ -32,6 +33,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::{Asr, AsrError, EngineLoad, Transcript};
+
+mod vllm;
 use crate::audio::resample::StreamResampler;
 use crate::config::{AsrConfig, AsrStreamConfig, Secret};
 
@@ -294,6 +297,7 @@ impl Connection {
             }
         };
         let failure = match ws {
+            Some(ws) if self.cfg.stream.protocol == "vllm" => self.serve_vllm(ws, &mut rx).await,
             Some(ws) => self.serve(ws, &mut rx).await,
             None => Some("not connected".to_string()),
         };
@@ -344,6 +348,12 @@ impl Connection {
         let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(limits), true)
             .await
             .map_err(|e| connect_err(e.to_string()))?;
+        if s.protocol == "vllm" {
+            vllm::configure(&mut ws, &s.model)
+                .await
+                .map_err(connect_err)?;
+            return Ok(ws);
+        }
         let update = session_update(s, &self.cfg.language);
         ws.send(Message::text(update.to_string()))
             .await

@@ -1,0 +1,487 @@
+//! vLLM's realtime transcription dialect (`vllm serve` with a realtime model such as Voxtral
+//! Mini Realtime, WebSocket `/v1/realtime`), which is not OpenAI's protocol:
+//! - the server greets with `session.created`; `session.update` names the model at the top
+//!   level (`{"type": "session.update", "model": ...}`) and gets no answer (a model the server
+//!   does not have shows as an `error` later);
+//! - `input_audio_buffer.commit` *starts* a generation that transcribes the audio appended
+//!   from then on as it comes (`transcription.delta`); `input_audio_buffer.commit` with
+//!   `"final": true` ends its audio, and `transcription.done` carries the whole text;
+//! - one generation at a time: a start while one runs is ignored, and audio appended before
+//!   `transcription.done` of the last one is dropped by the server;
+//! - audio is PCM16 at 16 kHz; errors are `{"type": "error", "error": "<message>", "code": ...}`.
+//!
+//! So each commit the call asks for ends the generation (its `final`), and the audio that
+//! follows (the caller went on after a pause) is held until the server has said `done`, then
+//! goes out in a new generation. A generation the server ends on its own (its token limit)
+//! leaves the rest of that utterance to the batch engine.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Cmd, Connection, SEND_LIMIT, Ws, encode, send, str_of};
+use crate::engines::asr::{AsrError, Transcript};
+
+/// Audio held for the next generation while the server finishes the last one, at most (60 s
+/// at 16 kHz): a server that never says `done` loses the session, not the call's memory.
+const MAX_HELD_SAMPLES: usize = 16_000 * 60;
+
+type Reply = oneshot::Sender<Result<Transcript, AsrError>>;
+
+/// Where the server's generation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gen {
+    /// None runs: the next audio starts one.
+    Idle,
+    /// Running: audio goes to it.
+    Open,
+    /// Its audio has ended (`final` sent): waiting for `transcription.done`.
+    Closing,
+}
+
+/// What waits for the next generation while the last one closes.
+enum Held {
+    Audio { b64: String, samples: usize },
+    Final(Reply),
+}
+
+/// The dialect's state, apart from the socket: commands and server events in, events to send
+/// out.
+pub(super) struct Dialect {
+    generation: Gen,
+    /// One per `final` sent, oldest first: the answer owed (`None`: an utterance given up).
+    owed: VecDeque<Option<(Instant, Reply)>>,
+    held: VecDeque<Held>,
+    held_samples: usize,
+    /// The server ended a generation on its own: the utterance's commits go to the batch engine.
+    broken: bool,
+}
+
+fn start() -> Value {
+    json!({"type": "input_audio_buffer.commit"})
+}
+
+fn finish() -> Value {
+    json!({"type": "input_audio_buffer.commit", "final": true})
+}
+
+fn append(b64: String) -> Value {
+    json!({"type": "input_audio_buffer.append", "audio": b64})
+}
+
+impl Dialect {
+    pub(super) fn new() -> Self {
+        Self {
+            generation: Gen::Idle,
+            owed: VecDeque::new(),
+            held: VecDeque::new(),
+            held_samples: 0,
+            broken: false,
+        }
+    }
+
+    /// A new utterance: a generation still open is ended and its text dropped; what was held
+    /// for the last utterance is dropped.
+    pub(super) fn clear(&mut self) -> Vec<Value> {
+        self.drop_held("a new utterance began");
+        self.broken = false;
+        if self.generation == Gen::Open {
+            self.owed.push_back(None);
+            self.generation = Gen::Closing;
+            return vec![finish()];
+        }
+        Vec::new()
+    }
+
+    /// The utterance's next samples (already at 16 kHz, as base64).
+    pub(super) fn append(&mut self, b64: String, samples: usize) -> Result<Vec<Value>, String> {
+        if self.broken {
+            // The batch engine has this utterance: nothing more goes to the server.
+            return Ok(Vec::new());
+        }
+        match self.generation {
+            Gen::Closing => {
+                self.held_samples = self.held_samples.saturating_add(samples);
+                if self.held_samples > MAX_HELD_SAMPLES {
+                    return Err("the server never finished the last transcription".into());
+                }
+                self.held.push_back(Held::Audio { b64, samples });
+                Ok(Vec::new())
+            }
+            Gen::Idle => {
+                self.generation = Gen::Open;
+                Ok(vec![start(), append(b64)])
+            }
+            Gen::Open => Ok(vec![append(b64)]),
+        }
+    }
+
+    /// The audio since the last commit is to be transcribed: its generation ends.
+    pub(super) fn commit(&mut self, reply: Reply) -> Vec<Value> {
+        let refuse = |reply: Reply, why: &str| {
+            let _ = reply.send(Err(AsrError::Engine(why.into())));
+        };
+        if self.broken {
+            refuse(reply, "the server ended the transcription early");
+            return Vec::new();
+        }
+        match self.generation {
+            Gen::Open => {
+                self.owed.push_back(Some((Instant::now(), reply)));
+                self.generation = Gen::Closing;
+                vec![finish()]
+            }
+            Gen::Closing if matches!(self.held.back(), Some(Held::Audio { .. })) => {
+                self.held.push_back(Held::Final(reply));
+                Vec::new()
+            }
+            _ => {
+                refuse(reply, "no audio since the last commit");
+                Vec::new()
+            }
+        }
+    }
+
+    /// One server event; `Err`: the session cannot go on.
+    pub(super) fn on_event(&mut self, ev: &Value) -> Result<Vec<Value>, String> {
+        match str_of(ev, "type") {
+            "transcription.done" => {
+                let text = str_of(ev, "text").trim().to_string();
+                match self.owed.pop_front() {
+                    Some(owed) => {
+                        if let Some((at, reply)) = owed {
+                            let ms = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                            let _ = reply.send(Ok(Transcript {
+                                text,
+                                queue_ms: 0,
+                                process_ms: ms,
+                                streamed: true,
+                                fallback: None,
+                            }));
+                        }
+                        if self.generation == Gen::Closing && self.owed.is_empty() {
+                            self.generation = Gen::Idle;
+                            return Ok(self.replay());
+                        }
+                    }
+                    None => {
+                        // Ended by the server (its token limit): what it heard of this
+                        // utterance is incomplete.
+                        tracing::debug!("streaming ASR (vLLM): a generation ended on its own");
+                        self.generation = Gen::Idle;
+                        self.broken = true;
+                        self.drop_held("the server ended the transcription early");
+                    }
+                }
+                Ok(Vec::new())
+            }
+            "error" => Err(format!(
+                "the server reported an error: {}: {}",
+                str_of(ev, "code"),
+                str_of(ev, "error")
+            )),
+            other => {
+                tracing::trace!(event = other, "streaming ASR (vLLM) event");
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// What waited for the last generation to close goes out, up to the next `final`.
+    fn replay(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Some(h) = self.held.pop_front() {
+            match h {
+                Held::Audio { b64, samples } => {
+                    self.held_samples = self.held_samples.saturating_sub(samples);
+                    if self.generation == Gen::Idle {
+                        out.push(start());
+                        self.generation = Gen::Open;
+                    }
+                    out.push(append(b64));
+                }
+                Held::Final(reply) => {
+                    self.owed.push_back(Some((Instant::now(), reply)));
+                    self.generation = Gen::Closing;
+                    out.push(finish());
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    fn drop_held(&mut self, why: &str) {
+        for h in self.held.drain(..) {
+            if let Held::Final(reply) = h {
+                let _ = reply.send(Err(AsrError::Engine(why.into())));
+            }
+        }
+        self.held_samples = 0;
+    }
+
+    /// Every answer still owed fails with `why`.
+    pub(super) fn fail_all(&mut self, why: &str) {
+        self.drop_held(why);
+        for (_, reply) in self.owed.drain(..).flatten() {
+            let _ = reply.send(Err(AsrError::Engine(why.into())));
+        }
+    }
+}
+
+/// Opens the session: waits for `session.created`, names the model.
+pub(super) async fn configure(ws: &mut Ws, model: &str) -> Result<(), String> {
+    loop {
+        let text = match ws.next().await {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Close(_))) | None => return Err("the server closed the socket".into()),
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(_)) => continue,
+        };
+        let ev: Value = serde_json::from_str(text.as_str())
+            .map_err(|_| format!("an event that is not JSON: {:.120}", text.as_str()))?;
+        match str_of(&ev, "type") {
+            "session.created" => break,
+            "error" => return Err(format!("the server refused: {}", str_of(&ev, "error"))),
+            _ => {}
+        }
+    }
+    send(ws, json!({"type": "session.update", "model": model})).await
+}
+
+impl Connection {
+    /// Relays the call's commands and the server's events in vLLM's dialect; the reason it
+    /// stopped, if the socket failed.
+    pub(super) async fn serve_vllm(
+        &self,
+        mut ws: Ws,
+        rx: &mut mpsc::Receiver<Cmd>,
+    ) -> Option<String> {
+        let mut resampler = self.resampler();
+        let mut d = Dialect::new();
+        loop {
+            let out = tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else {
+                        d.fail_all("the call ended");
+                        let _ = tokio::time::timeout(SEND_LIMIT, ws.close(None)).await;
+                        return None;
+                    };
+                    match cmd {
+                        Cmd::Clear => {
+                            resampler = self.resampler();
+                            Ok(d.clear())
+                        }
+                        Cmd::Append(audio) => {
+                            let mut pcm = Vec::with_capacity(audio.len() * 2);
+                            match resampler.as_mut() {
+                                Some(r) => {
+                                    let _ = r.process(&audio, &mut pcm);
+                                }
+                                None => pcm.extend_from_slice(&audio),
+                            }
+                            if pcm.is_empty() {
+                                continue;
+                            }
+                            d.append(encode(&pcm), pcm.len())
+                        }
+                        Cmd::Commit(reply) => {
+                            // What the resampler holds back belongs to this commit.
+                            let mut out = Vec::new();
+                            let mut failed = None;
+                            if let Some(r) = resampler.as_mut() {
+                                let mut pcm = Vec::new();
+                                let _ = r.flush(&mut pcm);
+                                resampler = self.resampler();
+                                if !pcm.is_empty() {
+                                    match d.append(encode(&pcm), pcm.len()) {
+                                        Ok(events) => out = events,
+                                        Err(why) => failed = Some(why),
+                                    }
+                                }
+                            }
+                            match failed {
+                                Some(why) => {
+                                    let _ = reply.send(Err(AsrError::Engine(why.clone())));
+                                    Err(why)
+                                }
+                                None => {
+                                    out.extend(d.commit(reply));
+                                    Ok(out)
+                                }
+                            }
+                        }
+                    }
+                }
+                msg = ws.next() => {
+                    let text = match msg {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Binary(_))) => continue,
+                        Some(Ok(Message::Close(frame))) => {
+                            let why = format!("the server closed the socket ({})", frame.map(|f| f.reason.to_string()).unwrap_or_default());
+                            d.fail_all(&why);
+                            return Some(why);
+                        }
+                        Some(Err(e)) => {
+                            let why = format!("the socket failed: {e}");
+                            d.fail_all(&why);
+                            return Some(why);
+                        }
+                        None => {
+                            let why = "the server dropped the socket".to_string();
+                            d.fail_all(&why);
+                            return Some(why);
+                        }
+                    };
+                    match serde_json::from_str::<Value>(text.as_str()) {
+                        Ok(ev) => d.on_event(&ev),
+                        Err(_) => {
+                            tracing::warn!(text = %text.as_str().chars().take(120).collect::<String>(), "streaming ASR: an event that is not JSON; ignored");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let events = match out {
+                Ok(events) => events,
+                Err(why) => {
+                    d.fail_all(&why);
+                    let _ = tokio::time::timeout(SEND_LIMIT, ws.close(None)).await;
+                    return Some(why);
+                }
+            };
+            for ev in events {
+                if let Err(why) = send(&mut ws, ev).await {
+                    d.fail_all(&why);
+                    return Some(why);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(events: &[Value]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match (str_of(e, "type"), e.get("final")) {
+                ("input_audio_buffer.commit", Some(_)) => "final".to_string(),
+                ("input_audio_buffer.commit", None) => "start".to_string(),
+                ("input_audio_buffer.append", _) => "append".to_string(),
+                (t, _) => t.to_string(),
+            })
+            .collect()
+    }
+
+    fn done(text: &str) -> Value {
+        json!({"type": "transcription.done", "text": text, "usage": null})
+    }
+
+    fn text(rx: &mut oneshot::Receiver<Result<Transcript, AsrError>>) -> Result<String, String> {
+        match rx.try_recv() {
+            Ok(Ok(t)) => Ok(t.text),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("no answer: {e}")),
+        }
+    }
+
+    #[test]
+    fn each_commit_is_a_generation_and_what_follows_waits_for_its_end() {
+        let mut d = Dialect::new();
+        assert_eq!(kinds(&d.clear()), Vec::<String>::new());
+        let out = d.append("a".into(), 320).unwrap_or_default();
+        assert_eq!(kinds(&out), ["start", "append"]);
+        assert_eq!(
+            kinds(&d.append("b".into(), 320).unwrap_or_default()),
+            ["append"]
+        );
+        // A pause: the generation ends.
+        let (tx, mut first) = oneshot::channel();
+        assert_eq!(kinds(&d.commit(tx)), ["final"]);
+        // The caller goes on before the server is done: held.
+        assert!(d.append("c".into(), 320).unwrap_or_default().is_empty());
+        let (tx, mut second) = oneshot::channel();
+        assert!(d.commit(tx).is_empty(), "its final waits too");
+        assert!(d.append("d".into(), 320).unwrap_or_default().is_empty());
+        // The first is done: its text answers the first commit, what was held goes out in a
+        // new generation up to its final; the rest waits again.
+        let out = d
+            .on_event(&done(" my order number is "))
+            .unwrap_or_default();
+        assert_eq!(kinds(&out), ["start", "append", "final"]);
+        assert_eq!(text(&mut first), Ok("my order number is".into()));
+        assert!(text(&mut second).is_err(), "not yet");
+        let out = d
+            .on_event(&done("five five four two one"))
+            .unwrap_or_default();
+        assert_eq!(kinds(&out), ["start", "append"]);
+        assert_eq!(text(&mut second), Ok("five five four two one".into()));
+        // A new utterance ends the open generation; its text is nobody's.
+        assert_eq!(kinds(&d.clear()), ["final"]);
+        assert!(d.on_event(&done("lost")).unwrap_or_default().is_empty());
+        assert_eq!(
+            kinds(&d.append("e".into(), 320).unwrap_or_default()),
+            ["start", "append"]
+        );
+    }
+
+    #[test]
+    fn a_generation_the_server_ends_alone_leaves_the_utterance_to_the_batch_engine() {
+        let mut d = Dialect::new();
+        let _ = d.append("a".into(), 320);
+        assert!(d.on_event(&done("partial")).unwrap_or_default().is_empty());
+        assert!(d.append("b".into(), 320).unwrap_or_default().is_empty());
+        let (tx, mut rx) = oneshot::channel();
+        assert!(d.commit(tx).is_empty());
+        assert!(text(&mut rx).is_err_and(|e| e.contains("early")));
+        // The next utterance streams again.
+        let _ = d.clear();
+        let _ = d.append("c".into(), 320);
+        let (tx, mut rx) = oneshot::channel();
+        assert_eq!(kinds(&d.commit(tx)), ["final"]);
+        let _ = d.on_event(&done("yes"));
+        assert_eq!(text(&mut rx), Ok("yes".into()));
+    }
+
+    #[test]
+    fn errors_end_the_session_and_fail_what_is_owed() {
+        let mut d = Dialect::new();
+        let _ = d.append("a".into(), 320);
+        let (tx, mut owed) = oneshot::channel();
+        let _ = d.commit(tx);
+        let _ = d.append("b".into(), 320);
+        let (tx, mut held) = oneshot::channel();
+        let _ = d.commit(tx);
+        let err = json!({"type": "error", "error": "Model not validated.", "code": "model_not_validated"});
+        let why = d.on_event(&err).err().unwrap_or_default();
+        assert!(why.contains("model_not_validated"), "{why}");
+        d.fail_all(&why);
+        assert!(text(&mut owed).is_err_and(|e| e.contains("model_not_validated")));
+        assert!(text(&mut held).is_err_and(|e| e.contains("model_not_validated")));
+        // A commit with no audio since the last is refused at once.
+        let mut d = Dialect::new();
+        let (tx, mut rx) = oneshot::channel();
+        assert!(d.commit(tx).is_empty());
+        assert!(text(&mut rx).is_err());
+        // A server that never says done cannot make the call hold audio for ever.
+        let mut d = Dialect::new();
+        let _ = d.append("a".into(), 320);
+        let (tx, _rx) = oneshot::channel();
+        let _ = d.commit(tx);
+        let mut result = Ok(Vec::new());
+        for _ in 0..=MAX_HELD_SAMPLES / 320 {
+            result = d.append("x".into(), 320);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(result.is_err());
+    }
+}
