@@ -392,7 +392,7 @@ async fn on_vllm_a_caller_who_goes_on_after_a_pause_is_heard_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vllm_server_without_the_model_or_that_fails_leaves_the_turns_to_the_batch_engine() {
-    // Another model: refused at the first commit; the batch engine does every turn.
+    // Another model: refused at session.update; the batch engine does every turn.
     let emu = VllmEmu::start("voxtral").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = vllm_config(
@@ -416,16 +416,31 @@ async fn a_vllm_server_without_the_model_or_that_fails_leaves_the_turns_to_the_b
     // engine, the call goes on.
     let emu = VllmEmu::start("voxtral").await;
     emu.push(VllmAnswer::EndEarly("five".into()));
+    // The generation that takes away what came after the server's own end.
+    emu.push(VllmAnswer::Say(String::new()));
     emu.push(VllmAnswer::Drop);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = vllm_config(dir.path(), &emu, "voxtral", "");
+    let cfg = vllm_config(dir.path(), &emu, "voxtral", "retry_after_ms = 100\n");
     let call = order_call(cfg, dir.path()).await;
     let dump = call.dump();
     assert_order_status_done(&call);
     let ts = transcripts(&call);
+    // The first turn: the generation's "five" is not its transcript; the batch engine's is.
+    assert!(ts.iter().all(|t| t["text"] != "five"), "{dump}");
+    let fallbacks: Vec<&str> = ts
+        .iter()
+        .filter_map(|t| t["stream_fallback"].as_str())
+        .collect();
     assert!(
-        ts.iter().any(|t| t.get("stream_fallback").is_some()),
-        "{dump}"
+        fallbacks.iter().any(|f| f.contains("early")),
+        "{fallbacks:?}\n{dump}"
+    );
+    assert!(
+        fallbacks.iter().any(|f| f.contains("socket")),
+        "{fallbacks:?}\n{dump}"
     );
     assert!(ts.iter().any(|t| t["streamed"] == true), "{dump}");
+    // What the caller said after the server ended its generation never opened the next one.
+    let log = emu.log();
+    assert_eq!(log.ignored_starts, 0, "{log:?}");
 }

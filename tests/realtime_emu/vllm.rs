@@ -140,6 +140,8 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, model: 
     let (queue_tx, queue_rx) = mpsc::unbounded_channel::<Option<Vec<i16>>>();
     let queue_rx = Arc::new(tokio::sync::Mutex::new(queue_rx));
     let mut generation: Option<tokio::task::JoinHandle<()>> = None;
+    // A generation runs (vLLM: its task is not done); it is over once it has sent `done`.
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut validated = false;
     loop {
         let msg = tokio::select! {
@@ -178,9 +180,12 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, model: 
                 }
             }
             "input_audio_buffer.append" => {
-                let decoded = ev["audio"]
-                    .as_str()
-                    .and_then(|a| base64::engine::general_purpose::STANDARD.decode(a).ok());
+                let Some(audio) = ev["audio"].as_str() else {
+                    // pydantic refuses the event before the handler's own checks.
+                    error(&out, &shared, "audio: Field required", "processing_error").await;
+                    continue;
+                };
+                let decoded = base64::engine::general_purpose::STANDARD.decode(audio).ok();
                 match decoded {
                     Some(bytes) if !bytes.is_empty() && bytes.len() % 2 == 0 => {
                         let samples = bytes
@@ -200,18 +205,20 @@ async fn session(tcp: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>, model: 
                 }
                 if ev["final"] == true {
                     let _ = queue_tx.send(None);
-                } else if generation.as_ref().is_some_and(|g| !g.is_finished()) {
+                } else if running.load(std::sync::atomic::Ordering::SeqCst) {
                     lock(&shared).log.ignored_starts += 1;
                 } else {
                     let answer = lock(&shared)
                         .script
                         .pop_front()
                         .unwrap_or(VllmAnswer::Whisper);
+                    running.store(true, std::sync::atomic::Ordering::SeqCst);
                     generation = Some(tokio::spawn(generate(
                         answer,
                         queue_rx.clone(),
                         out.clone(),
                         shared.clone(),
+                        running.clone(),
                     )));
                 }
             }
@@ -234,6 +241,7 @@ async fn generate(
     queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Option<Vec<i16>>>>>,
     out: Out,
     shared: Arc<Mutex<Shared>>,
+    running: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut q = queue.lock().await;
     let mut audio: Vec<i16> = Vec::new();
@@ -249,6 +257,8 @@ async fn generate(
         VllmAnswer::Whisper => match super::whisper(&audio, 16_000).await {
             Ok(t) => t,
             Err(e) => {
+                // vLLM's task ends without `done` and without clearing its queue.
+                running.store(false, std::sync::atomic::Ordering::SeqCst);
                 error(&out, &shared, &e, "processing_error").await;
                 return;
             }
@@ -261,14 +271,17 @@ async fn generate(
     let _ = out
         .send(Some(json!({"type": "transcription.delta", "delta": text})))
         .await;
-    let _ = out
-        .send(Some(json!({"type": "transcription.done", "text": text,
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})))
-        .await;
-    // What came meanwhile is dropped ("Clear queue for next utterance").
+    // vLLM sends `done`, then clears its queue ("Clear queue for next utterance") and ends
+    // without reading another event: here the queue is cleared and the generation over before
+    // `done` goes out, so nothing the client sends after `done` can be taken for it.
     let mut dropped = 0;
     while let Ok(item) = q.try_recv() {
         dropped += item.map_or(0, |c| c.len());
     }
     lock(&shared).log.dropped_samples += dropped;
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let _ = out
+        .send(Some(json!({"type": "transcription.done", "text": text,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})))
+        .await;
 }

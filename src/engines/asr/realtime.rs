@@ -297,8 +297,17 @@ impl Connection {
             }
         };
         let failure = match ws {
-            Some(ws) if self.cfg.stream.protocol == "vllm" => self.serve_vllm(ws, &mut rx).await,
-            Some(ws) => self.serve(ws, &mut rx).await,
+            Some(ws) => {
+                let failure = if self.cfg.stream.protocol == "vllm" {
+                    self.serve_vllm(ws, &mut rx).await
+                } else {
+                    self.serve(ws, &mut rx).await
+                };
+                if let Some(why) = &failure {
+                    tracing::warn!(url = %self.cfg.stream.url, %why, "streaming ASR: the session ended; the batch engine transcribes until the next one");
+                }
+                failure
+            }
             None => Some("not connected".to_string()),
         };
         if failure.is_some() {

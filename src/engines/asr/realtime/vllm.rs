@@ -16,7 +16,7 @@
 //! leaves the rest of that utterance to the batch engine.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -49,16 +49,25 @@ enum Held {
     Final(Reply),
 }
 
+/// A `final` sent: when, and the answer owed (`None`: nobody's, an utterance given up or a
+/// generation that only clears the server's queue).
+struct Owed {
+    at: Instant,
+    reply: Option<Reply>,
+}
+
 /// The dialect's state, apart from the socket: commands and server events in, events to send
 /// out.
 pub(super) struct Dialect {
     generation: Gen,
-    /// One per `final` sent, oldest first: the answer owed (`None`: an utterance given up).
-    owed: VecDeque<Option<(Instant, Reply)>>,
+    /// One per `final` sent, oldest first.
+    owed: VecDeque<Owed>,
     held: VecDeque<Held>,
     held_samples: usize,
     /// The server ended a generation on its own: the utterance's commits go to the batch engine.
     broken: bool,
+    /// How long a `final` may wait for its `transcription.done` before the session is given up.
+    done_limit: Duration,
 }
 
 fn start() -> Value {
@@ -73,24 +82,37 @@ fn append(b64: String) -> Value {
     json!({"type": "input_audio_buffer.append", "audio": b64})
 }
 
+/// 20 ms of silence at 16 kHz (vLLM refuses empty audio).
+fn silence() -> String {
+    encode(&[0; 320])
+}
+
 impl Dialect {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(done_limit: Duration) -> Self {
         Self {
             generation: Gen::Idle,
             owed: VecDeque::new(),
             held: VecDeque::new(),
             held_samples: 0,
             broken: false,
+            done_limit,
         }
     }
 
-    /// A new utterance: a generation still open is ended and its text dropped; what was held
-    /// for the last utterance is dropped.
+    /// A new utterance: a generation still open is ended and its text dropped; audio held for
+    /// the last utterance after its last commit is dropped (its commits still go out).
     pub(super) fn clear(&mut self) -> Vec<Value> {
-        self.drop_held("a new utterance began");
+        while matches!(self.held.back(), Some(Held::Audio { .. })) {
+            if let Some(Held::Audio { samples, .. }) = self.held.pop_back() {
+                self.held_samples = self.held_samples.saturating_sub(samples);
+            }
+        }
         self.broken = false;
         if self.generation == Gen::Open {
-            self.owed.push_back(None);
+            self.owed.push_back(Owed {
+                at: Instant::now(),
+                reply: None,
+            });
             self.generation = Gen::Closing;
             return vec![finish()];
         }
@@ -105,6 +127,16 @@ impl Dialect {
         }
         match self.generation {
             Gen::Closing => {
+                if self
+                    .owed
+                    .front()
+                    .is_some_and(|o| o.at.elapsed() > self.done_limit)
+                {
+                    return Err(format!(
+                        "no transcription.done within {} ms of the end of its audio",
+                        self.done_limit.as_millis()
+                    ));
+                }
                 self.held_samples = self.held_samples.saturating_add(samples);
                 if self.held_samples > MAX_HELD_SAMPLES {
                     return Err("the server never finished the last transcription".into());
@@ -131,7 +163,10 @@ impl Dialect {
         }
         match self.generation {
             Gen::Open => {
-                self.owed.push_back(Some((Instant::now(), reply)));
+                self.owed.push_back(Owed {
+                    at: Instant::now(),
+                    reply: Some(reply),
+                });
                 self.generation = Gen::Closing;
                 vec![finish()]
             }
@@ -150,32 +185,47 @@ impl Dialect {
     pub(super) fn on_event(&mut self, ev: &Value) -> Result<Vec<Value>, String> {
         match str_of(ev, "type") {
             "transcription.done" => {
-                let text = str_of(ev, "text").trim().to_string();
-                match self.owed.pop_front() {
-                    Some(owed) => {
-                        if let Some((at, reply)) = owed {
-                            let ms = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
-                            let _ = reply.send(Ok(Transcript {
-                                text,
-                                queue_ms: 0,
-                                process_ms: ms,
-                                streamed: true,
-                                fallback: None,
-                            }));
-                        }
-                        if self.generation == Gen::Closing && self.owed.is_empty() {
-                            self.generation = Gen::Idle;
-                            return Ok(self.replay());
-                        }
-                    }
-                    None => {
-                        // Ended by the server (its token limit): what it heard of this
-                        // utterance is incomplete.
-                        tracing::debug!("streaming ASR (vLLM): a generation ended on its own");
-                        self.generation = Gen::Idle;
-                        self.broken = true;
-                        self.drop_held("the server ended the transcription early");
-                    }
+                let text = ev.get("text").and_then(Value::as_str).map(str::trim);
+                let Some(owed) = self.owed.pop_front() else {
+                    // Ended by the server (its token limit) while its audio went on: what it
+                    // heard of this utterance is incomplete, and the audio sent since it
+                    // cleared its queue would open the next generation. A generation of
+                    // nobody's takes that audio away.
+                    tracing::debug!("streaming ASR (vLLM): a generation ended on its own");
+                    self.broken = true;
+                    self.held.clear();
+                    self.held_samples = 0;
+                    self.owed.push_back(Owed {
+                        at: Instant::now(),
+                        reply: None,
+                    });
+                    self.generation = Gen::Closing;
+                    return Ok(vec![start(), append(silence()), finish()]);
+                };
+                if let Some(reply) = owed.reply {
+                    let ms = u64::try_from(owed.at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    let answer = match text {
+                        None => Err(AsrError::BadResponse(
+                            "transcription.done without `text`".into(),
+                        )),
+                        // The server may have ended the generation before its audio did (its
+                        // token limit): an empty text is not trusted; the batch engine checks.
+                        Some("") => Err(AsrError::Engine(
+                            "an empty transcription (the generation may have ended early)".into(),
+                        )),
+                        Some(t) => Ok(Transcript {
+                            text: t.to_string(),
+                            queue_ms: 0,
+                            process_ms: ms,
+                            streamed: true,
+                            fallback: None,
+                        }),
+                    };
+                    let _ = reply.send(answer);
+                }
+                if self.generation == Gen::Closing && self.owed.is_empty() {
+                    self.generation = Gen::Idle;
+                    return Ok(self.replay());
                 }
                 Ok(Vec::new())
             }
@@ -205,7 +255,10 @@ impl Dialect {
                     out.push(append(b64));
                 }
                 Held::Final(reply) => {
-                    self.owed.push_back(Some((Instant::now(), reply)));
+                    self.owed.push_back(Owed {
+                        at: Instant::now(),
+                        reply: Some(reply),
+                    });
                     self.generation = Gen::Closing;
                     out.push(finish());
                     break;
@@ -215,19 +268,15 @@ impl Dialect {
         out
     }
 
-    fn drop_held(&mut self, why: &str) {
+    /// Every answer still owed fails with `why`.
+    pub(super) fn fail_all(&mut self, why: &str) {
         for h in self.held.drain(..) {
             if let Held::Final(reply) = h {
                 let _ = reply.send(Err(AsrError::Engine(why.into())));
             }
         }
         self.held_samples = 0;
-    }
-
-    /// Every answer still owed fails with `why`.
-    pub(super) fn fail_all(&mut self, why: &str) {
-        self.drop_held(why);
-        for (_, reply) in self.owed.drain(..).flatten() {
+        for reply in self.owed.drain(..).filter_map(|o| o.reply) {
             let _ = reply.send(Err(AsrError::Engine(why.into())));
         }
     }
@@ -262,7 +311,9 @@ impl Connection {
         rx: &mut mpsc::Receiver<Cmd>,
     ) -> Option<String> {
         let mut resampler = self.resampler();
-        let mut d = Dialect::new();
+        // A `final` gets its `done` within the stream's timeout, or the session is given up.
+        let done_limit = Duration::from_millis(self.cfg.stream.timeout_ms.saturating_mul(2));
+        let mut d = Dialect::new(done_limit);
         loop {
             let out = tokio::select! {
                 cmd = rx.recv() => {
@@ -394,7 +445,7 @@ mod tests {
 
     #[test]
     fn each_commit_is_a_generation_and_what_follows_waits_for_its_end() {
-        let mut d = Dialect::new();
+        let mut d = Dialect::new(Duration::from_secs(4));
         assert_eq!(kinds(&d.clear()), Vec::<String>::new());
         let out = d.append("a".into(), 320).unwrap_or_default();
         assert_eq!(kinds(&out), ["start", "append"]);
@@ -434,16 +485,22 @@ mod tests {
 
     #[test]
     fn a_generation_the_server_ends_alone_leaves_the_utterance_to_the_batch_engine() {
-        let mut d = Dialect::new();
+        let mut d = Dialect::new(Duration::from_secs(4));
         let _ = d.append("a".into(), 320);
-        assert!(d.on_event(&done("partial")).unwrap_or_default().is_empty());
+        // Ended by the server: a generation of nobody's takes away what was sent since.
+        let out = d.on_event(&done("partial")).unwrap_or_default();
+        assert_eq!(kinds(&out), ["start", "append", "final"]);
         assert!(d.append("b".into(), 320).unwrap_or_default().is_empty());
         let (tx, mut rx) = oneshot::channel();
         assert!(d.commit(tx).is_empty());
         assert!(text(&mut rx).is_err_and(|e| e.contains("early")));
+        assert!(d.on_event(&done("")).unwrap_or_default().is_empty());
         // The next utterance streams again.
         let _ = d.clear();
-        let _ = d.append("c".into(), 320);
+        assert_eq!(
+            kinds(&d.append("c".into(), 320).unwrap_or_default()),
+            ["start", "append"]
+        );
         let (tx, mut rx) = oneshot::channel();
         assert_eq!(kinds(&d.commit(tx)), ["final"]);
         let _ = d.on_event(&done("yes"));
@@ -451,8 +508,52 @@ mod tests {
     }
 
     #[test]
+    fn a_new_utterance_keeps_the_commits_still_held() {
+        let mut d = Dialect::new(Duration::from_secs(4));
+        let _ = d.append("a".into(), 320);
+        let (tx, mut first) = oneshot::channel();
+        let _ = d.commit(tx);
+        // The end of the turn comes while the pause's transcription is still out.
+        let _ = d.append("b".into(), 320);
+        let (tx, mut last) = oneshot::channel();
+        assert!(d.commit(tx).is_empty());
+        let _ = d.append("trailing".into(), 320);
+        // The next utterance: only the audio after the last commit is dropped.
+        assert!(d.clear().is_empty());
+        let out = d.on_event(&done("my number is")).unwrap_or_default();
+        assert_eq!(kinds(&out), ["start", "append", "final"]);
+        assert_eq!(out[1]["audio"], "b");
+        assert_eq!(text(&mut first), Ok("my number is".into()));
+        let out = d.on_event(&done("five five")).unwrap_or_default();
+        assert!(out.is_empty(), "nothing of the next utterance yet");
+        assert_eq!(text(&mut last), Ok("five five".into()));
+    }
+
+    #[test]
+    fn an_empty_or_textless_done_is_not_a_transcript_and_a_missing_one_ends_the_session() {
+        let mut d = Dialect::new(Duration::from_millis(50));
+        for ev in [json!({"type": "transcription.done"}), done("  ")] {
+            let _ = d.append("a".into(), 320);
+            let (tx, mut rx) = oneshot::channel();
+            let _ = d.commit(tx);
+            let _ = d.on_event(&ev);
+            assert!(text(&mut rx).is_err(), "{ev}");
+        }
+        // A final whose done never comes: the session is given up once the caller goes on.
+        let _ = d.append("a".into(), 320);
+        let (tx, _rx) = oneshot::channel();
+        let _ = d.commit(tx);
+        assert!(d.append("b".into(), 320).is_ok(), "held meanwhile");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(
+            d.append("c".into(), 320)
+                .is_err_and(|e| e.contains("transcription.done"))
+        );
+    }
+
+    #[test]
     fn errors_end_the_session_and_fail_what_is_owed() {
-        let mut d = Dialect::new();
+        let mut d = Dialect::new(Duration::from_secs(4));
         let _ = d.append("a".into(), 320);
         let (tx, mut owed) = oneshot::channel();
         let _ = d.commit(tx);
@@ -466,12 +567,12 @@ mod tests {
         assert!(text(&mut owed).is_err_and(|e| e.contains("model_not_validated")));
         assert!(text(&mut held).is_err_and(|e| e.contains("model_not_validated")));
         // A commit with no audio since the last is refused at once.
-        let mut d = Dialect::new();
+        let mut d = Dialect::new(Duration::from_secs(4));
         let (tx, mut rx) = oneshot::channel();
         assert!(d.commit(tx).is_empty());
         assert!(text(&mut rx).is_err());
         // A server that never says done cannot make the call hold audio for ever.
-        let mut d = Dialect::new();
+        let mut d = Dialect::new(Duration::from_secs(4));
         let _ = d.append("a".into(), 320);
         let (tx, _rx) = oneshot::channel();
         let _ = d.commit(tx);
