@@ -84,11 +84,39 @@ enum Known<T> {
     Got(T),
 }
 
+/// A pause's transcript and what its words say for the end of the turn, worked out once when
+/// it comes (the end is weighed on every frame).
+#[derive(Debug, Clone, PartialEq)]
+struct Words {
+    text: String,
+    trails_off: bool,
+    /// The digits in it, if any.
+    digits: Option<usize>,
+    /// An amount of money in it, and how it ends if it ends on its unit.
+    has_amount: bool,
+    amount_end: Option<AmountEnd>,
+    /// A short yes or no.
+    answer: bool,
+}
+
+impl Words {
+    fn of(text: String) -> Self {
+        Self {
+            trails_off: trails_off(&text),
+            digits: entities::digits(&text).map(|d| d.len()),
+            has_amount: entities::amount_cents(&text).is_some(),
+            amount_end: entities::amount_end(&text),
+            answer: barge::is_answer(&text),
+            text,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Check {
     id: u64,
     verdict: Known<f32>,
-    transcript: Known<String>,
+    transcript: Known<Words>,
     /// Where the checked audio ends in the utterance.
     audio_end: usize,
 }
@@ -271,7 +299,7 @@ impl TurnDetector {
     /// The transcript of pause `id`'s audio (`None`: it failed).
     pub fn transcript(&mut self, id: u64, text: Option<String>) {
         if let Some(c) = self.check.as_mut().filter(|c| c.id == id) {
-            c.transcript = text.map_or(Known::Unavailable, Known::Got);
+            c.transcript = text.map_or(Known::Unavailable, |t| Known::Got(Words::of(t)));
         }
     }
 
@@ -308,37 +336,34 @@ impl TurnDetector {
             return e.end_silence_ms;
         };
         let unfinished = self.unfinished_ms();
-        // An amount asked for, said with its unit: how it ends.
-        let amount = match &c.transcript {
-            Known::Got(t) if self.amount => entities::amount_end(t),
+        let words = match &c.transcript {
+            Known::Got(w) => Some(w),
             _ => None,
         };
+        // An amount asked for, said with its unit: how it ends.
+        let amount = words.filter(|_| self.amount).and_then(|w| w.amount_end);
         // A number asked for, and words without one ("I want to check my order", "I don't
         // have it"): no number comes in groups here; the model decides, as for any words.
-        let no_number = match &c.transcript {
-            Known::Got(t) => {
-                (self.digits.is_some() && entities::digits(t).is_none())
-                    || (self.amount && entities::amount_cents(t).is_none())
-            }
-            _ => false,
-        };
+        let no_number = words.is_some_and(|w| {
+            (self.digits.is_some() && w.digits.is_none()) || (self.amount && !w.has_amount)
+        });
         let number_pending =
             !no_number && (self.digits.is_some() || (self.amount && amount.is_none()));
-        // Words that trail off wait (when they come after the end, the call waits for more
-        // before the dialog hears them: `CallCore::check_recognized`).
-        if let Known::Got(t) = &c.transcript {
-            if trails_off(t) {
+        if let Some(w) = words {
+            // Words that trail off wait (when they come after the end, the call waits for
+            // more before the dialog hears them: `CallCore::check_recognized`).
+            if w.trails_off {
                 return unfinished;
             }
             // All the digits asked for, or the yes or no asked for: nothing more to come,
             // whatever the tone.
             if self
                 .digits
-                .is_some_and(|max| entities::digits(t).is_some_and(|d| d.len() >= max))
+                .is_some_and(|max| w.digits.is_some_and(|d| d >= max))
             {
                 return 0;
             }
-            if self.yes_no && barge::is_answer(t) {
+            if self.yes_no && w.answer {
                 return 0;
             }
             // Down to the cents: nothing more to come.
@@ -505,7 +530,7 @@ impl TurnDetector {
                     id: c.id,
                     transcript_asked: c.transcript != Known::Unavailable,
                     transcript: match c.transcript {
-                        Known::Got(t) => Some(t),
+                        Known::Got(w) => Some(w.text),
                         _ => None,
                     },
                     probability: match c.verdict {
