@@ -1985,10 +1985,10 @@ mod tests {
         assert_eq!(g.estimate(), None);
     }
 
-    /// Prints the cost per frame (a figure, not an assertion: run with
-    /// `cargo test --release --lib cost_per_frame -- --ignored --nocapture`).
+    /// The path is learned on a steady line and on one with silence suppression alike, and
+    /// the cost per frame is printed (figures: `cargo test --release --lib cost_per_frame --
+    /// --nocapture`).
     #[test]
-    #[ignore = "a benchmark: prints figures"]
     fn cost_per_frame() {
         let rate = 16_000;
         let agent = agent_track(rate, -13.0, 70);
@@ -2009,9 +2009,16 @@ mod tests {
             g.reference(&agent[t * 320..][..320]);
             gated += usize::from(g.is_echo(&mic[t * 320..][..320]));
         }
-        let per = started.elapsed().as_secs_f64() * 1e6 / frames as f64;
+        let per = started.elapsed().as_secs_f64() * 1e6
+            / f64::from(u32::try_from(frames).unwrap_or(u32::MAX));
         eprintln!(
             "echo gate: {per:.2} us per 20 ms frame at 16 kHz, reference and caller ({gated} of {frames} gated)"
+        );
+        let learned = |g: &EchoGate| g.estimate().map(|e| e.delay_ms);
+        assert!(
+            learned(&g).is_some_and(|d| (d - 150.0).abs() <= 10.0),
+            "{:?}",
+            g.estimate()
         );
         // The same line with silence suppression (frames under -50 dBFS and 5 after a louder
         // one never sent): the frame after a gap proves the gap's lags quiet at once.
@@ -2040,9 +2047,16 @@ mod tests {
                 sent += 1;
             }
         }
-        let per = started.elapsed().as_secs_f64() * 1e6 / frames as f64;
+        let per = started.elapsed().as_secs_f64() * 1e6
+            / f64::from(u32::try_from(frames).unwrap_or(u32::MAX));
         eprintln!(
             "echo gate, silence suppressed: {per:.2} us per 20 ms tick ({sent} of {frames} frames sent), the dearest frame {worst:.0} us"
+        );
+        assert!(sent < frames, "silence was suppressed");
+        assert!(
+            learned(&g).is_some_and(|d| (d - 150.0).abs() <= 10.0),
+            "{:?}",
+            g.estimate()
         );
     }
 }

@@ -401,7 +401,7 @@ impl Connection {
     /// Relays the call's commands and the server's events; the reason it stopped, if the
     /// socket failed.
     async fn serve(&self, mut ws: Ws, rx: &mut mpsc::Receiver<Cmd>) -> Option<String> {
-        let mut resampler = self.resampler();
+        let mut pcm_out = self.outgoing();
         let mut sent: VecDeque<Sent> = VecDeque::new();
         let mut items: HashMap<String, Sent> = HashMap::new();
         let mut next_id = 0u64;
@@ -419,17 +419,11 @@ impl Connection {
                     };
                     let out = match cmd {
                         Cmd::Clear => {
-                            resampler = self.resampler();
+                            pcm_out.reset();
                             json!({"type": "input_audio_buffer.clear"})
                         }
                         Cmd::Append(audio) => {
-                            let mut pcm = Vec::with_capacity(audio.len() * 3);
-                            match resampler.as_mut() {
-                                Some(r) => {
-                                    let _ = r.process(&audio, &mut pcm);
-                                }
-                                None => pcm.extend_from_slice(&audio),
-                            }
+                            let pcm = pcm_out.convert(&audio);
                             if pcm.is_empty() {
                                 continue;
                             }
@@ -437,17 +431,13 @@ impl Connection {
                         }
                         Cmd::Commit(reply) => {
                             // What the resampler holds back belongs to this commit.
-                            if let Some(r) = resampler.as_mut() {
-                                let mut pcm = Vec::new();
-                                let _ = r.flush(&mut pcm);
-                                resampler = self.resampler();
-                                if !pcm.is_empty() {
-                                    let tail = json!({"type": "input_audio_buffer.append", "audio": encode(&pcm)});
-                                    if let Err(why) = send(&mut ws, tail).await {
-                                        let _ = reply.send(Err(AsrError::Engine(why.clone())));
-                                        fail_all(&mut sent, &mut items, &why);
-                                        return Some(why);
-                                    }
+                            let pcm = pcm_out.flush();
+                            if !pcm.is_empty() {
+                                let tail = json!({"type": "input_audio_buffer.append", "audio": encode(&pcm)});
+                                if let Err(why) = send(&mut ws, tail).await {
+                                    let _ = reply.send(Err(AsrError::Engine(why.clone())));
+                                    fail_all(&mut sent, &mut items, &why);
+                                    return Some(why);
                                 }
                             }
                             next_id += 1;
@@ -500,18 +490,60 @@ impl Connection {
         }
     }
 
-    fn resampler(&self) -> Option<StreamResampler> {
-        if self.rate == self.cfg.stream.rate {
-            return None;
-        }
-        match StreamResampler::new(self.rate, self.cfg.stream.rate) {
-            Ok(r) => Some(r),
-            // The configuration's rates are checked at load: this does not happen.
-            Err(e) => {
-                tracing::error!(error = %e, "streaming ASR: cannot resample; sending the call's rate");
-                None
+    fn outgoing(&self) -> Outgoing {
+        let mut o = Outgoing {
+            from: self.rate,
+            to: self.cfg.stream.rate,
+            resampler: None,
+        };
+        o.reset();
+        o
+    }
+}
+
+/// The call's audio at the stream's rate.
+struct Outgoing {
+    from: u32,
+    to: u32,
+    resampler: Option<StreamResampler>,
+}
+
+impl Outgoing {
+    /// A new utterance: nothing held from the last.
+    fn reset(&mut self) {
+        self.resampler = if self.from == self.to {
+            None
+        } else {
+            match StreamResampler::new(self.from, self.to) {
+                Ok(r) => Some(r),
+                // The configuration's rates are checked at load: this does not happen.
+                Err(e) => {
+                    tracing::error!(error = %e, "streaming ASR: cannot resample; sending the call's rate");
+                    None
+                }
             }
+        };
+    }
+
+    fn convert(&mut self, audio: &[i16]) -> Vec<i16> {
+        match self.resampler.as_mut() {
+            Some(r) => {
+                let mut pcm = Vec::with_capacity(audio.len().saturating_mul(3));
+                let _ = r.process(audio, &mut pcm);
+                pcm
+            }
+            None => audio.to_vec(),
         }
+    }
+
+    /// What the resampler still holds (the end of a commit); it starts afresh after.
+    fn flush(&mut self) -> Vec<i16> {
+        let mut pcm = Vec::new();
+        if let Some(r) = self.resampler.as_mut() {
+            let _ = r.flush(&mut pcm);
+            self.reset();
+        }
+        pcm
     }
 }
 

@@ -310,7 +310,7 @@ impl Connection {
         mut ws: Ws,
         rx: &mut mpsc::Receiver<Cmd>,
     ) -> Option<String> {
-        let mut resampler = self.resampler();
+        let mut pcm_out = self.outgoing();
         // A `final` gets its `done` within the stream's timeout, or the session is given up.
         let done_limit = Duration::from_millis(self.cfg.stream.timeout_ms.saturating_mul(2));
         let mut d = Dialect::new(done_limit);
@@ -324,17 +324,11 @@ impl Connection {
                     };
                     match cmd {
                         Cmd::Clear => {
-                            resampler = self.resampler();
+                            pcm_out.reset();
                             Ok(d.clear())
                         }
                         Cmd::Append(audio) => {
-                            let mut pcm = Vec::with_capacity(audio.len() * 2);
-                            match resampler.as_mut() {
-                                Some(r) => {
-                                    let _ = r.process(&audio, &mut pcm);
-                                }
-                                None => pcm.extend_from_slice(&audio),
-                            }
+                            let pcm = pcm_out.convert(&audio);
                             if pcm.is_empty() {
                                 continue;
                             }
@@ -342,27 +336,20 @@ impl Connection {
                         }
                         Cmd::Commit(reply) => {
                             // What the resampler holds back belongs to this commit.
-                            let mut out = Vec::new();
-                            let mut failed = None;
-                            if let Some(r) = resampler.as_mut() {
-                                let mut pcm = Vec::new();
-                                let _ = r.flush(&mut pcm);
-                                resampler = self.resampler();
-                                if !pcm.is_empty() {
-                                    match d.append(encode(&pcm), pcm.len()) {
-                                        Ok(events) => out = events,
-                                        Err(why) => failed = Some(why),
-                                    }
-                                }
-                            }
-                            match failed {
-                                Some(why) => {
-                                    let _ = reply.send(Err(AsrError::Engine(why.clone())));
-                                    Err(why)
-                                }
-                                None => {
+                            let pcm = pcm_out.flush();
+                            let tail = if pcm.is_empty() {
+                                Ok(Vec::new())
+                            } else {
+                                d.append(encode(&pcm), pcm.len())
+                            };
+                            match tail {
+                                Ok(mut out) => {
                                     out.extend(d.commit(reply));
                                     Ok(out)
+                                }
+                                Err(why) => {
+                                    let _ = reply.send(Err(AsrError::Engine(why.clone())));
+                                    Err(why)
                                 }
                             }
                         }
