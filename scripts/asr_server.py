@@ -7,8 +7,8 @@ further requests wait inside the server. Every answer carries `x-asr-processing-
 spent transcribing, so sidecall counts the rest of the round trip as queue. Set sidecall's
 `asr.max_concurrent` to --workers: then the queue forms in sidecall, where it is measured
 (turn records' asr_queue_ms, /health's asr.saturated). On this 2-core machine one tiny.en request
-takes 0.3-0.6 s; 20 callers finishing a turn at once wait seconds for their turn: give a busy
-PBX a bigger ASR host or a hosted API, sidecall cannot make the engine faster.
+takes about 0.1 s for a turn (see below; 0.4 s for a clip of 14 s or more); 20 callers finishing a
+turn at once still wait for their turn: give a busy PBX a bigger ASR host or a hosted API.
 
 Short utterances, short encoder: whisper pads every clip to 30 s, and on this host encoding those
 30 s is nearly all of a request's time (~350 ms of ~380 ms for a one-second "yes"). A caller's
