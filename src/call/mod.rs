@@ -9,6 +9,7 @@ pub mod link;
 pub mod machine;
 pub mod playout;
 pub mod session;
+pub mod tick_phase;
 pub mod turn;
 pub mod vad;
 

@@ -14,8 +14,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::link::{CallControl, ControlError, MediaEvent, MediaLink};
 use super::machine::{
-    Action, CONTROL_TIMEOUT_MS, CallCore, DialogCmd, Event, TTS_SEGMENT_LIMIT_MS,
+    Action, CONTROL_TIMEOUT_MS, CallCore, DialogCmd, Event, PhaseName, TTS_SEGMENT_LIMIT_MS,
 };
+use super::tick_phase::TickPhase;
 use super::vad;
 use crate::config::Config;
 use crate::engines::asr::realtime::{AsrStream, PendingTranscript};
@@ -490,14 +491,27 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut media_open = true;
+    // The tick follows the PBX's frames (see `tick_phase`): it moves only while the agent has
+    // been quiet a while, so the echo gate never sees its reference shift under an echo.
+    let mut phase = TickPhase::new();
+    let mut last_tick = Instant::now();
+    let mut agent_quiet_since: Option<Instant> = None;
+    // The agent's last echo has come back by then.
+    let echo_settled = Duration::from_millis(config.vad.echo.max_delay_ms.saturating_add(200));
     while core.outcome().is_none() {
         tokio::select! {
             // The tick comes first: a peer flooding the event queue cannot delay the call's clock.
             biased;
             deadline = ticker.tick() => {
                 let began = Instant::now();
+                last_tick = deadline;
                 core.handle(d.now(), Event::Tick);
                 d.perform_all(&mut core);
+                if core.phase() == PhaseName::Speaking {
+                    agent_quiet_since = None;
+                } else if agent_quiet_since.is_none() {
+                    agent_quiet_since = Some(began);
+                }
                 if let Some(st) = &tick_stats {
                     st.lateness.record_us(began.saturating_duration_since(deadline).as_micros() as u64);
                     st.work.record_us(began.elapsed().as_micros() as u64);
@@ -513,6 +527,16 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
                     media_open = false;
                     MediaEvent::Hangup { cause: "media closed".into() }
                 });
+                if matches!(ev, MediaEvent::Audio(_)) {
+                    let now = Instant::now();
+                    if let Some(at) = phase.arrival(now.saturating_duration_since(last_tick))
+                        && agent_quiet_since
+                            .is_some_and(|q| now.saturating_duration_since(q) >= echo_settled)
+                    {
+                        tracing::debug!(call_id, tick_after_us = %at.as_micros(), "the tick moves to just after the PBX's frames");
+                        ticker.reset_at(last_tick + at);
+                    }
+                }
                 core.handle(d.now(), Event::Media(ev));
             }
             Some(done) = d.tasks.join_next(), if !d.tasks.is_empty() => {
