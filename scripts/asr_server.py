@@ -19,7 +19,7 @@ noise), two runs each: 223 and 212 character errors against 219 and 229 with the
 temperature fallback samples), 79-80 exact transcripts against 78-80, p50 100 ms a clip against
 336-378 ms (8 clips were done again). A decode that looks wrong
 the way faster-whisper checks it (repetitive, low log-probability, out of budget) or that says
-one phrase over again ("Yes. Yes.") is done again
+one phrase over again ("Yes. Yes.") or too few words for its length is done again
 the standard way; one that looks like no speech is empty, as faster-whisper drops it.
 --context-s 30 turns this off."""
 
@@ -164,9 +164,17 @@ class Engine:
             or avg_logprob < LOG_PROB_MIN
             or (text and get_compression_ratio(text) > COMPRESSION_RATIO_MAX)
             or repeats(text)
+            or too_few_words(text, len(audio) / SAMPLE_RATE)
         ):
             return None
         return text
+
+
+def too_few_words(text, seconds):
+    """A decode that stopped early: a word or two for seconds of audio ("your" for a 4 s
+    sentence). A clip holds up to a second of silence around the words, and even slow speech
+    has a word every 1.5 s."""
+    return len(text.split()) < (seconds - 1.0) / 1.5
 
 
 def repeats(text):

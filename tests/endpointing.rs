@@ -114,20 +114,37 @@ async fn a_pause_mid_sentence_is_not_cut_off_and_a_short_yes_ends_the_turn_early
             .collect::<Vec<_>>()
     );
     // How soon is a figure for the measurements (the model's time on a busy test machine is
-    // not the product's); here: before the fixed silence, on the model's word.
+    // not the product's); here: before the fixed silence, on the model's word or on the
+    // words themselves.
     assert!(endpoint < 1_500, "\"yes\" waited {endpoint} ms\n{dump}");
-    assert!(
-        yes_end["turn_probability"].as_f64().unwrap_or(0.0) > 0.5,
-        "{dump}"
-    );
-    // It ended on the model's answer: at the next tick (20 ms, a few ms late on a busy
-    // machine), not at the fixed silence 100 ms or more later.
-    let verdict = call
-        .of_type("turn_check")
-        .into_iter()
-        .rfind(|r| call.t(r) <= call.t(yes_end))
-        .unwrap_or_else(|| panic!("{dump}"));
-    assert!(call.t(yes_end) - call.t(verdict) <= 40, "{dump}");
+    let by_model = yes_end["turn_probability"].as_f64();
+    if let Some(p) = by_model {
+        assert!(p > 0.5, "{dump}");
+        // It ended on the model's answer: at the next tick (20 ms, a few ms late on a busy
+        // machine), not at the fixed silence 100 ms or more later.
+        let verdict = call
+            .of_type("turn_check")
+            .into_iter()
+            .rfind(|r| call.t(r) <= call.t(yes_end))
+            .unwrap_or_else(|| panic!("{dump}"));
+        assert!(call.t(yes_end) - call.t(verdict) <= 40, "{dump}");
+    } else {
+        // Before the model answered, the transcript came: "yes" answers the read-back's
+        // yes-or-no question whatever its tone, so the turn ended with it, well before the
+        // fixed silence.
+        assert!(endpoint < 600, "\"yes\" waited {endpoint} ms\n{dump}");
+        assert!(
+            call.of_type("transcript")
+                .into_iter()
+                .any(|r| call.t(r) == call.t(yes_end)
+                    && r["text"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_lowercase()
+                        .starts_with("yes")),
+            "the turn ended without the model's answer and without its words\n{dump}"
+        );
+    }
     assert!(
         said.iter()
             .any(|t| t.contains("shipped") || t.contains("Order")),
