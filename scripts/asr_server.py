@@ -84,14 +84,17 @@ class Engine:
         self.lock = threading.Lock()
 
     def tokenizer(self, language):
+        """The language's tokenizer and the tokens it never emits, made once."""
         from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
 
         with self.lock:
             if language not in self.tokenizers:
-                self.tokenizers[language] = Tokenizer(
+                tokenizer = Tokenizer(
                     self.model.hf_tokenizer, self.model.model.is_multilingual,
                     task="transcribe", language=language,
                 )
+                self.tokenizers[language] = (tokenizer, get_suppressed_tokens(tokenizer, [-1]))
             return self.tokenizers[language]
 
     def transcribe(self, data, language, prompt):
@@ -129,9 +132,9 @@ class Engine:
         decode fails faster-whisper's checks (it is then done the standard way)."""
         import ctranslate2
         import numpy as np
-        from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
+        from faster_whisper.transcribe import get_compression_ratio
 
-        tokenizer = self.tokenizer(language)
+        tokenizer, suppressed = self.tokenizer(language)
         features = self.model.feature_extractor(audio)[:, : self.context]
         features = np.pad(features, ((0, 0), (0, self.context - features.shape[1])))
         encoded = self.model.model.encode(
@@ -152,7 +155,7 @@ class Engine:
             return_scores=True,
             return_no_speech_prob=True,
             suppress_blank=True,
-            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
+            suppress_tokens=suppressed,
         )[0]
         ids = result.sequences_ids[0]
         avg_logprob = result.scores[0] * len(ids) / (len(ids) + 1)

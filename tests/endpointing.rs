@@ -156,23 +156,7 @@ async fn a_pause_mid_sentence_is_not_cut_off_and_a_short_yes_ends_the_turn_early
 async fn a_caller_who_goes_on_after_the_early_transcript_started_gets_one_answer() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config_with_model(dir.path());
-    let call = simulate(
-        cfg,
-        dir.path(),
-        SimulateArgs {
-            flow: Some("support".into()),
-            callers: vec![with_gap(
-                dir.path(),
-                "goes-on",
-                &["I want to talk to,", "an agent please."],
-                450,
-                RATE,
-            )],
-            max_seconds: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let call = goes_on_call(cfg, dir.path(), RATE).await;
     let dump = call.dump();
     // One turn (one end of speech), heard whole: its parts were transcribed apart (the first
     // from the pause on, before the caller went on) and joined.

@@ -75,26 +75,6 @@ fn assert_order_status_done(call: &Call) {
 }
 
 /// A support call whose caller pauses mid-sentence (450 ms) and goes on.
-async fn goes_on_call(cfg: Config, dir: &Path) -> Call {
-    simulate(
-        cfg,
-        dir,
-        SimulateArgs {
-            flow: Some("support".into()),
-            callers: vec![with_gap(
-                dir,
-                "goes-on",
-                &["I want to talk to,", "an agent please."],
-                450,
-                RATE,
-            )],
-            max_seconds: 30,
-            ..Default::default()
-        },
-    )
-    .await
-}
-
 fn transcripts(call: &Call) -> Vec<&serde_json::Value> {
     call.of_type("transcript")
         .into_iter()
@@ -258,7 +238,7 @@ async fn a_pause_is_committed_early_and_the_rest_of_the_sentence_joins_it() {
         6_000,
         "\n[turn]\nspeculate = true\n\n[vad]\nend_silence_ms = 1200\n",
     );
-    let call = goes_on_call(cfg, dir.path()).await;
+    let call = goes_on_call(cfg, dir.path(), RATE).await;
     let dump = call.dump();
     assert_eq!(call.of_type("speech_end").len(), 1, "{dump}");
     // Two commits of one utterance: the words before the pause, then the rest.
@@ -330,7 +310,7 @@ async fn an_order_status_call_is_transcribed_by_a_vllm_realtime_server() {
     let ends = call.of_type("speech_end");
     assert_eq!(log.generations.len(), ends.len(), "{log:?}\n{dump}");
     for (samples, end) in log.generations.iter().zip(&ends) {
-        let ms = (*samples as u64) * 1000 / 16_000;
+        let ms = u64::try_from(*samples).unwrap() * 1000 / 16_000;
         let speech = end["speech_ms"].as_u64().unwrap();
         let endpoint = end["endpoint_ms"].as_u64().unwrap();
         assert!(
@@ -350,7 +330,7 @@ async fn on_vllm_a_caller_who_goes_on_after_a_pause_is_heard_whole() {
         "voxtral",
         "\n[turn]\nspeculate = true\n\n[vad]\nend_silence_ms = 1200\n",
     );
-    let call = goes_on_call(cfg, dir.path()).await;
+    let call = goes_on_call(cfg, dir.path(), RATE).await;
     let dump = call.dump();
     assert_eq!(call.of_type("speech_end").len(), 1, "{dump}");
     let log = emu.log();

@@ -55,6 +55,28 @@ pub fn speak(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// The support flow with a caller who pauses 450 ms mid-sentence ("I want to talk to, ... an
+/// agent please."), in audio at `rate`.
+pub async fn goes_on_call(cfg: Config, dir: &Path, rate: u32) -> Call {
+    simulate(
+        cfg,
+        dir,
+        SimulateArgs {
+            flow: Some("support".into()),
+            callers: vec![with_gap(
+                dir,
+                "goes-on",
+                &["I want to talk to,", "an agent please."],
+                450,
+                rate,
+            )],
+            max_seconds: 30,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// A config in `dir` using the repo's flows; `extra` is appended TOML (sections may repeat keys
 /// only if the base does not set them).
 /// One caller file at `rate`: the parts spoken by espeak-ng with `gap_ms` of silence between
