@@ -101,6 +101,11 @@ pub struct VadConfig {
     pub webrtc_mode: u8,
     /// earshot score threshold 0..1.
     pub earshot_threshold: f32,
+    /// earshot score from which a frame well above the line's noise floor may be a voice
+    /// starting (the first 20 ms of a word score low): a reply that may pause pauses on it, and
+    /// resumes 40 ms later unless a voice follows. At `earshot_threshold` or above: only a voice
+    /// pauses.
+    pub earshot_onset_threshold: f32,
     /// Voiced audio needed before speech counts as started.
     pub min_speech_ms: u64,
     /// Silence that ends a turn.
@@ -134,6 +139,7 @@ impl Default for VadConfig {
             engine: "earshot".into(),
             webrtc_mode: 3,
             earshot_threshold: 0.5,
+            earshot_onset_threshold: 0.35,
             min_speech_ms: 100,
             end_silence_ms: 600,
             max_utterance_ms: 15_000,
@@ -1141,6 +1147,12 @@ impl Config {
         if !(0.0..=1.0).contains(&self.vad.earshot_threshold) {
             return Err(bad(
                 "vad.earshot_threshold",
+                "must be between 0 and 1".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.vad.earshot_onset_threshold) {
+            return Err(bad(
+                "vad.earshot_onset_threshold",
                 "must be between 0 and 1".into(),
             ));
         }

@@ -160,7 +160,7 @@ fn compare_vads_on_speech_with_and_without_noise() {
                 snr_db(&reference, &audio)
             };
             let w = score(&mut WebRtcVad::new(rate, 3), &audio, &labels, frame);
-            let e = score(&mut EarshotVad::new(rate, 0.5), &audio, &labels, frame);
+            let e = score(&mut EarshotVad::new(rate, 0.5, 0.5), &audio, &labels, frame);
             println!(
                 "{name:<12} {rate:>5} {snr:>7.1} | {:>14.3} {:>14.3} {:>9.1} | {:>14.3} {:>14.3} {:>9.1}",
                 w.recall, w.false_alarm, w.us_per_frame, e.recall, e.false_alarm, e.us_per_frame

@@ -349,6 +349,8 @@ pub struct CallCore {
     typeahead: Option<String>,
     expect: Expectation,
     ignore_speech: bool,
+    /// Onsets not followed by a voice, remembered from reply to reply.
+    onsets: barge::OnsetRest,
     /// When the caller's current (or last) utterance began.
     speech_since: u64,
     /// When the caller's last utterance ended (their last voice).
@@ -448,6 +450,7 @@ impl CallCore {
             typeahead: None,
             expect: Expectation::default(),
             ignore_speech: false,
+            onsets: barge::OnsetRest::default(),
             speech_since: 0,
             speech_ended_at: 0,
             inbound: VecDeque::with_capacity(INBOUND_MAX),
@@ -841,7 +844,7 @@ impl CallCore {
             requested_at: now,
             progress_at: now,
             marks_due_at: None,
-            barge: BargeIn::default(),
+            barge: BargeIn::new(self.onsets),
         });
         Self::pump_tts(&mut reply, &mut self.actions);
         self.phase = Phase::Speaking(reply);
@@ -1603,7 +1606,7 @@ impl CallCore {
             requested_at: now,
             progress_at: now,
             marks_due_at: None,
-            barge: BargeIn::default(),
+            barge: BargeIn::new(self.onsets),
         });
         Self::pump_tts(&mut reply, &mut self.actions);
         self.phase = Phase::Speaking(reply);
@@ -2025,6 +2028,7 @@ impl CallCore {
         // Inbound audio: what arrived (a few frames per tick at most, so a backlog drains
         // without stalling the tick); silence when the PBX sends nothing.
         let mut processed = 0;
+        let mut onset = false;
         while processed < FRAMES_PER_TICK {
             let Some(frame) = self.inbound.pop_front() else {
                 break;
@@ -2032,6 +2036,7 @@ impl CallCore {
             processed += 1;
             let echo = self.echo.as_mut().is_some_and(|g| g.is_echo(&frame));
             let ev = self.detector.push_gated(&frame, echo);
+            onset |= self.detector.onset();
             self.stream_audio(ev.as_ref());
             if let Some(ev) = ev {
                 self.on_turn_event(now, ev);
@@ -2051,7 +2056,7 @@ impl CallCore {
         if self.ending() {
             return self.check_deadline(now);
         }
-        self.check_barge_in(now);
+        self.check_barge_in(now, onset);
         if let Some(entry) = self.digits.tick(now) {
             self.digits_done(now, entry.digits);
         }
@@ -2061,8 +2066,9 @@ impl CallCore {
     }
 
     /// The barge-in decisions of the tick (see `barge`), run after the caller's audio of the
-    /// tick and before the reply's goes out: a voice pauses the reply now, not next tick.
-    fn check_barge_in(&mut self, now: u64) {
+    /// tick (`onset`: a frame of it may be a voice starting) and before the reply's goes out: a
+    /// voice pauses the reply now, not next tick.
+    fn check_barge_in(&mut self, now: u64, onset: bool) {
         // Every tick: nothing to work out while the agent is not speaking.
         if !matches!(self.phase, Phase::Speaking(_)) {
             return;
@@ -2070,6 +2076,7 @@ impl CallCore {
         let seen = Seen {
             now,
             voiced_ms: self.detector.voiced_ms(),
+            onset,
             in_speech: self.detector.in_speech(),
             ignored: self.ignore_speech,
             interruptible: self.interruptible(),
@@ -2085,7 +2092,9 @@ impl CallCore {
             unsent: r.playout.has_unsent(),
             ..seen
         };
-        match r.barge.tick(&seen, &limits) {
+        let decision = r.barge.tick(&seen, &limits);
+        self.onsets = r.barge.onsets();
+        match decision {
             Some(Decision::BargeIn) => self.barge_in(now, "speech"),
             Some(Decision::Resume(why)) => self.resume(now, why),
             Some(Decision::Pause) => {
@@ -2095,10 +2104,14 @@ impl CallCore {
                 // What the PBX still has queued is dropped now (silent at the ear in this
                 // tick) and sent again if the reply resumes.
                 let resend = r.playout.unsend_queued();
+                let on = match r.barge.pause() {
+                    Some(p) if !p.confirmed => "onset",
+                    _ => "voice",
+                };
                 if resend > 0 {
                     self.flush_pbx();
                 }
-                self.record(now, "pause", json!({"resend_frames": resend}));
+                self.record(now, "pause", json!({"resend_frames": resend, "on": on}));
             }
             Some(Decision::Check) | None => {}
         }

@@ -10,13 +10,25 @@ use super::*;
 use crate::config::{Config, TransferTarget};
 use crate::engines::dialog::{DigitSpec, ReplyPart, Segment};
 
-/// A scripted VAD: frames whose first sample is not zero are voice.
-struct Scripted;
+/// A scripted VAD: frames whose first sample is not zero are voice, but for frames that begin
+/// with `ONSET`, which may only be a voice starting.
+#[derive(Default)]
+struct Scripted {
+    maybe: bool,
+}
 impl Vad for Scripted {
     fn is_voice(&mut self, frame: &[i16]) -> bool {
-        frame.first().is_some_and(|&s| s != 0)
+        let first = frame.first().copied().unwrap_or(0);
+        self.maybe = first != 0;
+        first != 0 && first != ONSET
+    }
+    fn maybe_voice(&self) -> bool {
+        self.maybe
     }
 }
+
+/// The first sample of a frame that may be a voice starting, but is not one (yet).
+const ONSET: i16 = 7;
 
 const FRAME: usize = 320; // 20 ms at 16 kHz
 
@@ -59,7 +71,7 @@ struct Call {
 
 impl Call {
     fn new(cfg: Config) -> Self {
-        Self::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted)))
+        Self::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted::default())))
     }
 
     fn with_core(mut core: CallCore) -> Self {
@@ -1495,6 +1507,78 @@ fn a_cough_pauses_the_reply_in_its_tick_and_it_resumes_to_the_end() {
     assert_eq!(c.core.phase(), PhaseName::Listening);
 }
 
+/// The caller's line carries `frames` frames that may be a voice starting, one per tick.
+fn onset_frames(c: &mut Call, frames: usize) {
+    for _ in 0..frames {
+        c.now += 20;
+        c.send(Event::Media(MediaEvent::Audio(vec![ONSET; FRAME])));
+        c.send(Event::Tick);
+    }
+}
+
+#[test]
+fn an_onset_pauses_the_reply_in_its_tick_and_it_goes_on_at_once_when_no_voice_follows() {
+    let mut c = Call::answered(pausing());
+    let text = "Thank you for calling, let me tell you about our offers.";
+    c.reply(say(text, true, listen()), 3_000);
+    c.wait(400);
+    let at = c.now + 20;
+    onset_frames(&mut c, 1);
+    let paused = c.records("pause");
+    assert_eq!(paused.len(), 1);
+    assert_eq!(paused[0].0, at, "paused in the tick of the onset");
+    assert_eq!(paused[0].1["on"], "onset");
+    assert_eq!(frames_between(&c, at - 20, c.now), 0);
+    // Two ticks without it: the reply goes on, 40 ms after it stopped.
+    c.wait(40);
+    let resumed = c.records("resume");
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].0, at + 40);
+    assert_eq!(resumed[0].1["by"], "unconfirmed");
+    assert!(frames_between(&c, at + 20, c.now) > 0, "sending again");
+    // Another onset within the second after pauses nothing; a voice does.
+    c.wait(200);
+    onset_frames(&mut c, 2);
+    assert_eq!(c.records("pause").len(), 1);
+    let cough = pause_then(&mut c, 60);
+    let paused = c.records("pause");
+    assert_eq!(paused.len(), 2);
+    assert_eq!((paused[1].0, &paused[1].1["on"]), (cough, &json!("voice")));
+    c.wait(3_600);
+    c.play_marks();
+    assert!(c.records("barge_in").is_empty());
+    let end = c.records("playout_end");
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0].1["complete"], true);
+    assert_eq!(end[0].1["heard"], text);
+}
+
+#[test]
+fn an_onset_that_turns_into_speech_cuts_the_reply_as_a_voice_would() {
+    let mut c = Call::answered(pausing());
+    c.reply(
+        say(
+            "Thank you for calling, let me tell you about our offers.",
+            true,
+            listen(),
+        ),
+        3_000,
+    );
+    c.wait(400);
+    let at = c.now + 20;
+    onset_frames(&mut c, 1);
+    c.speak(800);
+    assert_eq!(c.records("pause").len(), 1);
+    assert!(c.records("resume").is_empty());
+    let barge = c.records("barge_in");
+    assert_eq!(barge.len(), 1, "{:?}", c.records("pause"));
+    assert_eq!(
+        frames_between(&c, at - 20, c.now),
+        0,
+        "silent from the onset on"
+    );
+}
+
 #[test]
 fn a_backchannel_is_transcribed_and_the_reply_resumes_without_asking_the_dialog() {
     let mut c = Call::answered(pausing());
@@ -1817,8 +1901,9 @@ fn a_second_utterance_during_a_backchannel_check_joins_the_first() {
 fn listening_with_model(next: Next) -> Call {
     let mut cfg = config();
     cfg.turn.speculate = true;
-    let mut c =
-        Call::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted)).with_turn_model(true));
+    let mut c = Call::with_core(
+        CallCore::new(Arc::new(cfg), Box::new(Scripted::default())).with_turn_model(true),
+    );
     assert!(c.has(|a| matches!(a, Action::Answer)));
     c.send(Event::Answered(Ok(())));
     c.reply(say("What can I do for you?", true, next), 400);
@@ -2095,8 +2180,9 @@ fn words_that_trail_off_after_the_end_wait_for_the_rest_of_the_sentence() {
 fn speech_over_a_reply_is_not_checked_at_its_pauses() {
     let mut cfg = config();
     cfg.turn.speculate = true;
-    let mut c =
-        Call::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted)).with_turn_model(true));
+    let mut c = Call::with_core(
+        CallCore::new(Arc::new(cfg), Box::new(Scripted::default())).with_turn_model(true),
+    );
     c.send(Event::Answered(Ok(())));
     // A prompt the caller cannot interrupt: their speech over it is ignored, and not sent
     // to the model or ASR at its pauses either.
@@ -2149,8 +2235,9 @@ fn speak_numbered(c: &mut Call, ms: u64, first: &mut i16) {
 fn a_streaming_recognizer_gets_each_utterance_as_it_comes_and_every_commit_names_that_audio() {
     let mut cfg = config();
     cfg.turn.speculate = true;
-    let mut c =
-        Call::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted)).with_stream_asr(true));
+    let mut c = Call::with_core(
+        CallCore::new(Arc::new(cfg), Box::new(Scripted::default())).with_stream_asr(true),
+    );
     c.send(Event::Answered(Ok(())));
     c.reply(say("What can I do for you?", true, listen()), 400);
     c.wait(600);
@@ -2214,7 +2301,7 @@ fn listening_ahead() -> Call {
     let mut cfg = config();
     cfg.turn.speculate = true;
     cfg.turn.reply_ahead = true;
-    let mut c = Call::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted)));
+    let mut c = Call::with_core(CallCore::new(Arc::new(cfg), Box::new(Scripted::default())));
     c.send(Event::Answered(Ok(())));
     c.reply(say("What can I do for you?", true, listen()), 400);
     c.wait(600);

@@ -223,6 +223,8 @@ pub struct TurnDetector {
     next_check: u64,
     /// Where the part of the utterance not yet sent to ASR begins.
     part_start: usize,
+    /// The last frame may be the caller's voice starting (see [`TurnDetector::onset`]).
+    onset: bool,
 }
 
 impl TurnDetector {
@@ -248,6 +250,7 @@ impl TurnDetector {
             check: None,
             next_check: 0,
             part_start: 0,
+            onset: false,
         }
     }
 
@@ -404,6 +407,13 @@ impl TurnDetector {
         }
     }
 
+    /// The last frame may be the caller's voice starting: weaker evidence than a voiced frame
+    /// (the VAD's onset score, well above the line's floor, not the agent's echo), enough to
+    /// pause a reply but not to count as speech.
+    pub fn onset(&self) -> bool {
+        self.onset
+    }
+
     /// Forgets the current utterance (for speech the agent chose not to listen to).
     pub fn reset(&mut self) {
         self.check = None;
@@ -426,6 +436,7 @@ impl TurnDetector {
     /// the caller's (the VAD still hears it, to keep its state).
     pub fn push_gated(&mut self, frame: &[i16], echo: bool) -> Option<TurnEvent> {
         let voiced = self.vad.is_voice(frame) && !echo;
+        self.onset = !echo && self.vad.maybe_voice();
         match self.state {
             State::Idle => {
                 // Reuse the oldest pre-roll buffer: no allocation per frame while idle.
@@ -563,6 +574,9 @@ mod tests {
     impl Vad for Scripted {
         fn is_voice(&mut self, frame: &[i16]) -> bool {
             frame.first().is_some_and(|&s| s != 0)
+        }
+        fn maybe_voice(&self) -> bool {
+            false
         }
     }
 

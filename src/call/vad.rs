@@ -1,5 +1,9 @@
 //! Voice activity detection on 20 ms frames: webrtc-vad (the libfvad port of WebRTC's GMM
-//! detector) or earshot (a small pure-Rust neural detector, 16 kHz / 16 ms frames only).
+//! detector) or earshot (a small pure-Rust neural detector, 16 kHz / 16 ms frames only), and
+//! the onset of a voice: the first 20 ms of a word score low (earshot gives 0.35-0.48 where the
+//! next frame gives 0.55-0.7), so a frame that scores above a lower threshold and stands well
+//! above the line's noise floor may be a voice starting. Only a reply's pause acts on that
+//! weaker evidence (it is undone 40 ms later unless the voice follows).
 
 use crate::audio::{StreamResampler, rms_dbfs};
 use crate::config::VadConfig;
@@ -7,12 +11,17 @@ use crate::config::VadConfig;
 /// Says whether a 20 ms frame holds voice.
 pub trait Vad: Send {
     fn is_voice(&mut self, frame: &[i16]) -> bool;
+
+    /// After [`Vad::is_voice`]: the frame may be a voice starting, on weaker evidence than
+    /// `is_voice` asks for (a voice is one too).
+    fn maybe_voice(&self) -> bool;
 }
 
 /// webrtc-vad wrapper.
 pub struct WebRtcVad {
     inner: webrtc_vad::Vad,
     frame_len: usize,
+    last: bool,
 }
 
 // SAFETY: webrtc_vad::Vad owns a heap-allocated libfvad instance with no thread affinity or
@@ -36,6 +45,7 @@ impl WebRtcVad {
         Self {
             inner: webrtc_vad::Vad::new_with_rate_and_mode(r, m),
             frame_len: (rate / 50) as usize,
+            last: false,
         }
     }
 }
@@ -43,10 +53,14 @@ impl WebRtcVad {
 impl Vad for WebRtcVad {
     fn is_voice(&mut self, frame: &[i16]) -> bool {
         // The crate indexes frame[0]: never hand it an empty or odd-sized frame.
-        if frame.len() != self.frame_len {
-            return false;
-        }
-        self.inner.is_voice_segment(frame).unwrap_or(false)
+        self.last =
+            frame.len() == self.frame_len && self.inner.is_voice_segment(frame).unwrap_or(false);
+        self.last
+    }
+
+    /// webrtc-vad gives no score: only a voice may be one starting.
+    fn maybe_voice(&self) -> bool {
+        self.last
     }
 }
 
@@ -57,11 +71,13 @@ pub struct EarshotVad {
     pending: Vec<i16>,
     scratch: Vec<i16>,
     threshold: f32,
+    onset_threshold: f32,
     last_score: f32,
 }
 
 impl EarshotVad {
-    pub fn new(rate: u32, threshold: f32) -> Self {
+    /// `threshold`: the score of a voice; `onset_threshold`: of one that may be starting.
+    pub fn new(rate: u32, threshold: f32, onset_threshold: f32) -> Self {
         Self {
             detector: earshot::Detector::default_boxed(),
             up: if rate == 16_000 {
@@ -72,6 +88,7 @@ impl EarshotVad {
             pending: Vec::with_capacity(640),
             scratch: Vec::with_capacity(640),
             threshold,
+            onset_threshold: onset_threshold.min(threshold),
             last_score: 0.0,
         }
     }
@@ -100,32 +117,70 @@ impl Vad for EarshotVad {
         }
         self.last_score >= self.threshold
     }
+
+    fn maybe_voice(&self) -> bool {
+        self.last_score >= self.onset_threshold
+    }
 }
 
-/// Adds a level gate in front of a detector: quiet frames are never voice.
+/// A voice may be starting only this far (dB) above the quietest frame of the last second.
+const ONSET_RISE_DB: f32 = 15.0;
+/// Frames in that second.
+const FLOOR_FRAMES: usize = 50;
+
+/// Adds a level gate in front of a detector: quiet frames are never voice, and a voice may be
+/// starting only where the level rose well above the line's floor (steady noise never does).
 pub struct GatedVad {
     inner: Box<dyn Vad>,
     min_dbfs: f32,
+    /// Levels (dBFS) of the last second's frames, a ring (0 dBFS until heard: no onset in a
+    /// call's first second, before the floor is known).
+    levels: [f32; FLOOR_FRAMES],
+    next: usize,
+    maybe: bool,
+}
+
+impl GatedVad {
+    pub fn new(inner: Box<dyn Vad>, min_dbfs: f32) -> Self {
+        Self {
+            inner,
+            min_dbfs,
+            levels: [0.0; FLOOR_FRAMES],
+            next: 0,
+            maybe: false,
+        }
+    }
 }
 
 impl Vad for GatedVad {
     fn is_voice(&mut self, frame: &[i16]) -> bool {
         // Always run the detector so its adaptive state follows the audio.
         let v = self.inner.is_voice(frame);
-        v && rms_dbfs(frame) >= self.min_dbfs
+        let level = rms_dbfs(frame);
+        let floor = self.levels.iter().copied().fold(f32::INFINITY, f32::min);
+        self.levels[self.next] = level;
+        self.next = (self.next + 1) % FLOOR_FRAMES;
+        let loud = level >= self.min_dbfs;
+        self.maybe = loud && self.inner.maybe_voice() && level >= floor + ONSET_RISE_DB;
+        v && loud
+    }
+
+    fn maybe_voice(&self) -> bool {
+        self.maybe
     }
 }
 
 /// The detector the config asks for, at the call's rate.
 pub fn from_config(cfg: &VadConfig, rate: u32) -> Box<dyn Vad> {
     let inner: Box<dyn Vad> = match cfg.engine.as_str() {
-        "earshot" => Box::new(EarshotVad::new(rate, cfg.earshot_threshold)),
+        "earshot" => Box::new(EarshotVad::new(
+            rate,
+            cfg.earshot_threshold,
+            cfg.earshot_onset_threshold,
+        )),
         _ => Box::new(WebRtcVad::new(rate, cfg.webrtc_mode)),
     };
-    Box::new(GatedVad {
-        inner,
-        min_dbfs: cfg.min_level_dbfs,
-    })
+    Box::new(GatedVad::new(inner, cfg.min_level_dbfs))
 }
 
 #[cfg(test)]
@@ -172,5 +227,50 @@ mod tests {
         let audio = tone(16_000, 1000);
         let voiced = audio.chunks(320).filter(|f| v.is_voice(f)).count();
         assert!(voiced > 25, "only {voiced} of 50 frames voiced");
+    }
+
+    /// A detector whose every frame scores as a voice starting (but is never a voice).
+    struct Starting;
+    impl Vad for Starting {
+        fn is_voice(&mut self, _: &[i16]) -> bool {
+            false
+        }
+        fn maybe_voice(&self) -> bool {
+            true
+        }
+    }
+
+    fn at_db(db: f32) -> Vec<i16> {
+        let amp = 32768.0 * 10f32.powf(db / 20.0) * std::f32::consts::SQRT_2;
+        (0..320)
+            .map(|i| (amp * (i as f32 * 0.3).sin()) as i16)
+            .collect()
+    }
+
+    #[test]
+    fn a_voice_may_start_only_well_above_the_lines_floor() {
+        let mut v = GatedVad::new(Box::new(Starting), -50.0);
+        let onsets = |v: &mut GatedVad, db: f32, frames: usize| {
+            let f = at_db(db);
+            (0..frames)
+                .filter(|_| {
+                    v.is_voice(&f);
+                    v.maybe_voice()
+                })
+                .count()
+        };
+        // The call's first second: the floor is not known yet.
+        assert_eq!(onsets(&mut v, -30.0, 50), 0);
+        // Quiet, then 20 dB louder: a voice may be starting, for as long as the floor is the
+        // quiet second; once the loud sound has lasted a second it is the floor.
+        assert_eq!(onsets(&mut v, -50.0, 50), 0);
+        assert_eq!(onsets(&mut v, -30.0, 50), 50);
+        assert_eq!(onsets(&mut v, -30.0, 50), 0);
+        // 10 dB over the floor is not enough; a rise that stays under min_level_dbfs never is.
+        assert_eq!(onsets(&mut v, -20.0, 5), 0);
+        let mut quiet = GatedVad::new(Box::new(Starting), -50.0);
+        onsets(&mut quiet, -90.0, 100);
+        assert_eq!(onsets(&mut quiet, -55.0, 5), 0);
+        assert_eq!(onsets(&mut quiet, -45.0, 5), 5);
     }
 }

@@ -1,10 +1,21 @@
 //! Barge-in decisions while the agent speaks, as a state machine the call task feeds once per
 //! tick (and at the end of each caller utterance, and with each backchannel transcript) and
-//! whose answers it carries out: pause the reply at the caller's first voiced frame, resume it
-//! when the sound stopped before it became speech (a cough, a click) or turned out to be only
-//! acknowledgement ("mm-hm", "okay"), barge in when the caller's speech lasts past the minimum,
-//! when a pause lasts too long, or when a second utterance comes while the first is checked.
-//! Pure: no clock, no I/O.
+//! whose answers it carries out: pause the reply at the caller's first voiced frame (or at the
+//! onset of one: a frame that may be a voice starting, undone at once unless a voice follows),
+//! resume it when the sound stopped before it became speech (a cough, a click) or turned out
+//! to be only acknowledgement ("mm-hm", "okay"), barge in when the caller's speech lasts past
+//! the minimum, when a pause lasts too long, or when a second utterance comes while the first
+//! is checked. Pure: no clock, no I/O.
+
+/// A pause on an onset alone resumes after this long with neither onset nor voice...
+const ONSET_QUIET_MS: u64 = 20;
+/// ...or, without a voice, after this long in all (steady sound that keeps scoring as an onset).
+const ONSET_MAX_MS: u64 = 100;
+/// After such a resume, onsets alone pause nothing for this long (a voice still does), twice as
+/// long after each further one, up to 8 s (a line whose noise keeps scoring as onsets), until
+/// an onset is followed by a voice.
+const ONSET_REST_MS: u64 = 1_000;
+const ONSET_REST_DOUBLINGS: u32 = 3;
 
 /// Words that acknowledge without taking the turn.
 const BACKCHANNELS: &[&str] = &[
@@ -61,6 +72,8 @@ pub struct Seen {
     pub now: u64,
     /// The caller's voice in the current utterance so far, and whether it has become speech.
     pub voiced_ms: u64,
+    /// A frame of this tick may be the caller's voice starting (weaker evidence than a voice).
+    pub onset: bool,
     pub in_speech: bool,
     /// Speech over the agent is ignored (the reply was not interruptible when it began).
     pub ignored: bool,
@@ -98,6 +111,8 @@ pub enum Resumed {
     Backchannel,
     /// The reply turned into a farewell while paused: it plays to its end.
     Farewell,
+    /// The onset it paused on was not followed by a voice.
+    Unconfirmed,
 }
 
 impl Resumed {
@@ -106,6 +121,7 @@ impl Resumed {
             Resumed::Noise => "noise",
             Resumed::Backchannel => "backchannel",
             Resumed::Farewell => "farewell",
+            Resumed::Unconfirmed => "unconfirmed",
         }
     }
 }
@@ -114,6 +130,8 @@ impl Resumed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pause {
     pub since: u64,
+    /// A voice was heard (not only an onset).
+    pub confirmed: bool,
     /// The caller has been quiet since then.
     pub quiet_since: Option<u64>,
     /// The short utterance is being transcribed (ASR seq) to tell a backchannel from a turn.
@@ -123,13 +141,35 @@ pub struct Pause {
     pub endpoint_ms: u64,
 }
 
+/// What a call remembers, from reply to reply, of onsets not followed by a voice: until when
+/// onsets alone pause nothing, and how many in a row were not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OnsetRest {
+    until: u64,
+    misses: u32,
+}
+
 /// The barge-in state of the reply playing now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BargeIn {
     pause: Option<Pause>,
+    onsets: OnsetRest,
 }
 
 impl BargeIn {
+    /// A new reply's, with what the call's earlier ones learned of onsets.
+    pub fn new(onsets: OnsetRest) -> Self {
+        Self {
+            pause: None,
+            onsets,
+        }
+    }
+
+    /// What the next reply is to start from.
+    pub fn onsets(&self) -> OnsetRest {
+        self.onsets
+    }
+
     pub fn pause(&self) -> Option<&Pause> {
         self.pause.as_ref()
     }
@@ -182,9 +222,11 @@ impl BargeIn {
         let Some(p) = self.pause.as_mut() else {
             // Everything received has gone out (the PBX is playing the last of it, or the
             // dialog is still writing): nothing to resume, so the caller's voice is their answer.
-            if s.voice() && s.unsent {
+            let onset = s.onset && s.now >= self.onsets.until;
+            if (s.voice() || onset) && s.unsent {
                 self.pause = Some(Pause {
                     since: s.now,
+                    confirmed: s.voice(),
                     quiet_since: None,
                     checking: None,
                     speech_end: s.now,
@@ -197,7 +239,30 @@ impl BargeIn {
         if s.now.saturating_sub(p.since) > l.pause_limit_ms {
             return Some(Decision::BargeIn);
         }
+        if !p.confirmed && !s.voice() {
+            // Paused on an onset: undone unless a voice follows at once.
+            let quiet = if s.onset {
+                p.quiet_since = None;
+                s.now
+            } else {
+                *p.quiet_since.get_or_insert(s.now)
+            };
+            if s.now.saturating_sub(quiet) >= ONSET_QUIET_MS
+                || s.now.saturating_sub(p.since) >= ONSET_MAX_MS
+            {
+                let o = &mut self.onsets;
+                let rest = ONSET_REST_MS << o.misses.min(ONSET_REST_DOUBLINGS);
+                o.misses = o.misses.saturating_add(1);
+                o.until = s.now.saturating_add(rest);
+                return Some(Decision::Resume(Resumed::Unconfirmed));
+            }
+            return None;
+        }
         if s.voice() {
+            if !p.confirmed {
+                p.confirmed = true;
+                self.onsets.misses = 0;
+            }
             p.quiet_since = None;
             return None;
         }
@@ -508,6 +573,127 @@ mod tests {
             "yes I would like to return the blue one",
         ] {
             assert!(!is_answer(t), "{t}");
+        }
+    }
+
+    fn onset(now: u64) -> Seen {
+        Seen {
+            onset: true,
+            ..playing(now)
+        }
+    }
+
+    #[test]
+    fn an_onset_pauses_and_is_undone_when_no_voice_follows() {
+        let mut b = BargeIn::default();
+        assert_eq!(b.tick(&onset(1_000), &L), Some(Decision::Pause));
+        assert_eq!(b.pause().map(|p| p.confirmed), Some(false));
+        // One tick without it is not yet the end of it; the second is.
+        assert_eq!(b.tick(&playing(1_020), &L), None);
+        assert_eq!(
+            b.tick(&playing(1_040), &L),
+            Some(Decision::Resume(Resumed::Unconfirmed))
+        );
+        assert_eq!(b.end().map(|p| p.since), Some(1_000));
+        // For a second after, onsets alone pause nothing; a voice still does.
+        assert_eq!(b.tick(&onset(1_060), &L), None);
+        assert_eq!(b.tick(&onset(2_020), &L), None);
+        assert_eq!(b.tick(&voiced(2_030, 20), &L), Some(Decision::Pause));
+        assert_eq!(b.pause().map(|p| p.confirmed), Some(true));
+        b.end();
+        assert_eq!(b.tick(&onset(2_040), &L), Some(Decision::Pause));
+    }
+
+    #[test]
+    fn an_onset_followed_by_a_voice_is_a_pause_like_any_other() {
+        let mut b = BargeIn::default();
+        assert_eq!(b.tick(&onset(0), &L), Some(Decision::Pause));
+        assert_eq!(b.tick(&onset(20), &L), None);
+        assert_eq!(b.tick(&voiced(40, 20), &L), None);
+        assert_eq!(b.pause().map(|p| p.confirmed), Some(true));
+        // Now it waits the cough's quiet, not the onset's, and speech past the minimum cuts.
+        assert_eq!(b.tick(&playing(60), &L), None);
+        assert_eq!(b.tick(&playing(200), &L), None);
+        assert_eq!(
+            b.tick(&playing(310), &L),
+            Some(Decision::Resume(Resumed::Noise))
+        );
+        b.end();
+        assert_eq!(b.tick(&onset(400), &L), Some(Decision::Pause));
+        assert_eq!(b.tick(&voiced(420, 20), &L), None);
+        assert_eq!(b.tick(&voiced(900, 700), &L), Some(Decision::BargeIn));
+    }
+
+    #[test]
+    fn onsets_that_keep_failing_rest_longer_until_one_is_a_voice_and_replies_remember() {
+        let mut b = BargeIn::default();
+        let miss = |b: &mut BargeIn, at: u64| {
+            assert_eq!(b.tick(&onset(at), &L), Some(Decision::Pause), "{at}");
+            b.tick(&playing(at + 20), &L);
+            assert_eq!(
+                b.tick(&playing(at + 40), &L),
+                Some(Decision::Resume(Resumed::Unconfirmed))
+            );
+            b.end();
+        };
+        miss(&mut b, 0);
+        // Rests of 1, 2, 4, then 8 s at most.
+        let mut at = 40;
+        for rest in [1_000, 2_000, 4_000, 8_000, 8_000] {
+            assert_eq!(b.tick(&onset(at + rest - 20), &L), None, "{rest}");
+            at += rest;
+            miss(&mut b, at);
+            at += 40;
+        }
+        // A later reply starts from what this one learned.
+        let mut next = BargeIn::new(b.onsets());
+        assert_eq!(next.tick(&onset(at + 7_000), &L), None);
+        // An onset that a voice follows ends the run of misses.
+        assert_eq!(next.tick(&onset(at + 8_000), &L), Some(Decision::Pause));
+        next.tick(&voiced(at + 8_020, 20), &L);
+        next.end();
+        let t = at + 8_040;
+        miss(&mut next, t);
+        assert_eq!(next.tick(&onset(t + 1_040), &L), Some(Decision::Pause));
+    }
+
+    #[test]
+    fn onsets_that_never_become_a_voice_are_undone_after_100_ms() {
+        let mut b = BargeIn::default();
+        assert_eq!(b.tick(&onset(0), &L), Some(Decision::Pause));
+        for t in (20..100).step_by(20) {
+            assert_eq!(b.tick(&onset(t), &L), None, "{t}");
+        }
+        assert_eq!(
+            b.tick(&onset(100), &L),
+            Some(Decision::Resume(Resumed::Unconfirmed))
+        );
+        b.end();
+        assert_eq!(b.tick(&onset(120), &L), None);
+    }
+
+    #[test]
+    fn an_onset_pauses_nothing_where_a_voice_would_not() {
+        let mut b = BargeIn::default();
+        for s in [
+            Seen {
+                pausable: false,
+                ..onset(0)
+            },
+            Seen {
+                unsent: false,
+                ..onset(0)
+            },
+            Seen {
+                ignored: true,
+                ..onset(0)
+            },
+            Seen {
+                interruptible: false,
+                ..onset(0)
+            },
+        ] {
+            assert_eq!(b.tick(&s, &L), None, "{s:?}");
         }
     }
 }
