@@ -38,7 +38,9 @@
 //! suppression). Frames never sent are a quiet line, and prove the echo quiet like quiet frames
 //! do; without that, such a line would prove nothing and a caller quieter than the agent would
 //! be held until the agent stopped. Only the statistics learn nothing from them (frames lost
-//! on the way look the same). On such a line the statistics see mostly the caller's voice, so a
+//! on the way look the same); but once they have proven every lag 30 dB down while the agent
+//! played there (an echo's lag never gets such proofs: its frames are sent), the line has no
+//! echo, and a caller far quieter than the agent is heard at once. On such a line the statistics see mostly the caller's voice, so a
 //! new path that what the line proved in the last second contradicts is double talk, not echo. A frame re-anchored by a short distance may belong at either place: for a
 //! while the path's echo is predicted that far either way and nothing is learned. So is the
 //! start of the agent's audio after a silence, by a PBX tick (the phase between the PBX's clock
@@ -91,6 +93,11 @@ const PATH_JITTER_BLOCKS: usize = 3;
 /// statistics agree with the path (time for them to find a path that moved; meanwhile the
 /// path they find is predicted from too).
 const SETTLE_BLOCKS: u32 = 50;
+/// ...and this many more, for all of `SETTLE_MAX_BLOCKS`, when our tick moved against the PBX's
+/// clock since the agent last spoke (see `tick_phase`): the PBX's queue can then hold a frame
+/// more or less, and the echo come back a frame or two off from the path learned before, where
+/// the fast statistics still find the old path for a while.
+const CLOCK_MOVED_BLOCKS: usize = 3;
 const SETTLE_MAX_BLOCKS: u32 = 150;
 /// A caller frame placed this many frames away from where its order put it (a burst that came
 /// later than `JITTER_FRAMES`, a run ahead of the clock) may be either: for that many frames
@@ -158,6 +165,13 @@ const RECENT_RELAX_DB: f32 = 0.3;
 /// (dB) quieter than the path says (and `BOUND_SLACK_DB` more).
 const CONTRADICT_DB: f32 = 10.0;
 const FORGET_AFTER_FRAMES: u32 = 50;
+/// A block never sent proves the echo at a lag at least this far (dB) below the agent's audio
+/// there when the agent was this much louder than what the line could have held back...
+const GAP_PROOF_DB: f32 = 30.0;
+/// ...and when every lag has this many such proofs (while nothing was learned), the line has no
+/// echo: one would have been sent. A line with an echo sends its frames while the echo's lag
+/// carries the agent's audio, so that lag never gets them.
+const GAP_NO_ECHO_BLOCKS: u16 = 25;
 
 /// A learned echo path.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -354,6 +368,12 @@ pub struct EchoGate {
     /// many more frames.
     unsure_blocks: usize,
     unsure_frames: u32,
+    /// Per lag, the blocks never sent that proved the echo there `GAP_PROOF_DB` down.
+    gap_proofs: Vec<u16>,
+    /// Our tick moved against the PBX's clock while the agent was quiet, and the agent's audio
+    /// since it started again has not settled.
+    clock_moved: bool,
+    widened: bool,
 }
 
 impl EchoGate {
@@ -406,6 +426,9 @@ impl EchoGate {
             moving: None,
             unsure_blocks: 0,
             unsure_frames: 0,
+            gap_proofs: vec![0; lags],
+            clock_moved: false,
+            widened: false,
         }
     }
 
@@ -421,6 +444,7 @@ impl EchoGate {
             if p > db_pow(ACTIVE_DB) {
                 if self.quiet_blocks >= self.lags {
                     self.settling = 0;
+                    self.widened = std::mem::take(&mut self.clock_moved);
                 }
                 self.quiet_blocks = 0;
                 self.settling = self.settling.saturating_add(1);
@@ -432,6 +456,13 @@ impl EchoGate {
             self.ref_db[slot] = pow_db(p);
             self.ref_blocks = self.ref_blocks.saturating_add(1);
         }
+    }
+
+    /// Our tick moved against the PBX's clock (while the agent was quiet): the next time the
+    /// agent speaks, its echo may come back a frame or two off from the learned path, and is
+    /// predicted that much wider until the statistics agree again.
+    pub fn clock_moved(&mut self) {
+        self.clock_moved = true;
     }
 
     /// Called once per tick before the caller frames of the tick (after [`Self::reference`]):
@@ -455,7 +486,7 @@ impl EchoGate {
             // Frames never sent: the far side made no sound there.
             self.quiet_gap(from.saturating_mul(2), to.saturating_mul(2));
         }
-
+        // (The gap came before this frame: what it proved holds for it.)
         let state = self.state;
         let (a, b) = self.halves(mic);
         let mut verdict = Verdict::default();
@@ -534,9 +565,14 @@ impl EchoGate {
                 // tail.
                 let erl = db_pow(-p.erl_db);
                 let settled = self.settling >= SETTLE_MAX_BLOCKS
-                    || (self.settling >= SETTLE_BLOCKS && self.fast_lag == Some(p.lag));
+                    || (!self.widened
+                        && self.settling >= SETTLE_BLOCKS
+                        && self.fast_lag == Some(p.lag));
+                self.widened &= !settled;
                 let spread = if settled {
                     PATH_SPREAD_BLOCKS
+                } else if self.widened {
+                    PATH_JITTER_BLOCKS + CLOCK_MOVED_BLOCKS
                 } else {
                     PATH_JITTER_BLOCKS
                 }
@@ -741,6 +777,7 @@ impl EchoGate {
             let default_gain = db_pow(-self.default_erl_db);
             self.bound.iter_mut().for_each(|b| *b = default_gain);
             self.recent.iter_mut().for_each(|b| *b = default_gain);
+            self.gap_proofs.iter_mut().for_each(|n| *n = 0);
         }
         self.state = next;
     }
@@ -766,12 +803,22 @@ impl EchoGate {
             return;
         }
         let (pow, default_gain) = (db_pow(level_db), db_pow(-self.default_erl_db));
+        let proof = pow * db_pow(GAP_PROOF_DB);
         for block in from..to {
             self.track_floor(level_db);
             for l in 0..self.behind.len() {
                 self.behind[l] = self.ref_at(block, l).0;
             }
             self.prove(pow, default_gain);
+            for (n, &r) in self.gap_proofs.iter_mut().zip(&self.behind) {
+                if r >= proof {
+                    *n = n.saturating_add(1);
+                }
+            }
+        }
+        if self.state == State::Learning && self.gap_proofs.iter().all(|&n| n >= GAP_NO_ECHO_BLOCKS)
+        {
+            self.state = State::NoEcho;
         }
     }
 
@@ -1551,6 +1598,87 @@ mod tests {
                 assert!(held <= 40, "{what} at {rel} dB: {held} ms held back");
             }
         }
+    }
+
+    #[test]
+    fn a_caller_whose_voice_is_the_lines_first_frame_is_heard_from_it() {
+        // A bridge that sends nothing from the start of the call (the far side silent until
+        // they speak, as Asterisk does for a caller leg in Wait()): a second and a half of the
+        // agent's audio with no frame proves every lag quiet, so the line has no echo and a
+        // caller 23 dB under the agent is heard from their first frame, whether it comes alone
+        // or in a burst.
+        let rate = 8_000;
+        let agent = voice(rate, 4_000, -20.0, 70);
+        let caller = voice(rate, 600, -43.0, 71);
+        for burst in [1usize, 3] {
+            let mut g = EchoGate::new(
+                rate,
+                &EchoConfig {
+                    enabled: true,
+                    ..EchoConfig::default()
+                },
+            );
+            let mut judged = Vec::new();
+            for (t, a) in agent.chunks(160).enumerate() {
+                g.reference(a);
+                let due = t.checked_sub(75).filter(|k| k % burst == burst - 1);
+                let frames = due.map_or(0, |_| burst);
+                g.arrivals(frames);
+                if let Some(k) = due {
+                    for c in caller.chunks(160).skip(k + 1 - burst).take(frames) {
+                        judged.push((dbfs(c), g.is_echo(c)));
+                    }
+                }
+            }
+            let held: Vec<_> = judged
+                .iter()
+                .filter(|(db, echo)| *echo && *db > -60.0)
+                .collect();
+            assert!(
+                held.is_empty(),
+                "burst {burst}: held {held:?} of {judged:?}"
+            );
+            assert!(g.estimate().is_none());
+        }
+    }
+
+    #[test]
+    fn an_echo_two_frames_off_after_our_tick_moved_is_still_echo() {
+        // Our tick moved against the PBX's clock while the agent was quiet (see `tick_phase`):
+        // the next prompt's echo can come back a frame or two off the path learned before (here
+        // 40 ms sooner), where the fast statistics still find the old path for a while. (Without
+        // `clock_moved` this echo passes for the caller at its start and again ~700 ms in.)
+        let rate = 8_000;
+        let mut g = EchoGate::new(
+            rate,
+            &EchoConfig {
+                enabled: true,
+                ..EchoConfig::default()
+            },
+        );
+        let first = voice(rate, 4_000, -15.0, 80);
+        let second = voice(rate, 2_000, -15.0, 81);
+        let agent = place(rate, 8_000, &[(0, first), (5_000, second)]);
+        let echo = mix(&[
+            &delayed(rate, &agent[..5_000 * 8], 80, -10.0),
+            &place(
+                rate,
+                8_000,
+                &[(5_000, delayed(rate, &agent[5_000 * 8..], 40, -10.0))],
+            ),
+        ]);
+        let mut leaked = Vec::new();
+        for (t, (a, e)) in agent.chunks(160).zip(echo.chunks(160)).enumerate() {
+            if t == 225 {
+                g.clock_moved();
+            }
+            g.reference(a);
+            g.arrivals(1);
+            if !g.is_echo(e) && dbfs(e) > -40.0 {
+                leaked.push(t * 20);
+            }
+        }
+        assert!(leaked.is_empty(), "leaked at {leaked:?} ms");
     }
 
     #[test]

@@ -526,6 +526,13 @@ impl CallCore {
         }
     }
 
+    /// The call's tick moved against the PBX's clock (see `tick_phase`).
+    pub fn clock_moved(&mut self) {
+        if let Some(gate) = self.echo.as_mut() {
+            gate.clock_moved();
+        }
+    }
+
     /// How the call ended, once it has.
     pub fn outcome(&self) -> Option<&CallOutcome> {
         match &self.phase {

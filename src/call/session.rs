@@ -535,6 +535,7 @@ pub async fn run_call(setup: CallSetup) -> CallOutcome {
                     {
                         tracing::debug!(call_id, tick_after_us = %at.as_micros(), "the tick moves to just after the PBX's frames");
                         ticker.reset_at(last_tick + at);
+                        core.clock_moved();
                     }
                 }
                 core.handle(d.now(), Event::Media(ev));

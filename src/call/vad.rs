@@ -133,8 +133,8 @@ const FLOOR_FRAMES: usize = 50;
 pub struct GatedVad {
     inner: Box<dyn Vad>,
     min_dbfs: f32,
-    /// Levels (dBFS) of the last second's frames, a ring (0 dBFS until heard: no onset in a
-    /// call's first second, before the floor is known).
+    /// Levels (dBFS) of the last second's frames, a ring (unknown ones infinite: the call's
+    /// first frame is never an onset).
     levels: [f32; FLOOR_FRAMES],
     next: usize,
     maybe: bool,
@@ -145,7 +145,7 @@ impl GatedVad {
         Self {
             inner,
             min_dbfs,
-            levels: [0.0; FLOOR_FRAMES],
+            levels: [f32::INFINITY; FLOOR_FRAMES],
             next: 0,
             maybe: false,
         }
@@ -259,8 +259,9 @@ mod tests {
                 })
                 .count()
         };
-        // The call's first second: the floor is not known yet.
-        assert_eq!(onsets(&mut v, -30.0, 50), 0);
+        // The call's first frame: the floor is not known yet. A steady sound never rises.
+        assert_eq!(onsets(&mut v, -30.0, 1), 0);
+        assert_eq!(onsets(&mut v, -30.0, 49), 0);
         // Quiet, then 20 dB louder: a voice may be starting, for as long as the floor is the
         // quiet second; once the loud sound has lasted a second it is the floor.
         assert_eq!(onsets(&mut v, -50.0, 50), 0);
@@ -269,7 +270,7 @@ mod tests {
         // 10 dB over the floor is not enough; a rise that stays under min_level_dbfs never is.
         assert_eq!(onsets(&mut v, -20.0, 5), 0);
         let mut quiet = GatedVad::new(Box::new(Starting), -50.0);
-        onsets(&mut quiet, -90.0, 100);
+        onsets(&mut quiet, -90.0, 1);
         assert_eq!(onsets(&mut quiet, -55.0, 5), 0);
         assert_eq!(onsets(&mut quiet, -45.0, 5), 5);
     }
