@@ -176,6 +176,74 @@ async fn a_real_interruption_silences_the_agent_within_60_ms_of_the_callers_voic
     );
 }
 
+/// When the agent's track goes quiet (below the caller-onset amplitude for 60 ms) at or after
+/// `from_ms`.
+fn agent_quiet_from(call: &Call, from_ms: u64) -> Option<u64> {
+    let per_ms = (call.rate / 1000) as usize;
+    let agent = call.report.agent.get(from_ms as usize * per_ms..)?;
+    let run = 60 * per_ms;
+    let mut quiet = 0;
+    for (i, s) in agent.iter().enumerate() {
+        quiet = if s.unsigned_abs() > 300 { 0 } else { quiet + 1 };
+        if quiet >= run {
+            return Some(from_ms + ((i + 1 - run) / per_ms) as u64);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_yes_on_a_line_silent_until_then_pauses_the_greeting_at_once() {
+    // A caller 14 dB quieter than the usual espeak-ng voice, on a line that sends nothing while
+    // they are silent (a real Asterisk bridge), says "yes" over the greeting: the agent is
+    // silent at their ear within 60 ms of their voice, and the greeting goes on and is heard
+    // whole. (The echo gate must not hold the quiet voice, and its soft start pauses the agent
+    // a frame before it scores as a voice.)
+    let url = asr_url();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "", &url);
+    let loud = speak(dir.path(), "yes-loud", "yes");
+    let quiet = dir.path().join("yes.wav");
+    let samples = sidecall::audio::wav::read_file_at(&loud, 16_000).unwrap();
+    let quieter: Vec<i16> = samples.iter().map(|&s| s / 5).collect();
+    sidecall::audio::wav::write_file(&quiet, 16_000, &quieter).unwrap();
+    let call = simulate(
+        cfg,
+        dir.path(),
+        SimulateArgs {
+            flow: Some(flow(dir.path()).display().to_string()),
+            caller_at: vec![(3_000, quiet)],
+            no_frames_in_silence: true,
+            max_seconds: 18,
+            ..Default::default()
+        },
+    )
+    .await;
+    let o = onset(&call, 3_000);
+    let silent = agent_quiet_from(&call, o).unwrap_or(u64::MAX);
+    let pause = call
+        .first("pause")
+        .unwrap_or_else(|| panic!("no pause\n{}", call.dump()));
+    println!(
+        "quiet caller onset {o} ms, paused at {} ms on {}, agent silent from {silent} ms ({} ms after)",
+        call.t(pause),
+        pause["on"],
+        silent.saturating_sub(o)
+    );
+    assert!(
+        silent <= o + 60,
+        "agent audible until {silent} ms, the caller began at {o} ms\n{}",
+        call.dump()
+    );
+    assert!(call.first("barge_in").is_none(), "{}", call.dump());
+    let greeting = call
+        .of_type("playout_end")
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("{}", call.dump()));
+    assert_eq!(greeting["complete"], true, "{}", call.dump());
+}
+
 /// The greeting's own echo on the caller's line (line echo, a speakerphone), 10 dB down and
 /// `delay_ms` late.
 fn echo(delay_ms: u32) -> Option<sidecall::pbx::simulated::SimEcho> {
