@@ -38,9 +38,10 @@
 //! suppression). Frames never sent are a quiet line, and prove the echo quiet like quiet frames
 //! do; without that, such a line would prove nothing and a caller quieter than the agent would
 //! be held until the agent stopped. Only the statistics learn nothing from them (frames lost
-//! on the way look the same); but once they have proven every lag 30 dB down while the agent
-//! played there (an echo's lag never gets such proofs: its frames are sent), the line has no
-//! echo, and a caller far quieter than the agent is heard at once. On such a line the statistics see mostly the caller's voice, so a
+//! on the way look the same); but when none came for the first second of the agent's audio,
+//! proving every lag 30 dB down under its loud parts (the echo of those would have been sent,
+//! silence suppression or not), the line has no echo, and a caller far quieter than the agent
+//! is heard at once. On such a line the statistics see mostly the caller's voice, so a
 //! new path that what the line proved in the last second contradicts is double talk, not echo. A frame re-anchored by a short distance may belong at either place: for a
 //! while the path's echo is predicted that far either way and nothing is learned. So is the
 //! start of the agent's audio after a silence, by a PBX tick (the phase between the PBX's clock
@@ -165,12 +166,14 @@ const RECENT_RELAX_DB: f32 = 0.3;
 /// (dB) quieter than the path says (and `BOUND_SLACK_DB` more).
 const CONTRADICT_DB: f32 = 10.0;
 const FORGET_AFTER_FRAMES: u32 = 50;
-/// A block never sent proves the echo at a lag at least this far (dB) below the agent's audio
-/// there when the agent was this much louder than what the line could have held back...
+/// Before the line's first frame, a block never sent proves the echo at a lag at least this far
+/// (dB) below the agent's audio there, when the agent played there this much over `GAP_DB` and
+/// within `GAP_PROOF_LOUDEST_DB` of its loudest...
 const GAP_PROOF_DB: f32 = 30.0;
-/// ...and when every lag has this many such proofs (while nothing was learned), the line has no
-/// echo: one would have been sent. A line with an echo sends its frames while the echo's lag
-/// carries the agent's audio, so that lag never gets them.
+const GAP_PROOF_LOUDEST_DB: f32 = 15.0;
+/// ...and when every lag has this many such proofs, the line has no echo: one would have been
+/// sent. (Silence suppression hides an echo below its threshold, but not the echo of the
+/// agent's loudest audio unless that echo is too quiet to matter.)
 const GAP_NO_ECHO_BLOCKS: u16 = 25;
 
 /// A learned echo path.
@@ -368,8 +371,6 @@ pub struct EchoGate {
     /// many more frames.
     unsure_blocks: usize,
     unsure_frames: u32,
-    /// Per lag, the blocks never sent that proved the echo there `GAP_PROOF_DB` down.
-    gap_proofs: Vec<u16>,
     /// Our tick moved against the PBX's clock while the agent was quiet, and the agent's audio
     /// since it started again has not settled.
     clock_moved: bool,
@@ -426,7 +427,6 @@ impl EchoGate {
             moving: None,
             unsure_blocks: 0,
             unsure_frames: 0,
-            gap_proofs: vec![0; lags],
             clock_moved: false,
             widened: false,
         }
@@ -481,10 +481,11 @@ impl EchoGate {
         if !self.enabled || mic.is_empty() {
             return false;
         }
+        let first = !self.mic_started;
         let (pos, gap) = self.place();
         if let Some((from, to)) = gap {
             // Frames never sent: the far side made no sound there.
-            self.quiet_gap(from.saturating_mul(2), to.saturating_mul(2));
+            self.quiet_gap(from.saturating_mul(2), to.saturating_mul(2), first);
         }
         // (The gap came before this frame: what it proved holds for it.)
         let state = self.state;
@@ -777,7 +778,6 @@ impl EchoGate {
             let default_gain = db_pow(-self.default_erl_db);
             self.bound.iter_mut().for_each(|b| *b = default_gain);
             self.recent.iter_mut().for_each(|b| *b = default_gain);
-            self.gap_proofs.iter_mut().for_each(|n| *n = 0);
         }
         self.state = next;
     }
@@ -787,8 +787,9 @@ impl EchoGate {
     /// its threshold. An echo there would have been sent, so these blocks prove the echo quiet at
     /// every lag where the agent played, as a quiet caller block does, and they are the line's
     /// floor. They teach the statistics nothing: frames lost on the way look the same. Only the
-    /// last ones count (older proofs would have relaxed by now).
-    fn quiet_gap(&mut self, from: i64, to: i64) {
+    /// last ones count (older proofs would have relaxed by now). `first`: they came before the
+    /// line's first frame, which may show the line has no echo at all.
+    fn quiet_gap(&mut self, from: i64, to: i64, first: bool) {
         // Silence suppression cuts what is quieter than the frames it sent last (its hangover);
         // a loud frame right before the gap is frames lost mid-sound, which prove nothing.
         let level_db = match self.last_db {
@@ -803,20 +804,31 @@ impl EchoGate {
             return;
         }
         let (pow, default_gain) = (db_pow(level_db), db_pow(-self.default_erl_db));
-        let proof = pow * db_pow(GAP_PROOF_DB);
+        // The agent's loudest block the gap heard at any lag.
+        let lags = i64::try_from(self.lags).unwrap_or(i64::MAX);
+        let loudest = (from.saturating_sub(lags)..to)
+            .map(|b| self.ref_at(b, 0).0)
+            .fold(0.0f32, f32::max);
+        let proof = db_pow(GAP_DB + GAP_PROOF_DB).max(loudest * db_pow(-GAP_PROOF_LOUDEST_DB));
+        // Per lag, the blocks that proved the echo there that far down (once per call).
+        let mut proofs = if first {
+            vec![0u16; self.lags]
+        } else {
+            Vec::new()
+        };
         for block in from..to {
             self.track_floor(level_db);
             for l in 0..self.behind.len() {
                 self.behind[l] = self.ref_at(block, l).0;
             }
             self.prove(pow, default_gain);
-            for (n, &r) in self.gap_proofs.iter_mut().zip(&self.behind) {
+            for (n, &r) in proofs.iter_mut().zip(&self.behind) {
                 if r >= proof {
                     *n = n.saturating_add(1);
                 }
             }
         }
-        if self.state == State::Learning && self.gap_proofs.iter().all(|&n| n >= GAP_NO_ECHO_BLOCKS)
+        if first && self.state == State::Learning && proofs.iter().all(|&n| n >= GAP_NO_ECHO_BLOCKS)
         {
             self.state = State::NoEcho;
         }
@@ -1133,6 +1145,8 @@ mod tests {
         obs: Vec<Obs>,
         estimate: Option<EchoPath>,
         learned_at_ms: Option<u64>,
+        /// When the gate first found the line had no echo.
+        no_echo_at_ms: Option<u64>,
     }
 
     /// Plays `agent` as the reference (the ear hears it `lead_ms` later), and the caller's
@@ -1169,6 +1183,7 @@ mod tests {
         let (mut drop_left, mut hangover) = (0u32, 0u32);
         let mut obs = Vec::new();
         let mut learned_at_ms = None;
+        let mut no_echo_at_ms = None;
         for t in 0..ticks {
             let r = frame(agent, t);
             if r.iter().all(|&s| s == 0) {
@@ -1216,6 +1231,9 @@ mod tests {
                 if learned && learned_at_ms.is_none() {
                     learned_at_ms = Some(t as u64 * 20);
                 }
+                if g.state == State::NoEcho && no_echo_at_ms.is_none() {
+                    no_echo_at_ms = Some(t as u64 * 20);
+                }
                 obs.push(Obs {
                     t_ms: k as u64 * 20,
                     echo,
@@ -1230,6 +1248,7 @@ mod tests {
             obs,
             estimate: g.estimate(),
             learned_at_ms,
+            no_echo_at_ms,
         }
     }
 
@@ -1679,6 +1698,42 @@ mod tests {
             }
         }
         assert!(leaked.is_empty(), "leaked at {leaked:?} ms");
+    }
+
+    #[test]
+    fn silence_suppression_that_hides_an_echo_never_makes_a_line_without_one() {
+        // The agent's audio at many levels, its echo 6 to 20 dB down, a phone whose silence
+        // suppression sends nothing below -40 to -55 dBFS: the frames it never sends hide
+        // the echo's quiet parts, but the echo of the agent's loudest audio comes through,
+        // so the line never passes for one without echo (which would let the echo interrupt).
+        let rate = 8_000;
+        let mut wrong = Vec::new();
+        for agent_db in [-20.0f32, -30.0, -40.0] {
+            for erl in [-6.0f32, -10.0, -15.0, -20.0] {
+                for threshold in [-40.0f32, -45.0, -55.0] {
+                    for (seed, delay) in [(63u64, 40u32), (64, 120), (65, 300)] {
+                        let agent = agent_track(rate, agent_db, seed);
+                        let echo = delayed(rate, &agent, delay, erl);
+                        let silent = vec![0i16; agent.len()];
+                        let r = run(
+                            rate,
+                            &agent,
+                            &echo,
+                            &silent,
+                            &silent,
+                            Arrival::Suppressed(threshold),
+                        );
+                        if let Some(t) = r.no_echo_at_ms {
+                            wrong.push((agent_db, erl, threshold, delay, t));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "no echo found (agent, erl, threshold, delay, at ms): {wrong:?}"
+        );
     }
 
     #[test]
