@@ -103,8 +103,8 @@ pub struct VadConfig {
     pub earshot_threshold: f32,
     /// earshot score from which a frame well above the line's noise floor may be a voice
     /// starting (the first 20 ms of a word score low): a reply that may pause pauses on it, and
-    /// resumes 40 ms later unless a voice follows. At `earshot_threshold` or above: only a voice
-    /// pauses.
+    /// resumes after 60 ms of quiet unless a voice follows. At `earshot_threshold` or above:
+    /// only a voice pauses.
     pub earshot_onset_threshold: f32,
     /// Voiced audio needed before speech counts as started.
     pub min_speech_ms: u64,

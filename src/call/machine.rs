@@ -2049,11 +2049,11 @@ impl CallCore {
                 self.on_turn_event(now, ev);
             }
         }
-        if processed == 0
+        let silent = processed == 0
             && self
                 .last_inbound_ms
-                .is_none_or(|t| now.saturating_sub(t) >= SILENCE_AFTER_MS)
-        {
+                .is_none_or(|t| now.saturating_sub(t) >= SILENCE_AFTER_MS);
+        if silent {
             let ev = self.detector.push(&self.silence);
             self.stream_audio(ev.as_ref());
             if let Some(ev) = ev {
@@ -2063,7 +2063,7 @@ impl CallCore {
         if self.ending() {
             return self.check_deadline(now);
         }
-        self.check_barge_in(now, onset);
+        self.check_barge_in(now, onset, processed > 0 || silent);
         if let Some(entry) = self.digits.tick(now) {
             self.digits_done(now, entry.digits);
         }
@@ -2073,9 +2073,9 @@ impl CallCore {
     }
 
     /// The barge-in decisions of the tick (see `barge`), run after the caller's audio of the
-    /// tick (`onset`: a frame of it may be a voice starting) and before the reply's goes out: a
-    /// voice pauses the reply now, not next tick.
-    fn check_barge_in(&mut self, now: u64, onset: bool) {
+    /// tick (`onset`: a frame of it may be a voice starting; `heard`: it had any) and before
+    /// the reply's goes out: a voice pauses the reply now, not next tick.
+    fn check_barge_in(&mut self, now: u64, onset: bool, heard: bool) {
         // Every tick: nothing to work out while the agent is not speaking.
         if !matches!(self.phase, Phase::Speaking(_)) {
             return;
@@ -2084,6 +2084,7 @@ impl CallCore {
             now,
             voiced_ms: self.detector.voiced_ms(),
             onset,
+            heard,
             in_speech: self.detector.in_speech(),
             ignored: self.ignore_speech,
             interruptible: self.interruptible(),

@@ -1507,17 +1507,22 @@ fn a_cough_pauses_the_reply_in_its_tick_and_it_resumes_to_the_end() {
     assert_eq!(c.core.phase(), PhaseName::Listening);
 }
 
-/// The caller's line carries `frames` frames that may be a voice starting, one per tick.
-fn onset_frames(c: &mut Call, frames: usize) {
+/// The caller's line carries `frames` frames of `first`, one per tick.
+fn frames_of(c: &mut Call, first: i16, frames: usize) {
     for _ in 0..frames {
         c.now += 20;
-        c.send(Event::Media(MediaEvent::Audio(vec![ONSET; FRAME])));
+        c.send(Event::Media(MediaEvent::Audio(vec![first; FRAME])));
         c.send(Event::Tick);
     }
 }
 
+/// The caller's line carries `frames` frames that may be a voice starting, one per tick.
+fn onset_frames(c: &mut Call, frames: usize) {
+    frames_of(c, ONSET, frames);
+}
+
 #[test]
-fn an_onset_pauses_the_reply_in_its_tick_and_it_goes_on_at_once_when_no_voice_follows() {
+fn an_onset_pauses_the_reply_in_its_tick_and_it_goes_on_60_ms_later_when_no_voice_follows() {
     let mut c = Call::answered(pausing());
     let text = "Thank you for calling, let me tell you about our offers.";
     c.reply(say(text, true, listen()), 3_000);
@@ -1529,13 +1534,16 @@ fn an_onset_pauses_the_reply_in_its_tick_and_it_goes_on_at_once_when_no_voice_fo
     assert_eq!(paused[0].0, at, "paused in the tick of the onset");
     assert_eq!(paused[0].1["on"], "onset");
     assert_eq!(frames_between(&c, at - 20, c.now), 0);
-    // Two ticks without it: the reply goes on, 40 ms after it stopped.
-    c.wait(40);
+    // Three frames of quiet: the reply goes on, 60 ms after it stopped.
+    frames_of(&mut c, 0, 2);
+    assert!(c.records("resume").is_empty());
+    frames_of(&mut c, 0, 1);
     let resumed = c.records("resume");
     assert_eq!(resumed.len(), 1);
-    assert_eq!(resumed[0].0, at + 40);
+    assert_eq!(resumed[0].0, at + 60);
     assert_eq!(resumed[0].1["by"], "unconfirmed");
-    assert!(frames_between(&c, at + 20, c.now) > 0, "sending again");
+    c.wait(20);
+    assert!(frames_between(&c, at + 40, c.now) > 0, "sending again");
     // Another onset within the second after pauses nothing; a voice does.
     c.wait(200);
     onset_frames(&mut c, 2);

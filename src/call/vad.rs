@@ -3,7 +3,7 @@
 //! the onset of a voice: the first 20 ms of a word score low (earshot gives 0.35-0.48 where the
 //! next frame gives 0.55-0.7), so a frame that scores above a lower threshold and stands well
 //! above the line's noise floor may be a voice starting. Only a reply's pause acts on that
-//! weaker evidence (it is undone 40 ms later unless the voice follows).
+//! weaker evidence (it is undone after 60 ms of quiet unless a voice follows).
 
 use crate::audio::{StreamResampler, rms_dbfs};
 use crate::config::VadConfig;
@@ -13,7 +13,7 @@ pub trait Vad: Send {
     fn is_voice(&mut self, frame: &[i16]) -> bool;
 
     /// After [`Vad::is_voice`]: the frame may be a voice starting, on weaker evidence than
-    /// `is_voice` asks for (a voice is one too).
+    /// `is_voice` asks for.
     fn maybe_voice(&self) -> bool;
 }
 
@@ -100,6 +100,7 @@ impl Vad for EarshotVad {
             Some(r) => {
                 self.scratch.clear();
                 if r.process(frame, &mut self.scratch).is_err() {
+                    self.last_score = 0.0;
                     return false;
                 }
                 self.pending.extend_from_slice(&self.scratch);

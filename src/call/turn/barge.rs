@@ -7,15 +7,16 @@
 //! the minimum, when a pause lasts too long, or when a second utterance comes while the first
 //! is checked. Pure: no clock, no I/O.
 
-/// A pause on an onset alone resumes after this long with neither onset nor voice...
-const ONSET_QUIET_MS: u64 = 20;
-/// ...or, without a voice, after this long in all (steady sound that keeps scoring as an onset).
+/// A pause on an onset alone resumes after this many ticks of the caller's audio with neither
+/// onset nor voice (ticks without a frame from the PBX, jitter, do not count)...
+const ONSET_QUIET_TICKS: u8 = 3;
+/// ...or, without a voice, after this long in all (a sound that keeps scoring as an onset).
 const ONSET_MAX_MS: u64 = 100;
-/// After such a resume, onsets alone pause nothing for this long (a voice still does), twice as
-/// long after each further one, up to 8 s (a line whose noise keeps scoring as onsets), until
-/// an onset is followed by a voice.
+/// After such a resume, onsets alone pause nothing for this long (a voice still does)...
 const ONSET_REST_MS: u64 = 1_000;
-const ONSET_REST_DOUBLINGS: u32 = 3;
+/// ...and after this many in a row (a line whose clicks score as onsets), nothing until the
+/// caller really speaks.
+const ONSET_MAX_MISSES: u32 = 3;
 
 /// Words that acknowledge without taking the turn.
 const BACKCHANNELS: &[&str] = &[
@@ -74,6 +75,8 @@ pub struct Seen {
     pub voiced_ms: u64,
     /// A frame of this tick may be the caller's voice starting (weaker evidence than a voice).
     pub onset: bool,
+    /// The tick carried the caller's audio (a frame, or silence after frames stopped coming).
+    pub heard: bool,
     pub in_speech: bool,
     /// Speech over the agent is ignored (the reply was not interruptible when it began).
     pub ignored: bool,
@@ -130,8 +133,10 @@ impl Resumed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pause {
     pub since: u64,
-    /// A voice was heard (not only an onset).
+    /// A voice was heard (not only an onset); while not, the ticks of the caller's audio since
+    /// the last onset.
     pub confirmed: bool,
+    pub onset_quiet: u8,
     /// The caller has been quiet since then.
     pub quiet_since: Option<u64>,
     /// The short utterance is being transcribed (ASR seq) to tell a backchannel from a turn.
@@ -142,7 +147,7 @@ pub struct Pause {
 }
 
 /// What a call remembers, from reply to reply, of onsets not followed by a voice: until when
-/// onsets alone pause nothing, and how many in a row were not.
+/// onsets alone pause nothing, and how many there were since the caller last spoke.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OnsetRest {
     until: u64,
@@ -198,6 +203,10 @@ impl BargeIn {
     /// Once per tick, after the caller's audio of the tick and before the reply's audio goes
     /// out (so a pause silences the ear in this tick).
     pub fn tick(&mut self, s: &Seen, l: &Limits) -> Option<Decision> {
+        if s.in_speech {
+            // The caller really speaks: their onsets are worth pausing for again.
+            self.onsets = OnsetRest::default();
+        }
         if s.in_speech && !s.ignored && s.started && s.interruptible {
             // Once the whole reply has gone out there is nothing to resume: speech is an
             // answer, at the plain minimum.
@@ -210,11 +219,11 @@ impl BargeIn {
                 return Some(Decision::BargeIn);
             }
         }
-        if !s.pausable || s.ignored {
-            return None;
-        }
         if self.pause.is_some() && !s.interruptible {
             return Some(Decision::Resume(Resumed::Farewell));
+        }
+        if !s.pausable || s.ignored {
+            return None;
         }
         if !s.started || !s.interruptible {
             return None;
@@ -222,11 +231,13 @@ impl BargeIn {
         let Some(p) = self.pause.as_mut() else {
             // Everything received has gone out (the PBX is playing the last of it, or the
             // dialog is still writing): nothing to resume, so the caller's voice is their answer.
-            let onset = s.onset && s.now >= self.onsets.until;
+            let onset =
+                s.onset && s.now >= self.onsets.until && self.onsets.misses < ONSET_MAX_MISSES;
             if (s.voice() || onset) && s.unsent {
                 self.pause = Some(Pause {
                     since: s.now,
                     confirmed: s.voice(),
+                    onset_quiet: 0,
                     quiet_since: None,
                     checking: None,
                     speech_end: s.now,
@@ -241,28 +252,21 @@ impl BargeIn {
         }
         if !p.confirmed && !s.voice() {
             // Paused on an onset: undone unless a voice follows at once.
-            let quiet = if s.onset {
-                p.quiet_since = None;
-                s.now
-            } else {
-                *p.quiet_since.get_or_insert(s.now)
-            };
-            if s.now.saturating_sub(quiet) >= ONSET_QUIET_MS
-                || s.now.saturating_sub(p.since) >= ONSET_MAX_MS
-            {
+            if s.onset {
+                p.onset_quiet = 0;
+            } else if s.heard {
+                p.onset_quiet = p.onset_quiet.saturating_add(1);
+            }
+            if p.onset_quiet >= ONSET_QUIET_TICKS || s.now.saturating_sub(p.since) >= ONSET_MAX_MS {
                 let o = &mut self.onsets;
-                let rest = ONSET_REST_MS << o.misses.min(ONSET_REST_DOUBLINGS);
                 o.misses = o.misses.saturating_add(1);
-                o.until = s.now.saturating_add(rest);
+                o.until = s.now.saturating_add(ONSET_REST_MS);
                 return Some(Decision::Resume(Resumed::Unconfirmed));
             }
             return None;
         }
         if s.voice() {
-            if !p.confirmed {
-                p.confirmed = true;
-                self.onsets.misses = 0;
-            }
+            p.confirmed = true;
             p.quiet_since = None;
             return None;
         }
@@ -339,6 +343,7 @@ mod tests {
             interruptible: true,
             pausable: true,
             unsent: true,
+            heard: true,
             ..Seen::default()
         }
     }
@@ -588,20 +593,38 @@ mod tests {
         let mut b = BargeIn::default();
         assert_eq!(b.tick(&onset(1_000), &L), Some(Decision::Pause));
         assert_eq!(b.pause().map(|p| p.confirmed), Some(false));
-        // One tick without it is not yet the end of it; the second is.
+        // Three ticks of the caller's audio without it undo it; a tick without a frame from
+        // the PBX (jitter) is not one of them.
         assert_eq!(b.tick(&playing(1_020), &L), None);
+        let no_frame = Seen {
+            heard: false,
+            ..playing(1_040)
+        };
+        assert_eq!(b.tick(&no_frame, &L), None);
+        assert_eq!(b.tick(&playing(1_060), &L), None);
         assert_eq!(
-            b.tick(&playing(1_040), &L),
+            b.tick(&playing(1_080), &L),
             Some(Decision::Resume(Resumed::Unconfirmed))
         );
         assert_eq!(b.end().map(|p| p.since), Some(1_000));
         // For a second after, onsets alone pause nothing; a voice still does.
-        assert_eq!(b.tick(&onset(1_060), &L), None);
-        assert_eq!(b.tick(&onset(2_020), &L), None);
-        assert_eq!(b.tick(&voiced(2_030, 20), &L), Some(Decision::Pause));
+        assert_eq!(b.tick(&onset(1_100), &L), None);
+        assert_eq!(b.tick(&onset(2_060), &L), None);
+        assert_eq!(b.tick(&voiced(2_070, 20), &L), Some(Decision::Pause));
         assert_eq!(b.pause().map(|p| p.confirmed), Some(true));
         b.end();
-        assert_eq!(b.tick(&onset(2_040), &L), Some(Decision::Pause));
+        assert_eq!(b.tick(&onset(2_080), &L), Some(Decision::Pause));
+    }
+
+    #[test]
+    fn a_soft_word_start_stays_paused_until_its_voice() {
+        // An onset, two frames under the onset score, then the voice: one pause, no blip.
+        let mut b = BargeIn::default();
+        assert_eq!(b.tick(&onset(0), &L), Some(Decision::Pause));
+        assert_eq!(b.tick(&playing(20), &L), None);
+        assert_eq!(b.tick(&playing(40), &L), None);
+        assert_eq!(b.tick(&voiced(60, 20), &L), None);
+        assert_eq!(b.pause().map(|p| (p.since, p.confirmed)), Some((0, true)));
     }
 
     #[test]
@@ -625,36 +648,56 @@ mod tests {
     }
 
     #[test]
-    fn onsets_that_keep_failing_rest_longer_until_one_is_a_voice_and_replies_remember() {
-        let mut b = BargeIn::default();
+    fn after_three_onsets_that_were_not_voices_only_speech_brings_them_back() {
         let miss = |b: &mut BargeIn, at: u64| {
             assert_eq!(b.tick(&onset(at), &L), Some(Decision::Pause), "{at}");
-            b.tick(&playing(at + 20), &L);
+            for t in [20, 40] {
+                assert_eq!(b.tick(&playing(at + t), &L), None);
+            }
             assert_eq!(
-                b.tick(&playing(at + 40), &L),
+                b.tick(&playing(at + 60), &L),
                 Some(Decision::Resume(Resumed::Unconfirmed))
             );
             b.end();
         };
+        let mut b = BargeIn::default();
         miss(&mut b, 0);
-        // Rests of 1, 2, 4, then 8 s at most.
-        let mut at = 40;
-        for rest in [1_000, 2_000, 4_000, 8_000, 8_000] {
-            assert_eq!(b.tick(&onset(at + rest - 20), &L), None, "{rest}");
-            at += rest;
-            miss(&mut b, at);
-            at += 40;
+        miss(&mut b, 1_100);
+        // A later reply remembers.
+        let mut b = BargeIn::new(b.onsets());
+        miss(&mut b, 2_200);
+        for at in [3_300, 10_000, 60_000] {
+            assert_eq!(b.tick(&onset(at), &L), None, "{at}");
         }
-        // A later reply starts from what this one learned.
-        let mut next = BargeIn::new(b.onsets());
-        assert_eq!(next.tick(&onset(at + 7_000), &L), None);
-        // An onset that a voice follows ends the run of misses.
-        assert_eq!(next.tick(&onset(at + 8_000), &L), Some(Decision::Pause));
-        next.tick(&voiced(at + 8_020, 20), &L);
-        next.end();
-        let t = at + 8_040;
-        miss(&mut next, t);
-        assert_eq!(next.tick(&onset(t + 1_040), &L), Some(Decision::Pause));
+        // A cough (a voice, not speech) still pauses, but brings back nothing.
+        assert_eq!(b.tick(&voiced(60_100, 20), &L), Some(Decision::Pause));
+        b.end();
+        assert_eq!(b.tick(&onset(61_200), &L), None);
+        // The caller speaks (here while the agent is quiet): onsets pause again.
+        let speech = Seen {
+            now: 62_000,
+            voiced_ms: 200,
+            in_speech: true,
+            heard: true,
+            ..Seen::default()
+        };
+        assert_eq!(b.tick(&speech, &L), None);
+        assert_eq!(b.tick(&onset(63_000), &L), Some(Decision::Pause));
+    }
+
+    #[test]
+    fn a_paused_reply_that_became_a_farewell_goes_on_even_while_speech_is_ignored() {
+        let mut b = BargeIn::default();
+        assert_eq!(b.tick(&voiced(0, 20), &L), Some(Decision::Pause));
+        let farewell = Seen {
+            interruptible: false,
+            ignored: true,
+            ..voiced(20, 40)
+        };
+        assert_eq!(
+            b.tick(&farewell, &L),
+            Some(Decision::Resume(Resumed::Farewell))
+        );
     }
 
     #[test]
