@@ -851,7 +851,7 @@ impl CallCore {
             requested_at: now,
             progress_at: now,
             marks_due_at: None,
-            barge: BargeIn::new(self.onsets),
+            barge: BargeIn::default(),
         });
         Self::pump_tts(&mut reply, &mut self.actions);
         self.phase = Phase::Speaking(reply);
@@ -1613,7 +1613,7 @@ impl CallCore {
             requested_at: now,
             progress_at: now,
             marks_due_at: None,
-            barge: BargeIn::new(self.onsets),
+            barge: BargeIn::default(),
         });
         Self::pump_tts(&mut reply, &mut self.actions);
         self.phase = Phase::Speaking(reply);
@@ -2100,9 +2100,7 @@ impl CallCore {
             unsent: r.playout.has_unsent(),
             ..seen
         };
-        let decision = r.barge.tick(&seen, &limits);
-        self.onsets = r.barge.onsets();
-        match decision {
+        match r.barge.tick(&seen, &limits, &mut self.onsets) {
             Some(Decision::BargeIn) => self.barge_in(now, "speech"),
             Some(Decision::Resume(why)) => self.resume(now, why),
             Some(Decision::Pause) => {

@@ -147,7 +147,8 @@ pub struct Pause {
 }
 
 /// What a call remembers, from reply to reply, of onsets not followed by a voice: until when
-/// onsets alone pause nothing, and how many there were since the caller last spoke.
+/// onsets alone pause nothing, and how many there were since the caller last spoke. The call
+/// keeps it and hands it to every tick of its replies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OnsetRest {
     until: u64,
@@ -158,23 +159,9 @@ pub struct OnsetRest {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BargeIn {
     pause: Option<Pause>,
-    onsets: OnsetRest,
 }
 
 impl BargeIn {
-    /// A new reply's, with what the call's earlier ones learned of onsets.
-    pub fn new(onsets: OnsetRest) -> Self {
-        Self {
-            pause: None,
-            onsets,
-        }
-    }
-
-    /// What the next reply is to start from.
-    pub fn onsets(&self) -> OnsetRest {
-        self.onsets
-    }
-
     pub fn pause(&self) -> Option<&Pause> {
         self.pause.as_ref()
     }
@@ -201,11 +188,11 @@ impl BargeIn {
     }
 
     /// Once per tick, after the caller's audio of the tick and before the reply's audio goes
-    /// out (so a pause silences the ear in this tick).
-    pub fn tick(&mut self, s: &Seen, l: &Limits) -> Option<Decision> {
+    /// out (so a pause silences the ear in this tick), with the call's memory of onsets.
+    pub fn tick(&mut self, s: &Seen, l: &Limits, onsets: &mut OnsetRest) -> Option<Decision> {
         if s.in_speech {
             // The caller really speaks: their onsets are worth pausing for again.
-            self.onsets = OnsetRest::default();
+            *onsets = OnsetRest::default();
         }
         if s.in_speech && !s.ignored && s.started && s.interruptible {
             // Once the whole reply has gone out there is nothing to resume: speech is an
@@ -231,8 +218,7 @@ impl BargeIn {
         let Some(p) = self.pause.as_mut() else {
             // Everything received has gone out (the PBX is playing the last of it, or the
             // dialog is still writing): nothing to resume, so the caller's voice is their answer.
-            let onset =
-                s.onset && s.now >= self.onsets.until && self.onsets.misses < ONSET_MAX_MISSES;
+            let onset = s.onset && s.now >= onsets.until && onsets.misses < ONSET_MAX_MISSES;
             if (s.voice() || onset) && s.unsent {
                 self.pause = Some(Pause {
                     since: s.now,
@@ -258,9 +244,8 @@ impl BargeIn {
                 p.onset_quiet = p.onset_quiet.saturating_add(1);
             }
             if p.onset_quiet >= ONSET_QUIET_TICKS || s.now.saturating_sub(p.since) >= ONSET_MAX_MS {
-                let o = &mut self.onsets;
-                o.misses = o.misses.saturating_add(1);
-                o.until = s.now.saturating_add(ONSET_REST_MS);
+                onsets.misses = onsets.misses.saturating_add(1);
+                onsets.until = s.now.saturating_add(ONSET_REST_MS);
                 return Some(Decision::Resume(Resumed::Unconfirmed));
             }
             return None;
@@ -329,6 +314,32 @@ impl BargeIn {
 mod tests {
     use super::*;
 
+    /// A reply's barge-in state with its call's memory of onsets.
+    #[derive(Default)]
+    struct B {
+        b: BargeIn,
+        o: OnsetRest,
+    }
+
+    impl B {
+        fn tick(&mut self, s: &Seen, l: &Limits) -> Option<Decision> {
+            self.b.tick(s, l, &mut self.o)
+        }
+    }
+
+    impl std::ops::Deref for B {
+        type Target = BargeIn;
+        fn deref(&self) -> &BargeIn {
+            &self.b
+        }
+    }
+
+    impl std::ops::DerefMut for B {
+        fn deref_mut(&mut self) -> &mut BargeIn {
+            &mut self.b
+        }
+    }
+
     const L: Limits = Limits {
         barge_in_min_ms: 300,
         backchannel_max_ms: 700,
@@ -350,8 +361,8 @@ mod tests {
 
     /// A reply paused at 0 ms whose short utterance (350 ms, ended at 600 ms) is checked as
     /// `seq`.
-    fn checking(seq: u64) -> BargeIn {
-        let mut b = BargeIn::default();
+    fn checking(seq: u64) -> B {
+        let mut b = B::default();
         b.tick(&voiced(0, 20), &L);
         assert_eq!(
             b.utterance_end(600, 350, 200, false, seq, &L),
@@ -370,7 +381,7 @@ mod tests {
 
     #[test]
     fn a_cough_pauses_the_reply_then_quiet_resumes_it() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         assert_eq!(b.tick(&playing(0), &L), None);
         assert_eq!(b.tick(&voiced(20, 20), &L), Some(Decision::Pause));
         assert!(b.paused());
@@ -388,7 +399,7 @@ mod tests {
 
     #[test]
     fn voice_again_restarts_the_quiet_wait() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         b.tick(&voiced(0, 20), &L);
         b.tick(&playing(20), &L);
         assert_eq!(b.tick(&voiced(200, 20), &L), None);
@@ -402,7 +413,7 @@ mod tests {
 
     #[test]
     fn speech_past_the_backchannel_length_barges_in() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         assert_eq!(b.tick(&voiced(0, 20), &L), Some(Decision::Pause));
         // Past barge_in_min but a backchannel may still be this long: wait.
         assert_eq!(b.tick(&voiced(400, 400), &L), None);
@@ -411,7 +422,7 @@ mod tests {
 
     #[test]
     fn with_everything_sent_speech_barges_in_at_the_plain_minimum() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         let sent = |s: Seen| Seen { unsent: false, ..s };
         // No pause: nothing is left to hold back.
         assert_eq!(b.tick(&sent(voiced(0, 20)), &L), None);
@@ -421,7 +432,7 @@ mod tests {
 
     #[test]
     fn a_reply_that_may_not_be_interrupted_is_never_paused() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         let fixed = |s: Seen| Seen {
             interruptible: false,
             ..s
@@ -429,7 +440,7 @@ mod tests {
         assert_eq!(b.tick(&fixed(voiced(0, 20)), &L), None);
         assert_eq!(b.tick(&fixed(voiced(2_000, 2_000)), &L), None);
         // Paused, then it became a farewell: it plays on.
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         b.tick(&voiced(0, 20), &L);
         assert_eq!(
             b.tick(&fixed(voiced(20, 40)), &L),
@@ -439,7 +450,7 @@ mod tests {
 
     #[test]
     fn without_pausing_speech_cuts_at_the_minimum() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         let cut = |s: Seen| Seen {
             pausable: false,
             ..s
@@ -451,7 +462,7 @@ mod tests {
 
     #[test]
     fn a_pause_that_lasts_is_the_callers_turn() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         b.tick(&voiced(0, 20), &L);
         assert_eq!(b.tick(&voiced(3_000, 60), &L), None);
         assert_eq!(b.tick(&voiced(3_020, 60), &L), Some(Decision::BargeIn));
@@ -459,7 +470,7 @@ mod tests {
 
     #[test]
     fn a_short_utterance_is_checked_and_its_transcript_decides() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         b.tick(&voiced(0, 20), &L);
         assert_eq!(
             b.utterance_end(600, 350, 200, false, 7, &L),
@@ -517,7 +528,7 @@ mod tests {
 
     #[test]
     fn a_long_utterance_with_little_voice_barges_in_and_ignored_speech_does_nothing() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         b.tick(&voiced(0, 20), &L);
         assert_eq!(
             b.utterance_end(1_500, 900, 200, false, 7, &L),
@@ -526,7 +537,7 @@ mod tests {
         assert_eq!(b.utterance_end(1_500, 300, 200, true, 8, &L), None);
         // No pause: nothing to decide.
         assert_eq!(
-            BargeIn::default().utterance_end(1_500, 300, 200, false, 9, &L),
+            B::default().utterance_end(1_500, 300, 200, false, 9, &L),
             None
         );
     }
@@ -590,7 +601,7 @@ mod tests {
 
     #[test]
     fn an_onset_pauses_and_is_undone_when_no_voice_follows() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         assert_eq!(b.tick(&onset(1_000), &L), Some(Decision::Pause));
         assert_eq!(b.pause().map(|p| p.confirmed), Some(false));
         // Three ticks of the caller's audio without it undo it; a tick without a frame from
@@ -619,7 +630,7 @@ mod tests {
     #[test]
     fn a_soft_word_start_stays_paused_until_its_voice() {
         // An onset, two frames under the onset score, then the voice: one pause, no blip.
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         assert_eq!(b.tick(&onset(0), &L), Some(Decision::Pause));
         assert_eq!(b.tick(&playing(20), &L), None);
         assert_eq!(b.tick(&playing(40), &L), None);
@@ -629,7 +640,7 @@ mod tests {
 
     #[test]
     fn an_onset_followed_by_a_voice_is_a_pause_like_any_other() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         assert_eq!(b.tick(&onset(0), &L), Some(Decision::Pause));
         assert_eq!(b.tick(&onset(20), &L), None);
         assert_eq!(b.tick(&voiced(40, 20), &L), None);
@@ -649,7 +660,7 @@ mod tests {
 
     #[test]
     fn after_three_onsets_that_were_not_voices_only_speech_brings_them_back() {
-        let miss = |b: &mut BargeIn, at: u64| {
+        let miss = |b: &mut B, at: u64| {
             assert_eq!(b.tick(&onset(at), &L), Some(Decision::Pause), "{at}");
             for t in [20, 40] {
                 assert_eq!(b.tick(&playing(at + t), &L), None);
@@ -660,11 +671,14 @@ mod tests {
             );
             b.end();
         };
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         miss(&mut b, 0);
         miss(&mut b, 1_100);
         // A later reply remembers.
-        let mut b = BargeIn::new(b.onsets());
+        let mut b = B {
+            b: BargeIn::default(),
+            o: b.o,
+        };
         miss(&mut b, 2_200);
         for at in [3_300, 10_000, 60_000] {
             assert_eq!(b.tick(&onset(at), &L), None, "{at}");
@@ -687,7 +701,7 @@ mod tests {
 
     #[test]
     fn a_paused_reply_that_became_a_farewell_goes_on_even_while_speech_is_ignored() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         assert_eq!(b.tick(&voiced(0, 20), &L), Some(Decision::Pause));
         let farewell = Seen {
             interruptible: false,
@@ -702,7 +716,7 @@ mod tests {
 
     #[test]
     fn onsets_that_never_become_a_voice_are_undone_after_100_ms() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         assert_eq!(b.tick(&onset(0), &L), Some(Decision::Pause));
         for t in (20..100).step_by(20) {
             assert_eq!(b.tick(&onset(t), &L), None, "{t}");
@@ -717,7 +731,7 @@ mod tests {
 
     #[test]
     fn an_onset_pauses_nothing_where_a_voice_would_not() {
-        let mut b = BargeIn::default();
+        let mut b = B::default();
         for s in [
             Seen {
                 pausable: false,
